@@ -1,0 +1,150 @@
+"""Small building blocks: RMSNorm, rotary embedding with YaRN, the SwiGLU MLP, and the Linear factory.
+
+Shape legend: B batch, S sequence, D hidden, H heads, R rotary dims (qk_rope_head_dim),
+E routed experts, F expert hidden size, T tokens (B*S flattened), K reduction dim, N output dim.
+
+Rotary layout. DeepSeek checkpoints rotate *interleaved* pairs (x0, x1), (x2, x3), ... of the R
+rotary dims, each pair by one frequency theta_j = base^(-2j/R) (HF: `rope_interleave=True`):
+    (x_{2j} + i x_{2j+1}) * exp(i * pos * theta_j) * attention_factor
+YaRN (long-context extension) changes theta_j per dimension between interpolation (theta/factor)
+and extrapolation (theta) with a linear ramp over the correction range set by beta_fast/beta_slow,
+and scales cos/sin by attention_factor = mscale(factor, mscale) / mscale(factor, mscale_all_dim);
+the softmax scale gets mscale(factor, mscale_all_dim)^2 (see ModelConfig.softmax_scale).
+
+Precision is chosen at build time: the model asks a *recipe* for every Linear it builds
+(`recipe.make_linear(in, out, bias=..., role=...)`) and for the routed experts' grouped GEMM
+(`recipe.grouped_mm`). `HighPrecision` is the plain recipe; moeco.fp8 provides the FP8 one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeco.config import ModelConfig, yarn_mscale
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, output in the input's dtype (as DeepSeek's and HF's)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ---- rotary embedding ---------------------------------------------------------------------
+def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (R/2,) and the cos/sin attention factor, YaRN-corrected when configured."""
+    dim, base = config.qk_rope_head_dim, float(config.rope_theta)
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if config.rope_type != "yarn":
+        return inv_freq, 1.0
+    rs = config.rope_scaling
+    factor = float(rs["factor"])
+    orig = rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+    mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+    if rs.get("attention_factor") is not None:
+        attention_factor = float(rs["attention_factor"])
+    elif mscale and mscale_all_dim:
+        attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    else:
+        attention_factor = yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:  # dimension index that turns `rotations` times in `orig`
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate by `factor`
+    inv_freq = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
+    return inv_freq, attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """Produces cos/sin tables (S, R/2) for given positions; holds no learned state."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inv_freq, self.attention_factor = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of the last dim of x (..., S, [H,] R) by cos/sin of shape (S, R/2).
+
+    cos/sin broadcast over batch and heads: x is (B, S, H, R) or (B, S, R).
+    """
+    if x.dim() == 4:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    dtype = x.dtype
+    x = x.float()
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x_even * cos - x_odd * sin, x_odd * cos + x_even * sin), dim=-1)
+    return out.flatten(-2).to(dtype)
+
+
+# ---- MLP and the Linear factory -------------------------------------------------------------
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, hidden: int, recipe: "HighPrecision", role: str = "mlp"):
+        super().__init__()
+        self.gate_proj = recipe.make_linear(dim, hidden, role=role)
+        self.up_proj = recipe.make_linear(dim, hidden, role=role)
+        self.down_proj = recipe.make_linear(hidden, dim, role=role)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def grouped_mm_reference(x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """y[rows of expert e] = x[rows of e] @ w[e].T, tokens sorted by expert, `offs` = cumulative ends."""
+    out = x_TK.new_empty(x_TK.shape[0], w_ENK.shape[1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = x_TK[start:end] @ w_ENK[e].t()
+        start = end
+    return out
+
+
+def grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Grouped GEMM via torch._grouped_mm where the dtype/device supports it; reference otherwise."""
+    if hasattr(torch, "_grouped_mm") and x_TK.dtype in (torch.float32, torch.bfloat16) and x_TK.shape[0] > 0:
+        if x_TK.dtype == w_ENK.dtype and (x_TK.device.type == "cpu" or x_TK.dtype == torch.bfloat16):
+            return torch._grouped_mm(x_TK, w_ENK.transpose(-2, -1), offs=offs)
+    return grouped_mm_reference(x_TK, w_ENK, offs)
+
+
+class HighPrecision:
+    """The plain recipe: nn.Linear everywhere and a BF16/FP32 grouped GEMM for the experts."""
+
+    name = "high-precision"
+
+    def make_linear(self, in_features: int, out_features: int, *, bias: bool = False, role: str = "mlp") -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    def grouped_mm(self, x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return grouped_mm(x_TK, w_ENK, offs)
+
+
+DEFAULT_RECIPE = HighPrecision()

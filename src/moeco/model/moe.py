@@ -1,0 +1,185 @@
+"""DeepSeekMoE: fine-grained routed experts plus shared experts, run as named stages.
+
+    y = sum_shared FFN_s(x) + sum_{i in TopK} g_i FFN_i(x)
+
+Router (float32, as DeepSeek keeps it):
+    s      = sigmoid(x W_g^T)  (V3)   or softmax(x W_g^T)  (V2)          (T, E)
+    choice = s + b             b = e_score_correction_bias, used for *selection only* (noaux_tc)
+    groups: the E experts form n_group contiguous groups (one node each in V3's training layout);
+            a group scores the sum of its top-2 `choice` values (noaux_tc) or its max
+            (group_limited_greedy); only the best `topk_group` groups stay, the others are
+            masked to -inf (as DeepSeek's own code does); greedy ignores groups.
+    idx    = topk(choice, K)                       within the kept groups
+    g      = s[idx] (/ sum s[idx] if norm_topk_prob) * routed_scaling_factor
+
+Stages: route -> dispatch -> experts -> combine. `LocalDispatcher` sorts token copies by expert in
+one process; an expert-parallel dispatcher with the same two methods (`dispatch` returns the
+sorted copies, per-expert counts and a handle; `combine` consumes the handle) replaces it from
+outside, so the model never calls torch.distributed.
+
+Balance bookkeeping: in training mode the router adds each forward's routed-token counts to its `tokens_per_expert`
+buffer; the trainer reads them to move the bias (aux-loss-free balancing) and then zeroes them.
+The sequence-wise balance term  L = sum_i f_i P_i  with  f_i = E/(K S) * #{t: i in TopK_t}  and
+P_i = mean_t s_i,t / sum_j s_j,t  is returned when asked for (the trainer multiplies by alpha).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeco.config import ModelConfig
+from moeco.model.layers import MLP
+
+
+@dataclass
+class Routing:
+    weights_TK: torch.Tensor  # float32 gate values g
+    indices_TK: torch.Tensor  # chosen expert ids
+    scores_TE: torch.Tensor  # s, float32, before bias
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_experts, self.top_k = c.n_routed_experts, c.num_experts_per_tok
+        self.n_group, self.topk_group = c.n_group, c.topk_group
+        self.topk_method, self.scoring_func = c.topk_method, c.scoring_func
+        self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size, dtype=torch.float32))
+        if c.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+        self.register_buffer("tokens_per_expert", torch.zeros(c.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # The router stays float32 whatever dtype the model is cast to (HF keeps it so too).
+        super()._apply(fn, recurse)
+        for name in ("weight", "e_score_correction_bias", "tokens_per_expert"):
+            t = getattr(self, name)
+            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        return self
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        logits = F.linear(x_TD.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.topk_method != "greedy" and self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(group_mask[..., None], float("-inf")).view(-1, self.n_experts)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+        if self.training:  # loads for the balance hook; inference leaves the counts alone
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_experts).float()
+        return Routing(weights, indices, scores)
+
+
+def sequence_balance_loss(routing: Routing, batch: int, n_experts: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance term sum_i f_i P_i, averaged over sequences."""
+    T, K = routing.indices_TK.shape
+    S = T // batch
+    counts = torch.zeros(batch, n_experts, device=routing.indices_TK.device)
+    counts.scatter_add_(1, routing.indices_TK.view(batch, S * K),
+                        torch.ones(batch, S * K, device=counts.device))
+    f = counts * (n_experts / (K * S))
+    s = routing.scores_TE.view(batch, S, n_experts)
+    p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return (f * p).sum(dim=-1).mean()
+
+
+class LocalDispatcher:
+    """Single-process dispatch: sort token copies by expert; combine scatters them back, weighted."""
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, n_experts: int):
+        flat = routing.indices_TK.flatten()
+        order = flat.argsort(stable=True)
+        token_of_copy = order // routing.indices_TK.shape[1]
+        tokens_per_expert = torch.bincount(flat, minlength=n_experts)
+        return x_TD[token_of_copy], tokens_per_expert, (order, token_of_copy)
+
+    def combine(self, y_CD: torch.Tensor, routing: Routing, handle, num_tokens: int) -> torch.Tensor:
+        order, token_of_copy = handle
+        w = routing.weights_TK.flatten()[order].to(y_CD.dtype)
+        out = y_CD.new_zeros(num_tokens, y_CD.shape[-1])
+        return out.index_add_(0, token_of_copy, y_CD * w[:, None])
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as 3-D weights (w1 gate, w3 up: E x F x D; w2 down: E x D x F), one grouped GEMM each."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, recipe):
+        super().__init__()
+        self.w1_EFD = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.w3_EFD = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.w2_EDF = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.grouped_mm = recipe.grouped_mm
+
+    def forward(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        offs = tokens_per_expert.cumsum(0).to(torch.int32)
+        h = F.silu(self.grouped_mm(x_CD, self.w1_EFD, offs)) * self.grouped_mm(x_CD, self.w3_EFD, offs)
+        return self.grouped_mm(h, self.w2_EDF, offs)
+
+    def forward_reference(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Per-expert loop in plain PyTorch: the reference the grouped path is tested against."""
+        out, start = x_CD.new_empty(x_CD.shape), 0
+        for e, n in enumerate(tokens_per_expert.tolist()):
+            x = x_CD[start:start + n]
+            h = F.silu(x @ self.w1_EFD[e].t()) * (x @ self.w3_EFD[e].t())
+            out[start:start + n] = h @ self.w2_EDF[e].t()
+            start += n
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, recipe):
+        super().__init__()
+        c = config
+        self.n_experts = c.n_routed_experts
+        self.gate = Router(c)
+        self.experts = GroupedExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, recipe)
+        self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, recipe,
+                                   role="shared_expert") if c.n_shared_experts else None)
+        self.dispatcher = LocalDispatcher()
+
+    # The four stages, so a scheduler (or an expert-parallel dispatcher) can interleave them.
+    def route(self, x_TD: torch.Tensor) -> Routing:
+        return self.gate(x_TD)
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing):
+        return self.dispatcher.dispatch(x_TD, routing, self.n_experts)
+
+    def run_experts(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return self.experts(x_CD, tokens_per_expert)
+
+    def combine(self, y_CD: torch.Tensor, routing: Routing, handle, num_tokens: int) -> torch.Tensor:
+        return self.dispatcher.combine(y_CD, routing, handle, num_tokens)
+
+    def forward(self, x_BSD: torch.Tensor, return_aux: bool = False):
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        routing = self.route(x_TD)
+        x_CD, tokens_per_expert, handle = self.dispatch(x_TD, routing)
+        y_TD = self.combine(self.run_experts(x_CD, tokens_per_expert), routing, handle, B * S)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        y = y_TD.view(B, S, D)
+        if return_aux:
+            return y, sequence_balance_loss(routing, B, self.n_experts)
+        return y
