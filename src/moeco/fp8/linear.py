@@ -1,0 +1,187 @@
+"""Fp8Linear: a Linear whose three GEMMs run in FP8 with fine-grained scales (DeepSeek-V3 3.3).
+
+    x (T, K), W (N, K) master weight (FP32/BF16), y (T, N), T = all leading dims flattened
+
+    Fprop  y  = x . W^T      x: 1x128 tiles along K     W: 128x128 blocks
+    Dgrad  dx = dy . W       dy: 1x128 tiles along N    W^T: the same 128x128 blocks, transposed
+    Wgrad  dW = dy^T . x     dy^T and x^T: 1x128 tiles along T (both scaled along the tokens)
+
+Outputs are in x's dtype (dx too) and dW in W's dtype: FP8 lives only inside the GEMMs, the
+module keeps nn.Linear's `weight` (and `bias`) parameters, so state dicts are unchanged.
+For backward it saves the FP8 activations and their scales, not x: Wgrad dequantizes them and
+re-tiles 1x128 -> 128x1 (the report's re-quantization, the cost its hardware wishlist names).
+The FP8 weight is cached while the master weight is unchanged (same `_version`), so gradient
+accumulation and inference quantize it once.
+
+`Fp8GroupedMM` is the same three GEMMs for routed experts: tokens sorted by expert, `offs` the
+cumulative end row of each expert (torch._grouped_mm's convention), one FP8 GEMM per expert.
+Activations and gradients are quantized once for all tokens (their tiles are per token), the
+(E, N, K) weights per expert block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeco.fp8.gemm import fp8_gemm
+from moeco.fp8.quantize import quantize_act_1x128, quantize_act_1x128_t, quantize_weight_128x128
+
+
+class _Fp8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, wq, ws, act_pow2: bool, backend: str):
+        K = x.shape[-1]
+        N = weight.shape[0]
+        x2 = x.reshape(-1, K)
+        xq, xs = quantize_act_1x128(x2, pow2_scale=act_pow2)
+        y = fp8_gemm(xq, xs, wq, ws, x.dtype, backend=backend)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        ctx.save_for_backward(xq, xs, wq, ws)
+        ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None, act_pow2, backend)
+        return y.reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, gy):
+        xq, xs, wq, ws = ctx.saved_tensors
+        x_shape, x_dtype, w_dtype, has_bias, act_pow2, backend = ctx.meta
+        N = wq.shape[0]
+        gy2 = gy.reshape(-1, N)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:  # Dgrad: dy (1x128 along N) . W  ==  dy . (W^T)^T
+            gq, gs = quantize_act_1x128(gy2, pow2_scale=act_pow2)
+            dx = fp8_gemm(gq, gs, wq.t().contiguous(), ws.t().contiguous(), x_dtype, backend=backend)
+            dx = dx.reshape(x_shape)
+        if ctx.needs_input_grad[1]:  # Wgrad: dy^T . x, both operands 1x128 along T
+            gtq, gts = quantize_act_1x128_t(gy2, pow2_scale=act_pow2)
+            xtq, xts = quantize_act_1x128_t(xq, xs, pow2_scale=act_pow2)
+            dw = fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
+        if has_bias and ctx.needs_input_grad[2]:
+            db = gy2.float().sum(0)
+        return dx, dw, db, None, None, None, None
+
+
+class Fp8Linear(nn.Linear):
+    """nn.Linear with FP8 Fprop/Dgrad/Wgrad; see the module docstring. `recipe`: an Fp8Recipe."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, recipe=None,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if recipe is None:
+            from moeco.fp8.recipe import Fp8Recipe
+
+            recipe = Fp8Recipe()
+        self.recipe = recipe
+        self._wcache: tuple | None = None
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        if self._wcache is None or self._wcache[0] != key:
+            with torch.no_grad():
+                wq, ws = quantize_weight_128x128(w, pow2_scale=self.recipe.weight_pow2)
+            self._wcache = (key, wq, ws)
+        return self._wcache[1], self._wcache[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wq, ws = self.quantized_weight()
+        return _Fp8LinearFn.apply(x, self.weight, self.bias, wq, ws, self.recipe.act_pow2, self.recipe.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fp8={self.recipe.name}"
+
+
+def _rows(offs: torch.Tensor) -> list[tuple[int, int]]:
+    ends = [int(v) for v in offs.tolist()]
+    return list(zip([0] + ends[:-1], ends))
+
+
+class _Fp8GroupedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str):
+        T, K = x.shape
+        E, N, _ = w.shape
+        xq, xs = quantize_act_1x128(x, pow2_scale=act_pow2)
+        with torch.no_grad():
+            wq, ws = quantize_weight_128x128(w, pow2_scale=weight_pow2)  # (E, N, K), (E, NB, KB)
+        y = x.new_zeros((T, N))
+        rows = _rows(offs)
+        for e, (r0, r1) in enumerate(rows):
+            if r1 > r0:
+                y[r0:r1] = fp8_gemm(xq[r0:r1], xs[r0:r1], wq[e], ws[e], x.dtype, backend=backend)
+        ctx.save_for_backward(xq, xs, wq, ws)
+        ctx.meta = (rows, x.dtype, w.dtype, act_pow2, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xq, xs, wq, ws = ctx.saved_tensors
+        rows, x_dtype, w_dtype, act_pow2, backend = ctx.meta
+        gy = gy.contiguous()
+        gq, gs = quantize_act_1x128(gy, pow2_scale=act_pow2)
+        dx = torch.zeros(xq.shape, dtype=x_dtype, device=gy.device)
+        dw = torch.zeros(wq.shape, dtype=w_dtype, device=gy.device)
+        for e, (r0, r1) in enumerate(rows):
+            if r1 == r0:
+                continue
+            if ctx.needs_input_grad[0]:
+                dx[r0:r1] = fp8_gemm(gq[r0:r1], gs[r0:r1], wq[e].t().contiguous(), ws[e].t().contiguous(),
+                                     x_dtype, backend=backend)
+            if ctx.needs_input_grad[1]:
+                gtq, gts = quantize_act_1x128_t(gy[r0:r1], pow2_scale=act_pow2)
+                xtq, xts = quantize_act_1x128_t(xq[r0:r1], xs[r0:r1], pow2_scale=act_pow2)
+                dw[e] = fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
+        return dx, dw, None, None, None, None
+
+
+def fp8_grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor, *, recipe=None) -> torch.Tensor:
+    """y[rows of e] = x[rows of e] . w[e]^T in FP8; offs (E,) int cumulative end rows; y (T, N)."""
+    if recipe is None:
+        from moeco.fp8.recipe import Fp8Recipe
+
+        recipe = Fp8Recipe()
+    return _Fp8GroupedFn.apply(x_TK, w_ENK, offs, recipe.act_pow2, recipe.weight_pow2, recipe.backend)
+
+
+class Fp8InferenceLinear(nn.Module):
+    """A Linear that keeps DeepSeek's FP8 checkpoint weights as they are: half BF16's memory.
+
+    Buffers `weight` (N, K) float8_e4m3fn and `weight_scale_inv` (ceil(N/128), ceil(K/128))
+    float32, the names of the official checkpoints. CUDA: FP8 GEMM on 1x128-quantized inputs;
+    CPU: the weight is dequantized and the matmul runs in the input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, backend: str = "auto",
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        nb, kb = -(-out_features // 128), -(-in_features // 128)
+        self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.float8_e4m3fn,
+                                                   device=device))
+        self.register_buffer("weight_scale_inv", torch.ones((nb, kb), dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, backend: str = "auto") -> "Fp8InferenceLinear":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, backend=backend,
+                device=linear.weight.device)
+        with torch.no_grad():
+            q, s = quantize_weight_128x128(linear.weight)
+            m.weight.copy_(q)
+            m.weight_scale_inv.copy_(s)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from moeco.fp8.quantize import dequantize_weight_128x128
+
+        if x.is_cuda:
+            x2 = x.reshape(-1, self.in_features)
+            xq, xs = quantize_act_1x128(x2)
+            y = fp8_gemm(xq, xs, self.weight, self.weight_scale_inv, x.dtype, backend=self.backend)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = x @ dequantize_weight_128x128(self.weight, self.weight_scale_inv, x.dtype).t()
+        return y if self.bias is None else y + self.bias.to(y.dtype)

@@ -1,0 +1,162 @@
+"""Fine-grained E4M3 quantization: 1x128 activation tiles and 128x128 weight blocks.
+
+Notation (DeepSeek-V3 tech report, section 3.3):
+
+    x_TK   activations, T tokens x K channels; one scale per token per 128 channels (1x128 tile)
+    w_NK   a Linear weight, N outputs x K inputs; one scale per 128x128 block
+    q      the E4M3 values (torch.float8_e4m3fn, finite, max 448)
+    s      float32 scales, "scale_inv" in DeepSeek's checkpoints:  x ~= q * s  tile by tile
+
+For every tile or block:
+
+    amax = max(|x|) over the tile, clamped to >= 1e-4    (an all-zero tile still gets a finite scale)
+    s    = amax / 448                                    (or 2^ceil(log2(amax / 448)): "ue8m0")
+    q    = e4m3(x / s)                                   (round to nearest even; |x / s| <= 448)
+
+A dimension that is not a multiple of 128 is zero-padded up to the next multiple before the amax
+is taken, so the last tile or block is partial but scaled like the others; the padding is dropped
+again from `q`. Scale shapes: act (*lead, ceil(K/128)), weight (*lead, ceil(N/128), ceil(K/128)).
+The weight scale is exactly the `weight_scale_inv` tensor of DeepSeek-V3's FP8 checkpoints.
+
+These functions are the plain PyTorch definition. On CUDA, `quantize_act_1x128` dispatches to a
+fused Triton kernel (`moeco.fp8.triton_kernels`) when Triton is present; the test suite checks
+that the two agree.
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite E4M3 value
+AMAX_FLOOR = 1e-4  # as DeepSeek's act_quant: keeps the scale of an all-zero tile finite
+BLOCK = 128
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _scale_from_amax(amax: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
+    scale = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    if pow2_scale:
+        # ue8m0: a power of two rounded up (so x / s still fits under 448), exactly, on the bits.
+        bits = scale.contiguous().view(torch.int32)
+        scale = ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+    return scale
+
+
+def _pad_last(x: torch.Tensor, dim: int, multiple: int = BLOCK) -> torch.Tensor:
+    size = x.shape[dim]
+    pad = _ceil_div(size, multiple) * multiple - size
+    if pad == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def quantize_act_1x128_reference(x: torch.Tensor, *, pow2_scale: bool = False):
+    """Plain PyTorch 1x128 quantization; see the module docstring."""
+    K = x.shape[-1]
+    lead = x.shape[:-1]
+    kb = _ceil_div(K, BLOCK)
+    xp = _pad_last(x, -1).reshape(*lead, kb, BLOCK).float()
+    scale = _scale_from_amax(xp.abs().amax(dim=-1), pow2_scale)  # (*lead, kb)
+    q = (xp / scale.unsqueeze(-1)).to(FP8_DTYPE)
+    q = q.reshape(*lead, kb * BLOCK)[..., :K]
+    return q.contiguous(), scale
+
+
+def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False):
+    """Quantize `x` (*, K) to E4M3 with one float32 scale per 1x128 tile along the last dim.
+
+    Returns (q, scale): q has x's shape in float8_e4m3fn, scale is (*, ceil(K/128)) float32,
+    and x ~= q * scale tile by tile.
+    """
+    if x.is_cuda and x.dim() >= 1 and x.numel() > 0:
+        from moeco.fp8 import triton_kernels
+
+        if triton_kernels.available():
+            return triton_kernels.quantize_act_1x128(x, pow2_scale=pow2_scale)
+    return quantize_act_1x128_reference(x, pow2_scale=pow2_scale)
+
+
+def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False):
+    """Quantize x (T, C) along T, i.e. x.t() per 1x128 tile: returns q (C, T) and s (C, ceil(T/128)).
+
+    This is the 128x1 tiling of Wgrad, whose two operands are both scaled along the token dim.
+    With `x_scale`, x is already FP8 with 1x128 scales along C (the activations saved by the
+    forward pass) and is dequantized first: the 1x128 -> 128x1 re-tiling of the report.
+    """
+    if x.is_cuda and x.numel() > 0:
+        from moeco.fp8 import triton_kernels
+
+        if triton_kernels.available():
+            return triton_kernels.quantize_act_1x128_t(x, x_scale, pow2_scale=pow2_scale)
+    xf = x if x_scale is None else dequantize_act_1x128(x, x_scale)
+    return quantize_act_1x128_reference(xf.t(), pow2_scale=pow2_scale)
+
+
+def dequantize_act_1x128(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """Inverse of `quantize_act_1x128`: q (*, K), scale (*, ceil(K/128)) -> (*, K) in `dtype`."""
+    K = q.shape[-1]
+    s = scale.float().repeat_interleave(BLOCK, dim=-1)[..., :K]
+    return (q.float() * s).to(dtype)
+
+
+def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False):
+    """Quantize `w` (*, N, K) to E4M3 with one float32 scale per 128x128 block.
+
+    Returns (q, scale): q has w's shape in float8_e4m3fn, scale is (*, ceil(N/128), ceil(K/128))
+    float32 (DeepSeek's `weight_scale_inv`), and w ~= q * scale block by block. Leading dims
+    (e.g. experts E) are independent matrices.
+    """
+    if w.dim() < 2:
+        raise ValueError(f"quantize_weight_128x128 needs a (*, N, K) tensor, got shape {tuple(w.shape)}")
+    *lead, N, K = w.shape
+    nb, kb = _ceil_div(N, BLOCK), _ceil_div(K, BLOCK)
+    wp = _pad_last(_pad_last(w, -1), -2).float().reshape(*lead, nb, BLOCK, kb, BLOCK)
+    scale = _scale_from_amax(wp.abs().amax(dim=(-3, -1)), pow2_scale)  # (*lead, nb, kb)
+    q = (wp / scale[..., :, None, :, None]).to(FP8_DTYPE)
+    q = q.reshape(*lead, nb * BLOCK, kb * BLOCK)[..., :N, :K]
+    return q.contiguous(), scale
+
+
+def expand_weight_scale(scale: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """(*, ceil(N/128), ceil(K/128)) block scales -> (*, N, K) elementwise scales."""
+    s = scale.float().repeat_interleave(BLOCK, dim=-2).repeat_interleave(BLOCK, dim=-1)
+    return s[..., :N, :K]
+
+
+def dequantize_weight_128x128(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """Inverse of `quantize_weight_128x128`; also loads DeepSeek's (weight, weight_scale_inv) pairs."""
+    *lead, N, K = q.shape
+    want = (*lead, _ceil_div(N, BLOCK), _ceil_div(K, BLOCK))
+    if tuple(scale.shape) != want:
+        raise ValueError(
+            f"weight scale has shape {tuple(scale.shape)}, expected {want} for a weight of shape "
+            f"{tuple(q.shape)} (one scale per 128x128 block)"
+        )
+    return (q.float() * expand_weight_scale(scale, N, K)).to(dtype)
+
+
+def e4m3_bounds_ok(x: torch.Tensor, q: torch.Tensor, scale_full: torch.Tensor) -> torch.Tensor:
+    """|x - q*s| <= half an E4M3 ulp of x/s, times s (the round-to-nearest bound), elementwise.
+
+    E4M3 has 3 mantissa bits: spacing 2^(e-3) for |v| in [2^e, 2^(e+1)), e >= -6; subnormals below
+    2^-6 are spaced 2^-9. Used by the tests; kept here because it documents the format.
+    """
+    v = (x.float() / scale_full).abs()
+    e = torch.floor(torch.log2(v.clamp(min=2.0**-6)))
+    half_ulp = torch.exp2(e - 3) / 2
+    err = (x.float() - q.float() * scale_full).abs()
+    return err <= half_ulp * scale_full * (1 + 1e-6) + 1e-30
+
+
+__all__ = [
+    "AMAX_FLOOR", "BLOCK", "FP8_DTYPE", "FP8_MAX", "dequantize_act_1x128", "dequantize_weight_128x128",
+    "expand_weight_scale", "quantize_act_1x128", "quantize_act_1x128_reference", "quantize_act_1x128_t",
+    "quantize_weight_128x128",
+]
