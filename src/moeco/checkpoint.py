@@ -1,0 +1,303 @@
+"""Hugging Face / DeepSeek checkpoints in and out: config.json + safetensors (single file or sharded).
+
+The one name table. moeco's module names are the HF names, except:
+
+    moeco state dict                          checkpoint
+    model.layers.{i}.mlp.experts.w1_EFD   <-  model.layers.{i}.mlp.experts.{j}.gate_proj.weight  (F, D) x E
+    model.layers.{i}.mlp.experts.w3_EFD   <-  model.layers.{i}.mlp.experts.{j}.up_proj.weight    (F, D) x E
+    model.layers.{i}.mlp.experts.w2_EDF   <-  model.layers.{i}.mlp.experts.{j}.down_proj.weight  (D, F) x E
+                                          or  transformers-5 fused: experts.gate_up_proj (E, 2F, D), experts.down_proj (E, D, F)
+    mtp.{k}.<name>                        <-> model.layers.{L+k}.<name>        (L = num_hidden_layers)
+    (shared)                              <-> model.layers.{L+k}.embed_tokens.weight, .shared_head.head.weight
+                                              (copies of the main embedding and head: written, ignored on load)
+
+DeepSeek's official FP8 release stores `W` as float8_e4m3fn plus `W_scale_inv` (float32, one per
+128x128 block, edge blocks partial): W = W_fp8 * scale per block. They are dequantized to the
+requested dtype on load. Saving writes the per-expert DeepSeek layout, atomically: every file goes
+to a temporary directory next to the target, is fsynced, and the directory is renamed into place.
+Loading checks every tensor's presence and shape before anything is assigned: nothing half-loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moeco.config import ModelConfig
+from moeco.errors import LoadError
+
+log = logging.getLogger(__name__)
+
+_EXPERT_PARAM = re.compile(r"^(.*\.mlp\.experts)\.(w1_EFD|w3_EFD|w2_EDF)$")
+_PER_EXPERT_NAME = {"w1_EFD": "gate_proj", "w3_EFD": "up_proj", "w2_EDF": "down_proj"}
+_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+# ---- names ---------------------------------------------------------------------------------
+def _to_ckpt_prefix(name: str, num_layers: int) -> str:
+    if name.startswith("mtp."):
+        k, rest = name[4:].split(".", 1)
+        return f"model.layers.{num_layers + int(k)}.{rest}"
+    return name
+
+
+def _ignorable(name: str, num_layers: int) -> bool:
+    """Checkpoint tensors moeco reads nowhere on purpose."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return True
+    m = re.match(r"^model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)$", name)
+    return bool(m and int(m.group(1)) >= num_layers)
+
+
+# ---- reading -------------------------------------------------------------------------------
+class _Reader:
+    """Lazy access to every tensor of a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise LoadError(f"{index} is not a valid safetensors index ({exc}); re-save the checkpoint") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+            if not files:
+                raise LoadError(f"no *.safetensors files in {str(directory)!r}; expected model.safetensors "
+                                "or a sharded model.safetensors.index.json")
+        self.handles, self.where = {}, {}
+        for fname in files:
+            path = directory / fname
+            if not path.is_file():
+                raise LoadError(f"shard {fname!r} listed in the index is missing from {str(directory)!r}")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types for corrupt headers
+                raise LoadError(f"cannot read {str(path)!r}: {exc}") from None
+            self.handles[fname] = handle
+            for key in handle.keys():
+                self.where[key] = fname
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def keys(self):
+        return self.where.keys()
+
+    def get(self, key: str, dtype: torch.dtype, used: set) -> torch.Tensor:
+        """The tensor, dequantized if it is FP8 with a `_scale_inv` beside it, cast to dtype."""
+        used.add(key)
+        t = self.handles[self.where[key]].get_tensor(key)
+        if t.dtype in _FP8_DTYPES:
+            scale_key = key + "_scale_inv"
+            if scale_key not in self.where:
+                raise LoadError(f"FP8 tensor {key!r} has no {scale_key!r} beside it; cannot dequantize")
+            used.add(scale_key)
+            from moeco.fp8.quantize import dequantize_weight_128x128
+
+            scale = self.handles[self.where[scale_key]].get_tensor(scale_key)
+            try:
+                t = dequantize_weight_128x128(t, scale.float(), dtype=torch.float32)
+            except ValueError as exc:
+                raise LoadError(f"{scale_key!r}: {exc}") from None
+        return t.to(dtype)
+
+
+def _gather_experts(reader: _Reader, prefix: str, which: str, n_experts: int, dtype, used: set) -> torch.Tensor:
+    fused_key = f"{prefix}.gate_up_proj" if which in ("w1_EFD", "w3_EFD") else f"{prefix}.down_proj"
+    if fused_key in reader:
+        t = reader.get(fused_key, dtype, used)
+        if which == "w2_EDF":
+            return t
+        half = t.shape[1] // 2
+        return t[:, :half] if which == "w1_EFD" else t[:, half:]
+    part = _PER_EXPERT_NAME[which]
+    keys = [f"{prefix}.{j}.{part}.weight" for j in range(n_experts)]
+    missing = [k for k in keys if k not in reader]
+    if missing:
+        raise LoadError(f"missing tensor {missing[0]!r} (and {len(missing) - 1} more expert tensors)"
+                        if len(missing) > 1 else f"missing tensor {missing[0]!r}")
+    return torch.stack([reader.get(k, dtype, used) for k in keys])
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    recipe=None):
+    """Load a DeepSeek-V3-family checkpoint directory into a moeco Transformer.
+
+    dtype: the parameters' dtype (default: config.json's torch_dtype, float32 if absent; FP8 weights
+    are dequantized to it). The router stays float32. A checkpoint without any MTP tensors loads
+    with the MTP modules switched off (transformers writes none); a partial MTP layer is an error.
+    """
+    from moeco.model.transformer import Transformer
+
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise LoadError(f"{str(directory)!r} has no config.json; pass the checkpoint directory")
+    raw = json.loads((directory / "config.json").read_text())
+    config = ModelConfig.from_hf(raw)
+    if dtype is None:
+        dtype = _DTYPES.get(raw.get("torch_dtype") or raw.get("dtype"), torch.float32)
+    reader = _Reader(directory)
+    L = config.num_hidden_layers
+    if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in reader.keys()):
+        log.warning("checkpoint has no MTP layer (model.layers.%d.*); loading with num_nextn_predict_layers=0", L)
+        config = config.replace(num_nextn_predict_layers=0)
+
+    with torch.device("meta"):
+        model = Transformer(config, recipe=recipe)
+    expected = model.state_dict()
+    state, used = {}, set()
+    for name, meta in expected.items():
+        ckpt_name = _to_ckpt_prefix(name, L)
+        want_dtype = torch.float32 if meta.dtype == torch.float32 and ".mlp.gate." in name else dtype
+        m = _EXPERT_PARAM.match(ckpt_name)
+        if m:
+            t = _gather_experts(reader, m.group(1), m.group(2), meta.shape[0], want_dtype, used)
+        elif ckpt_name in reader:
+            t = reader.get(ckpt_name, want_dtype, used)
+        elif name == "lm_head.weight" and config.tie_word_embeddings:
+            t = state.get("model.embed_tokens.weight")
+        else:
+            raise LoadError(f"missing tensor {ckpt_name!r} (shape {tuple(meta.shape)}) in {str(directory)!r}")
+        if tuple(t.shape) != tuple(meta.shape):
+            raise LoadError(f"tensor {ckpt_name!r} has shape {tuple(t.shape)}, the config expects "
+                            f"{tuple(meta.shape)}; the checkpoint and config.json disagree")
+        state[name] = t
+    unexpected = sorted(k for k in reader.keys()
+                        if k not in used and not _ignorable(k, L) and not _is_dropped_mtp(k, L, config))
+    if unexpected:
+        raise LoadError(f"unexpected tensor {unexpected[0]!r} in {str(directory)!r}"
+                        + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                        + "; the checkpoint does not match its config.json")
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_buffers(torch.device("cpu"))  # non-persistent buffers are still on the meta device
+    model.to(device)
+    return model.eval()
+
+
+def _is_dropped_mtp(key: str, num_layers: int, config: ModelConfig) -> bool:
+    m = re.match(r"^model\.layers\.(\d+)\.", key)
+    return bool(m and int(m.group(1)) >= num_layers + config.num_nextn_predict_layers)
+
+
+# ---- writing -------------------------------------------------------------------------------
+def checkpoint_state_dict(model, fp8: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors under checkpoint names, per-expert, contiguous; FP8 + scale_inv if asked."""
+    config: ModelConfig = model.config
+    L = config.num_hidden_layers
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        ckpt_name = _to_ckpt_prefix(name, L)
+        m = _EXPERT_PARAM.match(ckpt_name)
+        if m:
+            part = _PER_EXPERT_NAME[m.group(2)]
+            for j in range(t.shape[0]):
+                out[f"{m.group(1)}.{j}.{part}.weight"] = t[j].detach().clone().contiguous()
+        else:
+            out[ckpt_name] = t.detach().clone().contiguous()
+    for k in range(config.num_nextn_predict_layers):  # DeepSeek's layout repeats these in the MTP layer
+        out[f"model.layers.{L + k}.embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()
+        head = model.lm_head.weight
+        out[f"model.layers.{L + k}.shared_head.head.weight"] = head.detach().clone().contiguous()
+    if fp8:
+        from moeco.fp8.quantize import quantize_weight_128x128
+
+        for name in [n for n in out if _fp8_eligible(n, out[n])]:
+            q, scale = quantize_weight_128x128(out[name].float())
+            out[name], out[name + "_scale_inv"] = q, scale.float()
+    return out
+
+
+def _fp8_eligible(name: str, t: torch.Tensor) -> bool:
+    """The matrices DeepSeek ships in FP8: attention and FFN projections (not embeddings, head, router, norms)."""
+    return t.dim() == 2 and name.endswith("_proj.weight") and ".eh_proj." not in name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES, fp8: bool = False,
+                    extra_files: dict[str, str | Path | bytes] | None = None) -> Path:
+    """Write config.json + safetensors (sharded above max_shard_bytes) to `path`, atomically.
+
+    extra_files: name -> source path or bytes, written into the same directory (e.g. tokenizer.json).
+    An existing `path` is replaced only if it is a checkpoint directory (has config.json) or empty.
+    """
+    target = Path(path)
+    if target.exists() and not (target.is_dir() and ((target / "config.json").exists() or not any(target.iterdir()))):
+        raise LoadError(f"refusing to overwrite {str(target)!r}: it exists and is not a checkpoint directory; "
+                        "choose another path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        tensors = checkpoint_state_dict(model, fp8=fp8)
+        shards, current, size = [], {}, 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name], size = t, size + nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({name: fname for name in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        hf = model.config.to_hf_dict()
+        dtype = model.model.embed_tokens.weight.dtype
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+        if fp8:
+            hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [128, 128]}
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        for name, src in (extra_files or {}).items():
+            dst = tmp / name
+            if isinstance(src, bytes):
+                dst.write_bytes(src)
+            else:
+                shutil.copyfile(src, dst)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+        tmp.rename(target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
