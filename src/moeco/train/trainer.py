@@ -1,0 +1,395 @@
+"""The training loop: data -> model -> loss -> AdamW step -> balance hook -> metrics -> checkpoint.
+
+One optimizer step over a global batch of B sequences of S tokens (inputs t[:, :S], labels t[:, 1:]):
+
+    for each micro-step a < A (this rank's b sequences):
+        out   = model(inputs, return_mtp=True, return_aux=True)
+        L_LM  = CE(out.logits, labels)
+        L_MTP = 1/D sum_k CE(out.mtp_logits[k-1], labels[:, k:])          (D = num_nextn_predict_layers)
+        L     = L_LM + lambda L_MTP + alpha * out.balance_loss             (alpha = model.aux_loss_alpha)
+        (L / A).backward()              DDP averages over R ranks: the gradient of the global-batch mean
+    clip ||g|| to grad_clip; AdamW(beta 0.9/0.95, wd 0.1 on matrices); lr = warmup, then cosine
+    balance hook: all-reduce expert loads, bias -= gamma sign(load - mean), zero the counts
+
+Data parallelism is torch DDP over torchrun's process group (gloo on CPU, NCCL on GPU) with
+`broadcast_buffers=False`: each rank keeps its own expert counts until the hook sums them, and the
+routing bias stays identical on every rank because every rank applies the same summed update. The
+model itself never calls torch.distributed, so an expert-parallel dispatcher can be swapped into
+its MoE layers before wrapping without touching this loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moeco.config import ModelConfig
+from moeco.errors import ConfigError, DataError
+from moeco.train import metrics as M
+from moeco.train.balance import BalanceHook
+from moeco.train.checkpointing import CheckpointManager
+from moeco.train.config import TrainConfig
+from moeco.train.data import BatchLoader, PackedData, rank_slice
+from moeco.train.run_dir import RunDir, prepare_run
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to lr * min_lr_ratio."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lm_losses(out, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LM loss, mean MTP loss over depths) in float32; MTP is 0 when the model has no MTP modules."""
+    V = out.logits.shape[-1]
+    lm = F.cross_entropy(out.logits.float().reshape(-1, V), labels.reshape(-1))
+    mtp = [F.cross_entropy(logits.float().reshape(-1, V), labels[:, k:].reshape(-1))
+           for k, logits in enumerate(out.mtp_logits, start=1)]
+    return lm, (torch.stack(mtp).mean() if mtp else lm.new_zeros(()))
+
+
+# ---- distributed setup ---------------------------------------------------------------------
+class Dist:
+    """rank / world / device from torchrun's environment; a no-op for a single process."""
+
+    def __init__(self, device_opt: str, timeout_s: float = 600.0) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        want_cuda = device_opt.startswith("cuda") or (device_opt == "auto" and torch.cuda.is_available())
+        if want_cuda and not torch.cuda.is_available():
+            raise ConfigError(f"train.device = {device_opt!r} but no CUDA device is visible; use cpu or auto")
+        if want_cuda:
+            index = int(device_opt.split(":")[1]) if ":" in device_opt else self.local_rank
+            self.device = torch.device("cuda", index)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=timeout_s))
+            self.owns_group = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.world
+        return values
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+        return values
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _recipe(precision: str):
+    if precision != "fp8":
+        return None
+    try:
+        from moeco.fp8.recipe import recipe_by_name
+    except ImportError:
+        raise ConfigError("train.precision = 'fp8' needs moeco.fp8.recipe, which this install lacks; "
+                          "use bf16 or fp32") from None
+    return recipe_by_name("fp8")
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 verbose: bool = True, on_step: Callable[[int, dict], None] | None = None) -> None:
+        self.dist = Dist(cfg.device)
+        try:
+            self._setup(cfg, Path(out), resume, overwrite, verbose)
+        except BaseException:
+            self.dist.close()
+            raise
+        self.on_step = on_step
+
+    # ---- setup ------------------------------------------------------------------------------
+    def _setup(self, cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, verbose: bool) -> None:
+        d = self.dist
+        # Everything is checked (and the data prepared in memory) before anything in OUT is written.
+        self.run_dir: RunDir = prepare_run(cfg, out, resume=resume, overwrite=overwrite, dist=d)
+        cfg = self.cfg = self.run_dir.cfg
+        self.mcfg: ModelConfig = self.run_dir.model_config
+        self.micro = cfg.micro_batch_size or cfg.batch_size // d.world
+        self.accum = cfg.batch_size // (d.world * self.micro)
+        self.data: PackedData = self.run_dir.data
+        self.loader = BatchLoader(len(self.data.train_index), cfg.batch_size, cfg.seed)
+        self.ckpt = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
+        self.autocast = _autocast_dtype(cfg.precision, d.device)
+        recipe = _recipe(cfg.precision)
+
+        from moeco import Transformer, load_pretrained
+
+        self.step = 0
+        latest = self.run_dir.resume_from
+        if latest is not None:
+            model = load_pretrained(latest / "model", dtype=torch.float32, device=d.device, recipe=recipe)
+        else:
+            torch.manual_seed(cfg.seed)
+            model = Transformer(self.mcfg, recipe=recipe).to(d.device)
+        model.train()
+        self.model = model
+        self.optimizer = self._optimizer(model)
+        self.balance = BalanceHook(model, cfg.bias_update_speed)
+        if latest is not None:
+            self._load_trainer_state(CheckpointManager.load_trainer_state(latest))
+        else:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed % 2**32)
+
+        self.forward = model
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.forward = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                               broadcast_buffers=False)
+        if cfg.compile:
+            self.forward = torch.compile(self.forward)
+
+        self.flops_per_token = M.flops_per_token(self.mcfg, cfg.seq_len)
+        name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
+        self.peak = M.peak_flops(name, cfg.peak_tflops)
+        self.device_name = name
+        self.log = M.MetricsLog(out / "metrics.jsonl", resume_step=self.step) if d.main else None
+        self.progress = M.Progress(cfg.steps, self.step, enabled=verbose and d.main)
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = {"fused": True} if self.dist.device.type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), **fused)
+
+    # ---- state -------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"step": self.step, "lr": lr_at(max(self.step - 1, 0), self.cfg)},
+            "loader": self.loader.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                    "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+                    "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))},
+            "world_size": self.dist.world,
+        }
+        if self.dist.device.type == "cuda":
+            state["rng"]["cuda"] = torch.cuda.get_rng_state(self.dist.device)
+        return state
+
+    def _load_trainer_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+        np.random.seed(0)
+        np_state = list(np.random.get_state())
+        np_state[1] = rng["numpy"].numpy().astype(np.uint32)
+        np.random.set_state(tuple(np_state))
+        if "cuda" in rng and self.dist.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.dist.device)
+
+    def save_checkpoint(self) -> Path | None:
+        path = None
+        if self.dist.main:
+            tok = self.run_dir.tokenizer_files()
+            path = self.ckpt.save(self.step, lambda p: self.model.save_pretrained(p, extra_files=tok),
+                                  self._trainer_state())
+        self.dist.barrier()
+        return path
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _autocast_ctx(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.autocast)
+
+    def train_step(self) -> dict:
+        cfg, d = self.cfg, self.dist
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.data.train_index[self.loader.next_batch()]
+        alpha = self.mcfg.aux_loss_alpha
+        sums = torch.zeros(4, device=d.device)  # loss, lm, mtp, balance (this rank's mean over micro-steps)
+        t0 = time.perf_counter()
+        for a in range(self.accum):
+            seqs = self.data.sequences(rank_slice(batch, a, d.rank, d.world, self.micro)).to(d.device)
+            inputs, labels = seqs[:, :-1], seqs[:, 1:]
+            sync = d.world == 1 or a == self.accum - 1
+            ctx = contextlib.nullcontext() if sync else self.forward.no_sync()
+            with ctx:
+                with self._autocast_ctx():
+                    out = self.forward(inputs, return_mtp=True, return_aux=True)
+                lm, mtp = lm_losses(out, labels)
+                bal = out.balance_loss.float()
+                loss = lm + cfg.mtp_lambda * mtp + alpha * bal
+                (loss / self.accum).backward()
+            sums += torch.stack([loss, lm, mtp, bal]).detach() / self.accum
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        load = self.balance.step()
+        self.step += 1
+        means = d.mean(sums).tolist()
+        if d.device.type == "cuda":
+            torch.cuda.synchronize(d.device)
+        dt = time.perf_counter() - t0
+        tokens_per_s = cfg.batch_size * cfg.seq_len / dt
+        return {
+            "step": self.step, "loss": means[0], "lm_loss": means[1], "mtp_loss": means[2],
+            "balance_loss": means[3], "lr": lr, "grad_norm": float(grad_norm),
+            "tokens": self.step * cfg.batch_size * cfg.seq_len, "step_time_s": dt,
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / (d.world * self.peak) if self.peak else None,
+            "expert_load": load,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean LM loss over the first eval_batches x batch_size validation sequences (sharded over ranks)."""
+        cfg, d = self.cfg, self.dist
+        self.model.eval()
+        n = min(len(self.data.val_index), cfg.eval_batches * cfg.batch_size)
+        mine = self.data.val_index[:n][d.rank::d.world]
+        totals = torch.zeros(2, dtype=torch.float64, device=d.device)
+        for start in range(0, len(mine), self.micro):
+            seqs = self.data.sequences(mine[start:start + self.micro]).to(d.device)
+            with self._autocast_ctx():
+                logits = self.model(seqs[:, :-1])
+            V = logits.shape[-1]
+            totals[0] += F.cross_entropy(logits.float().reshape(-1, V), seqs[:, 1:].reshape(-1),
+                                         reduction="sum").double()
+            totals[1] += seqs[:, 1:].numel()
+        self.model.train()
+        self.balance.discard_counts()
+        totals = d.sum(totals)
+        return float(totals[0] / totals[1])
+
+    def run(self) -> dict:
+        cfg, d = self.cfg, self.dist
+        start, t_start = self.step, time.perf_counter()
+        self._say(f"moeco train: {self.mcfg_summary()}")
+        self._say(f"  data: {self.run_dir.data_source}; {self.data.n_tokens:,} tokens, "
+                  f"{len(self.data.train_index)} train / {len(self.data.val_index)} val sequences of {cfg.seq_len}")
+        self._say(f"  batch {cfg.batch_size} = {self.accum} micro-steps x {d.world} ranks x {self.micro}; "
+                  f"{cfg.steps} steps; device {self.device_name}; precision "
+                  f"{'bf16 autocast' if self.autocast else 'fp32'}{' (fp8 recipe)' if cfg.precision == 'fp8' else ''}"
+                  + (f"; resuming at step {start}" if start else ""))
+        record: dict = {}
+        val_loss = None
+        try:
+            while self.step < cfg.steps:
+                record = self.train_step()
+                last = self.step == cfg.steps
+                if last or (cfg.eval_interval and self.step % cfg.eval_interval == 0):
+                    val_loss = self.evaluate()
+                    record["val_loss"], record["val_ppl"] = val_loss, M.perplexity(val_loss)
+                if self.log is not None:
+                    self.log.write(record)
+                self.progress.update(record)
+                if self.step % cfg.log_interval == 0 or last or self.step == start + 1 or "val_loss" in record:
+                    self.progress.print(M.format_line(record))
+                if self.on_step is not None:
+                    self.on_step(self.step, record)
+                if not last and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if self.step not in self.ckpt.steps() and self.step > 0:
+                self.save_checkpoint()
+            summary = self._finish(record, val_loss, time.perf_counter() - t_start, self.step - start)
+        finally:
+            self.progress.close()
+            if self.log is not None:
+                self.log.close()
+        return summary
+
+    def _finish(self, record: dict, val_loss: float | None, wall: float, steps_run: int) -> dict:
+        out = self.run_dir.out
+        summary = {"steps": self.step, "wall_s": wall, "final_loss": record.get("loss"),
+                   "val_loss": val_loss, "val_ppl": M.perplexity(val_loss) if val_loss is not None else None,
+                   "tokens_per_s": steps_run * self.cfg.batch_size * self.cfg.seq_len / wall if wall else None,
+                   "model_dir": str(out / "model"), "out": str(out)}
+        if self.dist.main:
+            self.model.save_pretrained(out / "model", extra_files=self.run_dir.tokenizer_files())
+            plots = M.write_plots(M.read_metrics(out / "metrics.jsonl"), out / "plots")
+            summary["plots"] = [str(p) for p in plots]
+            self._say(f"done: {self.step} steps in {wall:.0f} s"
+                      + (f", {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else "")
+                      + (f"; validation loss {val_loss:.4f}, perplexity {summary['val_ppl']:.1f}"
+                         if val_loss is not None else ""))
+            self._say(f"  model:       {out / 'model'}  (config.json, safetensors, tokenizer.json)")
+            self._say(f"  checkpoints: {out / 'checkpoints'}  (resume with: moeco train --resume {out})")
+            self._say(f"  metrics:     {out / 'metrics.jsonl'}")
+            self._say(f"  plots:       {', '.join(str(p) for p in plots)}")
+            self._say(f"  config:      {out / 'train_config.toml'}")
+        self.dist.barrier()
+        return summary
+
+    def mcfg_summary(self) -> str:
+        c = self.mcfg
+        n = sum(p.numel() for p in self.model.parameters())
+        return (f"{n / 1e6:.1f}M parameters ({M.active_matmul_params(c) / 1e6:.1f}M active matmul), "
+                f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.n_routed_experts} routed experts "
+                f"(top {c.num_experts_per_tok}) + {c.n_shared_experts} shared, MTP depth "
+                f"{c.num_nextn_predict_layers}, vocab {c.vocab_size}")
+
+    def _say(self, text: str) -> None:
+        self.progress.print(text)
+
+    def close(self) -> None:
+        self.dist.close()
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+          verbose: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    trainer = Trainer(cfg, out, resume=resume, overwrite=overwrite, verbose=verbose, on_step=on_step)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+__all__ = ["Trainer", "train", "lr_at", "lm_losses", "DataError"]
