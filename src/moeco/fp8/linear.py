@@ -25,7 +25,12 @@ import torch
 from torch import nn
 
 from moeco.fp8.gemm import fp8_gemm
-from moeco.fp8.quantize import quantize_act_1x128, quantize_act_1x128_t, quantize_weight_128x128
+from moeco.fp8.quantize import (
+    dequantize_weight_128x128,
+    quantize_act_1x128,
+    quantize_act_1x128_t,
+    quantize_weight_128x128,
+)
 
 
 class _Fp8LinearFn(torch.autograd.Function):
@@ -174,14 +179,15 @@ class Fp8InferenceLinear(nn.Module):
                 m.bias.copy_(linear.bias)
         return m
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from moeco.fp8.quantize import dequantize_weight_128x128
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight_128x128(self.weight, self.weight_scale_inv, dtype)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             x2 = x.reshape(-1, self.in_features)
             xq, xs = quantize_act_1x128(x2)
             y = fp8_gemm(xq, xs, self.weight, self.weight_scale_inv, x.dtype, backend=self.backend)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
-            y = x @ dequantize_weight_128x128(self.weight, self.weight_scale_inv, x.dtype).t()
+            y = x @ self.dequantized_weight(x.dtype).t()
         return y if self.bias is None else y + self.bias.to(y.dtype)
