@@ -1,0 +1,135 @@
+"""DeepSeekMoE routing rules, the grouped GEMM against its reference, and the balance term."""
+
+import pytest
+import torch
+
+import moeco
+from helpers import micro_config
+from moeco.model.layers import grouped_mm, grouped_mm_reference
+from moeco.model.moe import MoE, Router, sequence_balance_loss
+
+
+def _router(**overrides):
+    cfg = micro_config(**overrides)
+    torch.manual_seed(5)
+    gate = Router(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    return cfg, gate
+
+
+@pytest.mark.parametrize("method, func, norm", [("noaux_tc", "sigmoid", True),
+                                                ("group_limited_greedy", "softmax", False),
+                                                ("group_limited_greedy", "sigmoid", True)])
+def test_never_more_than_topk_group_groups(method, func, norm):
+    cfg, gate = _router(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,
+                        topk_method=method, scoring_func=func, norm_topk_prob=norm)
+    if gate.e_score_correction_bias is not None:
+        gate.e_score_correction_bias.uniform_(-0.3, 0.3)
+    r = gate(torch.randn(512, cfg.hidden_size))
+    groups = r.indices_TK // cfg.experts_per_group
+    distinct = torch.tensor([len(set(row)) for row in groups.tolist()])
+    assert distinct.max() <= cfg.topk_group
+    assert (r.indices_TK.sort(dim=1).values.diff(dim=1) > 0).all()  # no expert chosen twice
+
+
+def test_v3_config_routes_to_at_most_4_groups_and_weights_sum_to_2_5():
+    cfg = moeco.ModelConfig.preset("deepseek-v3").replace(hidden_size=64)
+    gate = Router(cfg)
+    torch.manual_seed(6)
+    torch.nn.init.normal_(gate.weight, std=0.3)
+    gate.e_score_correction_bias.uniform_(-0.05, 0.05)
+    r = gate(torch.randn(256, 64))
+    assert r.indices_TK.shape == (256, 8)
+    assert max(len(set(row)) for row in (r.indices_TK // 32).tolist()) <= 4
+    torch.testing.assert_close(r.weights_TK.sum(-1), torch.full((256,), 2.5))
+
+
+def test_group_limited_greedy_scores_groups_by_their_max():
+    cfg, gate = _router(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=2,
+                        topk_method="group_limited_greedy", scoring_func="softmax", norm_topk_prob=False)
+    x = torch.randn(64, cfg.hidden_size)
+    r = gate(x)
+    scores = (x @ gate.weight.t()).softmax(-1)
+    best_group = scores.view(64, 4, 2).amax(-1).argmax(-1)
+    assert ((r.indices_TK // 2) == best_group[:, None]).all()
+    # softmax without normalisation: the weights are the raw scores times the scaling factor
+    torch.testing.assert_close(r.weights_TK, scores.gather(1, r.indices_TK) * cfg.routed_scaling_factor)
+
+
+def test_grouped_gemm_matches_reference_with_empty_groups():
+    torch.manual_seed(7)
+    x = torch.randn(40, 24)
+    w = torch.randn(5, 16, 24)
+    counts = torch.tensor([10, 0, 17, 0, 13])
+    offs = counts.cumsum(0).to(torch.int32)
+    torch.testing.assert_close(grouped_mm(x, w, offs), grouped_mm_reference(x, w, offs))
+    xb, wb = x.bfloat16(), w.bfloat16()
+    torch.testing.assert_close(grouped_mm(xb, wb, offs).float(), grouped_mm_reference(xb, wb, offs).float(),
+                               atol=0.1, rtol=0.02)
+
+
+def test_moe_stages_match_a_per_token_loop_and_gradients_flow():
+    cfg = micro_config()
+    torch.manual_seed(8)
+    moe = MoE(cfg, moeco.model.layers.DEFAULT_RECIPE)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 9, cfg.hidden_size, requires_grad=True)
+    y = moe(x)
+    # reference: every token through its experts one by one
+    xt = x.detach().reshape(-1, cfg.hidden_size)
+    r = moe.gate(xt)
+    ref = moe.shared_experts(xt)
+    e = moe.experts
+    for t in range(xt.shape[0]):
+        for k in range(cfg.num_experts_per_tok):
+            j = r.indices_TK[t, k]
+            h = torch.nn.functional.silu(xt[t] @ e.w1_EFD[j].t()) * (xt[t] @ e.w3_EFD[j].t())
+            ref[t] += r.weights_TK[t, k] * (h @ e.w2_EDF[j].t())
+    torch.testing.assert_close(y.detach().reshape(-1, cfg.hidden_size), ref.detach(), atol=1e-5, rtol=1e-5)
+    y.square().sum().backward()
+    assert x.grad is not None and e.w1_EFD.grad.abs().sum() > 0 and moe.gate.weight.grad.abs().sum() > 0
+    x_sorted, counts, _ = moe.dispatch(xt, r)
+    torch.testing.assert_close(e(x_sorted, counts), e.forward_reference(x_sorted, counts))
+
+
+def test_router_counts_loads_only_in_training():
+    cfg, gate = _router()
+    gate.train()
+    gate(torch.randn(10, cfg.hidden_size))
+    assert gate.tokens_per_expert.sum() == 10 * cfg.num_experts_per_tok
+    gate.eval()
+    gate(torch.randn(10, cfg.hidden_size))
+    assert gate.tokens_per_expert.sum() == 10 * cfg.num_experts_per_tok
+
+
+def test_router_stays_float32_when_model_is_cast():
+    model = moeco.Transformer(micro_config()).to(torch.bfloat16)
+    _, moe = next(model.moe_layers())
+    assert moe.gate.weight.dtype == torch.float32 and moe.gate.e_score_correction_bias.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_sequence_balance_loss_formula():
+    # 1 sequence, 2 tokens, 4 experts, top-1: token 0 -> expert 0, token 1 -> expert 0
+    from moeco.model.moe import Routing
+
+    scores = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    r = Routing(torch.ones(2, 1), torch.tensor([[0], [0]]), scores)
+    # f = [4/(1*2)*2, 0, 0, 0] = [4,0,0,0]; P_0 = mean(0.4, 0.1) = 0.25 -> L = 1.0
+    assert sequence_balance_loss(r, batch=1, n_experts=4).item() == pytest.approx(1.0)
+    # perfectly balanced routing and uniform scores give 1 as well (the minimum of sum f_i P_i)
+    r = Routing(torch.ones(4, 1), torch.tensor([[0], [1], [2], [3]]), torch.full((4, 4), 0.25))
+    assert sequence_balance_loss(r, batch=1, n_experts=4).item() == pytest.approx(1.0)
+
+
+def test_model_returns_mtp_logits_and_balance_term():
+    cfg = micro_config(num_nextn_predict_layers=2)
+    model = moeco.Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    out = model(ids, return_mtp=True, return_aux=True)
+    assert out.logits.shape == (2, 10, cfg.vocab_size)
+    assert [t.shape for t in out.mtp_logits] == [(2, 9, cfg.vocab_size), (2, 8, cfg.vocab_size)]
+    assert out.balance_loss.dim() == 0 and out.balance_loss.item() > 0
+    (out.logits.mean() + sum(t.mean() for t in out.mtp_logits) + out.balance_loss).backward()
+    assert model.mtp[1].eh_proj.weight.grad.abs().sum() > 0
