@@ -56,12 +56,15 @@ if _HAVE_TRITON:
     @triton.jit
     def _round_to_e4m3_grid(v):
         # Round-to-nearest-even to 3 mantissa bits for |v| >= 2^-6 (normal E4M3), and to a
-        # multiple of 2^-9 below (subnormals): 24576 = 1.5 * 2^14, so v + 24576 keeps 9 bits.
-        bits = v.to(tl.int32, bitcast=True)
+        # multiple of 2^-9 below (subnormals): 24576 = 1.5 * 2^14, so a + 24576 keeps 9 bits.
+        # Works on |v| and restores the sign, so that tiny negatives become -0 as in torch.
+        a = tl.abs(v)
+        bits = a.to(tl.int32, bitcast=True)
         lsb = (bits >> 20) & 1
         normal = ((bits + 0x7FFFF + lsb) & ~0xFFFFF).to(tl.float32, bitcast=True)
-        sub = (v + 24576.0) - 24576.0
-        return tl.where(tl.abs(v) < 0.015625, sub, normal)
+        sub = (a + 24576.0) - 24576.0
+        r = tl.where(a < 0.015625, sub, normal)
+        return tl.where(v < 0, -r, r)
 
     @triton.jit
     def _scale_from_amax(amax, POW2: tl.constexpr):
