@@ -1,0 +1,365 @@
+"""`moeco plan ...`: the planner's command line. Each subcommand prints a rich table, or with
+`--json` exactly one JSON object on stdout; `--plot FILE.png` writes a figure where one helps.
+
+    moeco plan model MODEL        params, KV bytes, FLOPs per token, breakdown by part
+    moeco plan paper              the paper's tables beside moeco's numbers
+    moeco plan ep-limit [MODEL]   communication-bound time per output token of EP decode
+    moeco plan topology NAME      endpoints, switches, links, cost of a network
+    moeco plan routing MODEL      node-limited routing: nodes per token, inter-node bytes, time
+    moeco plan fit MODEL          per-GPU memory for training or serving on a cluster, verdict
+    moeco plan local MODEL        single-request decode bound on one device (+ hybrid GPU/CPU)
+    moeco plan hardware           the hardware catalog
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moeco.errors import ConfigError
+from moeco.plan import arch as arch_mod
+from moeco.plan import costs, hardware, memory, paper, routing, speed, topology
+
+
+def register(subparsers) -> None:
+    plan = subparsers.add_parser("plan", help="what a cluster or a device can train and serve, and how fast",
+                                 description=__doc__.split("\n\n")[0])
+    sub = plan.add_subparsers(dest="plan_command", required=True, metavar="PLAN_COMMAND")
+
+    def add(name: str, func, help_: str, model: str | None = "required", plot: bool = False, hw: bool = False):
+        p = sub.add_parser(name, help=help_, description=help_)
+        if model == "required":
+            p.add_argument("model", metavar="MODEL", help=f"preset ({', '.join(arch_mod.preset_names())}) "
+                                                          "or a config.json / its directory")
+        elif model == "optional":
+            p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                           help="preset or config.json (default: the paper's 7000 hidden, 61 layers)")
+        p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+        if plot:
+            p.add_argument("--plot", metavar="FILE.png", default=None, help="also write a figure")
+        if hw:
+            p.add_argument("--hardware", metavar="FILE.toml", default=None, help="extra/overriding hardware entries")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("model", _cmd_model, "parameters, KV-cache bytes and FLOPs per token", plot=True)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--kv-dtype", choices=sorted(costs.KV_BYTES), default="bf16")
+
+    add("paper", _cmd_paper, "the ISCA '25 paper's tables beside moeco's numbers", model=None)
+
+    p = add("ep-limit", _cmd_ep_limit, "communication-bound time per output token of expert-parallel decode",
+            model="optional", hw=True)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--bandwidth", type=float, default=None, metavar="GBPS", help="GB/s per GPU per direction")
+    p.add_argument("--link", default="ib-400g", help="catalog link when --bandwidth is not given")
+    p.add_argument("--tokens-per-device", type=int, default=32)
+    p.add_argument("--experts-per-token", type=int, default=None, help="routed + shared (default 9 / from MODEL)")
+    p.add_argument("--dispatch-bytes", type=float, default=1)
+    p.add_argument("--combine-bytes", type=float, default=2)
+    p.add_argument("--micro-batches", type=int, default=2)
+
+    p = add("topology", _cmd_topology, "endpoints, switches, links and cost of a network", model=None, plot=True)
+    p.add_argument("name", choices=[*topology.TOPOLOGIES, "all"])
+    p.add_argument("--radix", type=int, default=64)
+    p.add_argument("--planes", type=int, default=8)
+    p.add_argument("--q", type=int, default=None, help="Slim Fly MMS parameter (default: largest that fits)")
+    p.add_argument("--groups", type=int, default=None, help="dragonfly groups (default a*h - 1)")
+    p.add_argument("--switch-cost", type=float, default=topology.SWITCH_COST_USD)
+    p.add_argument("--link-cost", type=float, default=topology.LINK_COST_USD)
+    p.add_argument("--endpoint-cost", type=float, default=topology.ENDPOINT_COST_USD,
+                   help="NIC + endpoint cable per endpoint (Table 3 leaves it out)")
+
+    p = add("routing", _cmd_routing, "node-limited routing: nodes per token, inter-node bytes, time", plot=True)
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--max-nodes", type=int, default=None, help="M (default: topk_group or 4)")
+    p.add_argument("--intra-bw", type=float, default=160, metavar="GBPS", help="NVLink GB/s (H800: 160 achievable)")
+    p.add_argument("--inter-bw", type=float, default=50, metavar="GBPS", help="IB GB/s per GPU (400G: 50)")
+    p.add_argument("--tokens-per-gpu", type=int, default=4096)
+    p.add_argument("--samples", type=int, default=8192)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("fit", _cmd_fit, "per-GPU memory for training or serving on a cluster, and a verdict", hw=True)
+    p.add_argument("--cluster", required=True, metavar="NODESxGPUS[xGPU]", help="e.g. 4x8xH800")
+    p.add_argument("--mode", choices=("train", "serve"), default="train")
+    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")
+    p.add_argument("--context", type=int, default=4096, help="sequence length (train) / context per request")
+    p.add_argument("--kv-dtype", choices=sorted(costs.KV_BYTES), default="bf16")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (train)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel degree of non-expert weights (serve)")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default: as wide as possible)")
+    p.add_argument("--with-mtp", action="store_true", help="serve: also load the MTP module (speculative decoding)")
+
+    p = add("local", _cmd_local, "single-request decode bound on one device, and the hybrid GPU/CPU split", hw=True)
+    p.add_argument("--device", required=True, help="memory system holding the weights (e.g. Ryzen-AI-Max-395)")
+    p.add_argument("--gpu", default=None, help="hybrid: attention + shared experts on this GPU, routed in --device")
+    p.add_argument("--weight-bits", type=float, default=4)
+    p.add_argument("--kv-dtype", choices=sorted(costs.KV_BYTES), default="bf16")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--efficiency", type=float, default=0.8, help="achieved fraction of peak bandwidth")
+
+    add("hardware", _cmd_hardware, "the hardware catalog (devices and links)", model=None, hw=True)
+
+
+# ---- output helpers -------------------------------------------------------------------
+def _console():
+    from rich.console import Console
+
+    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120, highlight=False)
+
+
+def _table(title: str, columns: list[str], rows: list[list], caption: str | None = None, left: int = 1):
+    from rich.table import Table
+
+    t = Table(title=title, caption=caption, caption_justify="left")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i < left or i == len(columns) - 1 and c in ("note", "source")
+                     else "right", overflow="fold")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    return t
+
+
+def _emit(args, obj: dict, *renderables) -> int:
+    if args.json:
+        sys.stdout.write(json.dumps(obj) + "\n")
+    else:
+        console = _console()
+        for r in renderables:
+            console.print(r)
+    return 0
+
+
+def _b(n: float) -> str:
+    return f"{n / 1e9:,.2f} B"
+
+
+def _g(x: float) -> str:
+    return f"{x / 1e9:,.2f}"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str, args) -> None:
+    target = Path(path)
+    if not target.parent.exists():
+        raise ConfigError(f"--plot {path!r}: folder {str(target.parent)!r} does not exist")
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    print(f"wrote {target}", file=sys.stderr if args.json else sys.stdout)
+
+
+# ---- subcommands --------------------------------------------------------------------------
+def _cmd_model(args) -> int:
+    if args.seq_len < 1:
+        raise ConfigError(f"--seq-len = {args.seq_len} is invalid: must be >= 1")
+    s = costs.model_summary(args.model, args.seq_len, args.kv_dtype)
+    head = _table(f"{s['model']} ({s['family']}, {s['attention'].upper()})", ["quantity", "value"], [
+        ["params total", _b(s["params_total"])],
+        ["params active / token", _b(s["params_active"])],
+        ["params MTP (separate)", _b(s["params_mtp"])],
+        [f"KV cache / token ({s['kv_dtype']})", f"{s['kv_cache_bytes_per_token']:,} B"],
+        [f"train GFLOP / token (s={s['seq_len']}, causal)", _g(s["train_flops_per_token"])],
+        ["forward GFLOP / token", _g(s["forward_flops_per_token"])],
+    ])
+    parts = _table("breakdown per token", ["part", "active params", "forward GFLOP", "train GFLOP"], [
+        [k, _b(v["params_active"]), _g(v["forward_flops"]), _g(v["train_flops"])] for k, v in s["breakdown"].items()
+    ], caption="embedding is a lookup (0 FLOPs); head counted as a matmul; MTP excluded")
+    if getattr(args, "plot", None):
+        _plot_kv(args, s["model"])
+    return _emit(args, s, head, parts)
+
+
+def _plot_kv(args, model: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ctx = [2 ** i for i in range(10, 18)]
+    names = dict.fromkeys([args.model, "deepseek-v3", "qwen2.5-72b", "llama-3.1-405b"])
+    for name in names:
+        per = costs.kv_bytes_per_token(name, args.kv_dtype)
+        label = model if name == args.model else name
+        ax.plot(ctx, [per * c / 1e9 for c in ctx], marker="o", label=f"{label} ({per:,} B/token)")
+    ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="KV cache per sequence (GB)",
+           title=f"KV cache vs context ({args.kv_dtype})")
+    ax.legend(fontsize=8)
+    _save(fig, args.plot, args)
+
+
+def _cmd_paper(args) -> int:
+    rows = paper.reproduction_rows()
+    out = paper.summary(rows)
+
+    def fmt(v):
+        return f"{v:,.3f}".rstrip("0").rstrip(".") if isinstance(v, float) else str(v)
+
+    table = _table("DeepSeek-V3 ISCA '25 / TR figures vs moeco", ["table", "quantity", "paper", "moeco", "status",
+                                                                    "note"],
+                   [[r["table"], r["quantity"], fmt(r["paper"]), fmt(r["moeco"]), r["status"], r["note"]]
+                    for r in rows], left=2,
+                   caption=f"{out['reproduced']} reproduced, {out['differs']} differ (reasons in the note column)")
+    return _emit(args, out, table)
+
+
+def _cmd_ep_limit(args) -> int:
+    catalog = hardware.load_catalog(args.hardware)
+    hidden, layers, experts = 7000, 61, 9  # the paper's "7K", 61 layers, 8 routed + 1 shared
+    if args.model:
+        a = arch_mod.load_arch(args.model)
+        if not a.is_moe:
+            raise ConfigError(f"ep-limit models expert-parallel decode; {a.name} has no routed experts")
+        hidden, layers = a.hidden_size, a.num_hidden_layers
+        shared = round(a.shared_intermediate_size / a.moe_intermediate_size) if a.shared_intermediate_size else 0
+        experts = a.num_experts_per_tok + shared
+    hidden = args.hidden or hidden
+    layers = args.layers or layers
+    experts = args.experts_per_token or experts
+    link = None if args.bandwidth else hardware.get_link(args.link, catalog)
+    bw = args.bandwidth or link.bandwidth_gbs
+    r = speed.ep_comm_limit(hidden, layers, bw, args.tokens_per_device, experts, args.dispatch_bytes,
+                            args.combine_bytes, args.micro_batches)
+    r["link"] = link.name if link else None
+    t = _table(f"EP decode communication limit ({r['link'] or f'{bw:g} GB/s'})", ["quantity", "value"], [
+        ["bytes per dispatch+combine", f"{r['bytes_per_step']:,.0f} B"],
+        ["transfer per step", f"{r['transfer_us']:.2f} us"],
+        [f"per layer (x{r['micro_batches']} micro-batches)", f"{r['layer_us']:.2f} us"],
+        [f"TPOT ({layers} layers)", f"{r['tpot_ms']:.2f} ms"],
+        ["tokens/s per request", f"{r['tokens_per_s']:,.2f}"],
+    ], caption=f"hidden {hidden}, {args.tokens_per_device} tokens/device, {experts} experts/token, "
+               f"{args.dispatch_bytes:g} B dispatch + {args.combine_bytes:g} B combine, {bw:g} GB/s; "
+               "compute hidden, latency ignored")
+    return _emit(args, r, t)
+
+
+def _cmd_topology(args) -> int:
+    names = topology.TOPOLOGIES if args.name == "all" else (args.name,)
+    results = []
+    for name in names:
+        t = topology.build(name, args.radix, args.planes, args.q, args.groups)
+        results.append(t.cost(args.switch_cost, args.link_cost, args.endpoint_cost))
+    t = _table(f"network topologies, radix {args.radix}", ["topology", "endpoints", "switches", "links",
+                                                           "cost M$", "cost/endpoint k$"], [
+        [r["name"], f"{r['endpoints']:,}", f"{r['switches']:,}", f"{r['links']:,}", f"{r['cost_usd'] / 1e6:,.1f}",
+         f"{r['cost_per_endpoint_usd'] / 1e3:,.2f}"] for r in results
+    ], caption=f"switch ${args.switch_cost:,.0f}, link ${args.link_cost:,.0f}, endpoint ${args.endpoint_cost:,.0f} "
+               "(assumed prices, fitted to ISCA Table 3; override with --switch-cost/--link-cost/--endpoint-cost)")
+    if args.plot:
+        everything = [topology.build(n, args.radix, args.planes, args.q, args.groups)
+                      .cost(args.switch_cost, args.link_cost, args.endpoint_cost) for n in topology.TOPOLOGIES]
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar([r["name"] for r in everything], [r["cost_per_endpoint_usd"] / 1e3 for r in everything],
+               color=["C1" if r["name"] in names else "C0" for r in everything])
+        ax.set(ylabel="cost per endpoint (k$)", title=f"network cost per endpoint, radix {args.radix}")
+        _save(fig, args.plot, args)
+    obj = results[0] if len(results) == 1 else {"topologies": results}
+    return _emit(args, obj, t)
+
+
+def _cmd_routing(args) -> int:
+    r = routing.routing_plan(args.model, args.nodes, args.gpus_per_node, args.max_nodes, args.intra_bw,
+                             args.inter_bw, args.tokens_per_gpu, samples=args.samples, seed=args.seed)
+    t = _table(f"{r['model']}: top-{r['experts_per_token']} of {r['routed_experts']} experts on "
+               f"{r['nodes']} nodes x {r['gpus_per_node']} GPUs",
+               ["M (max nodes)", "distinct nodes", "remote nodes", "IB KB/token", "naive IB KB/token",
+                "NVLink KB/token", f"time us ({r['tokens_per_gpu']} tok/GPU)", "bound by"], [
+        [("* " if s["max_nodes"] == r["max_nodes"] else "") + str(s["max_nodes"])
+         + (" (no limit)" if s["max_nodes"] == r["nodes"] else ""),
+         f"{s['distinct_nodes']:.2f}", f"{s['remote_nodes']:.2f}", f"{s['inter_node_bytes_per_token'] / 1e3:.1f}",
+         f"{s['naive_inter_node_bytes_per_token'] / 1e3:.1f}", f"{s['nvlink_bytes_per_token'] / 1e3:.1f}",
+         f"{s['time_us']:,.0f}", s["bottleneck"]] for s in r["sweep"]
+    ], caption=(f"dispatch+combine per token, {r['bytes_per_copy']:,.0f} B per copy; NVLink {r['intra_bw_gbs']:g} "
+                f"GB/s is {r['nvlink_to_ib_ratio']:.1f}x IB {r['inter_bw_gbs']:g} GB/s, so a token can reach "
+                f"~{r['experts_per_node_free']:.1f} experts per node for one IB copy: up to "
+                f"{r['max_experts_same_ib_cost']:.1f} experts on M = {r['max_nodes']} nodes at the same IB cost. "
+                f"Sampled ({r['samples']} tokens, seed {r['seed']}); naive = no NVLink forwarding."))
+    if args.plot:
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ms = [s["max_nodes"] for s in r["sweep"]]
+        ax.plot(ms, [s["inter_node_bytes_per_token"] / 1e3 for s in r["sweep"]], marker="o", label="IB, forwarded")
+        ax.plot(ms, [s["naive_inter_node_bytes_per_token"] / 1e3 for s in r["sweep"]], marker="s", label="IB, naive")
+        ax.plot(ms, [s["nvlink_bytes_per_token"] / 1e3 / r["nvlink_to_ib_ratio"] for s in r["sweep"]],
+                linestyle="--", label="NVLink / (NVLink:IB ratio)")
+        ax.set(xlabel="M (max nodes per token)", ylabel="KB per token (dispatch + combine)",
+               title=f"{r['model']}: node-limited routing on {r['nodes']} nodes")
+        ax.legend(fontsize=8)
+        _save(fig, args.plot, args)
+    return _emit(args, r, t)
+
+
+def _cmd_fit(args) -> int:
+    catalog = hardware.load_catalog(args.hardware)
+    nodes, gpus, device = hardware.parse_cluster(args.cluster, catalog)
+    if args.mode == "train":
+        r = memory.fit_train(args.model, nodes, gpus, device, args.precision, args.context, args.pp, args.ep)
+        extra = [["pipeline stages x data parallel", f"{r['pp']} x {r['dp']}"]]
+    else:
+        r = memory.fit_serve(args.model, nodes, gpus, device, args.precision, args.context, args.kv_dtype,
+                             args.tp, args.ep, with_mtp=args.with_mtp)
+        extra = [["KV capacity per GPU", f"{r['kv_tokens_per_gpu']:,} tokens ({r['kv_capacity_gb']:.1f} GB)"],
+                 ["KV tokens, whole cluster", f"{r['kv_tokens_total']:,}"],
+                 [f"concurrent sequences at {r['context']:,}", f"{r['concurrent_sequences']:,}"]]
+    verdict = (f"fits, {r['margin_gb']:.1f} GB to spare per GPU" if r["fits"]
+               else f"does NOT fit: {-r['margin_gb']:.1f} GB over per GPU")
+    min_ep = r["min_ep_that_fits"]
+    rows = [[f"{k} (GB/GPU)", f"{v:.2f}"] for k, v in r["per_gpu_gb"].items()]
+    rows += [["used / memory (GB)", f"{r['used_gb']:.2f} / {r['memory_gb']:g}"], *extra,
+             ["expert-parallel degree", str(r["ep"])],
+             ["smallest EP degree that fits", str(min_ep) if min_ep else "none at this size (more GPUs, --pp, fp8)"],
+             ["verdict", verdict]]
+    r["verdict"] = verdict
+    t = _table(f"{r['model']} {args.mode} on {r['cluster']} ({args.precision})", ["quantity", "value"], rows,
+               caption="estimates: see moeco/plan/memory.py for every term")
+    return _emit(args, r, t)
+
+
+def _cmd_local(args) -> int:
+    catalog = hardware.load_catalog(args.hardware)
+    device = hardware.get_device(args.device, catalog)
+    gpu = hardware.get_device(args.gpu, catalog) if args.gpu else None
+    r = speed.local_decode(args.model, device, args.weight_bits, args.kv_dtype, args.context, args.efficiency, gpu)
+    rows = [["active params read / token", _b(r["params_active_read"])],
+            [f"bytes / token ({args.weight_bits:g}-bit weights + KV at {args.context:,})",
+             f"{r['bytes_per_token'] / 1e9:.2f} GB"],
+            [f"upper bound ({device.bandwidth_gbs:g} GB/s)", f"{r['tokens_per_s_bound']:.1f} tokens/s"],
+            [f"expected (x{args.efficiency:g} of peak bandwidth)", f"{r['tokens_per_s']:.1f} tokens/s"],
+            ["memory needed / available", f"{r['memory_needed_gb']:.1f} / {device.memory_gb:g} GB"
+             + ("" if r["fits"] else "  (does NOT fit)")]]
+    h = r["hybrid"]
+    if h:
+        rows += [[f"hybrid: {h['gpu']} reads / token", f"{h['gpu_bytes_per_token'] / 1e9:.2f} GB "
+                                                       f"({h['gpu_ms_per_token']:.1f} ms)"],
+                 [f"hybrid: {h['host']} reads routed experts", f"{h['host_bytes_per_token'] / 1e9:.2f} GB "
+                                                               f"({h['host_ms_per_token']:.1f} ms)"],
+                 ["hybrid memory GPU / host", f"{h['gpu_memory_needed_gb']:.1f} / {h['gpu_memory_gb']:g} GB, "
+                                              f"{h['host_memory_needed_gb']:.1f} / {h['host_memory_gb']:g} GB"
+                  + ("" if h["fits"] else "  (does NOT fit)")],
+                 ["hybrid bound / expected", f"{h['tokens_per_s_bound']:.1f} / {h['tokens_per_s']:.1f} tokens/s"]]
+    t = _table(f"{r['model']} single-request decode on {device.name}", ["quantity", "value"], rows,
+               caption="memory-bandwidth bound: every active weight and the KV cache read once per token")
+    return _emit(args, r, t)
+
+
+def _cmd_hardware(args) -> int:
+    catalog = hardware.load_catalog(args.hardware)
+    devs = catalog["devices"].values()
+    links = catalog["links"].values()
+    out = {"devices": [vars(d) for d in devs], "links": [vars(x) for x in links]}
+    t1 = _table("devices", ["name", "kind", "memory GB", "GB/s", "BF16 TFLOPS", "FP8 TFLOPS", "source"], [
+        [d.name, d.kind, f"{d.memory_gb:g}", f"{d.bandwidth_gbs:g}", f"{d.bf16_tflops:g}",
+         "-" if d.fp8_tflops is None else f"{d.fp8_tflops:g}", d.source] for d in devs])
+    t2 = _table("links (per GPU, per direction)", ["name", "GB/s", "achievable", "latency us", "source"], [
+        [x.name, f"{x.bandwidth_gbs:g}", "-" if x.achievable_gbs is None else f"{x.achievable_gbs:g}",
+         "-" if x.latency_us is None else f"{x.latency_us:g}", x.source] for x in links])
+    return _emit(args, out, t1, t2)
