@@ -35,12 +35,12 @@ from moeco.fp8.quantize import (
 
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, wq, ws, act_pow2: bool, backend: str):
+    def forward(ctx, x, weight, bias, wq, ws, act_pow2: bool, backend: str, out_dtype: torch.dtype):
         K = x.shape[-1]
         N = weight.shape[0]
         x2 = x.reshape(-1, K)
         xq, xs = quantize_act_1x128(x2, pow2_scale=act_pow2)
-        y = fp8_gemm(xq, xs, wq, ws, x.dtype, backend=backend)
+        y = fp8_gemm(xq, xs, wq, ws, out_dtype, backend=backend)
         if bias is not None:
             y = y + bias.to(y.dtype)
         ctx.save_for_backward(xq, xs, wq, ws)
@@ -64,7 +64,15 @@ class _Fp8LinearFn(torch.autograd.Function):
             dw = fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
         if has_bias and ctx.needs_input_grad[2]:
             db = gy2.float().sum(0)
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    # Under autocast the GEMM writes the autocast dtype, as nn.Linear would; otherwise x's dtype.
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
 class Fp8Linear(nn.Linear):
@@ -91,7 +99,8 @@ class Fp8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wq, ws = self.quantized_weight()
-        return _Fp8LinearFn.apply(x, self.weight, self.bias, wq, ws, self.recipe.act_pow2, self.recipe.backend)
+        return _Fp8LinearFn.apply(x, self.weight, self.bias, wq, ws, self.recipe.act_pow2, self.recipe.backend,
+                                  _out_dtype(x))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fp8={self.recipe.name}"
@@ -104,17 +113,17 @@ def _rows(offs: torch.Tensor) -> list[tuple[int, int]]:
 
 class _Fp8GroupedFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str):
+    def forward(ctx, x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str, out_dtype: torch.dtype):
         T, K = x.shape
         E, N, _ = w.shape
         xq, xs = quantize_act_1x128(x, pow2_scale=act_pow2)
         with torch.no_grad():
             wq, ws = quantize_weight_128x128(w, pow2_scale=weight_pow2)  # (E, N, K), (E, NB, KB)
-        y = x.new_zeros((T, N))
+        y = x.new_zeros((T, N), dtype=out_dtype)
         rows = _rows(offs)
         for e, (r0, r1) in enumerate(rows):
             if r1 > r0:
-                y[r0:r1] = fp8_gemm(xq[r0:r1], xs[r0:r1], wq[e], ws[e], x.dtype, backend=backend)
+                y[r0:r1] = fp8_gemm(xq[r0:r1], xs[r0:r1], wq[e], ws[e], out_dtype, backend=backend)
         ctx.save_for_backward(xq, xs, wq, ws)
         ctx.meta = (rows, x.dtype, w.dtype, act_pow2, backend)
         return y
@@ -137,7 +146,7 @@ class _Fp8GroupedFn(torch.autograd.Function):
                 gtq, gts = quantize_act_1x128_t(gy[r0:r1], pow2_scale=act_pow2)
                 xtq, xts = quantize_act_1x128_t(xq[r0:r1], xs[r0:r1], pow2_scale=act_pow2)
                 dw[e] = fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None
 
 
 def fp8_grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor, *, recipe=None) -> torch.Tensor:
@@ -146,7 +155,8 @@ def fp8_grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor, 
         from moeco.fp8.recipe import Fp8Recipe
 
         recipe = Fp8Recipe()
-    return _Fp8GroupedFn.apply(x_TK, w_ENK, offs, recipe.act_pow2, recipe.weight_pow2, recipe.backend)
+    return _Fp8GroupedFn.apply(x_TK, w_ENK, offs, recipe.act_pow2, recipe.weight_pow2, recipe.backend,
+                               _out_dtype(x_TK))
 
 
 class Fp8InferenceLinear(nn.Module):

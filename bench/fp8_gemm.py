@@ -1,0 +1,181 @@
+"""FP8 vs BF16 on one GPU: GEMMs at DeepSeek-V3 shapes, the quantization kernels, Fp8Linear, grouped.
+
+    PYTHONPATH=src python bench/fp8_gemm.py [--quick] [--json out.json]
+
+Every row prints the BF16 baseline measured in the same run and the distance to the hardware
+(TFLOP/s for GEMMs, GB/s against a device-to-device copy measured here for the quantization).
+Timing: triton.testing.do_bench, median of ~100 ms of repeats after warm-up, random inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from moeco.fp8 import Fp8Linear, fp8_grouped_mm
+from moeco.fp8.gemm import fp8_gemm, scaled_mm_fits
+from moeco.fp8.quantize import quantize_act_1x128, quantize_act_1x128_reference, quantize_weight_128x128
+from moeco.fp8 import triton_kernels
+
+# (K, N) of DeepSeek-V3 GEMMs named in issue 5 (hidden 7168, MLA ranks 1536/512+64, experts 2048)
+SHAPES = [(7168, 2048), (2048, 7168), (7168, 1536), (1536, 24576), (7168, 576), (16384, 7168)]
+
+
+def bench_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = bench_ms(lambda: y.copy_(x))
+    return 2 * x.numel() * 2 / ms / 1e6  # GB/s, read + write
+
+
+def gemm_rows(tokens_list):
+    rows = []
+    for T in tokens_list:
+        for K, N in SHAPES:
+            x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+            flop = 2 * T * K * N
+            t_bf16 = bench_ms(lambda: torch.mm(x, w.t()))
+            xq, xs = quantize_act_1x128(x)
+            wq, ws = quantize_weight_128x128(w)
+            r = dict(T=T, K=K, N=N, bf16_ms=t_bf16, bf16_tflops=flop / t_bf16 / 1e9)
+            if scaled_mm_fits(T, N, K):
+                t = bench_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="scaled_mm"))
+                r.update(scaled_mm_ms=t, scaled_mm_tflops=flop / t / 1e9, scaled_mm_x=t_bf16 / t)
+            t = bench_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="triton"))
+            r.update(triton_ms=t, triton_tflops=flop / t / 1e9, triton_x=t_bf16 / t)
+            t = bench_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16))
+            r.update(auto_ms=t, auto_tflops=flop / t / 1e9, auto_x=t_bf16 / t)
+            rows.append(r)
+            print(f"gemm T={T:6d} K={K:6d} N={N:6d} | bf16 {t_bf16:7.3f} ms {r['bf16_tflops']:6.0f} TF | "
+                  + (f"scaled_mm {r['scaled_mm_ms']:7.3f} ms {r['scaled_mm_tflops']:6.0f} TF "
+                     f"{r['scaled_mm_x']:4.2f}x | " if "scaled_mm_ms" in r else "scaled_mm  refused | ")
+                  + f"triton {r['triton_ms']:7.3f} ms {r['triton_tflops']:6.0f} TF {r['triton_x']:4.2f}x | "
+                  f"auto {r['auto_x']:4.2f}x", flush=True)
+            del x, w, xq, xs, wq, ws
+    return rows
+
+
+def quant_rows(copy_gbs, tokens_list):
+    rows = []
+    for T in tokens_list:
+        K = 7168
+        x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+        nbytes = T * K * (2 + 1) + T * (K // 128) * 4
+        for name, fn in (("triton 1x128", lambda: triton_kernels.quantize_act_1x128(x)),
+                         ("torch 1x128 (reference)", lambda: quantize_act_1x128_reference(x))):
+            ms = bench_ms(fn)
+            gbs = nbytes / ms / 1e6
+            rows.append(dict(T=T, K=K, kernel=name, ms=ms, gbs=gbs, of_copy=gbs / copy_gbs))
+            print(f"quant {name:28s} T={T:6d} K={K} | {ms:7.3f} ms {gbs:7.0f} GB/s = {gbs / 4800:5.1%} of 4.8 TB/s, "
+                  f"{gbs / copy_gbs:5.1%} of copy", flush=True)
+        xq, xs = triton_kernels.quantize_act_1x128(x)
+        nbytes_t = T * K * (1 + 1) + 2 * T * (K // 128) * 4
+        ms = bench_ms(lambda: triton_kernels.quantize_act_1x128_t(xq, xs))
+        gbs = nbytes_t / ms / 1e6
+        rows.append(dict(T=T, K=K, kernel="triton fp8 re-tile 1x128->128x1", ms=ms, gbs=gbs, of_copy=gbs / copy_gbs))
+        print(f"quant {'triton fp8 re-tile (Wgrad)':28s} T={T:6d} K={K} | {ms:7.3f} ms {gbs:7.0f} GB/s = "
+              f"{gbs / copy_gbs:5.1%} of copy", flush=True)
+    return rows
+
+
+def linear_rows(tokens_list):
+    rows = []
+    for T in tokens_list:
+        for K, N in SHAPES:
+            x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+            gy = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
+            ref = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+            fp8 = Fp8Linear(K, N, device="cuda")  # FP32 master weight, FP8 GEMMs
+            xr = x.clone().requires_grad_()
+            xf = x.clone().requires_grad_()
+
+            def step_ref():
+                ref.weight.grad = None
+                xr.grad = None
+                ref(xr).backward(gy)
+
+            def step_fp8(cached=True):
+                fp8.weight.grad = None
+                xf.grad = None
+                if not cached:
+                    fp8._wcache = None
+                fp8(xf).backward(gy)
+
+            flop = 3 * 2 * T * K * N
+            t_ref = bench_ms(step_ref)
+            t_c = bench_ms(step_fp8)
+            t_u = bench_ms(lambda: step_fp8(False))
+            r = dict(T=T, K=K, N=N, bf16_ms=t_ref, bf16_tflops=flop / t_ref / 1e9, fp8_ms=t_c,
+                     fp8_tflops=flop / t_c / 1e9, fp8_x=t_ref / t_c, fp8_requant_ms=t_u, fp8_requant_x=t_ref / t_u)
+            rows.append(r)
+            print(f"linear fwd+bwd T={T:6d} K={K:6d} N={N:6d} | nn.Linear bf16 {t_ref:7.3f} ms {r['bf16_tflops']:5.0f} TF"
+                  f" | Fp8Linear {t_c:7.3f} ms {r['fp8_tflops']:5.0f} TF {r['fp8_x']:4.2f}x"
+                  f" | +weight quant {t_u:7.3f} ms {r['fp8_requant_x']:4.2f}x", flush=True)
+            del x, gy, ref, fp8, xr, xf
+    return rows
+
+
+def grouped_rows():
+    rows = []
+    E, D, Fh, T = 32, 7168, 2048, 16384  # 32 local experts, 512 tokens each
+    offs = torch.full((E,), T // E, dtype=torch.int32, device="cuda").cumsum(0).to(torch.int32)
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    for name, (N, K) in (("gate/up (E,2048,7168)", (Fh, D)), ("down (E,7168,2048)", (D, Fh))):
+        xin = x if K == D else torch.randn(T, Fh, device="cuda", dtype=torch.bfloat16)
+        w_bf = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        w32 = w_bf.float()
+        flop = 2 * T * K * N
+        t_bf = bench_ms(lambda: torch._grouped_mm(xin, w_bf.transpose(-2, -1), offs=offs))
+        t_f8 = bench_ms(lambda: fp8_grouped_mm(xin, w32, offs))
+        r = dict(shape=name, T=T, E=E, bf16_ms=t_bf, bf16_tflops=flop / t_bf / 1e9, fp8_ms=t_f8,
+                 fp8_tflops=flop / t_f8 / 1e9, fp8_x=t_bf / t_f8)
+        rows.append(r)
+        print(f"grouped fwd {name:22s} T={T} E={E} | bf16 _grouped_mm {t_bf:7.3f} ms {r['bf16_tflops']:5.0f} TF | "
+              f"fp8 per-expert loop (incl. quant) {t_f8:7.3f} ms {r['fp8_tflops']:5.0f} TF {r['fp8_x']:4.2f}x", flush=True)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tokens 4096 only")
+    p.add_argument("--json", help="write all rows here")
+    p.add_argument("--only", default="copy,gemm,quant,linear,grouped")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/fp8_gemm.py needs a CUDA GPU", file=sys.stderr)
+        return 1
+    import triton
+
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
+    tokens = [4096] if a.quick else [4096, 16384]
+    out = {}
+    only = a.only.split(",")
+    copy_gbs = copy_bandwidth()
+    out["copy_gbs"] = copy_gbs
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)", flush=True)
+    if "gemm" in only:
+        out["gemm"] = gemm_rows(tokens)
+    if "quant" in only:
+        out["quant"] = quant_rows(copy_gbs, tokens)
+    if "linear" in only:
+        out["linear"] = linear_rows(tokens)
+    if "grouped" in only:
+        out["grouped"] = grouped_rows()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

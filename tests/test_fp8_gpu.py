@@ -1,0 +1,73 @@
+"""FP8 fast paths on CUDA against the CPU reference (run with -m gpu on the GPU machine)."""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+from moeco.fp8 import Fp8Linear, fp8_grouped_mm  # noqa: E402
+from moeco.fp8.gemm import fp8_gemm, fp8_gemm_reference  # noqa: E402
+from moeco.fp8.quantize import (  # noqa: E402
+    quantize_act_1x128,
+    quantize_act_1x128_reference,
+    quantize_weight_128x128,
+)
+
+
+def _rel(out, ref):
+    return ((out.double().cpu() - ref.double().cpu()).abs().max() / ref.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("M,N,K", [(256, 512, 1024), (200, 384, 7168 // 4), (4096, 2048, 7168)])
+@pytest.mark.parametrize("b_tiles", [False, True])
+@pytest.mark.parametrize("backend", ["scaled_mm", "triton"])
+def test_cuda_gemm_backends_match_reference(M, N, K, b_tiles, backend):
+    gen = torch.Generator().manual_seed(M + N + K)
+    a, b = torch.randn(M, K, generator=gen).cuda(), torch.randn(N, K, generator=gen).cuda()
+    aq, sa = quantize_act_1x128(a)
+    bq, sb = quantize_act_1x128(b) if b_tiles else quantize_weight_128x128(b)
+    ref = fp8_gemm_reference(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), torch.float32)
+    out = fp8_gemm(aq, sa, bq, sb, torch.float32, backend=backend)
+    assert _rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("N", [576, 200])
+def test_auto_falls_back_for_n_not_multiple_of_128(N):
+    gen = torch.Generator().manual_seed(N)
+    a, b = torch.randn(512, 1024, generator=gen).cuda(), torch.randn(N, 1024, generator=gen).cuda()
+    aq, sa = quantize_act_1x128(a)
+    bq, sb = quantize_weight_128x128(b)
+    out = fp8_gemm(aq, sa, bq, sb, torch.float32)
+    assert _rel(out, fp8_gemm_reference(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu())) < 1e-5
+
+
+def test_cuda_quantization_bit_exact_large():
+    x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16) * 3
+    q, s = quantize_act_1x128(x)
+    q_ref, s_ref = quantize_act_1x128_reference(x)
+    assert torch.equal(s.contiguous(), s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_cuda_fp8_linear_and_grouped_match_cpu():
+    torch.manual_seed(0)
+    lin = Fp8Linear(1024, 768)
+    x = torch.randn(300, 1024, requires_grad=True)
+    y = lin(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    lin_c = Fp8Linear(1024, 768).cuda()
+    lin_c.load_state_dict(lin.state_dict())
+    xc = x.detach().cuda().requires_grad_()
+    yc = lin_c(xc)
+    yc.backward(gy.cuda())
+    assert _rel(yc, y) < 1e-5 and _rel(xc.grad, x.grad) < 1e-5 and _rel(lin_c.weight.grad, lin.weight.grad) < 1e-5
+    offs = torch.tensor([100, 100, 300], dtype=torch.int32)
+    w = torch.randn(3, 256, 1024, requires_grad=True)
+    yg = fp8_grouped_mm(x, w, offs)
+    yg.backward(torch.ones_like(yg))
+    wc = w.detach().cuda().requires_grad_()
+    xc2 = x.detach().cuda().requires_grad_()
+    ygc = fp8_grouped_mm(xc2, wc, offs.cuda())
+    ygc.backward(torch.ones_like(ygc))
+    assert _rel(ygc, yg) < 1e-5 and _rel(wc.grad, w.grad) < 1e-5 and _rel(xc2.grad, x.grad) < 1e-5
