@@ -118,7 +118,7 @@ def test_fit_deepseek_v3_serving_on_4x8_h800(capsys):
     assert 35 < out["per_gpu_gb"]["weights"] < 45  # 671B in FP8 (embedding/head BF16) / 32 + non-experts
     assert out["kv_tokens_per_gpu"] > 100_000 and out["concurrent_sequences"] > 1000
     bf16 = run_json(capsys, "fit", "deepseek-v3", "--cluster", "4x8xH800", "--mode", "serve")
-    assert not bf16["fits"]  # 1.34 TB of BF16 weights cannot fit in 32 x 80 GB
+    assert not bf16["fits"] and bf16["min_tp_that_fits"] == 2  # BF16 weights need TP2 for non-experts
     train = run_json(capsys, "fit", "deepseek-v3", "--cluster", "4x8xH800", "--precision", "fp8")
     assert not train["fits"] and train["min_ep_that_fits"] is None
 
@@ -128,6 +128,14 @@ def test_fit_v3_training_layout_of_the_paper(capsys):
     out = run_json(capsys, "fit", "deepseek-v3", "--cluster", "256x8xH800", "--pp", "16", "--ep", "64",
                    "--precision", "fp8")
     assert out["fits"] and out["dp"] == 128
+    no_pp = run_json(capsys, "fit", "deepseek-v3", "--cluster", "256x8xH800", "--precision", "fp8")
+    assert not no_pp["fits"] and 1 < no_pp["min_pp_that_fits"] <= 16
+
+
+def test_fit_dense_serving_needs_tp(capsys):
+    out = run_json(capsys, "fit", "llama-3.1-405b", "--cluster", "2x8xH200", "--mode", "serve")
+    assert not out["fits"] and out["min_tp_that_fits"] == 8
+    assert run_json(capsys, "fit", "llama-3.1-405b", "--cluster", "2x8xH200", "--mode", "serve", "--tp", "8")["fits"]
 
 
 def test_plain_tables_print(capsys):

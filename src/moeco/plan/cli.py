@@ -313,10 +313,12 @@ def _cmd_fit(args) -> int:
     verdict = (f"fits, {r['margin_gb']:.1f} GB to spare per GPU" if r["fits"]
                else f"does NOT fit: {-r['margin_gb']:.1f} GB over per GPU")
     min_ep = r["min_ep_that_fits"]
+    knob, best = ("pp", r["min_pp_that_fits"]) if args.mode == "train" else ("tp", r["min_tp_that_fits"])
     rows = [[f"{k} (GB/GPU)", f"{v:.2f}"] for k, v in r["per_gpu_gb"].items()]
     rows += [["used / memory (GB)", f"{r['used_gb']:.2f} / {r['memory_gb']:g}"], *extra,
              ["expert-parallel degree", str(r["ep"])],
-             ["smallest EP degree that fits", str(min_ep) if min_ep else "none at this size (more GPUs, --pp, fp8)"],
+             ["smallest EP degree that fits", str(min_ep) if min_ep else "none at this layout"],
+             [f"smallest --{knob} that fits (widest EP)", str(best) if best else "none: more GPUs or fp8"],
              ["verdict", verdict]]
     r["verdict"] = verdict
     t = _table(f"{r['model']} {args.mode} on {r['cluster']} ({args.precision})", ["quantity", "value"], rows,

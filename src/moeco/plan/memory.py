@@ -30,11 +30,13 @@ Serving, bytes per GPU:
                                                   embedding and head BF16)
     reserve      `reserve_frac` of memory for activations, CUDA context and fragmentation (10%)
     KV capacity  (memory - weights - reserve) / kv_bytes_per_token tokens per GPU; MLA's latent
-                 cache is not split by tp (every tp rank needs the whole latent), GQA's is
+                 cache is not split by tp (every tp rank needs the whole latent); GQA's is
+                 split over min(tp, n_kv) (KV heads are replicated beyond n_kv)
     sequences    KV tokens x (W / tp) / context   concurrent sequences across the cluster
 
-Verdict: fits when used <= memory; serving counts weights + reserve + one sequence's KV as used. The smallest EP
-degree that fits is searched over divisors of the GPUs available to experts.
+Verdict: fits when used <= memory; serving counts weights + reserve + one sequence's KV as used.
+The smallest EP degree that fits is searched over divisors of the GPUs available to experts; when
+none does, the smallest pp (train) or tp (serve) that fits at the widest EP is reported.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def _weight_bytes(params: int, embed_head: int, precision: str) -> float:
 
 
 def fit_train(model, nodes: int, gpus: int, device: Device, precision: str = "bf16", context: int = 4096,
-              pp: int = 1, ep: int | None = None) -> dict:
+              pp: int = 1, ep: int | None = None, search: bool = True) -> dict:
     a = load_arch(model)
     p = param_counts(a)
     world = nodes * gpus
@@ -104,13 +106,21 @@ def fit_train(model, nodes: int, gpus: int, device: Device, precision: str = "bf
                           + (f" and be <= {a.n_routed_experts} experts" if a.is_moe else " (dense model: use 1)"))
     smallest = next((e for e in choices if sum(usage(e).values()) <= device.memory_gb), None)
     parts = usage(chosen)
-    return _verdict(a.name, "train", nodes, gpus, device, precision, context, chosen, smallest, parts,
-                    {"pp": pp, "dp": dp})
+    out = _verdict(a.name, "train", nodes, gpus, device, precision, context, chosen, smallest, parts,
+                   {"pp": pp, "dp": dp})
+    out["min_pp_that_fits"] = pp if out["fits"] else None if not search else _first_that_fits(
+        [q for q in _divisors(world) if q > pp and q <= a.num_hidden_layers],
+        lambda q: fit_train(a, nodes, gpus, device, precision, context, q, search=False)["fits"])
+    return out
+
+
+def _first_that_fits(candidates: list[int], fits) -> int | None:
+    return next((c for c in candidates if fits(c)), None)
 
 
 def fit_serve(model, nodes: int, gpus: int, device: Device, precision: str = "fp8", context: int = 4096,
               kv_dtype: str = "bf16", tp: int = 1, ep: int | None = None, reserve_frac: float = 0.1,
-              with_mtp: bool = False) -> dict:
+              with_mtp: bool = False, search: bool = True) -> dict:
     a = load_arch(model)
     p = param_counts(a)
     world = nodes * gpus
@@ -120,7 +130,8 @@ def fit_serve(model, nodes: int, gpus: int, device: Device, precision: str = "fp
         raise ConfigError(f"reserve fraction {reserve_frac} is invalid: must be in [0, 1)")
     if context < 1:
         raise ConfigError(f"--context = {context} is invalid: must be >= 1")
-    kv_tok = kv_bytes_per_token(a, kv_dtype) / (1 if a.attention == "mla" else tp)
+    # GQA shards KV heads over tp (replicating them once tp > n_kv); MLA's one latent cannot be split
+    kv_tok = kv_bytes_per_token(a, kv_dtype) / (1 if a.attention == "mla" else min(tp, a.num_key_value_heads))
     mtp = p.mtp_total if with_mtp else 0
     mtp_routed = (a.mtp_layers * (p.routed_total // max(a.n_moe_layers, 1))) if with_mtp and a.is_moe else 0
     reserve = reserve_frac * device.memory_gb
@@ -146,6 +157,10 @@ def fit_serve(model, nodes: int, gpus: int, device: Device, precision: str = "fp
     out = _verdict(a.name, "serve", nodes, gpus, device, precision, context, chosen, smallest,
                    parts, {"tp": tp, "kv_dtype": kv_dtype, "with_mtp": with_mtp})
     out["kv_capacity_gb"] = kv_tokens * kv_tok / GB
+    out["min_tp_that_fits"] = tp if out["fits"] else None if not search else _first_that_fits(
+        [t for t in _divisors(world) if t > tp and a.num_attention_heads % t == 0],
+        lambda t: fit_serve(a, nodes, gpus, device, precision, context, kv_dtype, t, None, reserve_frac,
+                            with_mtp, search=False)["fits"])
     out["kv_tokens_per_gpu"] = kv_tokens
     out["kv_tokens_total"] = kv_tokens * (world // tp)
     out["concurrent_sequences"] = kv_tokens * (world // tp) // context
