@@ -318,7 +318,8 @@ def _cmd_fit(args) -> int:
     rows += [["used / memory (GB)", f"{r['used_gb']:.2f} / {r['memory_gb']:g}"], *extra,
              ["expert-parallel degree", str(r["ep"])],
              ["smallest EP degree that fits", str(min_ep) if min_ep else "none at this layout"],
-             [f"smallest --{knob} that fits (widest EP)", str(best) if best else "none: more GPUs or fp8"],
+             [f"smallest --{knob} that fits (widest EP)", str(best) if best else
+              "none: more GPUs" + (" or --precision fp8" if args.precision == "bf16" else "")],
              ["verdict", verdict]]
     r["verdict"] = verdict
     t = _table(f"{r['model']} {args.mode} on {r['cluster']} ({args.precision})", ["quantity", "value"], rows,
