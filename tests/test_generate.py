@@ -1,0 +1,47 @@
+"""Sampling rules, stopping at eos, and the generate/demo command lines."""
+
+import torch
+
+import moeco
+from helpers import micro_config
+from moeco.cli import main
+from moeco.model.sampling import sample_next
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    assert (sample_next(logits, 0.0) == 1).all()
+    assert (sample_next(logits, 1.0, top_k=1, generator=g) == 1).all()
+    assert (sample_next(logits, 1.0, top_p=0.01, generator=g) == 1).all()
+    two = sample_next(logits, 1.0, top_k=2, generator=g)
+    assert set(two.tolist()) == {1, 3}
+    # top_p = 0.9 keeps the smallest prefix whose mass reaches 0.9: tokens 1, 3, 2 (0.665+0.245+0.090)
+    assert set(sample_next(logits, 1.0, top_p=0.9, generator=g).tolist()) <= {1, 3, 2}
+    assert 0 not in sample_next(logits, 1.0, top_p=0.9, generator=g).tolist()
+
+
+def test_generate_stops_at_eos_and_pads_finished_rows():
+    cfg = micro_config()
+    torch.manual_seed(11)
+    model = moeco.Transformer(cfg)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 4))
+    free = model.generate(prompt, 6)
+    eos = int(free[0, 5])  # row 0's second new token
+    out = model.generate(prompt, 6, eos_token_id=eos)
+    assert out.shape[1] <= 10 and (out[0, 5:] == eos).all()
+    assert model.training  # generate restores the mode it found
+
+
+def test_demo_and_generate_cli(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    printed = capsys.readouterr().out
+    assert "latent cache: 48 values/token/layer = 768 bytes/token" in printed
+    assert main(["generate", str(tmp_path / "demo"), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 0
+    assert len(capsys.readouterr().out.splitlines()[0].split()) == 7
+    # user mistakes: one line, exit code 2
+    assert main(["generate", str(tmp_path / "missing"), "--prompt-ids", "1"]) == 2
+    assert main(["generate", str(tmp_path / "demo"), "--prompt-ids", "1,x"]) == 2
+    assert main(["generate", str(tmp_path / "demo"), "--prompt-ids", "99999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("moeco generate: error: ") for line in err)
