@@ -221,11 +221,11 @@ def _cmd_ep_limit(args) -> int:
         hidden, layers = a.hidden_size, a.num_hidden_layers
         shared = round(a.shared_intermediate_size / a.moe_intermediate_size) if a.shared_intermediate_size else 0
         experts = a.num_experts_per_tok + shared
-    hidden = args.hidden or hidden
-    layers = args.layers or layers
-    experts = args.experts_per_token or experts
-    link = None if args.bandwidth else hardware.get_link(args.link, catalog)
-    bw = args.bandwidth or link.bandwidth_gbs
+    hidden = hidden if args.hidden is None else args.hidden
+    layers = layers if args.layers is None else args.layers
+    experts = experts if args.experts_per_token is None else args.experts_per_token
+    link = None if args.bandwidth is not None else hardware.get_link(args.link, catalog)
+    bw = link.bandwidth_gbs if link else args.bandwidth
     r = speed.ep_comm_limit(hidden, layers, bw, args.tokens_per_device, experts, args.dispatch_bytes,
                             args.combine_bytes, args.micro_batches)
     r["link"] = link.name if link else None

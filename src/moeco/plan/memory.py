@@ -84,6 +84,8 @@ def fit_train(model, nodes: int, gpus: int, device: Device, precision: str = "bf
     world = nodes * gpus
     if pp < 1 or world % pp or a.num_hidden_layers < pp:
         raise ConfigError(f"--pp = {pp} is invalid: must divide the {world} GPUs and be <= {a.num_hidden_layers} layers")
+    if context < 1:
+        raise ConfigError(f"--context = {context} is invalid: must be >= 1")
     dp = world // pp
     act_layer, act_dense = activation_bytes_per_token_layer(a, precision)
     acts = context * (a.n_moe_layers * act_layer + a.n_dense_layers * act_dense)  # L/pp layers x pp in flight

@@ -45,21 +45,25 @@ def _distinct(values: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
     return first.sum(axis=1)
 
 
-def sample_node_limited(n_experts: int, k: int, nodes: int, gpus_per_node: int, max_nodes: int,
-                        samples: int = 8192, seed: int = 0) -> dict:
-    """Mean distinct/remote nodes, remote expert copies and NVLink copies per token."""
+def _check_layout(n_experts: int, k: int, nodes: int, gpus_per_node: int, max_nodes: int) -> None:
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError(f"--nodes = {nodes} and --gpus-per-node = {gpus_per_node} must be >= 1")
     if n_experts % nodes:
         raise ConfigError(f"--nodes = {nodes} must divide the {n_experts} routed experts into equal blocks")
     if not 1 <= max_nodes <= nodes:
         raise ConfigError(f"--max-nodes = {max_nodes} is invalid: must be between 1 and --nodes = {nodes}")
-    per_node = n_experts // nodes
-    if max_nodes * per_node < k:
-        raise ConfigError(f"--max-nodes = {max_nodes} allows only {max_nodes * per_node} experts, "
+    if max_nodes * (n_experts // nodes) < k:
+        raise ConfigError(f"--max-nodes = {max_nodes} allows only {max_nodes * (n_experts // nodes)} experts, "
                           f"fewer than the {k} each token needs")
+
+
+def sample_node_limited(n_experts: int, k: int, nodes: int, gpus_per_node: int, max_nodes: int,
+                        samples: int = 8192, seed: int = 0) -> dict:
+    """Mean distinct/remote nodes, remote expert copies and NVLink copies per token."""
+    _check_layout(n_experts, k, nodes, gpus_per_node, max_nodes)
     if samples < 1:
         raise ConfigError(f"samples = {samples} is invalid: must be >= 1")
+    per_node = n_experts // nodes
     rng = np.random.default_rng(seed)
     scores = 1.0 / (1.0 + np.exp(-rng.standard_normal((samples, n_experts))))  # [T, E]
     node_of = np.arange(n_experts) * nodes // n_experts  # [E]
@@ -113,12 +117,12 @@ def routing_plan(model, nodes: int, gpus_per_node: int, max_nodes: int | None = 
         raise ConfigError(f"--tokens-per-gpu = {tokens_per_gpu} is invalid: must be >= 1")
     if max_nodes is None:
         max_nodes = a.topk_group if a.n_group == nodes and a.n_group > 1 else min(4, nodes)
+    _check_layout(a.n_routed_experts, a.num_experts_per_tok, nodes, gpus_per_node, max_nodes)
     copy_bytes = a.hidden_size * (dispatch_bytes + combine_bytes)
-    per_node = a.n_routed_experts // nodes if nodes and a.n_routed_experts % nodes == 0 else 0
     sweep = []
     for m in range(1, nodes + 1):
-        if per_node and m * per_node < a.num_experts_per_tok:
-            continue
+        if m * (a.n_routed_experts // nodes) < a.num_experts_per_tok:
+            continue  # too few experts on m nodes
         s = sample_node_limited(a.n_routed_experts, a.num_experts_per_tok, nodes, gpus_per_node, m,
                                 samples, seed)
         ib = s["remote_nodes"] * copy_bytes
@@ -129,11 +133,7 @@ def routing_plan(model, nodes: int, gpus_per_node: int, max_nodes: int | None = 
                       "naive_inter_node_bytes_per_token": s["remote_expert_copies"] * copy_bytes,
                       "nvlink_bytes_per_token": nvl, "ib_time_us": t_ib, "nvlink_time_us": t_nvl,
                       "time_us": max(t_ib, t_nvl), "bottleneck": "IB" if t_ib >= t_nvl else "NVLink"})
-    if not sweep:  # sample_node_limited raises the precise error
-        sample_node_limited(a.n_routed_experts, a.num_experts_per_tok, nodes, gpus_per_node, nodes, 1)
     by_m = {row["max_nodes"]: row for row in sweep}
-    if max_nodes not in by_m:
-        sample_node_limited(a.n_routed_experts, a.num_experts_per_tok, nodes, gpus_per_node, max_nodes, 1)
     limited, unlimited = by_m[max_nodes], by_m[nodes]
     ratio = intra_bw_gbs / inter_bw_gbs
     return {

@@ -7,8 +7,9 @@ switch-to-switch cables only, as Table 3 does; endpoint cables can be priced per
     MPFT  multi-plane FT2           P planes x FT2, one NIC per GPU per plane     (P=8: 16,384 / 768 / 16,384)
     FT3   three-level fat tree      endpoints k^3/4   switches 5k^2/4   links k^3/2     (65,536 / 5,120 / 131,072)
     MRFT  single-plane multi-rail fat tree holding MPFT's endpoints: FT2 when they fit in k^2/2,
-          else FT3 with only the pods needed (N/(k^2/4) pods of k switches, N/k... cores) -- the
-          network MPFT replaces (ISCA §5.1.2 compares the two on 2,048 GPUs, where they coincide)
+          else FT3 with only the pods needed (ceil(N / (k^2/4)) pods of k switches plus
+          pods (k/2)^2 / k core switches): the network MPFT replaces. ISCA §5.1.2 compares the
+          two on 2,048 GPUs, where they coincide; for 16,384 GPUs MRFT needs 1,280 switches.
     SF    Slim Fly, MMS graph, q = 4w + delta (delta in -1, 0, 1): switches 2q^2, network radix
           k' = (3q - delta)/2, p = ceil(k'/2) endpoints per switch, links 2q^2 k'/2; the default q is
           the largest with k' + p <= k (k=64: q=28, k'=42, p=21: 32,928 / 1,568 / 32,928)
