@@ -80,3 +80,20 @@ def test_bias_changes_selection_not_weights():
     w = base.scores_TE.gather(1, biased.indices_TK)
     expected = w / w.sum(-1, keepdim=True) * cfg.routed_scaling_factor
     torch.testing.assert_close(biased.weights_TK, expected)
+
+
+@pytest.mark.parametrize("routing", [dict(topk_method="group_limited_greedy", n_group=4, topk_group=2),
+                                     dict(topk_method="greedy", n_group=1, topk_group=1, q_lora_rank=None)])
+def test_deepseek_v2_routing_matches_transformers_v2(routing, tmp_path):
+    """V2 / V2-Lite: softmax scores, group max (or no groups), no top-k normalisation, x16 scaling."""
+    cfg = micro_config(scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=16.0,
+                       num_nextn_predict_layers=0, **routing)
+    hf_dict = {k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"}
+    hf_dict["model_type"] = "deepseek_v2"
+    torch.manual_seed(12)
+    hf = transformers.DeepseekV2ForCausalLM(transformers.AutoConfig.for_model(**hf_dict)).float().eval()
+    hf.save_pretrained(tmp_path)
+    model = moeco.load_pretrained(tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
