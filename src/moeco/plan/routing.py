@@ -21,7 +21,10 @@ GPU:
 
 With NVLink ~3.2x IB (160 vs 50 GB/s, TR §3.2.2) a token may reach ~3.2 experts per node for the
 price of one IB copy, so at M = 4 it could select up to 4 x 3.2 = 12.8 experts at the same cost;
-DeepSeek-V3 (K = 8, EP64 on 8 nodes) keeps M = 4.
+DeepSeek-V3 (K = 8, EP64 on 8 nodes) keeps M = 4. The sweep shows the trade: on 8 nodes x 8 H800,
+M = 4 cuts IB bytes per token from 99.4 KB (no limit, forwarded) to 74.4 KB (150 KB without
+forwarding) and NVLink stays off the critical path (IB-bound from M = 3 up); only at M <= 2 would
+NVLink become the bottleneck, at the price of a much narrower choice of experts.
 
 Sampling is seeded; the same arguments give the same numbers.
 """
