@@ -86,7 +86,10 @@ class TrainConfig:
 
     # ---- the model ---------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
-        return ModelConfig.preset(self.preset).replace(**self.model_overrides)
+        overrides = dict(self.model_overrides)
+        if "num_attention_heads" in overrides:  # MLA: the KV head count follows the head count
+            overrides.setdefault("num_key_value_heads", None)
+        return ModelConfig.preset(self.preset).replace(**overrides)
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
