@@ -14,11 +14,17 @@ from moeco.fp8.quantize import (  # noqa: E402
 )
 
 
+# Hopper's FP8 MMA accumulates each 128-deep partial product in a ~14-bit accumulator before our
+# FP32 promotion, so CUDA results differ from the FP32 reference by ~2e-4 of the largest value
+# (the CPU emulator predicts 1.2e-4 to 2.3e-4 for normal inputs; see test_fp8_gemm.py).
+TOL = 5e-4
+
+
 def _rel(out, ref):
     return ((out.double().cpu() - ref.double().cpu()).abs().max() / ref.double().abs().max()).item()
 
 
-@pytest.mark.parametrize("M,N,K", [(256, 512, 1024), (200, 384, 7168 // 4), (4096, 2048, 7168)])
+@pytest.mark.parametrize("M,N,K", [(256, 512, 1024), (200, 384, 7168 // 4), (4096, 2048, 7168), (37, 576, 1000)])
 @pytest.mark.parametrize("b_tiles", [False, True])
 @pytest.mark.parametrize("backend", ["scaled_mm", "triton"])
 def test_cuda_gemm_backends_match_reference(M, N, K, b_tiles, backend):
@@ -28,7 +34,7 @@ def test_cuda_gemm_backends_match_reference(M, N, K, b_tiles, backend):
     bq, sb = quantize_act_1x128(b) if b_tiles else quantize_weight_128x128(b)
     ref = fp8_gemm_reference(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), torch.float32)
     out = fp8_gemm(aq, sa, bq, sb, torch.float32, backend=backend)
-    assert _rel(out, ref) < 1e-5
+    assert _rel(out, ref) < TOL
 
 
 @pytest.mark.parametrize("N", [576, 200])
@@ -38,7 +44,7 @@ def test_auto_falls_back_for_n_not_multiple_of_128(N):
     aq, sa = quantize_act_1x128(a)
     bq, sb = quantize_weight_128x128(b)
     out = fp8_gemm(aq, sa, bq, sb, torch.float32)
-    assert _rel(out, fp8_gemm_reference(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu())) < 1e-5
+    assert _rel(out, fp8_gemm_reference(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu())) < TOL
 
 
 def test_cuda_quantization_bit_exact_large():
@@ -61,7 +67,8 @@ def test_cuda_fp8_linear_and_grouped_match_cpu():
     xc = x.detach().cuda().requires_grad_()
     yc = lin_c(xc)
     yc.backward(gy.cuda())
-    assert _rel(yc, y) < 1e-5 and _rel(xc.grad, x.grad) < 1e-5 and _rel(lin_c.weight.grad, lin.weight.grad) < 1e-5
+    errs = [_rel(yc, y), _rel(xc.grad, x.grad), _rel(lin_c.weight.grad, lin.weight.grad)]
+    assert max(errs) < TOL, errs
     offs = torch.tensor([100, 100, 300], dtype=torch.int32)
     w = torch.randn(3, 256, 1024, requires_grad=True)
     yg = fp8_grouped_mm(x, w, offs)
@@ -70,4 +77,5 @@ def test_cuda_fp8_linear_and_grouped_match_cpu():
     xc2 = x.detach().cuda().requires_grad_()
     ygc = fp8_grouped_mm(xc2, wc, offs.cuda())
     ygc.backward(torch.ones_like(ygc))
-    assert _rel(ygc, yg) < 1e-5 and _rel(wc.grad, w.grad) < 1e-5 and _rel(xc2.grad, x.grad) < 1e-5
+    errs = [_rel(ygc, yg), _rel(wc.grad, w.grad), _rel(xc2.grad, x.grad)]
+    assert max(errs) < TOL, errs

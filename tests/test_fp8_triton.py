@@ -68,7 +68,10 @@ def test_triton_gemm_matches_reference(M, N, K, b_tiles):
     bq, sb = quantize_act_1x128(b) if b_tiles else quantize_weight_128x128(b)
     out = triton_kernels.fp8_gemm_nt(aq, sa, bq, sb, torch.float32)
     ref = fp8_gemm_reference(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), torch.float32)
-    # same FP8 products and promotion; only the float32 summation order differs
-    assert ((out.cpu() - ref).abs().max() / ref.abs().max()) < 1e-5
+    # Interpreter: the same FP8 products and promotion, only the float32 summation order differs.
+    # CUDA: Hopper's limited-precision accumulator inside each 128-deep tl.dot (~2e-4, see
+    # test_fp8_gpu.py).
+    tol = 1e-5 if DEVICE == "cpu" else 5e-4
+    assert ((out.cpu() - ref).abs().max() / ref.abs().max()) < tol
     out_bf16 = triton_kernels.fp8_gemm_nt(aq, sa, bq, sb, torch.bfloat16)
     assert out_bf16.dtype == torch.bfloat16

@@ -15,10 +15,15 @@ limited accumulation precision.
 Backends:
     "reference"  CPU or any device: the formula above, one float32 matmul per k-block. FP8 values
                  are exact in float32 and so are their products, so only the float32 sums round.
-    "scaled_mm"  torch._scaled_mm with block-wise scales (cuBLAS, Hopper). It needs K and N
-                 multiples of 128; other shapes fall through.
+    "scaled_mm"  torch._scaled_mm with block-wise scales (cuBLAS, Hopper). It refuses K or N
+                 that are not multiples of 128, so those are zero-padded (576 -> 640: 11% more work).
     "triton"     moeco.fp8.triton_kernels.fp8_gemm_nt: any shape, CUDA or the interpreter.
-    "auto"       CUDA: scaled_mm where it fits, else triton; CPU: reference.
+    "auto"       CUDA: scaled_mm where this torch/GPU accepts block-wise scales, else triton;
+                 CPU: reference.
+
+On Hopper both GPU backends accumulate each 128-deep partial product in the Tensor Cores'
+limited-precision accumulator before promoting it, so they differ from the reference by ~2e-4
+(max error over max value), the size `emulate_hopper_accumulation(promotion=128)` predicts.
 
 `emulate_hopper_accumulation` models the Tensor Core's accumulator for the precision study:
 32 products are aligned to the largest exponent among them and the running sum, and everything
@@ -75,21 +80,61 @@ def fp8_gemm_reference(a_q, a_scale, b_q, b_scale, out_dtype=torch.float32):
 
 
 def scaled_mm_fits(M: int, N: int, K: int) -> bool:
+    """Shapes torch._scaled_mm takes without padding (it refuses N or K not multiples of 128)."""
     return N % BLOCK == 0 and K % BLOCK == 0 and M > 0
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
+
+
+def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
+    return t if t.shape[1] == cols else torch.cat([t, t.new_zeros((t.shape[0], cols - t.shape[1]))], dim=1)
+
+
+def _scale_a_layout(sa: torch.Tensor) -> torch.Tensor:
+    """(M, KB) with stride (1, Mp), Mp a multiple of 4 (16-byte aligned): outer-dim-major."""
+    M, KB = sa.shape
+    if sa.stride(0) == 1 and sa.stride(1) == M and M % 4 == 0:
+        return sa
+    Mp = _round_up(M, 4)
+    buf = sa.new_zeros((KB, Mp))
+    buf[:, :M] = sa.t()
+    return buf[:, :M].t()
+
+
 def fp8_gemm_scaled_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16):
-    """torch._scaled_mm with block-wise scales (layout in shared/ENV.md)."""
+    """torch._scaled_mm with block-wise scales; N and K are zero-padded up to multiples of 128.
+
+    Layouts cuBLAS accepts (torch 2.11, H200): a (M, K) row-major; b passed as w.t() with w (N, K)
+    row-major; scale_a (M, KB) outer-dim-major; 128x128 scale_b (KB, NB) as the transpose of an
+    (NB, KB) tensor whose row stride is 16-byte aligned (an unaligned one gave wrong results, not an
+    error); 1x128 scale_b (KB, N) contiguous.
+    """
     _check(a_q, a_scale, b_q)
+    M, K = a_q.shape
     N = b_q.shape[0]
     KB = a_scale.shape[1]
-    # scale_a must be outer-dim-major: (M, KB) with stride (1, M).
-    sa = a_scale if a_scale.stride(0) == 1 else a_scale.t().contiguous().t()
-    # scale_b is (KB, NB) or (KB, N): the transpose of our contiguous (NB, KB) / (N, KB) tensor.
-    if tuple(b_scale.shape) not in ((_ceil_div(N, BLOCK), KB), (N, KB)):
+    blocks = tuple(b_scale.shape) == (_ceil_div(N, BLOCK), KB) and N != 1
+    if not blocks and tuple(b_scale.shape) != (N, KB):
         _b_scale_full(b_scale, N, KB)  # raises the shape error
-    sb = b_scale.contiguous().t()
-    return torch._scaled_mm(a_q.contiguous(), b_q.contiguous().t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    Kp, Np = _round_up(K, BLOCK), _round_up(N, BLOCK)
+    a = _pad_cols(a_q.contiguous(), Kp)  # zero FP8 columns add nothing to the sums
+    b = _pad_cols(_pad_rows(b_q.contiguous(), Np), Kp)
+    sa = _scale_a_layout(a_scale.float())
+    if blocks:
+        NB = b_scale.shape[0]
+        buf = b_scale.new_zeros((NB, _round_up(KB, 4)), dtype=torch.float32)
+        buf[:, :KB] = b_scale
+        sb = buf[:, :KB].t()
+    else:
+        sb = _pad_rows(b_scale.float(), Np).t().contiguous()
+    out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    return out if Np == N else out[:, :N].contiguous()
 
 
 def fp8_gemm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, backend: str = "auto"):
@@ -101,7 +146,7 @@ def fp8_gemm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, backend: s
     if backend == "auto":
         if not a_q.is_cuda:
             backend = "reference"
-        elif scaled_mm_fits(M, N, K) and _scaled_mm_ok(a_q.device, tuple(b_scale.shape) == (N, _ceil_div(K, BLOCK))):
+        elif _scaled_mm_ok(a_q.device, tuple(b_scale.shape) == (N, _ceil_div(K, BLOCK))):
             backend = "scaled_mm"
         else:
             from moeco.fp8 import triton_kernels
