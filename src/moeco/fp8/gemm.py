@@ -15,8 +15,9 @@ limited accumulation precision.
 Backends:
     "reference"  CPU or any device: the formula above, one float32 matmul per k-block. FP8 values
                  are exact in float32 and so are their products, so only the float32 sums round.
-    "scaled_mm"  torch._scaled_mm with block-wise scales (cuBLAS, Hopper). It refuses K or N
-                 that are not multiples of 128, so those are zero-padded (576 -> 640: 11% more work).
+    "scaled_mm"  torch._scaled_mm with block-wise scales (cuBLAS, Hopper). Shapes it cannot take
+                 are zero-padded (N=576 -> 640: 11% more work; K to a multiple of 512 when B has
+                 128x128 blocks, for the scale's 16-byte alignment).
     "triton"     moeco.fp8.triton_kernels.fp8_gemm_nt: any shape, CUDA or the interpreter.
     "auto"       CUDA: scaled_mm where this torch/GPU accepts block-wise scales, else triton;
                  CPU: reference.
@@ -96,24 +97,16 @@ def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t if t.shape[1] == cols else torch.cat([t, t.new_zeros((t.shape[0], cols - t.shape[1]))], dim=1)
 
 
-def _scale_a_layout(sa: torch.Tensor) -> torch.Tensor:
-    """(M, KB) with stride (1, Mp), Mp a multiple of 4 (16-byte aligned): outer-dim-major."""
-    M, KB = sa.shape
-    if sa.stride(0) == 1 and sa.stride(1) == M and M % 4 == 0:
-        return sa
-    Mp = _round_up(M, 4)
-    buf = sa.new_zeros((KB, Mp))
-    buf[:, :M] = sa.t()
-    return buf[:, :M].t()
-
-
 def fp8_gemm_scaled_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16):
-    """torch._scaled_mm with block-wise scales; N and K are zero-padded up to multiples of 128.
+    """torch._scaled_mm with block-wise scales, padding what cuBLAS cannot take.
 
-    Layouts cuBLAS accepts (torch 2.11, H200): a (M, K) row-major; b passed as w.t() with w (N, K)
-    row-major; scale_a (M, KB) outer-dim-major; 128x128 scale_b (KB, NB) as the transpose of an
-    (NB, KB) tensor whose row stride is 16-byte aligned (an unaligned one gave wrong results, not an
-    error); 1x128 scale_b (KB, N) contiguous.
+    What torch 2.11 checks (ATen's is_blockwise_* functions), and what cuBLAS needs on top:
+    a (M, K) row-major; b passed as w.t() with w (N, K) row-major; scale_a (M, KB) with strides
+    exactly (1, M), M a multiple of 4; a 128x128 scale_b (KB, NB) whose transpose is a contiguous
+    (NB, KB) tensor with KB a multiple of 4 (a row stride that is not 16-byte aligned passes the
+    check and gives wrong results); a 1x128 scale_b (KB, N) contiguous; N and K multiples of 128.
+    Rows of A, rows of B and k-blocks are zero-padded up to those (zero FP8 values add nothing;
+    padded scales are 1), and the output is cut back to (M, N).
     """
     _check(a_q, a_scale, b_q)
     M, K = a_q.shape
@@ -122,19 +115,30 @@ def fp8_gemm_scaled_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16):
     blocks = tuple(b_scale.shape) == (_ceil_div(N, BLOCK), KB) and N != 1
     if not blocks and tuple(b_scale.shape) != (N, KB):
         _b_scale_full(b_scale, N, KB)  # raises the shape error
-    Kp, Np = _round_up(K, BLOCK), _round_up(N, BLOCK)
-    a = _pad_cols(a_q.contiguous(), Kp)  # zero FP8 columns add nothing to the sums
+    Mp, Np = _round_up(M, 4), _round_up(N, BLOCK)
+    KBp = _round_up(KB, 4) if blocks else KB
+    Kp = KBp * BLOCK
+    a = _pad_cols(_pad_rows(a_q.contiguous(), Mp), Kp)
     b = _pad_cols(_pad_rows(b_q.contiguous(), Np), Kp)
-    sa = _scale_a_layout(a_scale.float())
-    if blocks:
-        NB = b_scale.shape[0]
-        buf = b_scale.new_zeros((NB, _round_up(KB, 4)), dtype=torch.float32)
-        buf[:, :KB] = b_scale
-        sb = buf[:, :KB].t()
+    if a_scale.stride(0) == 1 and a_scale.stride(1) == M and (Mp, KBp) == (M, KB):
+        sa = a_scale
     else:
-        sb = _pad_rows(b_scale.float(), Np).t().contiguous()
+        buf = torch.ones((KBp, Mp), dtype=torch.float32, device=a_q.device)
+        buf[:KB, :M] = a_scale.t()
+        sa = buf.t()
+    if blocks:
+        if b_scale.is_contiguous() and KBp == KB:
+            sb = b_scale.t()
+        else:
+            buf = torch.ones((b_scale.shape[0], KBp), dtype=torch.float32, device=b_q.device)
+            buf[:, :KB] = b_scale
+            sb = buf.t()
+    else:
+        buf = torch.ones((KB, Np), dtype=torch.float32, device=b_q.device)
+        buf[:, :N] = b_scale.t()
+        sb = buf
     out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
-    return out if Np == N else out[:, :N].contiguous()
+    return out if (Mp, Np) == (M, N) else out[:M, :N].contiguous()
 
 
 def fp8_gemm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, backend: str = "auto"):

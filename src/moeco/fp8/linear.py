@@ -35,8 +35,10 @@ from moeco.fp8.quantize import (
 
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, wq, ws, act_pow2: bool, backend: str, out_dtype: torch.dtype):
+    def forward(ctx, x, weight, bias, wq, ws, act_pow2: bool, backend: str, out_dtype: torch.dtype,
+                wt_q=None):
         K = x.shape[-1]
+        ctx.wt_q = wt_q
         N = weight.shape[0]
         x2 = x.reshape(-1, K)
         xq, xs = quantize_act_1x128(x2, pow2_scale=act_pow2)
@@ -56,7 +58,8 @@ class _Fp8LinearFn(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:  # Dgrad: dy (1x128 along N) . W  ==  dy . (W^T)^T
             gq, gs = quantize_act_1x128(gy2, pow2_scale=act_pow2)
-            dx = fp8_gemm(gq, gs, wq.t().contiguous(), ws.t().contiguous(), x_dtype, backend=backend)
+            wtq = ctx.wt_q if ctx.wt_q is not None else wq.t().contiguous()
+            dx = fp8_gemm(gq, gs, wtq, ws.t().contiguous(), x_dtype, backend=backend)
             dx = dx.reshape(x_shape)
         if ctx.needs_input_grad[1]:  # Wgrad: dy^T . x, both operands 1x128 along T
             gtq, gts = quantize_act_1x128_t(gy2, pow2_scale=act_pow2)
@@ -64,7 +67,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             dw = fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
         if has_bias and ctx.needs_input_grad[2]:
             db = gy2.float().sum(0)
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -89,18 +92,20 @@ class Fp8Linear(nn.Linear):
         self._wcache: tuple | None = None
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q (N, K), scale (NB, KB)), recomputed only when the master weight changed."""
         w = self.weight
         key = (w.data_ptr(), w._version, w.device, w.dtype)
         if self._wcache is None or self._wcache[0] != key:
             with torch.no_grad():
                 wq, ws = quantize_weight_128x128(w, pow2_scale=self.recipe.weight_pow2)
-            self._wcache = (key, wq, ws)
+            # W^T for Dgrad: the same 128x128 blocks; transposed once per weight update on GPUs.
+            self._wcache = (key, wq, ws, wq.t().contiguous() if wq.is_cuda else None)
         return self._wcache[1], self._wcache[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wq, ws = self.quantized_weight()
         return _Fp8LinearFn.apply(x, self.weight, self.bias, wq, ws, self.recipe.act_pow2, self.recipe.backend,
-                                  _out_dtype(x))
+                                  _out_dtype(x), self._wcache[3])
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fp8={self.recipe.name}"
