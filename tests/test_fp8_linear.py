@@ -174,3 +174,27 @@ def test_inference_linear_keeps_fp8_weights():
     assert calc_diff(fresh(x), ref(x)) < 1e-3
     assert m.weight.element_size() * m.weight.numel() == ref.weight.numel()  # 1 byte per weight
     torch.testing.assert_close(m.dequantized_weight(), ref.weight, atol=0.01, rtol=0.07)
+
+
+def test_tiny_model_in_fp8_matches_high_precision_and_checkpoints_are_unchanged():
+    from moeco import ModelConfig
+    from moeco.model.transformer import Transformer
+
+    cfg = ModelConfig.preset("tiny")
+    torch.manual_seed(0)
+    ref = Transformer(cfg, recipe=recipe_by_name("fp32"))
+    fp8 = Transformer(cfg, recipe=recipe_by_name("fp8"))
+    assert list(fp8.state_dict()) == list(ref.state_dict())  # same names: checkpoints don't change
+    fp8.load_state_dict(ref.state_dict())
+    assert isinstance(fp8.lm_head, nn.Linear) and not isinstance(fp8.lm_head, Fp8Linear)
+    assert sum(isinstance(m, Fp8Linear) for m in fp8.modules()) > 0
+    ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    out_ref, out_fp8 = ref(ids), fp8(ids)
+    loss_ref = nn.functional.cross_entropy(out_ref[0, :-1], ids[0, 1:])
+    loss_fp8 = nn.functional.cross_entropy(out_fp8[0, :-1], ids[0, 1:])
+    # Measured relative loss difference at init, 3 seeds: 2e-4 to 1.9e-3 (12 tokens).
+    assert abs(loss_fp8.item() / loss_ref.item() - 1) < 5e-3
+    loss_fp8.backward()
+    experts = next(m for m in fp8.modules() if hasattr(m, "w1_EFD"))
+    assert experts.w1_EFD.grad is not None and experts.w1_EFD.grad.abs().sum() > 0
+    assert fp8.model.layers[0].self_attn.o_proj.weight.grad.abs().sum() > 0
