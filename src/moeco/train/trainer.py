@@ -211,7 +211,8 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                     "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
-                    "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))},
+                    "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+                    "numpy_pos": int(np.random.get_state()[2])},
             "world_size": self.dist.world,
         }
         if self.dist.device.type == "cuda":
@@ -225,10 +226,7 @@ class Trainer:
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
-        np.random.seed(0)
-        np_state = list(np.random.get_state())
-        np_state[1] = rng["numpy"].numpy().astype(np.uint32)
-        np.random.set_state(tuple(np_state))
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
         if "cuda" in rng and self.dist.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.dist.device)
 
