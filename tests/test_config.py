@@ -94,3 +94,8 @@ def test_bad_config_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.from_hf(tmp_path)
+
+
+def test_replace_head_count_rederives_kv_heads():
+    c = ModelConfig.preset("tiny").replace(num_attention_heads=8)
+    assert c.num_key_value_heads == 8

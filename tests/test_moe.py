@@ -135,3 +135,13 @@ def test_model_returns_mtp_logits_and_balance_term():
     assert out.balance_loss.dim() == 0 and out.balance_loss.item() > 0
     (out.logits.mean() + sum(t.mean() for t in out.mtp_logits) + out.balance_loss).backward()
     assert model.mtp[1].eh_proj.weight.grad.abs().sum() > 0
+
+
+def test_grouped_mm_follows_autocast():
+    x = torch.randn(12, 16)
+    w = torch.randn(3, 8, 16)
+    offs = torch.tensor([4, 8, 12], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_mm(x, w, offs)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), grouped_mm_reference(x, w, offs), atol=0.1, rtol=0.05)

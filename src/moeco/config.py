@@ -132,6 +132,8 @@ class ModelConfig:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise ConfigError(f"ModelConfig has no field {unknown[0]!r}; fields are named as in an HF config.json")
+        if "num_attention_heads" in changes and "num_key_value_heads" not in changes:
+            changes["num_key_value_heads"] = None  # MLA: re-derived from the new head count
         return dataclasses.replace(self, **changes)
 
     @classmethod

@@ -133,6 +133,9 @@ def grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor, back
     On CPU, torch 2.13's _grouped_mm ran about 4x slower than the loop for 32 experts x 128 tokens
     (measured while writing this); `backend="grouped_mm"` forces it (tests compare both paths).
     """
+    if torch.is_autocast_enabled(x_TK.device.type):  # 3-D weights are not nn.Linear: cast like autocast would
+        dtype = torch.get_autocast_dtype(x_TK.device.type)
+        x_TK, w_ENK = x_TK.to(dtype), w_ENK.to(dtype)
     use_grouped = backend == "grouped_mm" or (
         backend == "auto" and x_TK.is_cuda and x_TK.dtype == torch.bfloat16 == w_ENK.dtype)
     if use_grouped and hasattr(torch, "_grouped_mm") and x_TK.shape[0] > 0:
