@@ -198,3 +198,24 @@ def test_tiny_model_in_fp8_matches_high_precision_and_checkpoints_are_unchanged(
     experts = next(m for m in fp8.modules() if hasattr(m, "w1_EFD"))
     assert experts.w1_EFD.grad is not None and experts.w1_EFD.grad.abs().sum() > 0
     assert fp8.model.layers[0].self_attn.o_proj.weight.grad.abs().sum() > 0
+
+
+def test_training_never_uses_a_stale_fp8_weight_after_fused_adamw():
+    """Fused AdamW updates in place without bumping _version; the FP8 copy must follow anyway."""
+    import torch
+
+    from moeco.fp8.linear import Fp8Linear
+
+    torch.manual_seed(0)
+    lin = Fp8Linear(128, 128)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.5, fused=True)
+    x = torch.randn(4, 128)
+    before = lin(x).detach()
+    lin(x).square().sum().backward()
+    version = lin.weight._version
+    opt.step()
+    assert lin.weight._version == version  # the trap: no version bump
+    after = lin(x).detach()
+    expected = torch.nn.functional.linear(x, lin.weight.detach())
+    assert not torch.allclose(after, before)
+    assert torch.nn.functional.cosine_similarity(after.flatten(), expected.flatten(), dim=0) > 0.99
