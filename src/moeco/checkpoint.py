@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import uuid
@@ -34,6 +33,7 @@ from safetensors.torch import save_file
 
 from moeco.config import ModelConfig
 from moeco.errors import LoadError
+from moeco.fsutil import fsync_tree, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -229,14 +229,6 @@ def _fp8_eligible(name: str, t: torch.Tensor) -> bool:
     return t.dim() == 2 and name.endswith("_proj.weight") and ".eh_proj." not in name
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES, fp8: bool = False,
                     extra_files: dict[str, str | Path | bytes] | None = None) -> Path:
     """Write config.json + safetensors (sharded above max_shard_bytes) to `path`, atomically.
@@ -285,18 +277,8 @@ def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = DEFAULT_S
                 dst.write_bytes(src)
             else:
                 shutil.copyfile(src, dst)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            target.rename(old)
-        tmp.rename(target)
-        _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_tree(tmp)
+        publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

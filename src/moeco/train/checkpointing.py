@@ -24,39 +24,9 @@ from typing import Callable
 
 import torch
 
+from moeco.fsutil import fsync_tree, publish_dir
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file under `path`, then every directory bottom-up, so a rename publishes data on disk."""
-    dirs = []
-    for root, dirnames, filenames in os.walk(path):
-        dirs.append(root)
-        for name in filenames:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-    for d in reversed(dirs):
-        fsync_dir(Path(d))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Atomically make `tmp` (complete, fsync'ed) appear as `final`, replacing an older one."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class CheckpointManager:
