@@ -1,6 +1,10 @@
 """FP8 vs BF16 on one GPU: GEMMs at DeepSeek-V3 shapes, the quantization kernels, Fp8Linear, grouped.
 
-    PYTHONPATH=src python bench/fp8_gemm.py [--quick] [--json out.json]
+    PYTHONPATH=src python bench/fp8_gemm.py [--quick] [--json out.json] [--only copy,gemm,quant,linear,grouped]
+
+`grouped`: 32 experts x 512 tokens; bf16 torch._grouped_mm vs the grouped FP8 Triton kernel alone
+(several tile configs), fp8_grouped_mm forward (grouped kernels vs MOECO_FP8_GROUPED=loop), and
+forward + backward.
 
 Every row prints the BF16 baseline measured in the same run and the distance to the hardware
 (TFLOP/s for GEMMs, GB/s against a device-to-device copy measured here for the quantization).
@@ -125,7 +129,14 @@ def linear_rows(tokens_list):
     return rows
 
 
+GROUPED_CONFIGS = [  # (block_m, block_n, num_warps, num_stages) tried for the grouped kernel
+    (128, 128, 8, 4), (128, 128, 8, 3), (64, 128, 4, 4), (128, 128, 4, 4),
+]
+
+
 def grouped_rows():
+    import os
+
     rows = []
     E, D, Fh, T = 32, 7168, 2048, 16384  # 32 local experts, 512 tokens each
     offs = torch.full((E,), T // E, dtype=torch.int32, device="cuda").cumsum(0).to(torch.int32)
@@ -135,13 +146,63 @@ def grouped_rows():
         w_bf = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) * 0.02
         w32 = w_bf.float()
         flop = 2 * T * K * N
+        tf = lambda ms: flop / ms / 1e9  # noqa: E731
         t_bf = bench_ms(lambda: torch._grouped_mm(xin, w_bf.transpose(-2, -1), offs=offs))
-        t_f8 = bench_ms(lambda: fp8_grouped_mm(xin, w32, offs))
-        r = dict(shape=name, T=T, E=E, bf16_ms=t_bf, bf16_tflops=flop / t_bf / 1e9, fp8_ms=t_f8,
-                 fp8_tflops=flop / t_f8 / 1e9, fp8_x=t_bf / t_f8)
+        r = dict(shape=name, T=T, E=E, N=N, K=K, bf16_ms=t_bf, bf16_tflops=tf(t_bf))
+        print(f"grouped fwd {name:22s} T={T} E={E} | bf16 _grouped_mm {t_bf:7.3f} ms {tf(t_bf):5.0f} TF", flush=True)
+        # The grouped FP8 kernel alone (operands quantized beforehand), one launch for all experts.
+        xq, xs = quantize_act_1x128(xin)
+        wq, ws = quantize_weight_128x128(w_bf)
+        ref = torch._grouped_mm(xin, w_bf.transpose(-2, -1), offs=offs).float()
+        best = None
+        for bm, bn, nw, ns in GROUPED_CONFIGS:
+            kw = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+            try:
+                out = triton_kernels.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs, torch.bfloat16, **kw)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                t = bench_ms(lambda: triton_kernels.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs, torch.bfloat16, **kw))
+            except Exception as exc:  # a config that does not compile or fit: report and go on
+                print(f"  grouped fp8 kernel BM={bm} BN={bn} warps={nw} stages={ns}: failed: {exc!r:.200}", flush=True)
+                continue
+            key = f"kernel_bm{bm}_bn{bn}_w{nw}_s{ns}"
+            r[key + "_ms"], r[key + "_tflops"], r[key + "_relerr_vs_bf16"] = t, tf(t), err
+            print(f"  grouped fp8 kernel BM={bm:3d} BN={bn} warps={nw} stages={ns} | {t:7.3f} ms {tf(t):5.0f} TF "
+                  f"{t_bf / t:4.2f}x bf16 | rel. L2 diff vs bf16 {err:.2e}", flush=True)
+            if best is None or t < best[0]:
+                best = (t, key)
+        if best:
+            r.update(kernel_best_ms=best[0], kernel_best_tflops=tf(best[0]), kernel_best_x=t_bf / best[0],
+                     kernel_best=best[1])
+        # Whole fp8_grouped_mm forward (activation + weight quantization included), grouped vs loop.
+        for mode in ("auto", "loop"):
+            os.environ["MOECO_FP8_GROUPED"] = mode
+            t = bench_ms(lambda: fp8_grouped_mm(xin, w32, offs))
+            r[f"fp8_fwd_{mode}_ms"], r[f"fp8_fwd_{mode}_tflops"] = t, tf(t)
+            print(f"  fp8_grouped_mm fwd incl. quant, {'grouped kernel' if mode == 'auto' else 'per-expert loop'} "
+                  f"| {t:7.3f} ms {tf(t):5.0f} TF {t_bf / t:4.2f}x bf16", flush=True)
+        os.environ.pop("MOECO_FP8_GROUPED", None)
+        # Forward + backward (3 GEMMs): bf16 _grouped_mm autograd vs fp8_grouped_mm (FP32 master weights).
+        gy = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
+        xb = xin.clone().requires_grad_()
+        wb = w_bf.clone().requires_grad_()
+        w8 = w32.clone().requires_grad_()
+
+        def step_bf():
+            xb.grad = wb.grad = None
+            torch._grouped_mm(xb, wb.transpose(-2, -1), offs=offs).backward(gy)
+
+        def step_f8():
+            xb.grad = w8.grad = None
+            fp8_grouped_mm(xb, w8, offs).backward(gy)
+
+        t_bfb = bench_ms(step_bf)
+        t_f8b = bench_ms(step_f8)
+        r.update(bf16_fwdbwd_ms=t_bfb, bf16_fwdbwd_tflops=3 * tf(t_bfb), fp8_fwdbwd_ms=t_f8b,
+                 fp8_fwdbwd_tflops=3 * tf(t_f8b), fp8_fwdbwd_x=t_bfb / t_f8b)
+        print(f"  fwd+bwd | bf16 _grouped_mm {t_bfb:7.3f} ms {3 * tf(t_bfb):5.0f} TF | fp8_grouped_mm (grouped "
+              f"kernels, incl. quant) {t_f8b:7.3f} ms {3 * tf(t_f8b):5.0f} TF {t_bfb / t_f8b:4.2f}x", flush=True)
         rows.append(r)
-        print(f"grouped fwd {name:22s} T={T} E={E} | bf16 _grouped_mm {t_bf:7.3f} ms {r['bf16_tflops']:5.0f} TF | "
-              f"fp8 per-expert loop (incl. quant) {t_f8:7.3f} ms {r['fp8_tflops']:5.0f} TF {r['fp8_x']:4.2f}x", flush=True)
+        del xq, xs, wq, ws, ref, w_bf, w32, xb, wb, w8, gy
     return rows
 
 

@@ -43,6 +43,22 @@ def test_triton_act_quant_is_bit_exact(shape, pow2):
     assert torch.equal(_bits(q), _bits(q_ref))
 
 
+@pytest.mark.parametrize("shape", [(200, 136), (2, 130, 256)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_triton_weight_quant_is_bit_exact(shape, pow2):
+    from moeco.fp8.quantize import quantize_weight_128x128_reference
+
+    gen = torch.Generator().manual_seed(sum(shape) + pow2)
+    w = torch.randn(shape, generator=gen) * torch.logspace(-3, 2, shape[-1])
+    w[..., :128, :128] = 0  # an all-zero block
+    w = w.to(DEVICE)
+    q, s, qt = triton_kernels.quantize_weight_128x128(w, pow2_scale=pow2, transposed=True)
+    q_ref, s_ref = quantize_weight_128x128_reference(w, pow2_scale=pow2)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(_bits(q), _bits(q_ref))
+    assert torch.equal(_bits(qt), _bits(q_ref.transpose(-1, -2).contiguous()))
+
+
 @pytest.mark.parametrize("from_fp8", [False, True])
 def test_triton_quant_along_tokens_is_bit_exact(from_fp8):
     gen = torch.Generator().manual_seed(7)
@@ -75,3 +91,111 @@ def test_triton_gemm_matches_reference(M, N, K, b_tiles):
     assert ((out.cpu() - ref).abs().max() / ref.abs().max()) < tol
     out_bf16 = triton_kernels.fp8_gemm_nt(aq, sa, bq, sb, torch.bfloat16)
     assert out_bf16.dtype == torch.bfloat16
+
+
+# ---- grouped GEMMs for routed experts (one launch for all experts) -----------------------------
+
+
+def _per_expert(counts, fn, shape):
+    """Stack fn(e, r0, r1) over experts with tokens into a zero tensor of `shape` (rows by expert)."""
+    out = torch.zeros(shape)
+    r0 = 0
+    for e, c in enumerate(counts):
+        if c:
+            out[r0:r0 + c] = fn(e, r0, r0 + c)
+        r0 += c
+    return out
+
+
+@pytest.mark.parametrize("counts,tail,N,K", [
+    ([5, 0, 19, 3], 4, 40, 200),   # an empty expert, ragged counts, rows past offs[-1], N, K not x128
+    ([0, 17, 0], 0, 16, 256),      # empty first and last experts
+    ([33], 0, 130, 128),           # one expert, several M tiles, N past one 128 block
+])
+def test_triton_grouped_gemm_matches_per_expert_reference(counts, tail, N, K):
+    gen = torch.Generator().manual_seed(sum(counts) + N + K)
+    E, T = len(counts), sum(counts) + tail
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x, w = torch.randn(T, K, generator=gen), torch.randn(E, N, K, generator=gen)
+    xq, xs = quantize_act_1x128(x.to(DEVICE))
+    wq, ws = quantize_weight_128x128(w.to(DEVICE))
+    out = triton_kernels.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs.to(DEVICE), torch.float32).cpu()
+    xq, xs, wq, ws = xq.cpu(), xs.cpu(), wq.cpu(), ws.cpu()
+    ref = _per_expert(counts, lambda e, a, b: fp8_gemm_reference(xq[a:b], xs[a:b], wq[e], ws[e]), (T, N))
+    tol = 1e-5 if DEVICE == "cpu" else 5e-4
+    assert ((out - ref).abs().max() / ref.abs().max()) < tol
+    assert torch.equal(out[sum(counts):], torch.zeros(tail, N))  # rows past offs[-1]: zeros
+    # Dgrad form: B = W_e^T with its blocks transposed (a strided scale view).
+    gy = torch.randn(T, N, generator=gen)
+    gq, gs = quantize_act_1x128(gy.to(DEVICE))
+    out = triton_kernels.fp8_grouped_gemm_nt(gq, gs, wq.to(DEVICE).transpose(1, 2).contiguous(),
+                                             ws.to(DEVICE).transpose(1, 2), offs.to(DEVICE), torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    gq, gs = gq.cpu(), gs.cpu()
+    ref = _per_expert(counts, lambda e, a, b: fp8_gemm_reference(gq[a:b], gs[a:b], wq[e].t().contiguous(),
+                                                                 ws[e].t().contiguous()), (T, K))
+    assert ((out.float().cpu() - ref).abs().max() / ref.abs().max()) < 1e-2  # bf16 output
+
+
+def test_triton_grouped_wgrad_matches_per_expert_reference():
+    from moeco.fp8.quantize import quantize_act_1x128_t
+
+    gen = torch.Generator().manual_seed(3)
+    counts, N, K = [5, 0, 140, 3], 24, 136  # an empty expert, one with two 128-token tiles
+    E, T = len(counts), sum(counts) + 2
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    gy, x = torch.randn(T, N, generator=gen), torch.randn(T, K, generator=gen)
+    xq, xs = quantize_act_1x128(x)
+    dw = triton_kernels.fp8_grouped_wgrad(gy.to(DEVICE), xq.to(DEVICE), xs.to(DEVICE), offs.to(DEVICE), E).cpu()
+
+    def one(e, a, b):
+        gtq, gts = quantize_act_1x128_t(gy[a:b])
+        xtq, xts = quantize_act_1x128_t(xq[a:b], xs[a:b])
+        return fp8_gemm_reference(gtq, gts, xtq, xts)
+
+    ref = torch.stack([one(e, sum(counts[:e]), sum(counts[:e + 1])) if counts[e] else torch.zeros(N, K)
+                       for e in range(E)])
+    tol = 1e-5 if DEVICE == "cpu" else 5e-4
+    assert ((dw - ref).abs().max() / ref.abs().max()) < tol
+    assert torch.equal(dw[1], torch.zeros(N, K))
+
+
+def test_triton_tile_map_bounds():
+    offs = torch.tensor([5, 5, 24, 27], dtype=torch.int32)
+    m = triton_kernels.grouped_tile_map(offs, 31, 16)
+    # groups 0, 2 (two tiles), 3, then the tail (group 4 = E, rows 27..31) and two spare tiles
+    assert m.tolist() == [[0, 2, 2, 3, 4, 4, 4], [0, 5, 21, 24, 27, 0, 0], [5, 24, 24, 27, 31, 0, 0]]
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_grouped_fn_triton_matches_loop(monkeypatch, pow2):
+    from moeco.fp8 import Fp8Recipe, fp8_grouped_mm
+    from moeco.fp8.linear import grouped_impl
+
+    recipe = Fp8Recipe(name="fp8-ue8m0", scale_format="ue8m0", weight_scale_format="ue8m0") if pow2 else Fp8Recipe()
+    gen = torch.Generator().manual_seed(11 + pow2)
+    counts, N, K = [6, 0, 21, 1], 40, 136
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEVICE)
+    x0 = torch.randn(sum(counts), K, generator=gen).to(DEVICE)
+    w0 = torch.randn(len(counts), N, K, generator=gen).to(DEVICE)
+    gy = torch.randn(sum(counts), N, generator=gen).to(DEVICE)
+    res = {}
+    for mode in ("loop", "triton"):
+        monkeypatch.setenv("MOECO_FP8_GROUPED", mode)
+        assert grouped_impl(x0.device, "auto") == mode
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = fp8_grouped_mm(x, w, offs, recipe=recipe)
+        y.backward(gy)
+        res[mode] = (y.detach(), x.grad, w.grad)
+    tol = 1e-5 if DEVICE == "cpu" else 1e-3  # CUDA: scaled_mm per expert vs grouped Triton, ~2e-4 each
+    for got, ref in zip(res["triton"], res["loop"]):
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < tol
+    monkeypatch.setenv("MOECO_FP8_GROUPED", "bogus")
+    with pytest.raises(ValueError, match="MOECO_FP8_GROUPED"):
+        grouped_impl(x0.device, "auto")
+    monkeypatch.setenv("MOECO_FP8_GROUPED", "auto")
+    assert grouped_impl(torch.device("cpu"), "auto") == "loop"  # CPU stays on the loop unless forced
+    assert grouped_impl(x0.device, "reference") == "loop"  # an explicit per-GEMM backend keeps the loop
+    monkeypatch.setenv("MOECO_FP8_GROUPED", "triton")
+    monkeypatch.setenv("MOECO_FP8_GROUPED_WGRAD", "loop")
+    assert grouped_impl(x0.device, "auto", wgrad=True) == "loop"

@@ -14,13 +14,17 @@ In eval mode the FP8 weight is cached while the master weight is unchanged (same
 inference quantizes it once; in training it is re-quantized every forward, because optimizers
 such as fused AdamW update weights in place without bumping `_version`.
 
-`Fp8GroupedMM` is the same three GEMMs for routed experts: tokens sorted by expert, `offs` the
-cumulative end row of each expert (torch._grouped_mm's convention), one FP8 GEMM per expert.
-Activations and gradients are quantized once for all tokens (their tiles are per token), the
-(E, N, K) weights per expert block.
+`fp8_grouped_mm` is the same three GEMMs for routed experts: tokens sorted by expert, `offs` the
+cumulative end row of each expert (torch._grouped_mm's convention). Activations and gradients are
+quantized once for all tokens (their tiles are per token), the (E, N, K) weights per expert block.
+On CUDA with Triton, Fprop, Dgrad and Wgrad are each one grouped kernel launch for all experts
+(`triton_kernels.fp8_grouped_gemm_nt`, `fp8_grouped_wgrad`; no host sync); elsewhere, or with
+MOECO_FP8_GROUPED=loop, one FP8 GEMM per expert (`grouped_impl` says which).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -122,41 +126,98 @@ def _rows(offs: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip([0] + ends[:-1], ends))
 
 
+GROUPED_MODES = ("auto", "triton", "loop")
+
+
+def grouped_impl(device: torch.device, backend: str, *, wgrad: bool = False) -> str:
+    """"triton" (one grouped kernel for all experts) or "loop" (one FP8 GEMM per expert).
+
+    Environment: MOECO_FP8_GROUPED=auto|triton|loop (Fprop and Dgrad, and Wgrad unless
+    MOECO_FP8_GROUPED_WGRAD says otherwise). "auto": the grouped kernels on CUDA when Triton is there
+    and the recipe's backend is "auto" or "triton"; the loop otherwise (CPU, or backend "reference" /
+    "scaled_mm"). "triton" forces the grouped kernels (CPU needs TRITON_INTERPRET=1); "loop" restores
+    the per-expert loop without a code change.
+    """
+    mode = os.environ.get("MOECO_FP8_GROUPED", "auto") or "auto"
+    if wgrad:
+        mode = os.environ.get("MOECO_FP8_GROUPED_WGRAD", mode) or mode
+    if mode not in GROUPED_MODES:
+        raise ValueError(f"MOECO_FP8_GROUPED{'_WGRAD' if wgrad else ''}={mode!r}; valid: {', '.join(GROUPED_MODES)}")
+    if mode == "loop":
+        return "loop"
+    from moeco.fp8 import triton_kernels
+
+    ok = triton_kernels.available(device)
+    if mode == "triton":
+        if not ok:
+            raise RuntimeError(f"MOECO_FP8_GROUPED=triton but Triton cannot run on {device} "
+                               "(not installed, or CPU without TRITON_INTERPRET=1)")
+        return "triton"
+    return "triton" if ok and torch.device(device).type == "cuda" and backend in ("auto", "triton") else "loop"
+
+
 class _Fp8GroupedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str, out_dtype: torch.dtype):
         T, K = x.shape
         E, N, _ = w.shape
         xq, xs = quantize_act_1x128(x, pow2_scale=act_pow2)
-        with torch.no_grad():
-            wq, ws = quantize_weight_128x128(w, pow2_scale=weight_pow2)  # (E, N, K), (E, NB, KB)
-        y = x.new_zeros((T, N), dtype=out_dtype)
-        rows = _rows(offs)
-        for e, (r0, r1) in enumerate(rows):
-            if r1 > r0:
-                y[r0:r1] = fp8_gemm(xq[r0:r1], xs[r0:r1], wq[e], ws[e], out_dtype, backend=backend)
-        ctx.save_for_backward(xq, xs, wq, ws)
-        ctx.meta = (rows, x.dtype, w.dtype, act_pow2, backend)
+        impl = grouped_impl(x.device, backend)
+        rows = None
+        if impl == "triton":
+            from moeco.fp8 import triton_kernels
+
+            with torch.no_grad():  # (E, N, K), (E, NB, KB), and W_e^T (E, K, N) for Dgrad, one kernel
+                wq, ws, wtq = triton_kernels.quantize_weight_128x128(w, pow2_scale=weight_pow2, transposed=True)
+            y = triton_kernels.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs.to(device=x.device, dtype=torch.int32),
+                                                   out_dtype)
+            wq = wtq  # backward needs only the transposed copy
+        else:
+            with torch.no_grad():
+                wq, ws = quantize_weight_128x128(w, pow2_scale=weight_pow2)  # (E, N, K), (E, NB, KB)
+            y = x.new_zeros((T, N), dtype=out_dtype)
+            rows = _rows(offs)
+            for e, (r0, r1) in enumerate(rows):
+                if r1 > r0:
+                    y[r0:r1] = fp8_gemm(xq[r0:r1], xs[r0:r1], wq[e], ws[e], out_dtype, backend=backend)
+        ctx.save_for_backward(xq, xs, wq, ws, offs)
+        ctx.meta = (rows, x.dtype, w.dtype, tuple(w.shape), act_pow2, backend, impl)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        xq, xs, wq, ws = ctx.saved_tensors
-        rows, x_dtype, w_dtype, act_pow2, backend = ctx.meta
+        xq, xs, wq, ws, offs = ctx.saved_tensors
+        rows, x_dtype, w_dtype, w_shape, act_pow2, backend, impl = ctx.meta
         gy = gy.contiguous()
-        gq, gs = quantize_act_1x128(gy, pow2_scale=act_pow2)
-        dx = torch.zeros(xq.shape, dtype=x_dtype, device=gy.device)
-        dw = torch.zeros(wq.shape, dtype=w_dtype, device=gy.device)
-        for e, (r0, r1) in enumerate(rows):
-            if r1 == r0:
-                continue
-            if ctx.needs_input_grad[0]:
-                dx[r0:r1] = fp8_gemm(gq[r0:r1], gs[r0:r1], wq[e].t().contiguous(), ws[e].t().contiguous(),
-                                     x_dtype, backend=backend)
-            if ctx.needs_input_grad[1]:
-                gtq, gts = quantize_act_1x128_t(gy[r0:r1], pow2_scale=act_pow2)
-                xtq, xts = quantize_act_1x128_t(xq[r0:r1], xs[r0:r1], pow2_scale=act_pow2)
-                dw[e] = fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
+        E = w_shape[0]
+        dx = dw = None
+        impl_w = grouped_impl(gy.device, backend, wgrad=True) if ctx.needs_input_grad[1] else impl
+        if "triton" in (impl, impl_w):
+            from moeco.fp8 import triton_kernels
+
+            offs_d = offs.to(device=gy.device, dtype=torch.int32)
+        if ctx.needs_input_grad[0]:
+            gq, gs = quantize_act_1x128(gy, pow2_scale=act_pow2)
+            if impl == "triton":  # Dgrad: dy (1x128 along N) . W_e, i.e. W_e^T (K, N) with blocks transposed
+                dx = triton_kernels.fp8_grouped_gemm_nt(gq, gs, wq, ws.transpose(1, 2), offs_d, x_dtype)  # wq: W^T
+            else:
+                rows = rows if rows is not None else _rows(offs)
+                dx = torch.zeros(xq.shape, dtype=x_dtype, device=gy.device)
+                for e, (r0, r1) in enumerate(rows):
+                    if r1 > r0:
+                        dx[r0:r1] = fp8_gemm(gq[r0:r1], gs[r0:r1], wq[e].t().contiguous(), ws[e].t().contiguous(),
+                                             x_dtype, backend=backend)
+        if ctx.needs_input_grad[1]:
+            if impl_w == "triton":  # Wgrad: dy_e^T . x_e, both 128x1-tiled along each expert's tokens
+                dw = triton_kernels.fp8_grouped_wgrad(gy, xq, xs, offs_d, E, pow2_scale=act_pow2).to(w_dtype)
+            else:
+                rows = rows if rows is not None else _rows(offs)
+                dw = torch.zeros(w_shape, dtype=w_dtype, device=gy.device)
+                for e, (r0, r1) in enumerate(rows):
+                    if r1 > r0:
+                        gtq, gts = quantize_act_1x128_t(gy[r0:r1], pow2_scale=act_pow2)
+                        xtq, xts = quantize_act_1x128_t(xq[r0:r1], xs[r0:r1], pow2_scale=act_pow2)
+                        dw[e] = fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
         return dx, dw, None, None, None, None, None
 
 

@@ -18,8 +18,9 @@ is taken, so the last tile or block is partial but scaled like the others; the p
 again from `q`. Scale shapes: act (*lead, ceil(K/128)), weight (*lead, ceil(N/128), ceil(K/128)).
 The weight scale is exactly the `weight_scale_inv` tensor of DeepSeek-V3's FP8 checkpoints.
 
-These functions are the plain PyTorch definition. On CUDA, `quantize_act_1x128` dispatches to a
-fused Triton kernel (`moeco.fp8.triton_kernels`) when Triton is present; the test suite checks
+These functions are the plain PyTorch definition. On CUDA, `quantize_act_1x128`,
+`quantize_act_1x128_t` and `quantize_weight_128x128` dispatch to fused Triton kernels
+(`moeco.fp8.triton_kernels`) when Triton is present; the test suite checks
 that the two agree.
 """
 
@@ -115,6 +116,16 @@ def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False):
     """
     if w.dim() < 2:
         raise ValueError(f"quantize_weight_128x128 needs a (*, N, K) tensor, got shape {tuple(w.shape)}")
+    if w.is_cuda and w.numel() > 0:
+        from moeco.fp8 import triton_kernels
+
+        if triton_kernels.available():
+            return triton_kernels.quantize_weight_128x128(w, pow2_scale=pow2_scale)
+    return quantize_weight_128x128_reference(w, pow2_scale=pow2_scale)
+
+
+def quantize_weight_128x128_reference(w: torch.Tensor, *, pow2_scale: bool = False):
+    """Plain PyTorch 128x128 block quantization; see `quantize_weight_128x128`."""
     *lead, N, K = w.shape
     nb, kb = _ceil_div(N, BLOCK), _ceil_div(K, BLOCK)
     wp = _pad_last(_pad_last(w, -1), -2).float().reshape(*lead, nb, BLOCK, kb, BLOCK)
@@ -158,5 +169,5 @@ def e4m3_bounds_ok(x: torch.Tensor, q: torch.Tensor, scale_full: torch.Tensor) -
 __all__ = [
     "AMAX_FLOOR", "BLOCK", "FP8_DTYPE", "FP8_MAX", "dequantize_act_1x128", "dequantize_weight_128x128",
     "expand_weight_scale", "quantize_act_1x128", "quantize_act_1x128_reference", "quantize_act_1x128_t",
-    "quantize_weight_128x128",
+    "quantize_weight_128x128", "quantize_weight_128x128_reference",
 ]

@@ -10,10 +10,17 @@ quantize_act_1x128 (one program per BLOCK_M rows x 128 channels):
 quantize_act_1x128_t: the same tiles taken along dim 0 and written transposed (x (T, C) ->
     q (C, T), s (C, ceil(T/128))), optionally from FP8 input dequantized on the fly. This is
     the 1x128 -> 128x1 re-tiling Wgrad needs (both operands scaled along the token dim).
+quantize_weight_128x128: one program per 128x128 block of a (*, N, K) weight; optionally also
+    writes the transposed FP8 copy (*, K, N) that Dgrad reads, in the same pass.
 fp8_gemm_nt: C (M, N) = A (M, K) . B (N, K)^T with A scaled per 1x128 tile and B per 128x128
     block or per 1x128 tile. One tl.dot over 128 of K at a time into a fresh FP32 tile, which
     is then multiplied by its two scales and added to the FP32 accumulator: the promotion
     interval N_C = 128 of DeepSeek-V3, section 3.3.
+fp8_grouped_gemm_nt: the same GEMM for all routed experts in one launch (tokens sorted by expert,
+    offs = cumulative end rows): Fprop (x . W_e^T) and Dgrad (dy . W_e, with W_e^T from the weight
+    quantization). A device-side tile -> expert map (`grouped_tile_map`) avoids a host sync.
+fp8_grouped_wgrad: dW_e = dy_e^T . x_e for all experts in one launch; each expert's tokens are
+    moved to a 128-aligned start, re-tiled 128x1, and every program sums over its expert's tokens.
 
 Interpreter notes: Triton's interpreter rounds float32 -> float8 wrongly near binade edges, so
 under TRITON_INTERPRET=1 the kernels first round to the E4M3 grid with integer arithmetic (exact,
@@ -113,6 +120,30 @@ if _HAVE_TRITON:
         tl.store(s_ptr + chans * stride_sc + pid_t * stride_st, s, mask=chans < C)
 
     @triton.jit
+    def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn, stride_qe, stride_qn,
+                             stride_qte, stride_qtk, stride_se, stride_sn, stride_sk,
+                             POW2: tl.constexpr, EMULATE_CAST: tl.constexpr, WRITE_T: tl.constexpr):
+        # One program per 128x128 block of matrix e of w (E, N, K): amax over the block, one scale;
+        # q (E, N, K) and, with WRITE_T, q^T (E, K, N) (the Dgrad operand), and s (E, NB, KB).
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        e = tl.program_id(2).to(tl.int64)
+        rows = pid_n * 128 + tl.arange(0, 128)
+        cols = pid_k * 128 + tl.arange(0, 128)
+        mask = (rows < N)[:, None] & (cols < K)[None, :]
+        x = tl.load(w_ptr + e * stride_we + rows[:, None] * stride_wn + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        s = _scale_from_amax(tl.max(tl.max(tl.abs(x), axis=1), axis=0), POW2)
+        v = tl.math.div_rn(x, s)
+        if EMULATE_CAST:
+            v = _round_to_e4m3_grid(v)
+        q = v.to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + e * stride_qe + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
+        if WRITE_T:
+            tl.store(qt_ptr + e * stride_qte + cols[None, :] * stride_qtk + rows[:, None], q, mask=mask)
+        tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
+
+    @triton.jit
     def _fp8_gemm_nt_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
                             stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
                             B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -203,6 +234,30 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     return q, s
 
 
+def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False, transposed: bool = False):
+    """Triton version of `moeco.fp8.quantize.quantize_weight_128x128` (bit-exact), w (*, N, K).
+
+    Returns (q, scale), or (q, scale, q_t) with `transposed=True`: q_t (*, K, N) contiguous is q with
+    its last two dims swapped (the Dgrad operand; its 128x128 scales are scale.transpose(-1, -2)).
+    """
+    *lead, N, K = w.shape
+    w3 = w.reshape(-1, N, K)
+    if w3.stride(-1) != 1:
+        w3 = w3.contiguous()
+    E = w3.shape[0]
+    nb, kb = _ceil_div(N, 128), _ceil_div(K, 128)
+    q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w.device)
+    qt = torch.empty((E, K, N), dtype=FP8_DTYPE, device=w.device) if transposed else q
+    s = torch.empty((E, nb, kb), dtype=torch.float32, device=w.device)
+    if w3.numel() > 0:
+        _quant_weight_kernel[(nb, kb, E)](w3, q, qt, s, N, K, w3.stride(0), w3.stride(1), q.stride(0), q.stride(1),
+                                          qt.stride(0), qt.stride(1), s.stride(0), s.stride(1), s.stride(2),
+                                          POW2=pow2_scale, EMULATE_CAST=interpreting(), WRITE_T=transposed,
+                                          num_warps=8)
+    out = (q.reshape(*lead, N, K), s.reshape(*lead, nb, kb))
+    return out + (qt.reshape(*lead, K, N),) if transposed else out
+
+
 def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, block_m=128, block_n=128,
                 group_m=8, num_warps=8, num_stages=3):
     """C = A . B^T with A (M, K) 1x128-scaled and B (N, K) 128x128- or 1x128-scaled, FP32 promotion."""
@@ -219,4 +274,242 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, block_m
                               b_scale.stride(1), B_SCALE_ROWS=b_rows, BLOCK_M=block_m, BLOCK_N=block_n,
                               GROUP_M=group_m, UPCAST=interpreting(), num_warps=num_warps,
                               num_stages=num_stages)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped GEMMs for routed experts ("grouped contiguous": tokens sorted by expert, offs = cumulative
+# end rows, int32, torch._grouped_mm's convention). No host sync: the tile -> expert map is built on
+# the device from offs, over an upper bound of the number of M tiles.
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _fp8_grouped_gemm_nt_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, map_ptr, N, K, E, num_tiles,
+                                    stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_ask,
+                                    stride_bse, stride_bsn, stride_bsk,
+                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                                    UPCAST: tl.constexpr):
+        # One program per (M tile of one expert, N tile). map_ptr: int32 (3, num_tiles) rows
+        # (group, first row, end row); group == E marks rows past offs[-1] (written as zeros), a
+        # tile past the last one has first row == end row (nothing loaded or stored).
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n  # neighbouring programs share B tiles (mostly one expert) in L2
+        first_m = (pid // group) * GROUP_M
+        size_m = min(num_tiles - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+        e = tl.load(map_ptr + pid_m)
+        row0 = tl.load(map_ptr + num_tiles + pid_m)
+        row1 = tl.load(map_ptr + 2 * num_tiles + pid_m)
+        real = e < E
+        e64 = tl.where(real, e, 0).to(tl.int64)
+        kb_end = tl.where(real, tl.cdiv(K, 128), 0)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, 128)
+        m_ok = offs_m < row1
+        n_ok = offs_n < N
+        offs_m64 = offs_m.to(tl.int64)
+        a_ptrs = a_ptr + offs_m64[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + e64 * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None]
+        as_ptrs = as_ptr + offs_m64 * stride_asm
+        bs_ptrs = bs_ptr + e64 * stride_bse + (offs_n // 128) * stride_bsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, kb_end):
+            k_ok = offs_k < K - kb * 128
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            part = tl.dot(a, b, out_dtype=tl.float32)  # unscaled, over 128 of K
+            sa = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
+            sb = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)
+            acc += part * sa[:, None] * sb[None, :]  # the promotion: scaled, in FP32
+            a_ptrs += 128
+            b_ptrs += 128
+        c = acc.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptr + offs_m64[:, None] * stride_cm + offs_n[None, :], c, mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _fp8_grouped_wgrad_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, pstart_ptr, M, N,
+                                  stride_am, stride_bn, stride_ce, stride_cm, stride_asm, stride_ask,
+                                  stride_bsn, stride_bsk,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+        # C[e] (M, N) = A[:, tokens of e] . B[:, tokens of e]^T, both operands 1x128-scaled along the
+        # tokens; every expert's token range starts on a 128 boundary (the padded layout), so its
+        # k-blocks are pstart[e] // 128 .. pstart[e + 1] // 128. An expert without tokens gets zeros.
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_m = pid // num_n
+        pid_n = pid % num_n
+        kb0 = tl.load(pstart_ptr + e) // 128
+        kb1 = tl.load(pstart_ptr + e + 1) // 128
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, 128)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (kb0 * 128 + offs_k)[None, :]
+        b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + (kb0 * 128 + offs_k)[:, None]
+        as_ptrs = as_ptr + offs_m * stride_asm
+        bs_ptrs = bs_ptr + offs_n * stride_bsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(kb0, kb1):
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            part = tl.dot(a, b, out_dtype=tl.float32)
+            sa = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
+            sb = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)
+            acc += part * sa[:, None] * sb[None, :]
+            a_ptrs += 128
+            b_ptrs += 128
+        c = acc.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :], c,
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+def grouped_tile_map(offs: torch.Tensor, T: int, block_m: int) -> torch.Tensor:
+    """int32 (3, n_tiles): for each M tile of the grouped layout, (group, first row, end row).
+
+    Groups are the E experts (rows offs[e-1]..offs[e]) and a group E for rows offs[-1]..T, which the
+    kernel writes as zeros. n_tiles = ceil(T / block_m) + E + 1 bounds the real count (each group
+    adds at most one partial tile); the spare tiles have first row == end row. Device ops only.
+    """
+    E = offs.numel()
+    dev = offs.device
+    ends = torch.cat([offs.to(torch.int64).clamp(0, T), torch.full((1,), T, dtype=torch.int64, device=dev)])
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), ends[:-1]])
+    counts = (ends - starts).clamp(min=0)
+    tiles = (counts + block_m - 1) // block_m
+    cum = tiles.cumsum(0)
+    n_tiles = _ceil_div(T, block_m) + E + 1
+    idx = torch.arange(n_tiles, dtype=torch.int64, device=dev)
+    g = torch.searchsorted(cum, idx, right=True)
+    valid = g <= E
+    gc = g.clamp(max=E)
+    row0 = starts[gc] + (idx - (cum[gc] - tiles[gc])) * block_m
+    row1 = ends[gc]
+    row0 = torch.where(valid, row0, 0)
+    row1 = torch.where(valid, row1, 0)
+    return torch.stack([gc, row0, row1]).to(torch.int32).contiguous()
+
+
+def _grouped_config(block_m, block_n, num_warps, num_stages):
+    if interpreting():
+        return 16, 16, 1, 1
+    return block_m, block_n, num_warps, num_stages
+
+
+def fp8_grouped_gemm_nt(a_q, a_scale, b_q, b_scale, offs, out_dtype=torch.bfloat16, *, tile_map=None,
+                        block_m=128, block_n=128, group_m=8, num_warps=8, num_stages=4):
+    """out[rows of e] = a[rows of e] . b[e]^T for all experts in one launch, FP32 promotion per 128 of K.
+
+    a_q (T, K) E4M3, a_scale (T, ceil(K/128)) float32 (1x128 tiles, any strides); b_q (E, N, K) E4M3
+    (K contiguous), b_scale (E, ceil(N/128), ceil(K/128)) float32 (128x128 blocks, any strides);
+    offs (E,) int32 cumulative end rows on a_q's device. Rows past offs[-1] come back as zeros.
+    Same numbers as `fp8_gemm_reference` per expert. `tile_map`: a `grouped_tile_map(offs, T, block_m)`
+    to reuse (it must be built with this call's block_m; under the interpreter block_m is 16).
+    """
+    T, K = a_q.shape
+    if b_q.dim() != 3 or b_q.shape[2] != K:
+        raise ValueError(f"fp8_grouped_gemm_nt wants a (T, K) and b (E, N, K); got {tuple(a_q.shape)} and "
+                         f"{tuple(b_q.shape)}")
+    E, N, _ = b_q.shape
+    kb = _ceil_div(K, 128)
+    if tuple(a_scale.shape) != (T, kb):
+        raise ValueError(f"a_scale has shape {tuple(a_scale.shape)}; expected ({T}, {kb}) (1x128 tiles)")
+    if tuple(b_scale.shape) != (E, _ceil_div(N, 128), kb):
+        raise ValueError(f"b_scale has shape {tuple(b_scale.shape)}; expected ({E}, {_ceil_div(N, 128)}, {kb}) "
+                         "(128x128 blocks per expert)")
+    if tuple(offs.shape) != (E,):
+        raise ValueError(f"offs has shape {tuple(offs.shape)}; expected ({E},) cumulative end rows")
+    if a_q.stride(1) != 1:
+        a_q = a_q.contiguous()
+    if b_q.stride(2) != 1:
+        b_q = b_q.contiguous()
+    c = torch.empty((T, N), dtype=out_dtype, device=a_q.device)
+    if T == 0 or N == 0:
+        return c
+    if K == 0 or E == 0:
+        return c.zero_()
+    block_m, block_n, num_warps, num_stages = _grouped_config(block_m, block_n, num_warps, num_stages)
+    if tile_map is None:
+        tile_map = grouped_tile_map(offs, T, block_m)
+    n_tiles = tile_map.shape[1]
+    grid = (n_tiles * _ceil_div(N, block_n),)
+    _fp8_grouped_gemm_nt_kernel[grid](a_q, b_q, c, a_scale, b_scale, tile_map, N, K, E, n_tiles,
+                                      a_q.stride(0), b_q.stride(0), b_q.stride(1), c.stride(0),
+                                      a_scale.stride(0), a_scale.stride(1), b_scale.stride(0),
+                                      b_scale.stride(1), b_scale.stride(2),
+                                      BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=group_m, UPCAST=interpreting(),
+                                      num_warps=num_warps, num_stages=num_stages)
+    return c
+
+
+def grouped_padded_rows(offs: torch.Tensor, T: int):
+    """Each expert's rows moved to start on a multiple of 128: (dest (T,) int64, pstart (E+1,) int64, Tp).
+
+    Row t of expert e goes to row t - start[e] + pstart[e] of a (Tp, C) buffer; pstart[E] is the used
+    length; Tp = 128 * (ceil(T / 128) + E) bounds it without a host sync. Rows past offs[-1] are
+    sent to row Tp - 1 of a spare block past pstart[E] (never read). Device ops only.
+    """
+    E = offs.numel()
+    dev = offs.device
+    ends = offs.to(torch.int64).clamp(0, T)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), ends[:-1]])
+    counts = (ends - starts).clamp(min=0)
+    padded = (counts + 127) // 128 * 128
+    pstart = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), padded.cumsum(0)])
+    Tp = 128 * (_ceil_div(T, 128) + E + 1)
+    t = torch.arange(T, dtype=torch.int64, device=dev)
+    e = torch.searchsorted(ends, t, right=True)
+    inside = e < E
+    ec = e.clamp(max=max(E - 1, 0))
+    dest = torch.where(inside, t - starts[ec] + pstart[ec], Tp - 1)
+    return dest, pstart, Tp
+
+
+def _scatter_rows(x: torch.Tensor, dest: torch.Tensor, Tp: int) -> torch.Tensor:
+    out = torch.zeros((Tp, x.shape[1]), dtype=x.dtype, device=x.device)
+    if x.dtype == FP8_DTYPE:  # index_copy has no float8 kernel everywhere; move the bytes
+        out.view(torch.uint8).index_copy_(0, dest, x.view(torch.uint8))
+    else:
+        out.index_copy_(0, dest, x)
+    return out
+
+
+def fp8_grouped_wgrad(gy, xq, xs, offs, E: int, *, pow2_scale=False, out_dtype=torch.float32, block_m=128,
+                      block_n=128, num_warps=8, num_stages=4):
+    """dW[e] (N, K) = gy[rows of e]^T . x[rows of e] for all experts: Wgrad of the grouped GEMM.
+
+    gy (T, N) high precision; x given as its forward FP8 copy xq (T, K) with 1x128 scales xs.
+    Both are moved into a layout where every expert starts on a 128-token boundary (zero rows in
+    between), re-tiled 1x128 -> 128x1 along the tokens (`quantize_act_1x128_t`), so each 128-token
+    tile belongs to one expert, exactly as the per-expert loop tiles them; then one launch computes
+    all experts (grid: output tiles x experts, each looping over its own token blocks).
+    """
+    from moeco.fp8.quantize import quantize_act_1x128_t
+
+    T, N = gy.shape
+    K = xq.shape[1]
+    if E == 0 or N == 0 or K == 0:
+        return torch.zeros((E, N, K), dtype=out_dtype, device=gy.device)
+    dest, pstart, Tp = grouped_padded_rows(offs, T)
+    gq, gs = quantize_act_1x128_t(_scatter_rows(gy, dest, Tp), pow2_scale=pow2_scale)  # (N, Tp), (N, Tp/128)
+    xtq, xts = quantize_act_1x128_t(_scatter_rows(xq, dest, Tp), _scatter_rows(xs.contiguous(), dest, Tp),
+                                    pow2_scale=pow2_scale)  # (K, Tp), (K, Tp/128)
+    c = torch.empty((E, N, K), dtype=out_dtype, device=gy.device)
+    block_m, block_n, num_warps, num_stages = _grouped_config(block_m, block_n, num_warps, num_stages)
+    grid = (_ceil_div(N, block_m) * _ceil_div(K, block_n), E)
+    _fp8_grouped_wgrad_kernel[grid](gq, xtq, c, gs, xts, pstart, N, K, gq.stride(0), xtq.stride(0),
+                                    c.stride(0), c.stride(1), gs.stride(0), gs.stride(1), xts.stride(0),
+                                    xts.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=interpreting(),
+                                    num_warps=num_warps, num_stages=num_stages)
     return c
