@@ -1,7 +1,8 @@
 """CPU benchmark: moeco vs transformers' DeepseekV3ForCausalLM on the same weights, in the same run.
 
-Measures prefill tokens/s (one forward over the prompt), decode tokens/s (greedy generate with the
-cache) and cache bytes per token, and prints the ratios. Usage:
+Measures prefill tokens/s (one forward over the prompt) with its GFLOP/s against an fp32 matmul
+measured in the same run (the practical compute ceiling of these cores), decode tokens/s (greedy
+generate with the cache) and cache bytes per token, and prints the ratios. Usage:
 
     python bench/model_cpu.py [--batch 4] [--prompt 256] [--new 64] [--threads 2] [--repeats 3]
 """
@@ -88,15 +89,27 @@ def main() -> None:
     moeco_dec = dec_tok / max(decode_moeco - t_moeco, 1e-9)
     hf_dec = dec_tok / max(decode_hf - t_hf, 1e-9)
     moeco_cache = model.new_cache(1, 1).bytes_per_token()
+    # compute ceiling: a large fp32 matmul; prefill FLOPs: the planner's forward count minus the head
+    # on all but the last token (both runs compute logits for the last position only)
+    from moeco.plan.costs import forward_flops_per_token
+
+    a = torch.randn(2048, 2048)
+    peak = 2 * 2048**3 / best_of(lambda: a @ a, 5) / 1e9
+    head = 2 * cfg.vocab_size * cfg.hidden_size
+    flops = (forward_flops_per_token(cfg, seq_len=args.prompt) - head) * prefill_tokens + head * args.batch
     hf_cache = hf_cache_bytes_per_token(hf, ids[:1, :16])
 
     print(f"# moeco vs transformers {transformers.__version__}, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, {args.threads} threads, fp32, "
           f"{model.num_params() / 1e6:.1f}M params, max |logit diff| {err:.1e}")
     print(f"# batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, best of {args.repeats}")
+    print(f"# fp32 matmul 2048^3 in the same run: {peak:.0f} GFLOP/s (the ceiling for the prefill row)")
     print(f"{'metric':32s} {'moeco':>12s} {'transformers':>14s} {'ratio':>8s}")
     print(f"{'prefill tokens/s':32s} {prefill_tokens / t_moeco:12.0f} {prefill_tokens / t_hf:14.0f} "
           f"{t_hf / t_moeco:7.2f}x")
+    g_m, g_h = flops / t_moeco / 1e9, flops / t_hf / 1e9
+    print(f"{'prefill GFLOP/s (% of matmul)':32s} {f'{g_m:.0f} ({g_m / peak:.0%})':>12s} "
+          f"{f'{g_h:.0f} ({g_h / peak:.0%})':>14s}")
     print(f"{'decode tokens/s':32s} {moeco_dec:12.1f} {hf_dec:14.1f} {moeco_dec / hf_dec:7.2f}x")
     print(f"{'cache bytes/token (fp32)':32s} {moeco_cache:12,d} {hf_cache:14,.0f} {hf_cache / moeco_cache:7.2f}x")
 
