@@ -28,7 +28,7 @@ run: install
 		--set train.lr=2e-3 --set train.warmup_steps=30 --set train.bias_update_speed=0.01
 	$(VENV)/bin/moeco generate $(RUN_DIR)/model --prompt "The for statement" --max-new-tokens 60 \
 		--temperature 0.8 --top-p 0.95
-	@echo "model: $(RUN_DIR)/model  metrics: $(RUN_DIR)/metrics.jsonl  plots: $(RUN_DIR)/*.png"
+	@echo "written: model $(RUN_DIR)/model, metrics $(RUN_DIR)/metrics.jsonl, plots $(RUN_DIR)/plots/, checkpoints $(RUN_DIR)/checkpoints/"
 
 test: install-test
 	$(PY) -m pytest

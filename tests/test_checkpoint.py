@@ -80,13 +80,14 @@ def test_fp8_checkpoint_with_partial_blocks_loads_close(tmp_path):
     assert json.loads((tmp_path / "fp8/config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
     loaded = moeco.load_pretrained(tmp_path / "fp8", dtype=torch.float32)
     # expected: the original model with every FP8-eligible matrix passed through E4M3 128x128 blocks
+    import moeco.checkpoint as ckpt
     from moeco.fp8.quantize import dequantize_weight_128x128, quantize_weight_128x128
 
     expected = moeco.load_pretrained(tmp_path / "fp8", dtype=torch.float32)
     expected.load_state_dict(model.state_dict())
     with torch.no_grad():
         for name, p in expected.named_parameters():
-            if p.dim() == 2 and name.endswith("_proj.weight") and ".eh_proj." not in name:
+            if p.dim() == 2 and name.split(".")[-2] in ckpt._FP8_MODULES:
                 p.copy_(dequantize_weight_128x128(*quantize_weight_128x128(p)))
             elif ".experts.w" in name:  # routed experts ship per expert, each in its own blocks
                 for w in p:
@@ -163,3 +164,40 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(micro_config().to_hf_dict()))
     with pytest.raises(moeco.LoadError, match="no \\*.safetensors"):
         moeco.load_pretrained(tmp_path)
+
+
+def test_keep_fp8_holds_the_release_weights_in_fp8_and_matches_the_dequantized_model(tmp_path):
+    cfg = micro_config(hidden_size=160, q_lora_rank=96, intermediate_size=200, moe_intermediate_size=72)
+    torch.manual_seed(13)
+    moeco.Transformer(cfg).save_pretrained(tmp_path / "fp8", fp8=True)
+    deq = moeco.load_pretrained(tmp_path / "fp8", dtype=torch.bfloat16)
+    kept = moeco.load_pretrained(tmp_path / "fp8", dtype=torch.bfloat16, keep_fp8=True)
+    from moeco.fp8.inference import Fp8InferenceExperts, fp8_weight_bytes
+    from moeco.fp8.linear import Fp8InferenceLinear
+
+    assert isinstance(kept.model.layers[0].self_attn.kv_b_proj, Fp8InferenceLinear)
+    assert isinstance(kept.model.layers[1].mlp.experts, Fp8InferenceExperts)
+    assert kept.model.layers[1].mlp.experts.w1_EFD.dtype == torch.float8_e4m3fn
+    # every FP8-shipped projection is one byte per weight: the projections take half of BF16's memory
+    fp8_bytes, _ = fp8_weight_bytes(kept)
+    import moeco.checkpoint as ckpt
+
+    proj_bytes_bf16 = sum(p.numel() * 2 for n, p in deq.named_parameters()
+                          if (p.dim() == 2 and n.split(".")[-2] in ckpt._FP8_MODULES) or ".experts.w" in n)
+    assert fp8_bytes * 2 == proj_bytes_bf16
+    ids = _ids(cfg)
+    with torch.no_grad():  # on CPU the kept weights are dequantized on use: the same model exactly
+        torch.testing.assert_close(kept(ids.clone()).float(), deq(ids.clone()).float(), atol=2e-2, rtol=0)
+        assert kept.generate(ids[:1, :4], 6).tolist() == deq.generate(ids[:1, :4], 6).tolist()
+    # and a kept-FP8 model saves back to the same release layout
+    kept.save_pretrained(tmp_path / "again")
+    a = load_file(str(tmp_path / "fp8/model.safetensors"))
+    b = load_file(str(tmp_path / "again/model.safetensors"))
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a if a[k].dtype == torch.float8_e4m3fn)
+
+
+def test_keep_fp8_needs_an_fp8_checkpoint(model, tmp_path):
+    model.save_pretrained(tmp_path / "ck")
+    with pytest.raises(moeco.LoadError, match="no FP8 weights"):
+        moeco.load_pretrained(tmp_path / "ck", keep_fp8=True)

@@ -157,6 +157,16 @@ def grouped_impl(device: torch.device, backend: str, *, wgrad: bool = False) -> 
     return "loop"
 
 
+def fp8_grouped_gemm_loop(xq, xs, wq, ws, rows: list[tuple[int, int]], out_dtype: torch.dtype,
+                          backend: str = "auto") -> torch.Tensor:
+    """y[r0:r1] = x_e . W_e^T for pre-quantized operands, one FP8 GEMM per expert with tokens."""
+    y = torch.zeros((xq.shape[0], wq.shape[1]), dtype=out_dtype, device=xq.device)
+    for e, (r0, r1) in enumerate(rows):
+        if r1 > r0:
+            y[r0:r1] = fp8_gemm(xq[r0:r1], xs[r0:r1], wq[e], ws[e], out_dtype, backend=backend)
+    return y
+
+
 class _Fp8GroupedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str, out_dtype: torch.dtype):
@@ -176,11 +186,8 @@ class _Fp8GroupedFn(torch.autograd.Function):
         else:
             with torch.no_grad():
                 wq, ws = quantize_weight_128x128(w, pow2_scale=weight_pow2)  # (E, N, K), (E, NB, KB)
-            y = x.new_zeros((T, N), dtype=out_dtype)
             rows = _rows(offs)
-            for e, (r0, r1) in enumerate(rows):
-                if r1 > r0:
-                    y[r0:r1] = fp8_gemm(xq[r0:r1], xs[r0:r1], wq[e], ws[e], out_dtype, backend=backend)
+            y = fp8_grouped_gemm_loop(xq, xs, wq, ws, rows, out_dtype, backend)
         ctx.save_for_backward(xq, xs, wq, ws, offs)
         ctx.meta = (rows, x.dtype, w.dtype, tuple(w.shape), act_pow2, backend, impl)
         return y

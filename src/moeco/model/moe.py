@@ -153,7 +153,9 @@ class MoE(nn.Module):
         c = config
         self.n_experts = c.n_routed_experts
         self.gate = Router(c)
-        self.experts = GroupedExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, recipe)
+        make_experts = getattr(recipe, "make_experts", None)  # e.g. FP8 inference keeps FP8 expert weights
+        self.experts = (make_experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size) if make_experts
+                        else GroupedExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, recipe))
         self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, recipe,
                                    role="shared_expert") if c.n_shared_experts else None)
         self.dispatcher = LocalDispatcher()
