@@ -35,11 +35,15 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def small_cfg(tmp_path: Path, *extra: str) -> TrainConfig:
+    return TrainConfig().with_overrides(small_cfg_sets(tmp_path, *extra))
+
+
+def small_cfg_sets(tmp_path: Path, *extra: str) -> list[str]:
     sets = [f"model.{k}={v}" for k, v in MODEL.items()] + [
         f'data.path="{corpus(tmp_path)}"', "data.seq_len=32", "train.batch_size=4", "train.steps=8",
         "train.warmup_steps=2", "train.lr=3e-3", "checkpoint.every=4", "log.eval_interval=4", "log.eval_batches=2",
         "checkpoint.keep=3"]
-    return TrainConfig().with_overrides(sets + list(extra))
+    return sets + list(extra)
 
 
 def losses(out: Path) -> list[float]:
@@ -188,3 +192,22 @@ def test_short_run_with_gamma_ends_better_balanced_than_without(tmp_path):
 
     balanced, unbalanced = final_load(0.001), final_load(0.0)
     assert balanced < 0.7 * unbalanced, (balanced, unbalanced)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp8-ue8m0"])
+def test_precision_flag_trains_with_the_fp8_recipe(tmp_path, precision):
+    from moeco.cli import main
+    from moeco.fp8.linear import Fp8Linear
+
+    out = tmp_path / precision
+    argv = ["train", "--precision", precision, "--out", str(out), "--quiet"]
+    argv += [f"--set={k}" for k in small_cfg_sets(tmp_path, "train.steps=2", "checkpoint.every=0",
+                                                   "log.eval_interval=0")]
+    assert main(argv) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN
+    assert f'precision = "{precision}"' in (out / "train_config.toml").read_text()
+    from moeco.train.trainer import _recipe
+
+    recipe = _recipe(precision)
+    assert isinstance(recipe.make_linear(128, 128, role="mlp"), Fp8Linear)

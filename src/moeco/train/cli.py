@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moeco.train.config import TrainConfig
+from moeco.train.config import PRECISIONS, TrainConfig
 
 DEFAULT_OUT = "runs/train"
 
@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--seed", type=int, help="seed for weights and data order")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="checkpoint every N steps (0: end only)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="auto (bf16 autocast on GPUs, fp32 on CPU) | fp32 | bf16 | fp8 (DeepSeek-V3's recipe) "
+                        "| fp8-ue8m0 (power-of-two scales)")
     p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                    help="override any option, e.g. train.lr=3e-4 or model.hidden_size=256 (repeatable)")
     p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its latest checkpoint")
@@ -52,6 +55,8 @@ def flag_assignments(args) -> list[str]:
         out.append(f"train.seed={args.seed}")
     if args.checkpoint_every is not None:
         out.append(f"checkpoint.every={args.checkpoint_every}")
+    if args.precision is not None:
+        out.append(f'train.precision="{args.precision}"')
     return out + list(args.assignments)
 
 

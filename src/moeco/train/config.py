@@ -31,7 +31,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = None
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8", "fp8-ue8m0")
 
 
 def _opt(default: Any, section: str, doc: str) -> Any:

@@ -113,14 +113,14 @@ class Dist:
 
 
 def _recipe(precision: str):
-    if precision != "fp8":
+    if not precision.startswith("fp8"):
         return None
     try:
         from moeco.fp8.recipe import recipe_by_name
     except ImportError:
         raise ConfigError("train.precision = 'fp8' needs moeco.fp8.recipe, which this install lacks; "
                           "use bf16 or fp32") from None
-    return recipe_by_name("fp8")
+    return recipe_by_name(precision)
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
