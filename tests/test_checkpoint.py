@@ -89,9 +89,10 @@ def test_fp8_checkpoint_with_partial_blocks_loads_close(tmp_path):
         for name, p in expected.named_parameters():
             if p.dim() == 2 and name.split(".")[-2] in ckpt._FP8_MODULES:
                 p.copy_(dequantize_weight_128x128(*quantize_weight_128x128(p)))
-            elif ".experts.w" in name:  # routed experts ship per expert, each in its own blocks
+            elif ".experts.w" in name:  # routed experts ship per expert and per matrix, each in its own blocks
                 for w in p:
-                    w.copy_(dequantize_weight_128x128(*quantize_weight_128x128(w)))
+                    for m in (w.chunk(2) if name.endswith("w13_E2FD") else (w,)):
+                        m.copy_(dequantize_weight_128x128(*quantize_weight_128x128(m)))
     ids = _ids(cfg)
     with torch.no_grad():
         ref, got, want = model(ids), loaded(ids), expected(ids)

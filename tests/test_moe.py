@@ -86,11 +86,12 @@ def test_moe_stages_match_a_per_token_loop_and_gradients_flow():
     for t in range(xt.shape[0]):
         for k in range(cfg.num_experts_per_tok):
             j = r.indices_TK[t, k]
-            h = torch.nn.functional.silu(xt[t] @ e.w1_EFD[j].t()) * (xt[t] @ e.w3_EFD[j].t())
+            F_ = cfg.moe_intermediate_size
+            h = torch.nn.functional.silu(xt[t] @ e.w13_E2FD[j, :F_].t()) * (xt[t] @ e.w13_E2FD[j, F_:].t())
             ref[t] += r.weights_TK[t, k] * (h @ e.w2_EDF[j].t())
     torch.testing.assert_close(y.detach().reshape(-1, cfg.hidden_size), ref.detach(), atol=1e-5, rtol=1e-5)
     y.square().sum().backward()
-    assert x.grad is not None and e.w1_EFD.grad.abs().sum() > 0 and moe.gate.weight.grad.abs().sum() > 0
+    assert x.grad is not None and e.w13_E2FD.grad.abs().sum() > 0 and moe.gate.weight.grad.abs().sum() > 0
     x_sorted, counts, _ = moe.dispatch(xt, r)
     torch.testing.assert_close(e(x_sorted, counts), e.forward_reference(x_sorted, counts))
 

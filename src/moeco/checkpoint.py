@@ -3,10 +3,11 @@
 The one name table. moeco's module names are the HF names, except:
 
     moeco state dict                          checkpoint
-    model.layers.{i}.mlp.experts.w1_EFD   <-  model.layers.{i}.mlp.experts.{j}.gate_proj.weight  (F, D) x E
-    model.layers.{i}.mlp.experts.w3_EFD   <-  model.layers.{i}.mlp.experts.{j}.up_proj.weight    (F, D) x E
+    model.layers.{i}.mlp.experts.w13_E2FD <-  model.layers.{i}.mlp.experts.{j}.gate_proj.weight  (F, D) x E
+                                              then ....{j}.up_proj.weight, (F, D) x E, along the rows
     model.layers.{i}.mlp.experts.w2_EDF   <-  model.layers.{i}.mlp.experts.{j}.down_proj.weight  (D, F) x E
                                           or  transformers-5 fused: experts.gate_up_proj (E, 2F, D), experts.down_proj (E, D, F)
+    (FP8 inference experts keep w1_EFD / w3_EFD apart, each with its own 128x128 `_scale_inv` blocks)
     mtp.{k}.<name>                        <-> model.layers.{L+k}.<name>        (L = num_hidden_layers)
     (shared)                              <-> model.layers.{L+k}.embed_tokens.weight, .shared_head.head.weight
                                               (copies of the main embedding and head: written, ignored on load)
@@ -37,8 +38,10 @@ from moeco.fsutil import fsync_tree, publish_dir
 
 log = logging.getLogger(__name__)
 
-_EXPERT_PARAM = re.compile(r"^(.*\.mlp\.experts)\.(w1_EFD|w3_EFD|w2_EDF)(_scale_inv)?$")
-_PER_EXPERT_NAME = {"w1_EFD": "gate_proj", "w3_EFD": "up_proj", "w2_EDF": "down_proj"}
+_EXPERT_PARAM = re.compile(r"^(.*\.mlp\.experts)\.(w13_E2FD|w1_EFD|w3_EFD|w2_EDF)(_scale_inv)?$")
+# moeco's 3-D expert tensor -> the per-expert checkpoint matrices it stacks (w13: gate rows, then up rows)
+_PER_EXPERT_NAME = {"w13_E2FD": ("gate_proj", "up_proj"), "w1_EFD": ("gate_proj",), "w3_EFD": ("up_proj",),
+                    "w2_EDF": ("down_proj",)}
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -122,20 +125,21 @@ class _Reader:
 
 def _gather_experts(reader: _Reader, prefix: str, which: str, n_experts: int, dtype, used: set,
                     suffix: str = "") -> torch.Tensor:
-    fused_key = f"{prefix}.gate_up_proj" if which in ("w1_EFD", "w3_EFD") else f"{prefix}.down_proj"
+    """One 3-D expert tensor from the fused (transformers 5) or the per-expert (DeepSeek) layout."""
+    fused_key = f"{prefix}.down_proj" if which == "w2_EDF" else f"{prefix}.gate_up_proj"
     if fused_key in reader and not suffix and dtype is not None:
         t = reader.get(fused_key, dtype, used)
-        if which == "w2_EDF":
+        if which in ("w2_EDF", "w13_E2FD"):
             return t
         half = t.shape[1] // 2
         return t[:, :half] if which == "w1_EFD" else t[:, half:]
-    part = _PER_EXPERT_NAME[which]
-    keys = [f"{prefix}.{j}.{part}.weight{suffix}" for j in range(n_experts)]
-    missing = [k for k in keys if k not in reader]
+    parts = _PER_EXPERT_NAME[which]
+    keys = [[f"{prefix}.{j}.{part}.weight{suffix}" for part in parts] for j in range(n_experts)]
+    missing = [k for row in keys for k in row if k not in reader]
     if missing:
         raise LoadError(f"missing tensor {missing[0]!r} (and {len(missing) - 1} more expert tensors)"
                         if len(missing) > 1 else f"missing tensor {missing[0]!r}")
-    return torch.stack([reader.get(k, dtype, used) for k in keys])
+    return torch.stack([torch.cat([reader.get(k, dtype, used) for k in row]) for row in keys])
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -227,9 +231,10 @@ def checkpoint_state_dict(model, fp8: bool = False) -> dict[str, torch.Tensor]:
         ckpt_name = _to_ckpt_prefix(name, L)
         m = _EXPERT_PARAM.match(ckpt_name)
         if m:
-            part = _PER_EXPERT_NAME[m.group(2)]
+            parts = _PER_EXPERT_NAME[m.group(2)]
             for j in range(t.shape[0]):
-                out[f"{m.group(1)}.{j}.{part}.weight{m.group(3) or ''}"] = t[j].detach().clone().contiguous()
+                for part, w in zip(parts, t[j].detach().chunk(len(parts))):
+                    out[f"{m.group(1)}.{j}.{part}.weight{m.group(3) or ''}"] = w.clone().contiguous()
         else:
             out[ckpt_name] = t.detach().clone().contiguous()
     for k in range(config.num_nextn_predict_layers):  # DeepSeek's layout repeats these in the MTP layer

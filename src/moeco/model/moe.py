@@ -122,26 +122,31 @@ class LocalDispatcher:
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts as 3-D weights (w1 gate, w3 up: E x F x D; w2 down: E x D x F), one grouped GEMM each."""
+    """E SwiGLU experts as 3-D weights, two grouped GEMMs per forward.
+
+    w13_E2FD (E, 2F, D): each expert's gate rows [0, F) then up rows [F, 2F), one GEMM for both
+    (transformers 5 fuses them the same way, as `gate_up_proj`); w2_EDF (E, D, F): the down projection.
+    """
 
     def __init__(self, n_experts: int, dim: int, hidden: int, recipe):
         super().__init__()
-        self.w1_EFD = nn.Parameter(torch.empty(n_experts, hidden, dim))
-        self.w3_EFD = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.w13_E2FD = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         self.w2_EDF = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.grouped_mm = recipe.grouped_mm
 
     def forward(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         offs = tokens_per_expert.cumsum(0).to(torch.int32)
-        h = F.silu(self.grouped_mm(x_CD, self.w1_EFD, offs)) * self.grouped_mm(x_CD, self.w3_EFD, offs)
-        return self.grouped_mm(h, self.w2_EDF, offs)
+        gate, up = self.grouped_mm(x_CD, self.w13_E2FD, offs).chunk(2, dim=-1)
+        return self.grouped_mm(F.silu(gate) * up, self.w2_EDF, offs)
 
     def forward_reference(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Per-expert loop in plain PyTorch: the reference the grouped path is tested against."""
         out, start = x_CD.new_empty(x_CD.shape), 0
+        F_ = self.w2_EDF.shape[-1]
         for e, n in enumerate(tokens_per_expert.tolist()):
             x = x_CD[start:start + n]
-            h = F.silu(x @ self.w1_EFD[e].t()) * (x @ self.w3_EFD[e].t())
+            w_gate, w_up = self.w13_E2FD[e, :F_], self.w13_E2FD[e, F_:]
+            h = F.silu(x @ w_gate.t()) * (x @ w_up.t())
             out[start:start + n] = h @ self.w2_EDF[e].t()
             start += n
         return out

@@ -17,7 +17,7 @@ from moeco.config import ModelConfig
 from moeco.errors import ConfigError
 from moeco.model.layers import DEFAULT_RECIPE, MLP, RMSNorm, RotaryEmbedding
 from moeco.model.mla import MLA, LatentCache
-from moeco.model.moe import MoE, Router
+from moeco.model.moe import GroupedExperts, MoE, Router
 from moeco.model.mtp import build_mtp_module, mtp_forward
 
 
@@ -99,9 +99,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, std=std)
                 if module.e_score_correction_bias is not None:
                     module.e_score_correction_bias.zero_()
-            elif hasattr(module, "w1_EFD"):
-                for w in (module.w1_EFD, module.w3_EFD, module.w2_EDF):
-                    nn.init.normal_(w, std=std)
+            elif isinstance(module, GroupedExperts):
+                nn.init.normal_(module.w13_E2FD, std=std)
+                nn.init.normal_(module.w2_EDF, std=std)
 
     def reset_buffers(self, device=None) -> None:
         """Rebuild non-persistent buffers (after constructing on the meta device and loading weights)."""
