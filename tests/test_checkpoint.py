@@ -202,3 +202,23 @@ def test_keep_fp8_needs_an_fp8_checkpoint(model, tmp_path):
     model.save_pretrained(tmp_path / "ck")
     with pytest.raises(moeco.LoadError, match="no FP8 weights"):
         moeco.load_pretrained(tmp_path / "ck", keep_fp8=True)
+
+
+def test_keep_fp8_decode_dequantizes_kv_b_once(tmp_path, monkeypatch):
+    cfg = micro_config()
+    torch.manual_seed(14)
+    moeco.Transformer(cfg).save_pretrained(tmp_path / "fp8", fp8=True)
+    kept = moeco.load_pretrained(tmp_path / "fp8", keep_fp8=True)
+    from moeco.fp8.linear import Fp8InferenceLinear
+
+    calls = []
+    original = Fp8InferenceLinear.dequantized_weight
+    monkeypatch.setattr(Fp8InferenceLinear, "dequantized_weight",
+                        lambda self, dtype=torch.float32: calls.append(id(self)) or original(self, dtype))
+    kv_b = [id(layer.self_attn.kv_b_proj) for layer in kept.model.layers]
+    for new_tokens in (8, 16):
+        calls.clear()
+        kept.generate(_ids(cfg)[:1, :4], new_tokens)
+        # the plain prefill's forward dequantizes once per layer; the absorbed decode steps reuse
+        # one cached dense copy (built on the first generate), whatever the number of steps
+        assert [calls.count(k) for k in kv_b] == [2 if new_tokens == 8 else 1] * len(kv_b)

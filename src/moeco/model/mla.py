@@ -56,10 +56,6 @@ class LatentCache:
         return layers * dim * self.latent.element_size()
 
 
-def dense_weight(linear: nn.Module) -> torch.Tensor:
-    """The high-precision weight of a Linear (FP8 modules expose `dequantized_weight()`)."""
-    fn = getattr(linear, "dequantized_weight", None)
-    return fn() if fn is not None else linear.weight
 
 
 class MLA(nn.Module):
@@ -82,6 +78,23 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.kv_b_proj = recipe.make_linear(c.kv_lora_rank, self.n_heads * (self.dn + self.dv), role=role)
         self.o_proj = recipe.make_linear(self.n_heads * self.dv, c.hidden_size, bias=c.attention_bias, role=role)
+        self._kv_b_dense = None  # (key, weight): kv_b_proj dequantized once, when it is stored in FP8
+
+    def kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W_UK and W_UV as one dense (H*(dn+dv), d_c) matrix for the absorbed path.
+
+        A plain Linear's weight is used as it is; an FP8 one (`dequantized_weight()`, keep_fp8
+        inference) is dequantized once and reused while its stored weight is unchanged, not at
+        every decode step of every layer.
+        """
+        lin = self.kv_b_proj
+        dequantize = getattr(lin, "dequantized_weight", None)
+        if dequantize is None:
+            return lin.weight.to(dtype)
+        key = (lin.weight.data_ptr(), lin.weight._version, dtype)
+        if self._kv_b_dense is None or self._kv_b_dense[0] != key:
+            self._kv_b_dense = (key, dequantize(dtype))
+        return self._kv_b_dense[1]
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache_BTC: torch.Tensor | None = None, start_pos: int = 0, absorb: bool = False) -> torch.Tensor:
@@ -132,8 +145,8 @@ class MLA(nn.Module):
 
     def _absorbed(self, q_nope, q_rot, latent_BTC, k_rot_BTR, start_pos):
         S, T = q_nope.shape[1], latent_BTC.shape[1]
-        w = dense_weight(self.kv_b_proj).view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.dn].to(q_nope.dtype), w[:, self.dn:].to(q_nope.dtype)
+        w = self.kv_b_weight(q_nope.dtype).view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK folded into the query
         scores = (torch.einsum("bshc,btc->bsht", q_latent, latent_BTC)
                   + torch.einsum("bshr,btr->bsht", q_rot, k_rot_BTR)) * self.scale
