@@ -38,11 +38,11 @@ class Fp8InferenceExperts(nn.Module):
             self.register_buffer(name, torch.zeros(n_experts, *shape, dtype=FP8_DTYPE))
             self.register_buffer(name + "_scale_inv", torch.ones(n_experts, *sshape, dtype=torch.float32))
 
-    def _project(self, x_CD: torch.Tensor, name: str, rows: list[tuple[int, int]]) -> torch.Tensor:
+    def _project(self, x_CD: torch.Tensor, xq, name: str, rows: list[tuple[int, int]]) -> torch.Tensor:
+        """x . W_e^T per expert; xq = x's 1x128 FP8 tiles and scales on CUDA (quantized once), else None."""
         wq, ws = getattr(self, name), getattr(self, name + "_scale_inv")
-        if x_CD.is_cuda:
-            xq, xs = quantize_act_1x128(x_CD)
-            return fp8_grouped_gemm_loop(xq, xs, wq, ws, rows, x_CD.dtype, self.backend)
+        if xq is not None:
+            return fp8_grouped_gemm_loop(*xq, wq, ws, rows, x_CD.dtype, self.backend)
         out = x_CD.new_zeros(x_CD.shape[0], wq.shape[1])
         for e, (r0, r1) in enumerate(rows):
             if r1 > r0:  # dequantize only the experts this batch uses
@@ -51,8 +51,10 @@ class Fp8InferenceExperts(nn.Module):
 
     def forward(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         rows = _rows(tokens_per_expert.cumsum(0))
-        h = F.silu(self._project(x_CD, "w1_EFD", rows)) * self._project(x_CD, "w3_EFD", rows)
-        return self._project(h, "w2_EDF", rows)
+        xq = quantize_act_1x128(x_CD) if x_CD.is_cuda else None  # shared by the gate and up projections
+        h = F.silu(self._project(x_CD, xq, "w1_EFD", rows)) * self._project(x_CD, xq, "w3_EFD", rows)
+        hq = quantize_act_1x128(h) if h.is_cuda else None
+        return self._project(h, hq, "w2_EDF", rows)
 
 
 class Fp8InferenceRecipe(HighPrecision):

@@ -43,10 +43,6 @@ class LatentCache:
         self.latent = torch.zeros(layers, batch, max_len, config.latent_dim, dtype=dtype, device=device)
         self.length = 0
 
-    @property
-    def max_len(self) -> int:
-        return self.latent.shape[2]
-
     def layer(self, layer_id: int) -> torch.Tensor:
         return self.latent[layer_id]
 

@@ -64,7 +64,6 @@ class ModelOutput:
     logits: torch.Tensor  # (B, S, V)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, S-k, V), i predicts i+k+1
     balance_loss: torch.Tensor | None = None  # sum over MoE layers of sum_i f_i P_i (not times alpha)
-    hidden: torch.Tensor | None = None  # final normed hidden state (B, S, D)
 
 
 class Transformer(nn.Module):
@@ -122,9 +121,9 @@ class Transformer(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | None = None, start_pos: int = 0,
-                return_mtp: bool = False, return_aux: bool = False, return_hidden: bool = False,
+                return_mtp: bool = False, return_aux: bool = False,
                 attn_impl: str = "auto", last_only: bool = False):
-        """Logits (B, S, V); a ModelOutput when MTP logits, the balance term or hidden states are asked for.
+        """Logits (B, S, V); a ModelOutput when MTP logits or the balance term are asked for.
 
         With a `cache`, the new tokens' latents are written at `start_pos` and attention covers
         the cached prefix. attn_impl: "plain" (materialised K/V), "absorbed" (over the latent
@@ -148,7 +147,7 @@ class Transformer(nn.Module):
             cache.length = start_pos + S
         h = self.model.norm(h)
         logits = self.lm_head(h[:, -1:] if last_only else h)
-        if not (return_mtp or return_aux or return_hidden):
+        if not (return_mtp or return_aux):
             return logits
 
         mtp_logits, prev = [], h
@@ -163,7 +162,7 @@ class Transformer(nn.Module):
                     balance.append(aux)
                 mtp_logits.append(self.lm_head(module.shared_head.norm(prev)))
         balance_loss = torch.stack(balance).sum() if balance else (h.new_zeros(()) if return_aux else None)
-        return ModelOutput(logits, mtp_logits, balance_loss, h if return_hidden else None)
+        return ModelOutput(logits, mtp_logits, balance_loss)
 
     # ---- decoding -------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
