@@ -5,7 +5,8 @@
 Each row times full optimizer steps of the same configuration in bf16 autocast with fp32 master
 weights and AdamW: moeco's `Trainer.train_step` (LM + MTP + balance loss, bias hook) and
 transformers' `DeepseekV3ForCausalLM` (LM loss only; it has no MTP), moeco on the embedded corpus,
-transformers on random token ids (routing differs; the arithmetic per token does not). MFU uses the planner's causal FLOPs-per-token for the moeco rows and the
+transformers on random token ids (routing differs; the arithmetic per token does not) with the
+vocabulary of moeco's eager run. MFU uses the planner's causal FLOPs-per-token for the moeco rows and the
 same formula without the MTP layer for the transformers row, against the GPU's dense bf16 peak.
 Prints a table and writes train_gpu.json into --out.
 """
@@ -42,7 +43,8 @@ def time_moeco(args, compile_: bool, run_dir: Path) -> dict:
     tokens = args.batch * args.seq_len
     row = {"name": f"moeco {'compiled' if compile_ else 'eager'}", "step_s": dt, "tokens_per_s": tokens / dt,
            "flops_per_token": trainer.flops_per_token, "loss": records[-1]["loss"], "setup_s": setup,
-           "warmup_s": first, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+           "warmup_s": first, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+           "vocab_size": trainer.mcfg.vocab_size}
     trainer.close()
     del trainer
     torch.cuda.empty_cache()
@@ -50,11 +52,13 @@ def time_moeco(args, compile_: bool, run_dir: Path) -> dict:
     return row
 
 
-def time_transformers(args, run_dir: Path) -> dict:
+def time_transformers(args, run_dir: Path, vocab_size: int | None) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = TrainConfig().with_overrides([f'model.preset="{args.preset}"'])
     mcfg = cfg.model_config()
+    if vocab_size:  # the vocabulary moeco's run trained with (its tokenizer, padded to 128)
+        mcfg = mcfg.replace(vocab_size=vocab_size)
     hf_dir = run_dir / "hf_config"
     hf_dir.mkdir(parents=True, exist_ok=True)
     (hf_dir / "config.json").write_text(json.dumps(mcfg.to_hf_dict()))
@@ -85,7 +89,7 @@ def time_transformers(args, run_dir: Path) -> dict:
     no_mtp = mcfg.replace(num_nextn_predict_layers=0)
     row = {"name": f"transformers {__import__('transformers').__version__}", "step_s": dt,
            "tokens_per_s": args.batch * args.seq_len / dt, "flops_per_token": flops_per_token(no_mtp, args.seq_len),
-           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "vocab_size": mcfg.vocab_size}
     del model, opt
     torch.cuda.empty_cache()
     return row
@@ -111,7 +115,8 @@ def main() -> int:
     peak = peak_flops(name, 0.0)
     rows = []
     plan = [("eager", lambda: time_moeco(args, False, out / "run")),
-            ("transformers", lambda: time_transformers(args, out)),
+            ("transformers", lambda: time_transformers(
+                args, out, next((r.get("vocab_size") for r in rows if "vocab_size" in r), None))),
             ("compiled", lambda: time_moeco(args, True, out / "run"))]
     print(f"{name}, torch {torch.__version__}, {args.preset} preset, batch {args.batch} x {args.seq_len} tokens, "
           f"bf16 autocast + fp32 AdamW", flush=True)

@@ -45,3 +45,25 @@ def test_demo_and_generate_cli(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "demo"), "--prompt-ids", "99999"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("moeco generate: error: ") for line in err)
+
+
+def test_vocab_limit_keeps_sampling_inside_the_tokenizer():
+    """A padded output head (trainer: vocab rounded up to 128) never yields ids the tokenizer lacks."""
+    cfg = micro_config()
+    torch.manual_seed(0)
+    model = moeco.Transformer(cfg)
+    with torch.no_grad():  # make the padded ids the most likely ones
+        model.lm_head.weight[cfg.vocab_size - 8:] *= 50
+    ids = torch.randint(0, cfg.vocab_size - 8, (2, 3))
+    gen = torch.Generator().manual_seed(0)
+    free = model.generate(ids, 12, temperature=1.0, generator=gen)
+    limited = model.generate(ids, 12, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                             vocab_limit=cfg.vocab_size - 8)
+    assert (free[:, 3:] >= cfg.vocab_size - 8).any()  # the check can fail: without the limit they appear
+    assert (limited[:, 3:] < cfg.vocab_size - 8).all()
+
+
+def test_trainer_pads_vocab_to_128():
+    from moeco.train.run_dir import padded_vocab
+
+    assert [padded_vocab(n) for n in (1, 128, 129, 16899, 129280)] == [128, 128, 256, 16896 + 128, 129280]

@@ -76,7 +76,7 @@ def run_generate(args) -> int:
     start = time.perf_counter()
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          top_k=args.top_k, eos_token_id=model.config.eos_token_id if tokenizer else None,
-                         generator=gen)
+                         generator=gen, vocab_limit=tokenizer.get_vocab_size() if tokenizer else None)
     seconds = time.perf_counter() - start
     new = out[0, len(prompt):].tolist()
     text = tokenizer.decode(out[0].tolist()) if tokenizer else " ".join(map(str, out[0].tolist()))

@@ -7,7 +7,8 @@ the model through `Fp8InferenceRecipe`, whose Linears (`Fp8InferenceLinear`) and
 
     CUDA: activations quantized 1x128 on the fly, FP8 GEMMs with the block scales (fp8_gemm)
     CPU:  the weights of the experts a batch touches are dequantized and the matmul runs in the
-          activations' dtype (no FP8 arithmetic on CPUs), giving exactly the dequantized model
+          activations' dtype (no FP8 arithmetic on CPUs), giving exactly the dequantized model;
+          with backend="reference" the CPU emulates the CUDA arithmetic instead (tests use it)
 
 The embedding, output head, router, norms and the MTP projection stay in the requested dtype, as
 they are in the release.
@@ -51,9 +52,10 @@ class Fp8InferenceExperts(nn.Module):
 
     def forward(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         rows = _rows(tokens_per_expert.cumsum(0))
-        xq = quantize_act_1x128(x_CD) if x_CD.is_cuda else None  # shared by the gate and up projections
+        fp8 = x_CD.is_cuda or self.backend == "reference"
+        xq = quantize_act_1x128(x_CD) if fp8 else None  # shared by the gate and up projections
         h = F.silu(self._project(x_CD, xq, "w1_EFD", rows)) * self._project(x_CD, xq, "w3_EFD", rows)
-        hq = quantize_act_1x128(h) if h.is_cuda else None
+        hq = quantize_act_1x128(h) if fp8 else None
         return self._project(h, hq, "w2_EDF", rows)
 
 

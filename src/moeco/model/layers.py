@@ -36,10 +36,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x * rsqrt(mean(x^2) + eps) in float32 (one fused kernel where PyTorch has one), rounded to
+        # x's dtype, then scaled by the weight in that dtype (under autocast too: a bf16 input
+        # gives a bf16 output, not a float32 one through type promotion with the fp32 weight).
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
+        return self.weight.to(dtype) * normed
 
 
 # ---- rotary embedding ---------------------------------------------------------------------

@@ -55,11 +55,6 @@ class LatentCache:
 
 
 class MLA(nn.Module):
-    # Zero-pad v to the q/k head width in the causal (training/prefill) path so SDPA can take its
-    # flash kernel: "cuda" (default: on GPUs), "always" or "never"; class-wide so benchmarks and
-    # tests can switch it.
-    pad_v_for_flash: str = "cuda"
-
     def __init__(self, config: ModelConfig, recipe):
         super().__init__()
         c = config
@@ -138,15 +133,10 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rot], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S|T, .)
         if S == T and start_pos == 0:
-            qk = self.dn + self.dr
-            pad = self.pad_v_for_flash == "always" or (self.pad_v_for_flash == "cuda" and q.is_cuda)
-            if pad and self.dv < qk:
-                # Flash attention needs one head width for q, k and v: pad v with zeros, drop the
-                # output's zero columns (exact, gradients too). bench/attention_gpu.py measures it.
-                o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, qk - self.dv)), is_causal=True,
-                                                   scale=self.scale)[..., : self.dv]
-            else:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            # q/k (96 wide in `small`) and v (64) differ, which rules out the flash kernel; on the
+            # H200 SDPA then takes cuDNN's, faster than flash over a zero-padded v
+            # (bench/attention_gpu.py: 272 vs 231 TFLOP/s fwd+bwd).
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(S, T, start_pos, q.device),
                                                scale=self.scale)

@@ -172,10 +172,11 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, vocab_limit: int | None = None) -> torch.Tensor:
         """Prefill with the plain path, then decode token by token with absorbed MLA over the latent cache.
 
         Returns the prompt followed by the new tokens, (B, P + n); finished rows repeat eos.
+        `vocab_limit`: sample only ids below it (a tokenizer smaller than the padded output head).
         """
         from moeco.model.sampling import sample_next
 
@@ -192,7 +193,10 @@ class Transformer(nn.Module):
         logits = self(input_ids, cache=cache, start_pos=0, last_only=True)
         tokens, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1].float(), temperature, top_p, top_k, generator)
+            last = logits[:, -1].float()
+            if vocab_limit is not None and vocab_limit < last.shape[-1]:
+                last[:, vocab_limit:] = float("-inf")
+            nxt = sample_next(last, temperature, top_p, top_k, generator)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done |= nxt == eos_token_id
