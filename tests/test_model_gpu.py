@@ -46,9 +46,11 @@ def test_bf16_cuda_model_tracks_fp32_cpu_model_and_absorbed_decode():
 
 def test_keep_fp8_on_cuda_matches_the_cpu_emulation(tmp_path):
     """keep_fp8 on CUDA (1x128 FP8 activations, FP8 GEMMs) against the same model on CPU with the
-    reference FP8 arithmetic. Against the dequantized BF16 model the logits of this random-weight
-    model differ by ~20% (cosine 0.977 on the H200): activation rounding to E4M3 (3 mantissa bits)
-    compounds over ~8 GEMMs per layer; that is the recipe, not a fault, hence this comparison."""
+    reference FP8 arithmetic: a wiring check (a wrong scale layout or a skipped module drops the
+    cosine far below 0.9). Exactness is checked per module below: here CPU and CUDA kernels (SDPA,
+    norms) differ in the last bf16 bit, and E4M3 rounding of the next activations amplifies such
+    flips (the H200 gave cosine 0.986; the CPU emulation vs the dequantized model gives 0.979, the
+    FP8 activations' own error on this random-weight model)."""
     cfg = micro_config(hidden_size=256, moe_intermediate_size=128, intermediate_size=512, q_lora_rank=128)
     torch.manual_seed(2)
     moeco.Transformer(cfg).save_pretrained(tmp_path / "fp8", fp8=True)
@@ -61,4 +63,33 @@ def test_keep_fp8_on_cuda_matches_the_cpu_emulation(tmp_path):
     with torch.no_grad():
         a, b = kept(ids.cuda()).float().cpu(), emul(ids).float()
     cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
-    assert cos > 0.995, cos
+    assert cos > 0.97, cos
+
+
+def test_fp8_inference_modules_on_cuda_match_the_cpu_emulation():
+    """Fp8InferenceLinear and Fp8InferenceExperts on CUDA equal the CPU reference FP8 arithmetic on the
+    same bf16 inputs (bit-exact quantization, FP32 accumulation: only the output rounding differs)."""
+    import copy
+
+    from moeco.fp8.inference import Fp8InferenceExperts
+    from moeco.fp8.linear import Fp8InferenceLinear
+    from moeco.fp8.quantize import quantize_weight_128x128
+
+    torch.manual_seed(0)
+    lin = Fp8InferenceLinear.from_linear(torch.nn.Linear(384, 256, bias=False))
+    experts = Fp8InferenceExperts(4, 256, 192)
+    for name in ("w1_EFD", "w3_EFD", "w2_EDF"):
+        q, s = quantize_weight_128x128(torch.randn(getattr(experts, name).shape) * 0.05)
+        getattr(experts, name).copy_(q)
+        getattr(experts, name + "_scale_inv").copy_(s)
+    x = torch.randn(77, 384, dtype=torch.bfloat16)
+    h = torch.randn(50, 256, dtype=torch.bfloat16)
+    counts = torch.tensor([20, 0, 25, 5])
+    cases = [(lin, (x,)), (experts, (h, counts))]
+    for module, args in cases:
+        module.backend = "reference"
+        want = module(*args).float()
+        gpu = copy.deepcopy(module).cuda()
+        gpu.backend = "auto"
+        got = gpu(*[a.cuda() for a in args]).float().cpu()
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())

@@ -65,16 +65,18 @@ class BalanceHook:
     def step(self) -> dict[str, float]:
         """Call after `optimizer.step()`: update the biases, zero the counts, return load statistics."""
         loads_LE = self.gather_loads()
-        stats: dict[str, float] = {}
-        for row, (layer_id, gate) in enumerate(self.routers):
-            load_E = loads_LE[row]
-            mean = load_E.mean()
-            if self.gamma > 0 and mean > 0:
-                bias = gate.e_score_correction_bias
-                bias -= (self.gamma * torch.sign(load_E - mean)).to(bias.dtype, copy=False).to(bias.device)
-            ratio = (load_E.max() / mean).item() if mean > 0 else 0.0
-            stats[str(layer_id)] = ratio
+        if not self.routers:
+            self.last_stats = {}
+            return {}
+        mean_L1 = loads_LE.mean(dim=1, keepdim=True)
+        sign_LE = torch.sign(loads_LE - mean_L1)  # all zero for a layer that saw no tokens
+        for row, (_, gate) in enumerate(self.routers):
+            bias = gate.e_score_correction_bias
+            if self.gamma > 0 and bias is not None:
+                bias -= (self.gamma * sign_LE[row]).to(bias.dtype, copy=False).to(bias.device)
             gate.tokens_per_expert.zero_()
+        ratio_L = torch.where(mean_L1[:, 0] > 0, loads_LE.amax(dim=1) / mean_L1[:, 0].clamp(min=1e-30), 0.0)
+        stats = {str(layer_id): r for (layer_id, _), r in zip(self.routers, ratio_L.tolist())}  # one host sync
         self.last_stats = stats
         return stats
 
