@@ -85,11 +85,19 @@ def test_fp8_inference_modules_on_cuda_match_the_cpu_emulation():
     x = torch.randn(77, 384, dtype=torch.bfloat16)
     h = torch.randn(50, 256, dtype=torch.bfloat16)
     counts = torch.tensor([20, 0, 25, 5])
-    cases = [(lin, (x,)), (experts, (h, counts))]
-    for module, args in cases:
+    results = []
+    for module, args in [(lin, (x,)), (experts, (h, counts))]:
         module.backend = "reference"
         want = module(*args).float()
         gpu = copy.deepcopy(module).cuda()
         gpu.backend = "auto"
-        got = gpu(*[a.cuda() for a in args]).float().cpu()
-        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+        results.append((gpu(*[a.cuda() for a in args]).float().cpu(), want))
+    got, want = results[0]  # one GEMM on identically quantized inputs: equal up to output rounding
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    # Experts: the SwiGLU product h is re-quantized to E4M3 before the down projection, so a last-bit
+    # difference in h can move an element by one E4M3 step (on the H200: 4 of 12,800 outputs, by
+    # 1.3% of the largest). Nearly all outputs must agree tightly, and none far.
+    got, want = results[1]
+    err = (got - want).abs()
+    assert (err <= 1e-2 * want.abs().max() + 1e-2 * want.abs()).float().mean() > 0.999
+    assert err.max() < 0.05 * want.abs().max()
