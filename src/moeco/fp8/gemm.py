@@ -133,6 +133,8 @@ def fp8_gemm_scaled_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16):
             buf = torch.ones((b_scale.shape[0], KBp), dtype=torch.float32, device=b_q.device)
             buf[:, :KB] = b_scale
             sb = buf.t()
+    elif Np == N and b_scale.t().is_contiguous():  # 1x128 scale_b already (KB, N) row-major
+        sb = b_scale.t()
     else:
         buf = torch.ones((KB, Np), dtype=torch.float32, device=b_q.device)
         buf[:, :N] = b_scale.t()

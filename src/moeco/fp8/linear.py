@@ -75,6 +75,12 @@ class _Fp8LinearFn(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
+def _triton_ok(device: torch.device) -> bool:
+    from moeco.fp8 import triton_kernels
+
+    return triton_kernels.available(device)
+
+
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     # Under autocast the GEMM writes the autocast dtype, as nn.Linear would; otherwise x's dtype.
     dev = x.device.type
@@ -107,9 +113,15 @@ class Fp8Linear(nn.Linear):
         key = None if self.training else (w.data_ptr(), w._version, w.device, w.dtype)
         if key is None or self._wcache is None or self._wcache[0] != key:
             with torch.no_grad():
-                wq, ws = quantize_weight_128x128(w, pow2_scale=self.recipe.weight_pow2)
-            # W^T for Dgrad: the same 128x128 blocks; transposed once per weight update on GPUs.
-            self._wcache = (key, wq, ws, wq.t().contiguous() if wq.is_cuda else None)
+                if w.is_cuda and _triton_ok(w.device):  # W and W^T (the Dgrad operand) in one kernel
+                    from moeco.fp8 import triton_kernels
+
+                    wq, ws, wtq = triton_kernels.quantize_weight_128x128(
+                        w, pow2_scale=self.recipe.weight_pow2, transposed=True)
+                else:
+                    wq, ws = quantize_weight_128x128(w, pow2_scale=self.recipe.weight_pow2)
+                    wtq = wq.t().contiguous() if wq.is_cuda else None  # same 128x128 blocks, transposed
+            self._wcache = (key, wq, ws, wtq)
         return self._wcache[1], self._wcache[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

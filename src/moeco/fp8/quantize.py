@@ -116,8 +116,11 @@ def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False):
     """
     if w.dim() < 2:
         raise ValueError(f"quantize_weight_128x128 needs a (*, N, K) tensor, got shape {tuple(w.shape)}")
-    # The Triton weight quantizer (triton_kernels.quantize_weight_128x128) is bit-exact under the
-    # interpreter but has not run on a GPU yet; only the opt-in grouped expert path uses it.
+    if w.is_cuda and w.numel() > 0:  # one Triton kernel, bit-exact (tests/test_fp8_gpu.py on the H200)
+        from moeco.fp8 import triton_kernels
+
+        if triton_kernels.available():
+            return triton_kernels.quantize_weight_128x128(w, pow2_scale=pow2_scale)
     return quantize_weight_128x128_reference(w, pow2_scale=pow2_scale)
 
 

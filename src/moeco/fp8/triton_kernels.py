@@ -212,7 +212,7 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
 
 def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
                          block_c: int = 64):
-    """Quantize x (T, C) along T: returns q (C, T) E4M3 and s (C, ceil(T/128)).
+    """Quantize x (T, C) along T: returns q (C, T) E4M3 and s (C, ceil(T/128)) with strides (1, C).
 
     With `x_scale` (T, ceil(C/128)), x is FP8 with 1x128 scales and is dequantized in the kernel.
     Reference: `quantize_act_1x128_reference(x_dequantized.t())`.
@@ -222,7 +222,8 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
         x = x.contiguous()
     tb = _ceil_div(T, 128)
     q = torch.empty((C, T), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((C, tb), dtype=torch.float32, device=x.device)
+    # (C, tb) scales stored outer-dim-major (strides (1, C)): _scaled_mm takes them without a copy
+    s = torch.empty((tb, C), dtype=torch.float32, device=x.device).t()
     xs = x_scale if x_scale is not None else s  # a placeholder pointer when unused
     if interpreting():
         block_c = min(block_c, 16)
