@@ -173,6 +173,14 @@ def grouped_rows():
         if best:
             r.update(kernel_best_ms=best[0], kernel_best_tflops=tf(best[0]), kernel_best_x=t_bf / best[0],
                      kernel_best=best[1])
+        # The expert-weight quantizer alone (FP32 master weights, as training holds them), with and
+        # without the transposed copy Dgrad needs; bytes = 4 read + 1 (+1) written per element.
+        for transposed in (False, True):
+            t = bench_ms(lambda: triton_kernels.quantize_weight_128x128(w32, transposed=transposed))
+            gbs = w32.numel() * (6 if transposed else 5) / t / 1e6
+            r[f"weight_quant{'_t' if transposed else ''}_ms"] = t
+            print(f"  weight quant (E,N,K) fp32 -> E4M3{' + W^T' if transposed else ''} | {t:7.3f} ms {gbs:6.0f} GB/s",
+                  flush=True)
         # Whole fp8_grouped_mm forward (activation + weight quantization included), grouped vs loop.
         for mode in ("auto", "loop"):
             os.environ["MOECO_FP8_GROUPED"] = mode
