@@ -67,7 +67,9 @@ class TrainConfig:
                                                     "balance loss weight is model.aux_loss_alpha")
     precision: str = _opt("auto", "train", "auto (bf16 autocast on a GPU that has it, else fp32) | fp32 | bf16 "
                                            "| fp8 (needs moeco.fp8)")
-    compile: bool = _opt(False, "train", "torch.compile the model (10-60 s of compile time)")
+    optimizer_moments: str = _opt("auto", "train", "AdamW moment dtype: auto (bf16 with fp8 precision, as "
+                                                   "DeepSeek-V3; else fp32) | fp32 | bf16")
+    compile: bool = _opt(False, "train", "torch.compile each decoder block (regional; ~30 s on a GPU)")
     device: str = _opt("auto", "train", "auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
     # [checkpoint]
     checkpoint_every: int = _opt(200, "checkpoint", "write a checkpoint every N steps (and at the end); 0 = end only")
@@ -258,6 +260,8 @@ def _validate(c: TrainConfig) -> None:
             raise _bad(name, getattr(c, name), "must be in [0, 1)")
     if c.precision not in PRECISIONS:
         raise _bad("precision", c.precision, f"choose one of {', '.join(PRECISIONS)}")
+    if c.optimizer_moments not in ("auto", "fp32", "bf16"):
+        raise _bad("optimizer_moments", c.optimizer_moments, "choose auto, fp32 or bf16")
     if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
         raise _bad("device", c.device, "choose auto, cpu, cuda or cuda:N")
 

@@ -1,0 +1,106 @@
+"""AdamW with BF16 moments (DeepSeek-V3's optimizer state): the arithmetic, the Triton kernel, state."""
+
+import pytest
+import torch
+
+from moeco.train.optim import AdamWBF16Moments, adamw_update, adamw_update_reference
+
+HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def _run(opt_cls, p0, grads, **kw):
+    p = torch.nn.Parameter(p0.clone())
+    opt = opt_cls([p], **HP, **kw)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach(), opt
+
+
+def test_first_step_equals_torch_adamw():
+    """From zero state the BF16 rounding happens after the update: step 1 is AdamW's to fp32 rounding."""
+    torch.manual_seed(0)
+    p0, g = torch.randn(64, 33), torch.randn(64, 33)
+    ours, _ = _run(AdamWBF16Moments, p0, [g])
+    ref, _ = _run(torch.optim.AdamW, p0, [g])
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_tracks_torch_adamw_and_stores_bf16_moments():
+    torch.manual_seed(1)
+    p0 = torch.randn(40, 50)
+    grads = [torch.randn(40, 50) * (1 + i % 3) for i in range(30)]
+    ours, opt = _run(AdamWBF16Moments, p0, grads)
+    ref, ref_opt = _run(torch.optim.AdamW, p0, grads)
+    state = next(iter(opt.state.values()))
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16 and state["step"] == 30
+    # moments rounded to 8 bits of mantissa each step: the trajectory stays within ~1% of the update size
+    moved = (ref - p0).abs().mean()
+    assert (ours - ref).abs().mean() < 0.01 * moved
+    ref_m = next(iter(ref_opt.state.values()))["exp_avg"]
+    # each step rounds m to BF16 (2^-9 relative); with beta1 = 0.9 the errors add up to ~1-2%
+    assert (state["exp_avg"].float() - ref_m).abs().mean() < 0.02 * ref_m.abs().mean()
+
+
+def test_triton_kernel_matches_reference():
+    pytest.importorskip("triton")
+    from moeco.fp8 import triton_kernels
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and not triton_kernels.interpreting():
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    torch.manual_seed(2)
+    n = 3000  # not a multiple of the block
+    p = torch.randn(n, device=dev)
+    m = (torch.randn(n, device=dev) * 0.1).bfloat16()
+    v = (torch.rand(n, device=dev) * 0.01).bfloat16()
+    g = torch.randn(n, device=dev)
+    args = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=7)
+    p1, m1, v1 = p.clone(), m.clone(), v.clone()
+    adamw_update(p1, g, m1, v1, impl="triton", **args)
+    p2, m2, v2 = p.clone(), m.clone(), v.clone()
+    adamw_update_reference(p2, g, m2, v2, **args)
+    torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-7)
+    # the same FP32 values rounded to BF16: equal, or one BF16 step apart where FP32 rounding differed
+    for a, b in ((m1, m2), (v1, v2)):
+        assert (a.float() - b.float()).abs().le(b.float().abs() * 2 ** -7 + 1e-30).all()
+        if dev == "cuda":  # the interpreter casts to BF16 by truncation, the GPU to nearest like PyTorch
+            assert (a == b).float().mean() > 0.99
+
+
+def test_state_dict_round_trip_keeps_bf16_and_resumes_identically():
+    torch.manual_seed(3)
+    p0 = torch.randn(16, 8)
+    grads = [torch.randn(16, 8) for _ in range(6)]
+    full, _ = _run(AdamWBF16Moments, p0, grads)
+    half_p, opt = _run(AdamWBF16Moments, p0, grads[:3])
+    state = opt.state_dict()
+    p = torch.nn.Parameter(half_p.clone())
+    opt2 = AdamWBF16Moments([p], **HP)
+    opt2.load_state_dict(state)
+    assert next(iter(opt2.state.values()))["exp_avg"].dtype == torch.bfloat16
+    for g in grads[3:]:
+        p.grad = g.clone()
+        opt2.step()
+    assert torch.equal(p.detach(), full)
+
+
+def test_trainer_picks_bf16_moments_for_fp8_and_on_request(tmp_path):
+    from moeco.train.config import TrainConfig
+    from moeco.train.trainer import Trainer
+
+    from helpers import micro_config  # noqa: F401  (tests dir on sys.path)
+
+    base = ['model.preset="tiny"', "data.seq_len=32", "train.batch_size=2", "train.steps=2",
+            "log.eval_interval=0", "checkpoint.every=0", "train.warmup_steps=1"]
+    for extra, want in ((["train.precision=\"fp32\""], "fp32"),
+                        (["train.precision=\"fp32\"", 'train.optimizer_moments="bf16"'], "bf16")):
+        cfg = TrainConfig().with_overrides(base + extra)
+        trainer = Trainer(cfg, tmp_path / want, overwrite=True, verbose=False)
+        assert trainer.moments_dtype == want
+        trainer.train_step()
+        moments = [s["exp_avg"].dtype for s in trainer.optimizer.state.values()]
+        assert set(moments) == {torch.bfloat16 if want == "bf16" else torch.float32}
+        trainer.close()
+    cfg = TrainConfig().with_overrides(base + ['train.precision="fp8"'])
+    assert Trainer.moments_dtype.fget(type("T", (), {"cfg": cfg})()) == "bf16"
