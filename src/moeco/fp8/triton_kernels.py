@@ -144,6 +144,27 @@ if _HAVE_TRITON:
         tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
 
     @triton.jit
+    def _promoted_k_loop(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, m_ok, n_ok, offs_k, K, kb_end, stride_ask, stride_bsk,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+        """sum over k-blocks kb < kb_end of (A_kb . B_kb) * sa_kb * sb_kb: each 128-deep FP8 product
+        scaled and added in FP32 (the promotion). A tile rows x 128 (K contiguous), B 128 x cols."""
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, kb_end):
+            k_ok = offs_k < K - kb * 128
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            part = tl.dot(a, b, out_dtype=tl.float32)  # unscaled, over 128 of K
+            sa = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
+            sb = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)
+            acc += part * sa[:, None] * sb[None, :]  # the promotion: scaled, in FP32
+            a_ptrs += 128
+            b_ptrs += 128
+        return acc
+
+    @triton.jit
     def _fp8_gemm_nt_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
                             stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
                             B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -165,20 +186,8 @@ if _HAVE_TRITON:
         b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None]
         as_ptrs = as_ptr + offs_m * stride_asm
         bs_ptrs = bs_ptr + (offs_n // B_SCALE_ROWS) * stride_bsn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, 128)):
-            k_ok = offs_k < K - kb * 128
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            part = tl.dot(a, b, out_dtype=tl.float32)  # unscaled, over 128 of K
-            sa = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
-            sb = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)
-            acc += part * sa[:, None] * sb[None, :]  # the promotion: scaled, in FP32
-            a_ptrs += 128
-            b_ptrs += 128
+        acc = _promoted_k_loop(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, m_ok, n_ok, offs_k, K, tl.cdiv(K, 128),
+                               stride_ask, stride_bsk, BLOCK_M, BLOCK_N, UPCAST)
         c = acc.to(c_ptr.dtype.element_ty)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], c, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -317,20 +326,8 @@ if _HAVE_TRITON:
         b_ptrs = b_ptr + e64 * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None]
         as_ptrs = as_ptr + offs_m64 * stride_asm
         bs_ptrs = bs_ptr + e64 * stride_bse + (offs_n // 128) * stride_bsn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, kb_end):
-            k_ok = offs_k < K - kb * 128
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            part = tl.dot(a, b, out_dtype=tl.float32)  # unscaled, over 128 of K
-            sa = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
-            sb = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)
-            acc += part * sa[:, None] * sb[None, :]  # the promotion: scaled, in FP32
-            a_ptrs += 128
-            b_ptrs += 128
+        acc = _promoted_k_loop(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, m_ok, n_ok, offs_k, K, kb_end,
+                               stride_ask, stride_bsk, BLOCK_M, BLOCK_N, UPCAST)
         c = acc.to(c_ptr.dtype.element_ty)
         tl.store(c_ptr + offs_m64[:, None] * stride_cm + offs_n[None, :], c, mask=m_ok[:, None] & n_ok[None, :])
 
