@@ -18,10 +18,10 @@ is taken, so the last tile or block is partial but scaled like the others; the p
 again from `q`. Scale shapes: act (*lead, ceil(K/128)), weight (*lead, ceil(N/128), ceil(K/128)).
 The weight scale is exactly the `weight_scale_inv` tensor of DeepSeek-V3's FP8 checkpoints.
 
-These functions are the plain PyTorch definition. On CUDA, `quantize_act_1x128` and
-`quantize_act_1x128_t` dispatch to fused Triton kernels (`moeco.fp8.triton_kernels`) when Triton is
-present; the test suite checks that the two agree. The weight quantizer stays the plain definition
-on every device (its Triton twin is used only by the opt-in grouped expert kernels).
+These functions are the plain PyTorch definition. On CUDA, `quantize_act_1x128`,
+`quantize_act_1x128_t` and `quantize_weight_128x128` dispatch to fused Triton kernels
+(`moeco.fp8.triton_kernels`) when Triton is present; the tests check that the two agree bit for bit
+(under the Triton interpreter on CPU, and on the H200).
 """
 
 from __future__ import annotations
