@@ -31,7 +31,7 @@ def time_moeco(args, compile_: bool, run_dir: Path) -> dict:
     cfg = TrainConfig().with_overrides([
         f'model.preset="{args.preset}"', f"data.seq_len={args.seq_len}", f"train.batch_size={args.batch}",
         "train.steps=1000", "train.precision=bf16", f"train.compile={'true' if compile_ else 'false'}",
-        "log.eval_interval=0", "checkpoint.every=0", "train.warmup_steps=10"])
+        "log.eval_interval=0", "checkpoint.every=0", "train.warmup_steps=10", *args.set])
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir, overwrite=True, verbose=False)
     setup = time.perf_counter() - t0
@@ -105,6 +105,8 @@ def main() -> int:
     p.add_argument("--hf-steps", type=int, default=4)
     p.add_argument("--out", default="runs/bench-train")
     p.add_argument("--skip", default="", help="comma list of eager,compiled,transformers to skip")
+    p.add_argument("--set", action="append", default=[],
+                   help="extra TrainConfig override for the moeco rows, e.g. 'train.optimizer_moments=\"bf16\"'")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
