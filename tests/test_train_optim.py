@@ -89,21 +89,18 @@ def test_trainer_picks_bf16_moments_for_fp8_and_on_request(tmp_path):
     from moeco.train.config import TrainConfig
     from moeco.train.trainer import Trainer
 
-    from helpers import micro_config  # noqa: F401  (tests dir on sys.path)
-
     base = ['model.preset="tiny"', "data.seq_len=32", "train.batch_size=2", "train.steps=2",
             "log.eval_interval=0", "checkpoint.every=0", "train.warmup_steps=1"]
     for extra, want in ((["train.precision=\"fp32\""], "fp32"),
                         (["train.precision=\"fp32\"", 'train.optimizer_moments="bf16"'], "bf16")):
         cfg = TrainConfig().with_overrides(base + extra)
         trainer = Trainer(cfg, tmp_path / want, overwrite=True, verbose=False)
-        assert trainer.moments_dtype == want
+        assert cfg.moment_dtype() == want
         trainer.train_step()
         moments = [s["exp_avg"].dtype for s in trainer.optimizer.state.values()]
         assert set(moments) == {torch.bfloat16 if want == "bf16" else torch.float32}
         trainer.close()
-    cfg = TrainConfig().with_overrides(base + ['train.precision="fp8"'])
-    assert Trainer.moments_dtype.fget(type("T", (), {"cfg": cfg})()) == "bf16"
+    assert TrainConfig().with_overrides(base + ['train.precision="fp8"']).moment_dtype() == "bf16"
 
 
 @pytest.mark.slow

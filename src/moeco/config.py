@@ -33,6 +33,26 @@ _IGNORED_HF_KEYS = {
 }
 
 
+
+def read_config_json(source: str | Path, missing: str | None = None) -> tuple[dict, Path]:
+    """(the JSON object, its path) of an HF config.json given as the file or the directory holding it.
+
+    Every failure is a one-line ConfigError; `missing` replaces the message for a path that is not there.
+    """
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(missing or f"config file {str(path)!r} does not exist; pass a config.json or its directory")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{str(path)!r} must hold a JSON object (an HF config.json)")
+    return raw, path
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # sizes
@@ -147,18 +167,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, source: str | Path | dict) -> "ModelConfig":
         """Build from an HF config.json: a dict, a file path, or the directory holding it."""
-        if isinstance(source, dict):
-            raw = dict(source)
-        else:
-            path = Path(source)
-            if path.is_dir():
-                path = path / "config.json"
-            if not path.is_file():
-                raise ConfigError(f"config file {str(path)!r} does not exist; pass a config.json or its directory")
-            try:
-                raw = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raw = dict(source) if isinstance(source, dict) else read_config_json(source)[0]
         return cls(**_normalize_hf(raw))
 
     def to_hf_dict(self) -> dict:

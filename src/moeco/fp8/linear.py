@@ -40,30 +40,27 @@ from moeco.fp8.quantize import (
 
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, wq, ws, act_pow2: bool, backend: str, out_dtype: torch.dtype,
-                wt_q=None):
+    def forward(ctx, x, weight, bias, wq, ws, wt_q, act_pow2: bool, backend: str, out_dtype: torch.dtype):
         K = x.shape[-1]
-        ctx.wt_q = wt_q
         N = weight.shape[0]
         x2 = x.reshape(-1, K)
         xq, xs = quantize_act_1x128(x2, pow2_scale=act_pow2)
         y = fp8_gemm(xq, xs, wq, ws, out_dtype, backend=backend)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        ctx.save_for_backward(xq, xs, wq, ws)
+        ctx.save_for_backward(xq, xs, wt_q, ws)  # Dgrad needs only W^T
         ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None, act_pow2, backend)
         return y.reshape(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, gy):
-        xq, xs, wq, ws = ctx.saved_tensors
+        xq, xs, wtq, ws = ctx.saved_tensors
         x_shape, x_dtype, w_dtype, has_bias, act_pow2, backend = ctx.meta
-        N = wq.shape[0]
+        N = wtq.shape[1]
         gy2 = gy.reshape(-1, N)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:  # Dgrad: dy (1x128 along N) . W  ==  dy . (W^T)^T
             gq, gs = quantize_act_1x128(gy2, pow2_scale=act_pow2)
-            wtq = ctx.wt_q if ctx.wt_q is not None else wq.t().contiguous()
             dx = fp8_gemm(gq, gs, wtq, ws.t().contiguous(), x_dtype, backend=backend)
             dx = dx.reshape(x_shape)
         if ctx.needs_input_grad[1]:  # Wgrad: dy^T . x, both operands 1x128 along T
@@ -73,12 +70,6 @@ class _Fp8LinearFn(torch.autograd.Function):
         if has_bias and ctx.needs_input_grad[2]:
             db = gy2.float().sum(0)
         return dx, dw, db, None, None, None, None, None, None
-
-
-def _triton_ok(device: torch.device) -> bool:
-    from moeco.fp8 import triton_kernels
-
-    return triton_kernels.available(device)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -112,23 +103,16 @@ class Fp8Linear(nn.Linear):
         w = self.weight
         key = None if self.training else (w.data_ptr(), w._version, w.device, w.dtype)
         if key is None or self._wcache is None or self._wcache[0] != key:
-            with torch.no_grad():
-                if w.is_cuda and _triton_ok(w.device):  # W and W^T (the Dgrad operand) in one kernel
-                    from moeco.fp8 import triton_kernels
-
-                    wq, ws, wtq = triton_kernels.quantize_weight_128x128(
-                        w, pow2_scale=self.recipe.weight_pow2, transposed=True)
-                else:
-                    wq, ws = quantize_weight_128x128(w, pow2_scale=self.recipe.weight_pow2)
-                    wtq = wq.t().contiguous() if wq.is_cuda else None  # same 128x128 blocks, transposed
+            with torch.no_grad():  # W and W^T (the Dgrad operand), one kernel on CUDA
+                wq, ws, wtq = quantize_weight_128x128(w, pow2_scale=self.recipe.weight_pow2, transposed=True)
             self._wcache = (key, wq, ws, wtq)
         return self._wcache[1], self._wcache[2]
 
     @torch.compiler.disable  # FP8 GEMMs stay eager under torch.compile: see fp8_grouped_mm
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wq, ws = self.quantized_weight()
-        return _Fp8LinearFn.apply(x, self.weight, self.bias, wq, ws, self.recipe.act_pow2, self.recipe.backend,
-                                  _out_dtype(x), self._wcache[3])
+        return _Fp8LinearFn.apply(x, self.weight, self.bias, wq, ws, self._wcache[3], self.recipe.act_pow2,
+                                  self.recipe.backend, _out_dtype(x))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fp8={self.recipe.name}"
@@ -193,7 +177,7 @@ class _Fp8GroupedFn(torch.autograd.Function):
             from moeco.fp8 import triton_kernels
 
             with torch.no_grad():  # (E, N, K), (E, NB, KB), and W_e^T (E, K, N) for Dgrad, one kernel
-                wq, ws, wtq = triton_kernels.quantize_weight_128x128(w, pow2_scale=weight_pow2, transposed=True)
+                wq, ws, wtq = quantize_weight_128x128(w, pow2_scale=weight_pow2, transposed=True)
             y = triton_kernels.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs.to(device=x.device, dtype=torch.int32),
                                                    out_dtype)
             wq = wtq  # backward needs only the transposed copy

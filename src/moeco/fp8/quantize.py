@@ -107,12 +107,14 @@ def dequantize_act_1x128(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     return (q.float() * s).to(dtype)
 
 
-def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False):
+def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False, transposed: bool = False):
     """Quantize `w` (*, N, K) to E4M3 with one float32 scale per 128x128 block.
 
     Returns (q, scale): q has w's shape in float8_e4m3fn, scale is (*, ceil(N/128), ceil(K/128))
     float32 (DeepSeek's `weight_scale_inv`), and w ~= q * scale block by block. Leading dims
-    (e.g. experts E) are independent matrices.
+    (e.g. experts E) are independent matrices. With `transposed=True` also q_t (*, K, N), q with
+    its last two dims swapped and contiguous: the Dgrad operand, whose 128x128 scales are
+    scale.transpose(-1, -2) (on CUDA the same kernel writes it).
     """
     if w.dim() < 2:
         raise ValueError(f"quantize_weight_128x128 needs a (*, N, K) tensor, got shape {tuple(w.shape)}")
@@ -120,8 +122,9 @@ def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False):
         from moeco.fp8 import triton_kernels
 
         if triton_kernels.available():
-            return triton_kernels.quantize_weight_128x128(w, pow2_scale=pow2_scale)
-    return quantize_weight_128x128_reference(w, pow2_scale=pow2_scale)
+            return triton_kernels.quantize_weight_128x128(w, pow2_scale=pow2_scale, transposed=transposed)
+    q, scale = quantize_weight_128x128_reference(w, pow2_scale=pow2_scale)
+    return (q, scale, q.transpose(-1, -2).contiguous()) if transposed else (q, scale)
 
 
 def quantize_weight_128x128_reference(w: torch.Tensor, *, pow2_scale: bool = False):

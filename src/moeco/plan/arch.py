@@ -28,13 +28,12 @@ parameters and no FLOPs that matter. An unknown model_type or an inconsistent fi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moeco.config import PRESETS as DEEPSEEK_PRESETS
-from moeco.config import ModelConfig
+from moeco.config import ModelConfig, read_config_json
 from moeco.errors import ConfigError
 
 
@@ -139,18 +138,8 @@ def load_arch(model: str | Path | dict | ModelConfig | Arch) -> Arch:
         return arch_from_model_config(ModelConfig.preset(text), name=text)
     if text in EXTRA_PRESETS:
         return arch_from_hf(EXTRA_PRESETS[text], name=text)
-    path = Path(text)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"model {text!r} is neither a preset ({', '.join(preset_names())}) "
-                          f"nor an existing config.json or directory holding one")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{str(path)!r} must hold a JSON object (an HF config.json)")
+    raw, path = read_config_json(text, missing=f"model {text!r} is neither a preset ({', '.join(preset_names())}) "
+                                                f"nor an existing config.json or directory holding one")
     return arch_from_hf(raw, name=path.parent.name or path.name)
 
 

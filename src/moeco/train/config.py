@@ -86,6 +86,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _validate(self)
 
+    def moment_dtype(self) -> str:
+        """AdamW's moment dtype, "fp32" or "bf16": `optimizer_moments` with "auto" resolved (bf16 for FP8)."""
+        if self.optimizer_moments == "auto":
+            return "bf16" if self.precision.startswith("fp8") else "fp32"
+        return self.optimizer_moments
+
     # ---- the model ---------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
         overrides = dict(self.model_overrides)

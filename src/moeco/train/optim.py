@@ -52,11 +52,9 @@ if _HAVE_TRITON:
 def _use_triton(p: torch.Tensor, g: torch.Tensor) -> bool:
     if not _HAVE_TRITON or not p.is_contiguous() or not g.is_contiguous() or p.dtype != torch.float32:
         return False
-    if p.is_cuda:
-        return True
-    from moeco.fp8.triton_kernels import interpreting  # CPU tensors: only under TRITON_INTERPRET=1
+    from moeco.fp8 import triton_kernels
 
-    return interpreting()
+    return triton_kernels.available(p.device)  # CUDA, or CPU under TRITON_INTERPRET=1
 
 
 def adamw_update_reference(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step) -> None:

@@ -207,19 +207,12 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         betas = (self.cfg.beta1, self.cfg.beta2)
-        if self.moments_dtype == "bf16":  # DeepSeek-V3: BF16 moments over FP32 master weights
+        if self.cfg.moment_dtype() == "bf16":  # DeepSeek-V3: BF16 moments over FP32 master weights
             from moeco.train.optim import AdamWBF16Moments
 
             return AdamWBF16Moments(groups, lr=self.cfg.lr, betas=betas)
         fused = {"fused": True} if self.dist.device.type == "cuda" else {}
         return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=betas, **fused)
-
-    @property
-    def moments_dtype(self) -> str:
-        m = self.cfg.optimizer_moments
-        if m == "auto":
-            return "bf16" if self.cfg.precision.startswith("fp8") else "fp32"
-        return m
 
     # ---- state -------------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
