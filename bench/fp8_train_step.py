@@ -1,73 +1,97 @@
-"""One training step of a preset (default `small`) with the FP8 recipe vs BF16, on one GPU.
+"""One training step of a preset in FP8 and in BF16, eager, CUDA-graphed and compiled, on one GPU.
 
-    PYTHONPATH=src python bench/fp8_train_step.py [--preset small] [--batch 4] [--seq 2048]
+    PYTHONPATH=src python bench/fp8_train_step.py --preset small --batch 8 --seq 2048 \
+        [--modes eager,graph,compiled,compiled+graph] [--precisions bf16,fp8]
 
-Both runs: FP32 master weights, bf16 autocast (as `moeco train` does), AdamW, the same seed and
-batch; the FP8 run builds its Linears and routed experts through Fp8Recipe. Prints the median
-step time over the timed steps and tokens/s; the loss of the first step shows both compute the
-same model.
+Every row is moeco's own `Trainer.train_step` (the step `moeco train` runs: LM + MTP + balance
+loss, clipping, AdamW, the bias hook) on the embedded corpus, FP32 master weights, bf16 autocast;
+the fp8 rows build their Linears and routed experts through the FP8 recipe and (as DeepSeek-V3)
+keep AdamW's moments in BF16, the bf16 rows keep fused torch AdamW with FP32 moments (the trainer's
+defaults for each precision). Modes: `graph` = train.cuda_graph (steps 1-2 eager, the rest one
+replayed CUDA graph), `compiled` = train.compile (each block compiled, FP8 GEMMs eager inside).
+Prints, per row, the median step time over --steps timed steps after --warmup, tokens/s, MFU
+(the planner's FLOPs per token without MTP, against the GPU's dense BF16 peak), the ratio to the
+bf16 eager row, peak memory and the loss at the last step. Writes fp8_train_step.json to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from moeco import ModelConfig
-from moeco.fp8.recipe import recipe_by_name
-from moeco.model.transformer import Transformer
+from moeco.train.config import TrainConfig
+from moeco.train.trainer import Trainer
+
+MODES = {"eager": (False, False), "graph": (False, True), "compiled": (True, False), "compiled+graph": (True, True)}
 
 
-def run(preset: str, precision: str, batch: int, seq: int, steps: int, dev: str = "cuda") -> dict:
-    cfg = ModelConfig.preset(preset)
-    torch.manual_seed(0)
-    recipe = recipe_by_name(precision)
-    model = Transformer(cfg, recipe=recipe).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1)).to(dev)
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    times, losses = [], []
-    for i in range(steps):
-        sync()
-        t0 = time.perf_counter()
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            out = model(ids[:, :-1])
-        logits = out if isinstance(out, torch.Tensor) else out.logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    timed = sorted(times[2:])
-    ms = 1000 * timed[len(timed) // 2]
-    mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
-    del model, opt
-    if dev == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    return dict(precision=precision, ms=ms, tok_s=batch * seq / ms * 1000, loss0=losses[0], peak_gib=mem)
+def run(args, precision: str, mode: str, out: Path) -> dict:
+    compile_, graph = MODES[mode]
+    cfg = TrainConfig().with_overrides([
+        f'model.preset="{args.preset}"', f"data.seq_len={args.seq}", f"train.batch_size={args.batch}",
+        "train.steps=1000", f'train.precision="{precision}"', f"train.compile={str(compile_).lower()}",
+        f"train.cuda_graph={str(graph).lower()}", "log.eval_interval=0", "checkpoint.every=0",
+        "train.warmup_steps=10", *args.set])
+    trainer = Trainer(cfg, out / "run", overwrite=True, verbose=False)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        trainer.train_step()
+    warm_s = time.perf_counter() - t0
+    recs = [trainer.train_step() for _ in range(args.steps)]
+    step_s = statistics.median(r["step_time_s"] for r in recs)
+    row = dict(precision=precision, mode=mode, step_ms=1000 * step_s, tok_s=args.batch * args.seq / step_s,
+               mfu=recs[-1]["mfu"] and recs[-1]["mfu"] * recs[-1]["step_time_s"] / step_s,
+               loss=recs[-1]["loss"], warmup_s=warm_s, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+               moments=cfg.moment_dtype())
+    trainer.close()
+    del trainer
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return row
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=7)
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--warmup", type=int, default=4, help="untimed steps (include the capture and compile)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--modes", default="eager,graph")
+    p.add_argument("--precisions", default="bf16,fp8")
+    p.add_argument("--out", default="runs/bench-fp8-step")
+    p.add_argument("--set", action="append", default=[], help="extra TrainConfig override for every row")
     a = p.parse_args()
-    rows = [run(a.preset, prec, a.batch, a.seq, a.steps, a.device) for prec in ("bf16", "fp8")]
-    base = rows[0]["ms"]
-    for r in rows:
-        print(f"train step {a.preset} B={a.batch} S={a.seq} {r['precision']:5s} | {r['ms']:8.1f} ms "
-              f"{r['tok_s']:8.0f} tok/s | {base / r['ms']:4.2f}x bf16 | first loss {r['loss0']:.4f} | "
-              f"peak {r['peak_gib']:.1f} GiB", flush=True)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 1
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {a.preset}, batch {a.batch} x {a.seq} tokens",
+          flush=True)
+    rows, base = [], None
+    for precision in a.precisions.split(","):
+        for mode in a.modes.split(","):
+            try:
+                r = run(a, precision, mode, out)
+            except Exception as exc:  # report and keep the other rows
+                print(f"{precision:5s} {mode:15s} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                      flush=True)
+                continue
+            rows.append(r)
+            if precision == "bf16" and mode == "eager":
+                base = r["step_ms"]
+            ratio = f"{base / r['step_ms']:5.2f}x" if base else "   - "
+            print(f"{precision:5s} {mode:15s} | {r['step_ms']:7.1f} ms {r['tok_s']:8.0f} tok/s "
+                  f"MFU {100 * (r['mfu'] or 0):5.1f}% | {ratio} bf16 eager | peak {r['peak_gib']:5.1f} GiB | "
+                  f"loss {r['loss']:.4f} | warmup {r['warmup_s']:.0f} s | moments {r['moments']}", flush=True)
+    (out / "fp8_train_step.json").write_text(json.dumps(rows, indent=1))
     return 0
 
 

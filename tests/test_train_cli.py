@@ -38,6 +38,7 @@ def finished_run(tmp_path_factory):
     (["--set", "train.batch_size=100000"], "fewer than train.batch_size = 100000"),
     (["--set", "model.n_group=3"], "ModelConfig.n_group = 3 is invalid"),
     (["--set", "data.tokenizer='{tmp}/nope'"], "tokenizer '{tmp}/nope' not found"),
+    (["--set", "train.cuda_graph=true", "--set", "train.device=cpu"], "train.cuda_graph = true needs a CUDA device, not cpu"),
 ])
 def test_bad_inputs_fail_in_one_line_without_touching_out(tmp_path, capsys, argv, message):
     cfg = small_cfg(tmp_path)

@@ -5,7 +5,7 @@ field (named as in an HF config.json):
 
     [model]   preset = "tiny", hidden_size = 256, aux_loss_alpha = 0.0001, ...
     [data]    path, tokenizer, seq_len, val_fraction
-    [train]   steps, batch_size, micro_batch_size, seed, lr, warmup_steps, ..., precision, compile
+    [train]   steps, batch_size, micro_batch_size, seed, lr, warmup_steps, ..., precision, compile, cuda_graph
     [checkpoint] every, keep
     [log]     interval, eval_interval, eval_batches, peak_tflops
 
@@ -70,6 +70,8 @@ class TrainConfig:
     optimizer_moments: str = _opt("auto", "train", "AdamW moment dtype: auto (bf16 with fp8 precision, as "
                                                    "DeepSeek-V3; else fp32) | fp32 | bf16")
     compile: bool = _opt(False, "train", "torch.compile each decoder block (regional; ~30 s on a GPU)")
+    cuda_graph: bool = _opt(False, "train", "replay each optimizer step as one CUDA graph after 2 eager steps "
+                                            "(removes per-kernel launch cost; one CUDA process)")
     device: str = _opt("auto", "train", "auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
     # [checkpoint]
     checkpoint_every: int = _opt(200, "checkpoint", "write a checkpoint every N steps (and at the end); 0 = end only")

@@ -40,6 +40,7 @@ from moeco.train import metrics as M
 from moeco.train.balance import BalanceHook
 from moeco.train.checkpointing import CheckpointManager
 from moeco.train.config import TrainConfig
+from moeco.train.cuda_graph import GraphedStep, portable_state_dict, set_lr
 from moeco.train.data import BatchLoader, PackedData, rank_slice
 from moeco.train.run_dir import RunDir, prepare_run
 
@@ -146,6 +147,12 @@ class Trainer:
     def _setup(self, cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, verbose: bool) -> None:
         d = self.dist
         # Everything is checked (and the data prepared in memory) before anything in OUT is written.
+        if cfg.cuda_graph and d.device.type != "cuda":
+            raise ConfigError(f"train.cuda_graph = true needs a CUDA device, not {d.device}; "
+                              "set train.cuda_graph = false")
+        if cfg.cuda_graph and d.world > 1:
+            raise ConfigError(f"train.cuda_graph = true runs one process, not {d.world} (torchrun); "
+                              "set train.cuda_graph = false for data parallelism")
         self.run_dir: RunDir = prepare_run(cfg, out, resume=resume, overwrite=overwrite, dist=d)
         cfg = self.cfg = self.run_dir.cfg
         self.mcfg: ModelConfig = self.run_dir.model_config
@@ -194,6 +201,9 @@ class Trainer:
                 if isinstance(block, Block):
                     block.compile()
 
+        self.graphed = (GraphedStep(self._compute, self.optimizer, d.device, self._zero_grad)
+                        if cfg.cuda_graph else None)
+
         self.flops_per_token = M.flops_per_token(self.mcfg, cfg.seq_len)
         name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
         self.peak = M.peak_flops(name, cfg.peak_tflops)
@@ -218,7 +228,7 @@ class Trainer:
     def _trainer_state(self) -> dict:
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": portable_state_dict(self.optimizer),
             "scheduler": {"step": self.step, "lr": lr_at(max(self.step - 1, 0), self.cfg)},
             "loader": self.loader.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
@@ -252,27 +262,28 @@ class Trainer:
         return path
 
     # ---- the loop ----------------------------------------------------------------------------
-    def _autocast_ctx(self):
+    def _autocast_ctx(self, cache: bool = True):
         if self.autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.autocast)
+        # A captured CUDA graph must not keep autocast's cached weight casts (cache=False then).
+        return torch.autocast(self.dist.device.type, dtype=self.autocast, cache_enabled=cache)
 
-    def train_step(self) -> dict:
+    def _compute(self, batch_ABS: torch.Tensor, capturing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a device batch of A micro-steps: forward, backward, clip, AdamW.
+
+        Returns (loss sums (4,), grad norm) as device tensors and reads nothing back to the host, so
+        that `GraphedStep` can capture it. Gradients are left in place (the caller zeroes them).
+        """
         cfg, d = self.cfg, self.dist
-        lr = lr_at(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        batch = self.data.train_index[self.loader.next_batch()]
         alpha = self.mcfg.aux_loss_alpha
         sums = torch.zeros(4, device=d.device)  # loss, lm, mtp, balance (this rank's mean over micro-steps)
-        t0 = time.perf_counter()
         for a in range(self.accum):
-            seqs = self.data.sequences(rank_slice(batch, a, d.rank, d.world, self.micro)).to(d.device)
+            seqs = batch_ABS[a]
             inputs, labels = seqs[:, :-1], seqs[:, 1:]
             sync = d.world == 1 or a == self.accum - 1
             ctx = contextlib.nullcontext() if sync else self.forward.no_sync()
             with ctx:
-                with self._autocast_ctx():
+                with self._autocast_ctx(cache=not capturing):
                     out = self.forward(inputs, return_mtp=True, return_aux=True)
                 lm, mtp = lm_losses(out, labels)
                 bal = out.balance_loss.float()
@@ -282,7 +293,24 @@ class Trainer:
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
+        return sums, grad_norm
+
+    def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def train_step(self) -> dict:
+        cfg, d = self.cfg, self.dist
+        lr = lr_at(self.step, cfg)
+        set_lr(self.optimizer, lr)
+        batch = self.data.train_index[self.loader.next_batch()]
+        t0 = time.perf_counter()
+        batch_ABS = torch.stack([self.data.sequences(rank_slice(batch, a, d.rank, d.world, self.micro))
+                                 for a in range(self.accum)])
+        if self.graphed is not None:
+            sums, grad_norm = self.graphed(batch_ABS)
+        else:
+            sums, grad_norm = self._compute(batch_ABS.to(d.device))
+            self._zero_grad()
         load = self.balance.step()
         self.step += 1
         means = d.mean(sums).tolist()
@@ -328,7 +356,8 @@ class Trainer:
                   f"{len(self.data.train_index)} train / {len(self.data.val_index)} val sequences of {cfg.seq_len}")
         self._say(f"  batch {cfg.batch_size} = {self.accum} micro-steps x {d.world} ranks x {self.micro}; "
                   f"{cfg.steps} steps; device {self.device_name}; precision "
-                  f"{'bf16 autocast' if self.autocast else 'fp32'}{' (fp8 recipe)' if cfg.precision == 'fp8' else ''}"
+                  f"{'bf16 autocast' if self.autocast else 'fp32'}{' (fp8 recipe)' if cfg.precision.startswith('fp8') else ''}"
+                  + ("; CUDA graph from step 3" if cfg.cuda_graph else "")
                   + (f"; resuming at step {start}" if start else ""))
         record: dict = {}
         val_loss = None
