@@ -16,7 +16,8 @@ How (the pattern of torch.cuda.graph's whole-network capture):
 What must hold inside the step, and does: no host reads (`.item()`, `.tolist()`, bincount,
 boolean masks): the MoE path counts with scatter_add and dispatches with gathers; the optimizer is
 capturable (device step counts, `lr` a device tensor filled before each replay); autocast's weight
-cache is off (a cached cast would outlive the capture). Everything outside the step runs eagerly
+cache is off (a cached cast would outlive the capture); attention avoids SDPA's memory-efficient
+backend (see CAPTURE_SDPA_BACKENDS). Everything outside the step runs eagerly
 between replays and sees the same tensors: the balance hook reads the routers' counts and moves
 their biases in place, evaluation and checkpoints read the parameters.
 
@@ -30,10 +31,16 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moeco.errors import ConfigError
 
 WARMUP_STEPS = 2
+# SDPA's memory-efficient backend (the one FP32 attention takes) hands its backward CPU scalars (the
+# dropout RNG seed and offset, even without dropout), a host-to-device copy a capture refuses (seen
+# on the H200, torch 2.11). Captured steps use the others: cuDNN / flash for BF16 as in eager
+# steps, and the math backend for FP32.
+CAPTURE_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -123,7 +130,7 @@ class GraphedStep:
         self.zero_grad()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph), sdpa_kernel(CAPTURE_SDPA_BACKENDS):
                 self.outputs = self.compute(self.static_batch, True)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -150,6 +150,10 @@ class Trainer:
         if cfg.cuda_graph and d.device.type != "cuda":
             raise ConfigError(f"train.cuda_graph = true needs a CUDA device, not {d.device}; "
                               "set train.cuda_graph = false")
+        if cfg.cuda_graph and _autocast_dtype(cfg.precision, d.device) is None:
+            raise ConfigError("train.cuda_graph = true needs train.precision bf16 or fp8, not fp32 (FP32 experts "
+                              "run one GEMM per expert, sized on the host, which a CUDA graph cannot hold); "
+                              "set train.precision = \"bf16\" or train.cuda_graph = false")
         if cfg.cuda_graph and d.world > 1:
             raise ConfigError(f"train.cuda_graph = true runs one process, not {d.world} (torchrun); "
                               "set train.cuda_graph = false for data parallelism")
