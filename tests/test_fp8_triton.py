@@ -76,6 +76,33 @@ def test_triton_quant_along_tokens_is_bit_exact(from_fp8):
     assert torch.equal(_bits(q), _bits(q_ref))
 
 
+@pytest.mark.parametrize("from_fp8", [False, True])
+def test_triton_quant_along_tokens_through_a_row_map(from_fp8):
+    """rows[t] picks the source row of output token t (-1: zeros): the same bits as quantizing the
+    gathered, zero-padded copy, which the grouped Wgrad no longer builds."""
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randn(150, 40, generator=gen) * 2).to(DEVICE)
+    rows = torch.full((300,), -1, dtype=torch.int32)
+    rows[3:53] = torch.arange(0, 50, dtype=torch.int32)  # a tile mixing padding and rows
+    rows[128:228] = torch.arange(50, 150, dtype=torch.int32)
+    rows = rows.to(DEVICE)
+    if from_fp8:
+        xq, xs = quantize_act_1x128_reference(x)
+        xs = xs.t().contiguous().t()  # the forward's outer-dim-major scales
+        q, s = triton_kernels.quantize_act_1x128_t(xq, xs, rows=rows)
+        xd = xq.float() * xs.repeat_interleave(128, -1)[:, :40]
+    else:
+        q, s = triton_kernels.quantize_act_1x128_t(x, rows=rows)
+        xd = x.float()
+    padded = torch.zeros(300, 40, device=xd.device)
+    ok = rows >= 0
+    padded[ok] = xd[rows[ok].long()]
+    q_ref, s_ref = quantize_act_1x128_reference(padded.t().contiguous())
+    assert q.shape == (40, 300) and s.shape == (40, 3)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(_bits(q), _bits(q_ref))
+
+
 @pytest.mark.parametrize("M,N,K,b_tiles", [(16, 32, 256, False), (20, 40, 200, False), (16, 24, 256, True)])
 def test_triton_gemm_matches_reference(M, N, K, b_tiles):
     gen = torch.Generator().manual_seed(M + N + K)

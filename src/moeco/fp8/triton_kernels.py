@@ -97,26 +97,35 @@ if _HAVE_TRITON:
         tl.store(s_ptr + rows * stride_sm + pid_k * stride_sk, s, mask=rows < M)
 
     @triton.jit
-    def _quant_act_t_kernel(x_ptr, xs_ptr, q_ptr, s_ptr, T, C, stride_xt, stride_xst, stride_xsc,
-                            stride_qc, stride_sc, stride_st, BLOCK_C: tl.constexpr,
+    def _quant_act_t_kernel(x_ptr, xs_ptr, rows_ptr, q_ptr, s_ptr, T, C, stride_xt, stride_xst, stride_xsc,
+                            stride_qc, stride_sc, stride_st, BLOCK_C: tl.constexpr, GATHER: tl.constexpr,
                             FROM_FP8: tl.constexpr, POW2: tl.constexpr, EMULATE_CAST: tl.constexpr):
-        # Tile: 128 tokens x BLOCK_C channels of x (T, C); amax over the tokens; written as
-        # q (C, T) and s (C, ceil(T/128)).
+        # Tile: 128 output tokens x BLOCK_C channels; amax over the tokens; written as q (C, T) and
+        # s (C, ceil(T/128)). With GATHER, output token t reads row rows[t] of x (-1: a zero row),
+        # so that the caller's padded layout is never materialized.
         pid_t = tl.program_id(0)
         pid_c = tl.program_id(1)
         toks = pid_t * 128 + tl.arange(0, 128)
         chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (toks < T)[:, None] & (chans < C)[None, :]
-        x = tl.load(x_ptr + toks[:, None] * stride_xt + chans[None, :], mask=mask, other=0.0).to(tl.float32)
+        if GATHER:
+            src = tl.load(rows_ptr + toks, mask=toks < T, other=-1)
+            tok_ok = src >= 0
+            src = tl.where(tok_ok, src, 0).to(tl.int64)
+        else:
+            src = toks.to(tl.int64)
+            tok_ok = toks < T
+        mask = tok_ok[:, None] & (chans < C)[None, :]
+        x = tl.load(x_ptr + src[:, None] * stride_xt + chans[None, :], mask=mask, other=0.0).to(tl.float32)
         if FROM_FP8:  # dequantize the 1x128 (along C) tiles on the fly
-            xs = tl.load(xs_ptr + toks[:, None] * stride_xst + (chans // 128)[None, :] * stride_xsc,
+            xs = tl.load(xs_ptr + src[:, None] * stride_xst + (chans // 128)[None, :] * stride_xsc,
                          mask=mask, other=0.0)
             x = x * xs
         s = _scale_from_amax(tl.max(tl.abs(x), axis=0), POW2)  # (BLOCK_C,)
         v = tl.math.div_rn(x, s[None, :])
         if EMULATE_CAST:
             v = _round_to_e4m3_grid(v)
-        tl.store(q_ptr + chans[None, :] * stride_qc + toks[:, None], v.to(q_ptr.dtype.element_ty), mask=mask)
+        out_mask = (toks < T)[:, None] & (chans < C)[None, :]
+        tl.store(q_ptr + chans[None, :] * stride_qc + toks[:, None], v.to(q_ptr.dtype.element_ty), mask=out_mask)
         tl.store(s_ptr + chans * stride_sc + pid_t * stride_st, s, mask=chans < C)
 
     @triton.jit
@@ -220,27 +229,34 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
 
 
 def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
-                         block_c: int = 64):
+                         block_c: int = 64, rows: torch.Tensor | None = None):
     """Quantize x (T, C) along T: returns q (C, T) E4M3 and s (C, ceil(T/128)) with strides (1, C).
 
     With `x_scale` (T, ceil(C/128)), x is FP8 with 1x128 scales and is dequantized in the kernel.
-    Reference: `quantize_act_1x128_reference(x_dequantized.t())`.
+    With `rows` (T', ) int32, output token t is x's row rows[t], or a zero row where rows[t] < 0:
+    q (C, T'), without building the gathered copy (the grouped Wgrad's per-expert padding).
+    Reference: `quantize_act_1x128_reference(x_dequantized[rows].t())`.
     """
     T, C = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    tb = _ceil_div(T, 128)
-    q = torch.empty((C, T), dtype=FP8_DTYPE, device=x.device)
+    T_out = T if rows is None else rows.numel()
+    tb = _ceil_div(T_out, 128)
+    q = torch.empty((C, T_out), dtype=FP8_DTYPE, device=x.device)
     # (C, tb) scales stored outer-dim-major (strides (1, C)): _scaled_mm takes them without a copy
     s = torch.empty((tb, C), dtype=torch.float32, device=x.device).t()
+    if T_out == 0 or C == 0:
+        return q, s
     xs = x_scale if x_scale is not None else s  # a placeholder pointer when unused
+    if rows is not None and rows.dtype != torch.int32:
+        rows = rows.to(torch.int32)
     if interpreting():
         block_c = min(block_c, 16)
     grid = (tb, _ceil_div(C, block_c))
-    _quant_act_t_kernel[grid](x, xs, q, s, T, C, x.stride(0), xs.stride(0), xs.stride(1),
-                              q.stride(0), s.stride(0), s.stride(1), BLOCK_C=block_c,
-                              FROM_FP8=x_scale is not None, POW2=pow2_scale, EMULATE_CAST=interpreting(),
-                              num_warps=4)
+    _quant_act_t_kernel[grid](x, xs, rows if rows is not None else s, q, s, T_out, C, x.stride(0), xs.stride(0),
+                              xs.stride(1), q.stride(0), s.stride(0), s.stride(1), BLOCK_C=block_c,
+                              GATHER=rows is not None, FROM_FP8=x_scale is not None, POW2=pow2_scale,
+                              EMULATE_CAST=interpreting(), num_warps=4)
     return q, s
 
 
@@ -474,35 +490,29 @@ def grouped_padded_rows(offs: torch.Tensor, T: int):
     return dest, pstart, Tp
 
 
-def _scatter_rows(x: torch.Tensor, dest: torch.Tensor, Tp: int) -> torch.Tensor:
-    out = torch.zeros((Tp, x.shape[1]), dtype=x.dtype, device=x.device)
-    if x.dtype == FP8_DTYPE:  # index_copy has no float8 kernel everywhere; move the bytes
-        out.view(torch.uint8).index_copy_(0, dest, x.view(torch.uint8))
-    else:
-        out.index_copy_(0, dest, x)
-    return out
-
-
 def fp8_grouped_wgrad(gy, xq, xs, offs, E: int, *, pow2_scale=False, out_dtype=torch.float32, block_m=128,
                       block_n=128, num_warps=8, num_stages=4):
     """dW[e] (N, K) = gy[rows of e]^T . x[rows of e] for all experts: Wgrad of the grouped GEMM.
 
     gy (T, N) high precision; x given as its forward FP8 copy xq (T, K) with 1x128 scales xs.
-    Both are moved into a layout where every expert starts on a 128-token boundary (zero rows in
-    between), re-tiled 1x128 -> 128x1 along the tokens (`quantize_act_1x128_t`), so each 128-token
-    tile belongs to one expert, exactly as the per-expert loop tiles them; then one launch computes
-    all experts (grid: output tiles x experts, each looping over its own token blocks).
+    Both are quantized 128x1 along the tokens (`quantize_act_1x128_t`, dequantizing x's 1x128
+    tiles first) into a layout where every expert starts on a 128-token boundary (zero rows in
+    between), so each 128-token tile belongs to one expert, exactly as the per-expert loop tiles
+    them; the quantization kernel reads the rows through a row map, so the padded copy is never
+    written. Then one launch computes all experts (grid: output tiles x experts, each looping over
+    its own token blocks).
     """
-    from moeco.fp8.quantize import quantize_act_1x128_t
-
     T, N = gy.shape
     K = xq.shape[1]
     if E == 0 or N == 0 or K == 0:
         return torch.zeros((E, N, K), dtype=out_dtype, device=gy.device)
     dest, pstart, Tp = grouped_padded_rows(offs, T)
-    gq, gs = quantize_act_1x128_t(_scatter_rows(gy, dest, Tp), pow2_scale=pow2_scale)  # (N, Tp), (N, Tp/128)
-    xtq, xts = quantize_act_1x128_t(_scatter_rows(xq, dest, Tp), _scatter_rows(xs.contiguous(), dest, Tp),
-                                    pow2_scale=pow2_scale)  # (K, Tp), (K, Tp/128)
+    # padded row -> source row (-1: padding). Rows past offs[-1] all land on row Tp - 1, in a spare
+    # block the kernel below never reads.
+    src = torch.full((Tp,), -1, dtype=torch.int32, device=gy.device)
+    src.scatter_(0, dest, torch.arange(T, dtype=torch.int32, device=gy.device))
+    gq, gs = quantize_act_1x128_t(gy, pow2_scale=pow2_scale, rows=src)  # (N, Tp), (N, Tp/128)
+    xtq, xts = quantize_act_1x128_t(xq, xs, pow2_scale=pow2_scale, rows=src)  # (K, Tp), (K, Tp/128)
     c = torch.empty((E, N, K), dtype=out_dtype, device=gy.device)
     block_m, block_n, num_warps, num_stages = _grouped_config(block_m, block_n, num_warps, num_stages)
     grid = (_ceil_div(N, block_m) * _ceil_div(K, block_n), E)
