@@ -205,7 +205,7 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: int = 32):
+def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: int = 32, num_warps: int = 4):
     """Triton version of `moeco.fp8.quantize.quantize_act_1x128_reference`.
 
     The scale comes back as a (*, ceil(K/128)) view of a (ceil(K/128), rows) buffer
@@ -224,12 +224,12 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
     grid = (_ceil_div(M, block_m), kb)
     _quant_act_kernel[grid](x2, q, s_t, M, K, x2.stride(0), q.stride(0), 1, M,
                             BLOCK_M=block_m, POW2=pow2_scale, EMULATE_CAST=interpreting(),
-                            num_warps=4 if block_m >= 16 else 1)
+                            num_warps=num_warps if block_m >= 16 else 1)
     return q.reshape(*lead, K), s_t.t().reshape(*lead, kb)
 
 
 def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
-                         block_c: int = 64, rows: torch.Tensor | None = None):
+                         block_c: int = 32, rows: torch.Tensor | None = None, num_warps: int = 4):
     """Quantize x (T, C) along T: returns q (C, T) E4M3 and s (C, ceil(T/128)) with strides (1, C).
 
     With `x_scale` (T, ceil(C/128)), x is FP8 with 1x128 scales and is dequantized in the kernel.
@@ -256,7 +256,7 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     _quant_act_t_kernel[grid](x, xs, rows if rows is not None else s, q, s, T_out, C, x.stride(0), xs.stride(0),
                               xs.stride(1), q.stride(0), s.stride(0), s.stride(1), BLOCK_C=block_c,
                               GATHER=rows is not None, FROM_FP8=x_scale is not None, POW2=pow2_scale,
-                              EMULATE_CAST=interpreting(), num_warps=4)
+                              EMULATE_CAST=interpreting(), num_warps=num_warps)
     return q, s
 
 
