@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,9 +52,6 @@ def run(args, precision: str, mode: str, out: Path) -> dict:
                loss=recs[-1]["loss"], warmup_s=warm_s, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                moments=cfg.moment_dtype())
     trainer.close()
-    del trainer
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     return row
 
 
@@ -67,23 +66,34 @@ def main() -> int:
     p.add_argument("--precisions", default="bf16,fp8")
     p.add_argument("--out", default="runs/bench-fp8-step")
     p.add_argument("--set", action="append", default=[], help="extra TrainConfig override for every row")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # PRECISION:MODE:JSON, run by main in a child process
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 1
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {a.preset}, batch {a.batch} x {a.seq} tokens",
-          flush=True)
+    if a.one:
+        precision, mode, path = a.one.split(":", 2)
+        Path(path).write_text(json.dumps(run(a, precision, mode, out)))
+        return 0
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {a.preset}, batch {a.batch} x {a.seq} tokens; "
+          "each row in its own process", flush=True)
     rows, base = [], None
+    passthrough = [f"--preset={a.preset}", f"--batch={a.batch}", f"--seq={a.seq}", f"--warmup={a.warmup}",
+                   f"--steps={a.steps}", f"--out={a.out}"] + [f"--set={x}" for x in a.set]
     for precision in a.precisions.split(","):
         for mode in a.modes.split(","):
-            try:
-                r = run(a, precision, mode, out)
-            except Exception as exc:  # report and keep the other rows
-                print(f"{precision:5s} {mode:15s} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-                      flush=True)
+            # A failed CUDA-graph capture can leave the process's CUDA state unusable: one process per row.
+            with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                proc = subprocess.run([sys.executable, __file__, *passthrough, f"--one={precision}:{mode}:{tmp.name}"],
+                                      capture_output=True, text=True)
+                text = Path(tmp.name).read_text() if proc.returncode == 0 else ""
+            if not text:
+                err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+                print(f"{precision:5s} {mode:15s} | failed: {err[-1][:240] if err else proc.returncode}", flush=True)
                 continue
+            r = json.loads(text)
             rows.append(r)
             if precision == "bf16" and mode == "eager":
                 base = r["step_ms"]

@@ -82,7 +82,7 @@ def portable_state_dict(optimizer: torch.optim.Optimizer) -> dict:
 
 
 class GraphedStep:
-    """Runs `compute(batch_ABS, capturing) -> outputs` eagerly twice, then as a replayed CUDA graph.
+    """Runs `compute(batch_ABS, graph_mode) -> outputs` eagerly twice, then as a replayed CUDA graph.
 
     `compute` does one whole optimizer step on a device batch (A micro-steps, B sequences, S + 1
     tokens) and returns device tensors; `optimizer` is made capturable before the capture.
@@ -117,8 +117,10 @@ class GraphedStep:
     def _eager(self, batch_ABS: torch.Tensor) -> tuple:
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            out = self.compute(batch_ABS.to(self.device), False)
+        # The same autocast and attention settings as the capture: torch.compile guards on them, and
+        # a recompilation while capturing would break the capture.
+        with torch.cuda.stream(self.stream), sdpa_kernel(CAPTURE_SDPA_BACKENDS):
+            out = self.compute(batch_ABS.to(self.device), True)
             self.zero_grad()
         current.wait_stream(self.stream)
         self.eager_steps += 1

@@ -272,11 +272,12 @@ class Trainer:
         # A captured CUDA graph must not keep autocast's cached weight casts (cache=False then).
         return torch.autocast(self.dist.device.type, dtype=self.autocast, cache_enabled=cache)
 
-    def _compute(self, batch_ABS: torch.Tensor, capturing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute(self, batch_ABS: torch.Tensor, graph_mode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a device batch of A micro-steps: forward, backward, clip, AdamW.
 
         Returns (loss sums (4,), grad norm) as device tensors and reads nothing back to the host, so
-        that `GraphedStep` can capture it. Gradients are left in place (the caller zeroes them).
+        that `GraphedStep` can capture it (`graph_mode`: its warm-up steps and the capture, which
+        turn autocast's weight cache off). Gradients are left in place (the caller zeroes them).
         """
         cfg, d = self.cfg, self.dist
         alpha = self.mcfg.aux_loss_alpha
@@ -287,7 +288,7 @@ class Trainer:
             sync = d.world == 1 or a == self.accum - 1
             ctx = contextlib.nullcontext() if sync else self.forward.no_sync()
             with ctx:
-                with self._autocast_ctx(cache=not capturing):
+                with self._autocast_ctx(cache=not graph_mode):
                     out = self.forward(inputs, return_mtp=True, return_aux=True)
                 lm, mtp = lm_losses(out, labels)
                 bal = out.balance_loss.float()
