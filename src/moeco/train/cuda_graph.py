@@ -2,8 +2,9 @@
 clipping, AdamW) recorded once and replayed, so the host no longer launches kernels one by one.
 
 Why: a training step of `small` launches thousands of kernels. In FP8 each Linear adds its own
-quantization launches and Python work (~0.5 ms per backward), and the H200 sat idle for over half
-of the step (measured: 45% busy). A replayed graph launches everything in one call.
+quantization launches and Python work, and the host falls behind the GPU: on the H200 the FP8
+step takes 333 ms eagerly and 250 ms replayed (BF16, already GPU-bound: 248 and 242 ms;
+bench/fp8_train_step.py). A replayed graph launches everything in one call.
 
 How (the pattern of torch.cuda.graph's whole-network capture):
     steps 1-2  eager, on a side stream: they are real training steps, and they create the
@@ -17,13 +18,17 @@ What must hold inside the step, and does: no host reads (`.item()`, `.tolist()`,
 boolean masks): the MoE path counts with scatter_add and dispatches with gathers; the optimizer is
 capturable (device step counts, `lr` a device tensor filled before each replay); autocast's weight
 cache is off (a cached cast would outlive the capture); attention avoids SDPA's memory-efficient
-backend (see CAPTURE_SDPA_BACKENDS). Everything outside the step runs eagerly
+backend (see CAPTURE_SDPA_BACKENDS). The warm-up steps run under the same autocast and attention
+settings, so that torch.compile (`train.compile`) does not recompile during the capture. Everything
+outside the step runs eagerly
 between replays and sees the same tensors: the balance hook reads the routers' counts and moves
 their biases in place, evaluation and checkpoints read the parameters.
 
 Limits: one process (no DDP; its gradient hooks would need their own capture), fixed shapes (the
-trainer's batches are), CUDA only. A step that cannot be captured fails with a one-line error that
-says to turn the option off.
+trainer's batches are), CUDA only, bf16 or fp8 precision (FP32 experts run a per-expert loop sized
+on the host); the trainer refuses the others before it writes anything. A step that still cannot be
+captured fails with a one-line error that says to turn the option off; the process's CUDA state may
+not survive a failed capture, so the run stops there.
 """
 
 from __future__ import annotations
@@ -36,10 +41,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from moeco.errors import ConfigError
 
 WARMUP_STEPS = 2
-# SDPA's memory-efficient backend (the one FP32 attention takes) hands its backward CPU scalars (the
-# dropout RNG seed and offset, even without dropout), a host-to-device copy a capture refuses (seen
-# on the H200, torch 2.11). Captured steps use the others: cuDNN / flash for BF16 as in eager
-# steps, and the math backend for FP32.
+# SDPA's memory-efficient backend hands its backward CPU scalars (the dropout RNG seed and offset,
+# even without dropout), a host-to-device copy a capture refuses (seen on the H200, torch 2.11, with
+# FP32 attention). Graphed steps use the others: cuDNN or flash, as eager BF16 steps do, and the
+# math backend where neither applies.
 CAPTURE_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
