@@ -20,9 +20,8 @@ capturable (device step counts, `lr` a device tensor filled before each replay);
 cache is off (a cached cast would outlive the capture); attention avoids SDPA's memory-efficient
 backend (see CAPTURE_SDPA_BACKENDS). The warm-up steps run under the same autocast and attention
 settings, so that torch.compile (`train.compile`) does not recompile during the capture. Everything
-outside the step runs eagerly
-between replays and sees the same tensors: the balance hook reads the routers' counts and moves
-their biases in place, evaluation and checkpoints read the parameters.
+outside the step runs eagerly between replays and sees the same tensors: the balance hook reads the
+routers' counts and moves their biases in place, evaluation and checkpoints read the parameters.
 
 Limits: one process (no DDP; its gradient hooks would need their own capture), fixed shapes (the
 trainer's batches are), CUDA only, bf16 or fp8 precision (FP32 experts run a per-expert loop sized
@@ -90,14 +89,12 @@ class GraphedStep:
     """Runs `compute(batch_ABS, graph_mode) -> outputs` eagerly twice, then as a replayed CUDA graph.
 
     `compute` does one whole optimizer step on a device batch (A micro-steps, B sequences, S + 1
-    tokens) and returns device tensors; `optimizer` is made capturable before the capture.
+    tokens) and returns device tensors; `optimizer` is made capturable before the capture. CUDA
+    only: the trainer checks the device (and the other limits) before it builds one.
     """
 
     def __init__(self, compute: Callable[[torch.Tensor, bool], tuple], optimizer: torch.optim.Optimizer,
                  device: torch.device, zero_grad: Callable[[], None]) -> None:
-        if device.type != "cuda":
-            raise ConfigError(f"train.cuda_graph = true needs a CUDA device, not {device}; "
-                              "set train.cuda_graph = false")
         self.compute, self.optimizer, self.device, self.zero_grad = compute, optimizer, device, zero_grad
         self.stream = torch.cuda.Stream(device)
         self.graph: torch.cuda.CUDAGraph | None = None
