@@ -120,6 +120,23 @@ def test_triton_gemm_matches_reference(M, N, K, b_tiles):
     assert out_bf16.dtype == torch.bfloat16
 
 
+
+@pytest.mark.parametrize("M,N,K,b_tiles,persistent", [(20, 48, 272, False, True), (33, 64, 128, True, True),
+                                                      (40, 144, 256, False, False)])
+def test_triton_tma_gemm_matches_reference(M, N, K, b_tiles, persistent):
+    # Ragged M, N and K tiles (TMA reads zeros past the edges and drops writes there), a persistent
+    # grid with more tiles than programs, and 1x128 B scales (Wgrad's operands).
+    gen = torch.Generator().manual_seed(M + N + K)
+    a, b = torch.randn(M, K, generator=gen).to(DEVICE), torch.randn(N, K, generator=gen).to(DEVICE)
+    aq, sa = quantize_act_1x128(a)
+    bq, sb = quantize_act_1x128(b) if b_tiles else quantize_weight_128x128(b)
+    assert triton_kernels.tma_gemm_ok(aq, bq, torch.float32)
+    out = triton_kernels.fp8_gemm_nt_tma(aq, sa, bq, sb, torch.float32, persistent=persistent)
+    ref = fp8_gemm_reference(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), torch.float32)
+    tol = 1e-5 if DEVICE == "cpu" else 5e-4
+    assert ((out.cpu() - ref).abs().max() / ref.abs().max()) < tol
+
+
 # ---- grouped GEMMs for routed experts (one launch for all experts) -----------------------------
 
 
@@ -185,6 +202,44 @@ def test_triton_grouped_wgrad_matches_per_expert_reference():
     tol = 1e-5 if DEVICE == "cpu" else 5e-4
     assert ((dw - ref).abs().max() / ref.abs().max()) < tol
     assert torch.equal(dw[1], torch.zeros(N, K))
+
+
+
+@pytest.mark.parametrize("counts,tail,N,K", [([5, 0, 19, 3], 4, 48, 272), ([33], 0, 144, 128)])
+def test_triton_tma_grouped_gemm_matches_pointer_kernel_and_reference(counts, tail, N, K):
+    gen = torch.Generator().manual_seed(sum(counts) + N + K + 1)
+    E, T = len(counts), sum(counts) + tail
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEVICE)
+    x, w = torch.randn(T, K, generator=gen), torch.randn(E, N, K, generator=gen)
+    xq, xs = quantize_act_1x128(x.to(DEVICE))
+    wq, ws = quantize_weight_128x128(w.to(DEVICE))
+    out = triton_kernels.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs, torch.float32, tma=True).cpu()
+    ref = _per_expert(counts, lambda e, a, b: fp8_gemm_reference(xq[a:b].cpu(), xs[a:b].cpu(), wq[e].cpu(),
+                                                                 ws[e].cpu()), (T, N))
+    tol = 1e-5 if DEVICE == "cpu" else 5e-4
+    assert ((out - ref).abs().max() / ref.abs().max()) < tol
+    assert torch.equal(out[sum(counts):], torch.zeros(tail, N))
+    # Dgrad form (B = W_e^T, scales a transposed view): the TMA and pointer kernels agree.
+    gy = torch.randn(T, N, generator=gen)
+    gq, gs = quantize_act_1x128(gy.to(DEVICE))
+    wt = wq.transpose(1, 2).contiguous()
+    got = triton_kernels.fp8_grouped_gemm_nt(gq, gs, wt, ws.transpose(1, 2), offs, torch.float32, tma=True)
+    want = triton_kernels.fp8_grouped_gemm_nt(gq, gs, wt, ws.transpose(1, 2), offs, torch.float32, tma=False)
+    assert ((got - want).abs().max() / want.abs().max()).item() < tol
+
+
+def test_triton_tma_grouped_wgrad_matches_pointer_kernel():
+    gen = torch.Generator().manual_seed(4)
+    counts, N, K = [5, 0, 140, 3], 24, 136
+    E, T = len(counts), sum(counts) + 2
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEVICE)
+    gy, x = torch.randn(T, N, generator=gen).to(DEVICE), torch.randn(T, K, generator=gen).to(DEVICE)
+    xq, xs = quantize_act_1x128(x)
+    got = triton_kernels.fp8_grouped_wgrad(gy, xq, xs, offs, E, tma=True)
+    want = triton_kernels.fp8_grouped_wgrad(gy, xq, xs, offs, E, tma=False)
+    tol = 1e-5 if DEVICE == "cpu" else 5e-4
+    assert ((got - want).abs().max() / want.abs().max()).item() < tol
+    assert torch.equal(got[1].cpu(), torch.zeros(N, K))
 
 
 def test_triton_tile_map_bounds():

@@ -1,0 +1,334 @@
+"""Sweeps for the FP8 fast paths on one GPU: which kernel and tile wins at DeepSeek-V3 shapes.
+
+    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,gemm,quant,linear] [--json out.json]
+
+probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128 x 1x128 (Wgrad) and
+        128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
+gemm    per shape: bf16 torch.mm, torch._scaled_mm called directly (operands laid out beforehand),
+        moeco's pointer-based Triton kernel, and the TMA kernel over tile configurations.
+quant   1x128 quantization over block_m x groups x warps; the one-pass row + column quantization
+        (block_m rows x groups tiles of 128 channels per program).
+grouped 32 experts x 512 tokens: the grouped Fprop / Dgrad / Wgrad kernels, pointer vs TMA, over tiles.
+linear  Fp8Linear forward + backward under the profiler: GPU time per kernel family, per shape.
+Every time is the median of triton.testing.do_bench (L2 cleared between repeats); ratios are
+against the bf16 row of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from moeco.fp8 import triton_kernels as tk
+from moeco.fp8.gemm import fp8_gemm, fp8_gemm_reference, fp8_gemm_scaled_mm
+from moeco.fp8.quantize import quantize_act_1x128, quantize_weight_128x128
+
+SHAPES = [(7168, 2048), (2048, 7168), (7168, 1536), (1536, 24576), (7168, 576), (16384, 7168)]
+TMA_CONFIGS = [  # block_m, block_n, num_warps, num_stages, persistent
+    (128, 128, 8, 4, True), (128, 128, 8, 3, True), (128, 128, 8, 4, False), (256, 128, 8, 3, True),
+]
+
+
+def ms_of(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def rel(out, ref) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def probe_rows():
+    rows = []
+    T, N, K = 1024, 768, 2048
+    a = torch.randn(N, T, device="cuda")
+    b = torch.randn(K, T, device="cuda")
+    aq, sa = tk.quantize_act_1x128(a)  # Wgrad: both operands tiled along the tokens (here the last dim)
+    bq, sb = tk.quantize_act_1x128(b)
+    ref = fp8_gemm_reference(aq, sa, bq, sb)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        try:
+            out = torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb.t(),
+                                   out_dtype=out_dtype)
+            r = dict(case=f"1x128 x 1x128 out {out_dtype}", ok=True, rel_err=rel(out, ref))
+        except Exception as exc:  # report what this torch refuses
+            r = dict(case=f"1x128 x 1x128 out {out_dtype}", ok=False, error=f"{exc!r:.300}")
+        rows.append(r)
+        print("probe", r, flush=True)
+    # Wgrad at a V3 shape: dW (N, K) = gy^T (N, T) . x^T (K, T)^T, fp32 out; cuBLAS vs the TMA kernel.
+    for T in (4096, 16384):
+        N, K = 2048, 7168
+        gt = torch.randn(N, T, device="cuda", dtype=torch.bfloat16)
+        xt = torch.randn(K, T, device="cuda", dtype=torch.bfloat16)
+        t_bf = ms_of(lambda: torch.mm(gt, xt.t()))
+        gq, gs = tk.quantize_act_1x128(gt)
+        xq_, xs_ = tk.quantize_act_1x128(xt)
+        r = dict(case=f"wgrad T={T} N={N} K={K}", bf16_ms=t_bf)
+        for name, fn in (("cublas", lambda: torch._scaled_mm(gq, xq_.t(), scale_a=gs, scale_b=xs_.t(),
+                                                              out_dtype=torch.float32)),
+                         ("tma", lambda: tk.fp8_gemm_nt_tma(gq, gs, xq_, xs_, torch.float32)),
+                         ("tma_128x256", lambda: tk.fp8_gemm_nt_tma(gq, gs, xq_, xs_, torch.float32, block_n=256,
+                                                                    num_stages=3))):
+            try:
+                t = ms_of(fn)
+                r[name + "_ms"], r[name + "_x"] = t, t_bf / t
+            except Exception as exc:
+                r[name] = f"failed: {exc!r:.200}"
+        rows.append(r)
+        print("probe", r, flush=True)
+    # Dgrad of the N = 576 Linear: dx (T, K) = dy (T, 576) . W (576, K): a reduction of 5 k-blocks.
+    for T in (4096, 16384):
+        K = 7168
+        gy = torch.randn(T, 576, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(576, K, device="cuda", dtype=torch.bfloat16)
+        t_bf = ms_of(lambda: torch.mm(gy, w))
+        gq, gs = tk.quantize_act_1x128(gy)
+        wq, ws, wtq = tk.quantize_weight_128x128(w.float(), transposed=True)
+        wst = ws.t().contiguous()
+        ref = fp8_gemm_reference(gq, gs, wtq, wst)
+        r = dict(case=f"dgrad N=576 T={T} K={K}", bf16_ms=t_bf)
+        for mode in ("expand", "pad"):
+            fn = lambda: fp8_gemm_scaled_mm(gq, gs, wtq, wst, torch.bfloat16, unaligned_k=mode)  # noqa: E731
+            t = ms_of(fn)
+            r[mode + "_ms"], r[mode + "_x"], r[mode + "_err"] = t, t_bf / t, rel(fn(), ref)
+        rows.append(r)
+        print("probe", r, flush=True)
+    # N = 576 transposed: C^T (N, T) = W (N, K) . x (T, K)^T; W has 128x128 blocks, x 1x128 tiles.
+    T, N, K = 4096, 576, 7168
+    x = torch.randn(T, K, device="cuda")
+    w = torch.randn(N, K, device="cuda")
+    xq, xs = tk.quantize_act_1x128(x)
+    wq, ws = quantize_weight_128x128(w)
+    ref = fp8_gemm_reference(xq, xs, wq, ws)
+    xs_rm = xs.contiguous()  # (T, KB) row-major
+    for name, sa_, sb_ in (("ws (NB,KB) contiguous, xs^T (KB,T)", ws, xs_rm.t()),
+                           ("ws (NB,KB) contiguous, xs^T contiguous", ws, xs_rm.t().contiguous()),
+                           ("ws outer-major, xs^T (KB,T)", ws.t().contiguous().t(), xs_rm.t()),
+                           ("ws outer-major, xs^T contiguous", ws.t().contiguous().t(), xs_rm.t().contiguous())):
+        try:
+            out = torch._scaled_mm(wq, xq.t(), scale_a=sa_, scale_b=sb_, out_dtype=torch.bfloat16)
+            err = rel(out.t(), ref)
+            t = ms_of(lambda: torch._scaled_mm(wq, xq.t(), scale_a=sa_, scale_b=sb_, out_dtype=torch.bfloat16))
+            r = dict(case=f"N=576 transposed: {name}", ok=err < 1e-2, rel_err=err, ms=t,
+                     tflops=2 * T * N * K / t / 1e9)
+        except Exception as exc:
+            r = dict(case=f"N=576 transposed: {name}", ok=False, error=f"{exc!r:.300}")
+        rows.append(r)
+        print("probe", r, flush=True)
+    return rows
+
+
+def gemm_rows(tokens):
+    rows = []
+    for T in tokens:
+        for K, N in SHAPES:
+            flop = 2 * T * K * N
+            tf = lambda ms: flop / ms / 1e9  # noqa: E731
+            x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+            t_bf = ms_of(lambda: torch.mm(x, w.t()))
+            xq, xs = quantize_act_1x128(x)
+            wq, ws = quantize_weight_128x128(w)
+            ref = fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="scaled_mm")
+            r = dict(T=T, K=K, N=N, bf16_ms=t_bf, bf16_tflops=tf(t_bf))
+            if N % 128 == 0:  # the bare cuBLAS call, its operands already in the layout it wants
+                t = ms_of(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16))
+                r.update(cublas_ms=t, cublas_x=t_bf / t)
+            t = ms_of(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="scaled_mm"))
+            r.update(scaled_mm_ms=t, scaled_mm_x=t_bf / t)
+            t = ms_of(lambda: tk.fp8_gemm_nt(xq, xs, wq, ws, torch.bfloat16))
+            r.update(triton_ms=t, triton_x=t_bf / t)
+            best = None
+            for bm, bn, nw, ns, pers in TMA_CONFIGS:
+                kw = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, persistent=pers)
+                key = f"tma_{bm}x{bn}_w{nw}_s{ns}{'_p' if pers else ''}"
+                try:
+                    out = tk.fp8_gemm_nt_tma(xq, xs, wq, ws, torch.bfloat16, **kw)
+                    err = rel(out, ref)
+                    t = ms_of(lambda: tk.fp8_gemm_nt_tma(xq, xs, wq, ws, torch.bfloat16, **kw))
+                except Exception as exc:  # a config that does not compile or fit
+                    r[key] = f"failed: {exc!r:.200}"
+                    continue
+                r[key + "_ms"], r[key + "_err"] = t, err
+                if err < 2e-2 and (best is None or t < best[0]):
+                    best = (t, key)
+            if best:
+                r.update(tma_best=best[1], tma_best_ms=best[0], tma_best_x=t_bf / best[0], tma_best_tflops=tf(best[0]))
+            rows.append(r)
+            print(f"gemm T={T:6d} K={K:6d} N={N:6d} | bf16 {t_bf:.3f} ms {tf(t_bf):5.0f} TF | cublas "
+                  f"{r.get('cublas_ms', float('nan')):.3f} {r.get('cublas_x', float('nan')):.2f}x | wrapper "
+                  f"{r['scaled_mm_ms']:.3f} {r['scaled_mm_x']:.2f}x | triton {r['triton_x']:.2f}x | TMA best "
+                  f"{r.get('tma_best', '-')} {r.get('tma_best_ms', float('nan')):.3f} ms "
+                  f"{r.get('tma_best_tflops', float('nan')):5.0f} TF {r.get('tma_best_x', float('nan')):.2f}x",
+                  flush=True)
+            for k, v in r.items():
+                if k.startswith("tma_") and (k.endswith("_ms") or isinstance(v, str)) and k != "tma_best_ms":
+                    print(f"    {k} {v if isinstance(v, str) else f'{v:.3f} ms {t_bf / v:.2f}x'}", flush=True)
+            del x, w, xq, xs, wq, ws, ref
+    return rows
+
+
+def quant_rows(tokens):
+    rows = []
+    c = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    d = torch.empty_like(c)
+    copy_gbs = 2 * c.numel() / ms_of(lambda: d.copy_(c)) / 1e6
+    del c, d
+    print(f"device copy {copy_gbs:.0f} GB/s", flush=True)
+    for T in tokens:
+        for C in (7168, 2048):
+            x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
+            nbytes = T * C * 3 + T * (C // 128) * 4
+            res = []
+            for bm in (8, 16, 32):
+                for g in (1, 2, 4):
+                    for nw in (4, 8):
+                        t = ms_of(lambda: tk.quantize_act_1x128(x, block_m=bm, groups=g, num_warps=nw))
+                        res.append((nbytes / t / 1e6, f"block_m={bm} groups={g} warps={nw}", t))
+            best = max(res)
+            base = next(r for r in res if r[1] == "block_m=32 groups=1 warps=4")
+            rows.append(dict(kind="row", T=T, C=C, best=best[1], best_ms=best[2], best_gbs=best[0],
+                             default_ms=base[2], default_gbs=base[0], copy_gbs=copy_gbs,
+                             all={name: t for _, name, t in res}))
+            print(f"row  T={T:6d} C={C:5d} | best {best[1]:28s} {best[2]:.4f} ms {best[0]:5.0f} GB/s "
+                  f"{best[0] / 4800:4.0%} of 4.8 TB/s | default {base[2]:.4f} ms {base[0]:5.0f} GB/s "
+                  f"{base[0] / 4800:4.0%}", flush=True)
+            del x
+    return rows
+
+
+FAMILIES = (("scaled_mm / cuBLAS", ("gemm", "sm90_xmma", "cutlass", "nvjet")), ("triton GEMM", ("fp8_gemm",)),
+            ("quant rows", ("_quant_act_kernel",)), ("quant tokens", ("_quant_act_t_kernel",)),
+("quant weight", ("_quant_weight",)))
+
+
+def family(name: str) -> str:
+    for fam, keys in FAMILIES:
+        if any(k in name for k in keys):
+            return fam
+    return "other"
+
+
+def linear_rows(tokens):
+    from torch.profiler import ProfilerActivity, profile
+
+    from moeco.fp8 import Fp8Linear
+
+    rows = []
+    for T in tokens:
+        for K, N in SHAPES:
+            x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            gy = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
+            m = Fp8Linear(K, N, device="cuda")
+            for _ in range(3):
+                m(x).backward(gy)
+            torch.cuda.synchronize()
+            reps = 5
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    m.weight.grad = None
+                    x.grad = None
+                    m(x).backward(gy)
+                torch.cuda.synchronize()
+            per = {}
+            names = {}
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    f = family(e.name)
+                    per[f] = per.get(f, 0.0) + e.device_time / 1000 / reps
+                    names.setdefault(f, set()).add(e.name[:80])
+            total = sum(per.values())
+            rows.append(dict(T=T, K=K, N=N, total_ms=total, per_family_ms=per,
+                             names={k: sorted(v) for k, v in names.items()}))
+            print(f"linear T={T:6d} K={K:6d} N={N:6d} | kernels {total:.3f} ms | "
+                  + " | ".join(f"{k} {v:.3f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])), flush=True)
+            del x, gy, m
+    return rows
+
+
+GROUPED_CONFIGS = [(128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 8, 5), (64, 128, 4, 5), (128, 256, 8, 3)]
+
+
+def grouped_rows():
+    """32 experts x 512 tokens (V3 shapes): the grouped kernels, pointer vs TMA, vs bf16 _grouped_mm."""
+    rows = []
+    E, D, Fh, T = 32, 7168, 2048, 16384
+    offs = torch.full((E,), T // E, dtype=torch.int32, device="cuda").cumsum(0).to(torch.int32)
+    for name, (N, K) in (("gate/up (E,2048,7168)", (Fh, D)), ("down (E,7168,2048)", (D, Fh))):
+        flop = 2 * T * K * N
+        x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        gy = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
+        t_bf = ms_of(lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
+        t_bf_d = ms_of(lambda: torch._grouped_mm(gy, w, offs=offs))
+        gyt, xt = gy.t().contiguous(), x.t().contiguous()
+        t_bf_w = ms_of(lambda: torch._grouped_mm(gyt, xt.t(), offs=offs))
+        xq, xs = quantize_act_1x128(x)
+        gq, gs = quantize_act_1x128(gy)
+        wq, ws, wtq = tk.quantize_weight_128x128(w.float(), transposed=True)
+        wst = ws.transpose(1, 2)
+        r = dict(shape=name, bf16_fprop_ms=t_bf, bf16_dgrad_ms=t_bf_d, bf16_wgrad_ms=t_bf_w)
+        ref_f = tk.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs, torch.float32, tma=False)
+        ref_d = tk.fp8_grouped_gemm_nt(gq, gs, wtq, wst, offs, torch.float32, tma=False)
+        for bm, bn, nw, ns in GROUPED_CONFIGS:
+            kw = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+            for tma in (False, True):
+                key = f"{'tma' if tma else 'ptr'}_{bm}x{bn}_w{nw}_s{ns}"
+                try:
+                    ef = rel(tk.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs, torch.float32, tma=tma, **kw), ref_f)
+                    ed = rel(tk.fp8_grouped_gemm_nt(gq, gs, wtq, wst, offs, torch.float32, tma=tma, **kw), ref_d)
+                    tf_ = ms_of(lambda: tk.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs, torch.bfloat16, tma=tma, **kw))
+                    td = ms_of(lambda: tk.fp8_grouped_gemm_nt(gq, gs, wtq, wst, offs, torch.bfloat16, tma=tma, **kw))
+                    tw = ms_of(lambda: tk.fp8_grouped_wgrad(gy, xq, xs, offs, E, tma=tma, **kw))
+                except Exception as exc:
+                    r[key] = f"failed: {exc!r:.200}"
+                    print(f"grouped {name} {key}: failed {exc!r:.200}", flush=True)
+                    continue
+                r[key] = dict(fprop_ms=tf_, dgrad_ms=td, wgrad_incl_quant_ms=tw, err_f=ef, err_d=ed)
+                print(f"grouped {name:22s} {key:20s} | fprop {tf_:.3f} ms {flop / tf_ / 1e9:5.0f} TF "
+                      f"{t_bf / tf_:.2f}x | dgrad {td:.3f} {t_bf_d / td:.2f}x | wgrad+quant {tw:.3f} "
+                      f"{t_bf_w / tw:.2f}x | err vs ptr {ef:.1e} {ed:.1e}", flush=True)
+        print(f"grouped {name:22s} bf16 _grouped_mm | fprop {t_bf:.3f} dgrad {t_bf_d:.3f} wgrad {t_bf_w:.3f} ms",
+              flush=True)
+        rows.append(r)
+        del x, w, gy, xq, xs, gq, gs, wq, ws, wtq, gyt, xt
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="probe,gemm,quant,grouped,linear")
+    p.add_argument("--tokens", default="4096,16384")
+    p.add_argument("--json")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/fp8_gemm_tune.py needs a CUDA GPU", file=sys.stderr)
+        return 1
+    import triton
+
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
+    tokens = [int(t) for t in a.tokens.split(",")]
+    out = {}
+    for sec, fn in (("probe", probe_rows), ("gemm", lambda: gemm_rows(tokens)), ("quant", lambda: quant_rows(tokens)),
+                    ("grouped", grouped_rows),
+                    ("linear", lambda: linear_rows(tokens))):
+        if sec in a.only.split(","):
+            try:
+                out[sec] = fn()
+            except Exception as exc:  # one section failing should not lose the others
+                import traceback
+
+                traceback.print_exc()
+                out[sec] = f"failed: {exc!r}"
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(out, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
