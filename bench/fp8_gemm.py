@@ -8,7 +8,10 @@ forward + backward.
 
 Every row prints the BF16 baseline measured in the same run and the distance to the hardware
 (TFLOP/s for GEMMs, GB/s against a device-to-device copy measured here for the quantization).
-Timing: triton.testing.do_bench, median of ~100 ms of repeats after warm-up, random inputs.
+Timing, random inputs: GEMM-alone and quantization rows are GPU time (bench/_timing.py: CUDA-graph
+replays, L2 flushed before every call, no host cost); Fp8Linear and grouped rows are triton's
+do_bench on the eager call (median of ~100 ms of repeats), plus CUDA-graph replay columns for
+Fp8Linear.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 
 import torch
 
+from _timing import gpu_ms
 from moeco.fp8 import Fp8Linear, fp8_grouped_mm
 from moeco.fp8.gemm import fp8_gemm, scaled_mm_fits
 from moeco.fp8.quantize import quantize_act_1x128, quantize_act_1x128_reference, quantize_weight_128x128
@@ -63,16 +67,16 @@ def gemm_rows(tokens_list):
             x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
             w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
             flop = 2 * T * K * N
-            t_bf16 = bench_ms(lambda: torch.mm(x, w.t()))
+            t_bf16 = gpu_ms(lambda: torch.mm(x, w.t()))
             xq, xs = quantize_act_1x128(x)
             wq, ws = quantize_weight_128x128(w)
             r = dict(T=T, K=K, N=N, bf16_ms=t_bf16, bf16_tflops=flop / t_bf16 / 1e9)
-            t = bench_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="scaled_mm"))
+            t = gpu_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="scaled_mm"))
             r.update(scaled_mm_ms=t, scaled_mm_tflops=flop / t / 1e9, scaled_mm_x=t_bf16 / t,
                      scaled_mm_padded=not scaled_mm_fits(T, N, K))
-            t = bench_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="triton"))
+            t = gpu_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="triton"))
             r.update(triton_ms=t, triton_tflops=flop / t / 1e9, triton_x=t_bf16 / t)
-            t = bench_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16))
+            t = gpu_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16))
             r.update(auto_ms=t, auto_tflops=flop / t / 1e9, auto_x=t_bf16 / t)
             rows.append(r)
             print(f"gemm T={T:6d} K={K:6d} N={N:6d} | bf16 {t_bf16:7.3f} ms {r['bf16_tflops']:6.0f} TF | "
@@ -92,14 +96,14 @@ def quant_rows(copy_gbs, tokens_list):
         nbytes = T * K * (2 + 1) + T * (K // 128) * 4
         for name, fn in (("triton 1x128", lambda: triton_kernels.quantize_act_1x128(x)),
                          ("torch 1x128 (reference)", lambda: quantize_act_1x128_reference(x))):
-            ms = bench_ms(fn)
+            ms = gpu_ms(fn)
             gbs = nbytes / ms / 1e6
             rows.append(dict(T=T, K=K, kernel=name, ms=ms, gbs=gbs, of_copy=gbs / copy_gbs))
             print(f"quant {name:28s} T={T:6d} K={K} | {ms:7.3f} ms {gbs:7.0f} GB/s = {gbs / 4800:5.1%} of 4.8 TB/s, "
                   f"{gbs / copy_gbs:5.1%} of copy", flush=True)
         xq, xs = triton_kernels.quantize_act_1x128(x)
         nbytes_t = T * K * (1 + 1) + 2 * T * (K // 128) * 4
-        ms = bench_ms(lambda: triton_kernels.quantize_act_1x128_t(xq, xs))
+        ms = gpu_ms(lambda: triton_kernels.quantize_act_1x128_t(xq, xs))
         gbs = nbytes_t / ms / 1e6
         rows.append(dict(T=T, K=K, kernel="triton fp8 re-tile 1x128->128x1", ms=ms, gbs=gbs, of_copy=gbs / copy_gbs))
         print(f"quant {'triton fp8 re-tile (Wgrad)':28s} T={T:6d} K={K} | {ms:7.3f} ms {gbs:7.0f} GB/s = "

@@ -1,17 +1,19 @@
 """Sweeps for the FP8 fast paths on one GPU: which kernel and tile wins at DeepSeek-V3 shapes.
 
-    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,gemm,quant,linear] [--json out.json]
+    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,linear] [--json F]
 
 probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128 x 1x128 (Wgrad) and
         128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
 gemm    per shape: bf16 torch.mm, torch._scaled_mm called directly (operands laid out beforehand),
         moeco's pointer-based Triton kernel, and the TMA kernel over tile configurations.
-quant   1x128 quantization over block_m x groups x warps; the one-pass row + column quantization
-        (block_m rows x groups tiles of 128 channels per program).
+quant   1x128 quantization over block_m x groups x warps (block_m rows x groups tiles of 128
+        channels per program).
 grouped 32 experts x 512 tokens: the grouped Fprop / Dgrad / Wgrad kernels, pointer vs TMA, over tiles.
 linear  Fp8Linear forward + backward under the profiler: GPU time per kernel family, per shape.
-Every time is the median of triton.testing.do_bench (L2 cleared between repeats); ratios are
-against the bf16 row of the same run.
+n576    the N = 576 GEMM and its Dgrad by every route (transposed / padded cuBLAS, TMA Triton).
+GPU times come from CUDA-graph replays with the L2 flushed before each call (bench/_timing.py: no
+host cost); `eager` columns are triton's do_bench on the Python call. Ratios are against the bf16
+row of the same run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 
 import torch
 
+from _timing import gpu_ms, host_ms
 from moeco.fp8 import triton_kernels as tk
 from moeco.fp8.gemm import fp8_gemm, fp8_gemm_reference, fp8_gemm_scaled_mm
 from moeco.fp8.quantize import quantize_act_1x128, quantize_weight_128x128
@@ -33,9 +36,7 @@ TMA_CONFIGS = [  # block_m, block_n, num_warps, num_stages, persistent
 
 
 def ms_of(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return gpu_ms(fn)
 
 
 def rel(out, ref) -> float:
@@ -119,6 +120,44 @@ def probe_rows():
             r = dict(case=f"N=576 transposed: {name}", ok=False, error=f"{exc!r:.300}")
         rows.append(r)
         print("probe", r, flush=True)
+    return rows
+
+
+def n576_rows(tokens):
+    """The N = 576 GEMM (MLA's KV down-projection) and its Dgrad (a 576-deep reduction), every route."""
+    rows = []
+    K, N = 7168, 576
+    for T in tokens:
+        x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        gy = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
+        xq, xs = quantize_act_1x128(x)
+        gq, gs = quantize_act_1x128(gy)
+        wq, ws, wtq = tk.quantize_weight_128x128(w.float(), transposed=True)
+        wst = ws.t().contiguous()
+        r = dict(T=T)
+        routes = {
+            "fprop bf16": lambda: torch.mm(x, w.t()),
+            "fprop scaled_mm transposed": lambda: fp8_gemm_scaled_mm(xq, xs, wq, ws, torch.bfloat16),
+            "fprop scaled_mm padded": lambda: fp8_gemm_scaled_mm(xq, xs, wq, ws, torch.bfloat16, unaligned_n="pad"),
+            "fprop triton tma": lambda: tk.fp8_gemm_nt_tma(xq, xs, wq, ws, torch.bfloat16),
+            "dgrad bf16": lambda: torch.mm(gy, w),
+            "dgrad scaled_mm expand": lambda: fp8_gemm_scaled_mm(gq, gs, wtq, wst, torch.bfloat16),
+            "dgrad scaled_mm pad": lambda: fp8_gemm_scaled_mm(gq, gs, wtq, wst, torch.bfloat16, unaligned_k="pad"),
+            "dgrad triton tma": lambda: tk.fp8_gemm_nt_tma(gq, gs, wtq, wst, torch.bfloat16),
+        }
+        for name, fn in routes.items():
+            try:
+                g, h = gpu_ms(fn), host_ms(fn)
+            except Exception as exc:
+                r[name] = f"failed: {exc!r:.200}"
+                print(f"n576 T={T} {name}: failed {exc!r:.200}", flush=True)
+                continue
+            r[name] = dict(gpu_ms=g, host_ms=h)
+            base = r["fprop bf16" if name.startswith("fprop") else "dgrad bf16"]
+            print(f"n576 T={T:6d} {name:28s} | GPU {g:.4f} ms {base['gpu_ms'] / g:.2f}x | eager {h:.4f} ms "
+                  f"{base['host_ms'] / h:.2f}x | {2 * T * K * N / g / 1e9:5.0f} TF", flush=True)
+        rows.append(r)
     return rows
 
 
@@ -250,7 +289,7 @@ def linear_rows(tokens):
     return rows
 
 
-GROUPED_CONFIGS = [(128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 8, 5), (64, 128, 4, 5), (128, 256, 8, 3)]
+GROUPED_CONFIGS = [(128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 8, 5)]
 
 
 def grouped_rows():
@@ -301,7 +340,7 @@ def grouped_rows():
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="probe,gemm,quant,grouped,linear")
+    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,linear")
     p.add_argument("--tokens", default="4096,16384")
     p.add_argument("--json")
     a = p.parse_args()
@@ -313,7 +352,7 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
     tokens = [int(t) for t in a.tokens.split(",")]
     out = {}
-    for sec, fn in (("probe", probe_rows), ("gemm", lambda: gemm_rows(tokens)), ("quant", lambda: quant_rows(tokens)),
+    for sec, fn in (("probe", probe_rows), ("n576", lambda: n576_rows(tokens)), ("gemm", lambda: gemm_rows(tokens)), ("quant", lambda: quant_rows(tokens)),
                     ("grouped", grouped_rows),
                     ("linear", lambda: linear_rows(tokens))):
         if sec in a.only.split(","):

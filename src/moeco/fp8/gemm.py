@@ -15,10 +15,9 @@ limited accumulation precision.
 Backends:
     "reference"  CPU or any device: the formula above, one float32 matmul per k-block. FP8 values
                  are exact in float32 and so are their products, so only the float32 sums round.
-    "scaled_mm"  torch._scaled_mm with block-wise scales (cuBLAS, Hopper). N not a multiple of 128
-                 (576) with 128x128 blocks: computed as C^T = B . A^T, which cuBLAS takes.
-                 Other shapes it cannot take are zero-padded (K to a multiple of 512 when B has
-                 128x128 blocks, for the scale's 16-byte alignment; N to 128 for 1x128 B).
+    "scaled_mm"  torch._scaled_mm with block-wise scales (cuBLAS, Hopper). Shapes it cannot take
+                 are zero-padded (N=576 -> 640: 11% more work); a 128x128 B whose k-block count is
+                 not a multiple of 4 (the scale's 16-byte alignment) goes as 1x128 tiles instead.
     "triton"     moeco.fp8.triton_kernels.fp8_gemm_nt: any shape, CUDA or the interpreter.
     "auto"       CUDA: scaled_mm where this torch/GPU accepts block-wise scales, else triton;
                  CPU: reference.
@@ -112,6 +111,9 @@ def fp8_gemm_scaled_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, 
     `unaligned_k`: a 128x128 B with a k-block count that is not a multiple of 4 (Dgrad of N = 576:
     5 k-blocks) is either given as 1x128 tiles, each row carrying its block's scale ("expand": the same
     numbers, K padded only to 640) or zero-padded to 8 k-blocks ("pad": K = 1024, 78% more work).
+    N = 576 with 128x128 blocks is zero-padded to 640. Computing C^T = B . A^T instead (cuBLAS takes an
+    M that is not a multiple of 128) measured slower on the H200 once the result is transposed back
+    (0.063 vs 0.056 ms at 4096 tokens, 0.193 vs 0.149 at 16384; bench/fp8_gemm_tune.py, section n576).
     """
     _check(a_q, a_scale, b_q)
     M, K = a_q.shape
@@ -120,10 +122,6 @@ def fp8_gemm_scaled_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, 
     blocks = tuple(b_scale.shape) == (_ceil_div(N, BLOCK), KB) and N != 1
     if not blocks and tuple(b_scale.shape) != (N, KB):
         _b_scale_full(b_scale, N, KB)  # raises the shape error
-    if blocks and N % BLOCK and K % BLOCK == 0 and KB % 4 == 0 and _TRANSPOSED_OK.get(str(a_q.device), True):
-        out = _scaled_mm_transposed(a_q, a_scale, b_q, b_scale, out_dtype)
-        if out is not None:
-            return out
     if unaligned_k not in ("expand", "pad"):
         raise ValueError(f"unaligned_k={unaligned_k!r}; valid: expand, pad")
     if blocks and KB % 4 and unaligned_k == "expand":
@@ -154,35 +152,6 @@ def fp8_gemm_scaled_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, 
         sb = buf
     out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
     return out if (Mp, Np) == (M, N) else out[:M, :N].contiguous()
-
-
-_TRANSPOSED_OK: dict = {}
-
-
-def _scaled_mm_transposed(a_q, a_scale, b_q, b_scale, out_dtype):
-    """C^T (N, M) = B (N, K) . A (M, K)^T: the 128x128-block operand first, for N not a multiple of 128.
-
-    cuBLAS refuses a 128x128-scaled B whose N is not a multiple of 128 (576, MLA's down-projection),
-    but takes it as the first operand ("M" may be any size there) with A's 1x128 scales as the
-    second operand's (KB, M) row-major scale: no zero padding of the weight (which cost 11% more
-    work plus a copy of it per call). The (N, M) result is transposed back. Returns None where this
-    torch build refuses the layout (remembered per device; the caller pads instead).
-    """
-    M = a_q.shape[0]
-    Mp = _round_up(M, 16)
-    a = _pad_rows(a_q.contiguous(), Mp)
-    sa_t = a_scale.t()  # (KB, M): contiguous when it comes from quantize_act_1x128 on CUDA
-    if Mp != M or not sa_t.is_contiguous():
-        buf = torch.ones((a_scale.shape[1], Mp), dtype=torch.float32, device=a_q.device)
-        buf[:, :M] = sa_t
-        sa_t = buf
-    try:
-        ct = torch._scaled_mm(b_q.contiguous(), a.t(), scale_a=b_scale.contiguous(), scale_b=sa_t,
-                              out_dtype=out_dtype)
-    except (RuntimeError, NotImplementedError):
-        _TRANSPOSED_OK[str(a_q.device)] = False
-        return None
-    return ct[:, :M].t().contiguous()
 
 
 def fp8_gemm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, backend: str = "auto"):

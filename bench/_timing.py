@@ -1,0 +1,56 @@
+"""GPU time of a callable without the host: CUDA-graph replay with the L2 flushed before every call.
+
+`gpu_ms(fn)` captures `reps` x (zero a 256 MB buffer, fn()) in one CUDA graph, and the same number of
+flushes alone in another; the difference over reps is fn's GPU time with a cold L2 and no Python or
+launch cost (the cost `train.cuda_graph` removes in training). `host_ms(fn)` is triton's do_bench:
+what an eager caller sees, host overhead included when the kernels are shorter than their launches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_FLUSH: torch.Tensor | None = None
+
+
+def host_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph, n: int = 5) -> float:
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def gpu_ms(fn, reps: int = 20) -> float:
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (allocations, autotuning, lazy probes) outside capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g_all, g_flush = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_all):
+        for _ in range(reps):
+            _FLUSH.zero_()
+            fn()
+    with torch.cuda.graph(g_flush):
+        for _ in range(reps):
+            _FLUSH.zero_()
+    g_all.replay()
+    g_flush.replay()
+    torch.cuda.synchronize()
+    return max(_replay_ms(g_all) - _replay_ms(g_flush), 1e-6) / reps
