@@ -1,6 +1,6 @@
 """Sweeps for the FP8 fast paths on one GPU: which kernel and tile wins at DeepSeek-V3 shapes.
 
-    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,linear] [--json F]
+    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,linear] [--json F]
 
 probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128 x 1x128 (Wgrad) and
         128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
@@ -9,6 +9,7 @@ gemm    per shape: bf16 torch.mm, torch._scaled_mm called directly (operands lai
 quant   1x128 quantization over block_m x groups x warps (block_m rows x groups tiles of 128
         channels per program).
 grouped 32 experts x 512 tokens: the grouped Fprop / Dgrad / Wgrad kernels, pointer vs TMA, over tiles.
+retile  the 128x1 (token-wise, Wgrad) quantization over channel tile, warps and store form.
 linear  Fp8Linear forward + backward under the profiler: GPU time per kernel family, per shape.
 n576    the N = 576 GEMM and its Dgrad by every route (transposed / padded cuBLAS, TMA Triton).
 GPU times come from CUDA-graph replays with the L2 flushed before each call (bench/_timing.py: no
@@ -240,6 +241,39 @@ def quant_rows(tokens):
     return rows
 
 
+def retile_rows():
+    """The 128x1 (token-wise) quantization for Wgrad, from bf16 and from the saved FP8 tiles, over
+    channel tile x warps x store form (transposed fp32 pointer store, or the fp8 tile transposed first)."""
+    rows = []
+    for T, C in ((4096, 7168), (16384, 7168), (16384, 2048), (16384, 1536)):
+        x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
+        xq, xs = tk.quantize_act_1x128(x)
+        kb, tb = -(-C // 128), -(-T // 128)
+        for src, args, nbytes in (("bf16", (x,), T * C * 3), ("fp8", (xq, xs), T * C * 2 + T * kb * 4)):
+            nbytes += C * tb * 4
+            res = []
+            for bc in (32, 64, 128):
+                for nw in (4, 8):
+                    for trans in (False, True):
+                        try:
+                            t = gpu_ms(lambda: tk.quantize_act_1x128_t(*args, block_c=bc, num_warps=nw,
+                                                                       trans_store=trans))
+                        except Exception as exc:
+                            print(f"retile block_c={bc} warps={nw} trans={trans}: failed {exc!r:.150}", flush=True)
+                            continue
+                        res.append((nbytes / t / 1e6, f"block_c={bc} warps={nw} trans={int(trans)}", t))
+            best = max(res)
+            base = next(r for r in res if r[1] == "block_c=32 warps=4 trans=0")
+            rows.append(dict(T=T, C=C, src=src, best=best[1], best_ms=best[2], best_gbs=best[0], default_ms=base[2],
+                             all={name: t for _, name, t in res}))
+            print(f"retile T={T:6d} C={C:5d} {src:4s} | best {best[1]:30s} {best[2]:.4f} ms {best[0]:5.0f} GB/s | "
+                  f"default {base[2]:.4f} ms {base[0]:5.0f} GB/s | "
+                  + " ".join(f"{n.replace('block_c=', 'c').replace(' warps=', 'w').replace(' trans=', 't')}:{t * 1e3:.0f}"
+                             for _, n, t in res), flush=True)
+        del x, xq, xs
+    return rows
+
+
 FAMILIES = (("scaled_mm / cuBLAS", ("gemm", "sm90_xmma", "cutlass", "nvjet")), ("triton GEMM", ("fp8_gemm",)),
             ("quant rows", ("_quant_act_kernel",)), ("quant tokens", ("_quant_act_t_kernel",)),
 ("quant weight", ("_quant_weight",)))
@@ -340,7 +374,7 @@ def grouped_rows():
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,linear")
+    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,linear")
     p.add_argument("--tokens", default="4096,16384")
     p.add_argument("--json")
     a = p.parse_args()
@@ -353,7 +387,7 @@ def main() -> int:
     tokens = [int(t) for t in a.tokens.split(",")]
     out = {}
     for sec, fn in (("probe", probe_rows), ("n576", lambda: n576_rows(tokens)), ("gemm", lambda: gemm_rows(tokens)), ("quant", lambda: quant_rows(tokens)),
-                    ("grouped", grouped_rows),
+                    ("grouped", grouped_rows), ("retile", retile_rows),
                     ("linear", lambda: linear_rows(tokens))):
         if sec in a.only.split(","):
             try:

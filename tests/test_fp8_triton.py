@@ -60,16 +60,17 @@ def test_triton_weight_quant_is_bit_exact(shape, pow2):
 
 
 @pytest.mark.parametrize("from_fp8", [False, True])
-def test_triton_quant_along_tokens_is_bit_exact(from_fp8):
+@pytest.mark.parametrize("trans_store", [False, True])
+def test_triton_quant_along_tokens_is_bit_exact(from_fp8, trans_store):
     gen = torch.Generator().manual_seed(7)
     x = (torch.randn(200, 48, generator=gen) * 3).to(DEVICE)
     if from_fp8:
         xq, xs = quantize_act_1x128_reference(x)
-        q, s = triton_kernels.quantize_act_1x128_t(xq, xs)
+        q, s = triton_kernels.quantize_act_1x128_t(xq, xs, trans_store=trans_store)
         xd = (xq.float() * xs.repeat_interleave(128, -1)[:, :48])
         q_ref, s_ref = quantize_act_1x128_reference(xd.t().contiguous())
     else:
-        q, s = triton_kernels.quantize_act_1x128_t(x)
+        q, s = triton_kernels.quantize_act_1x128_t(x, trans_store=trans_store)
         q_ref, s_ref = quantize_act_1x128_reference(x.t().contiguous())
     assert q.shape == (48, 200) and s.shape == (48, 2)
     assert torch.equal(s, s_ref)

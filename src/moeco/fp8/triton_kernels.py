@@ -106,7 +106,8 @@ if _HAVE_TRITON:
     @triton.jit
     def _quant_act_t_kernel(x_ptr, xs_ptr, rows_ptr, q_ptr, s_ptr, T, C, stride_xt, stride_xst, stride_xsc,
                             stride_qc, stride_sc, stride_st, BLOCK_C: tl.constexpr, GATHER: tl.constexpr,
-                            FROM_FP8: tl.constexpr, POW2: tl.constexpr, EMULATE_CAST: tl.constexpr):
+                            FROM_FP8: tl.constexpr, POW2: tl.constexpr, EMULATE_CAST: tl.constexpr,
+                            TRANS_STORE: tl.constexpr):
         # Tile: 128 output tokens x BLOCK_C channels; amax over the tokens; written as q (C, T) and
         # s (C, ceil(T/128)). With GATHER, output token t reads row rows[t] of x (-1: a zero row),
         # so that the caller's padded layout is never materialized.
@@ -132,7 +133,11 @@ if _HAVE_TRITON:
         if EMULATE_CAST:
             v = _round_to_e4m3_grid(v)
         out_mask = (toks < T)[:, None] & (chans < C)[None, :]
-        tl.store(q_ptr + chans[None, :] * stride_qc + toks[:, None], v.to(q_ptr.dtype.element_ty), mask=out_mask)
+        if TRANS_STORE:  # transpose the 1-byte tile, then store rows of q: channel-major, token-contiguous
+            q_ct = tl.trans(v.to(q_ptr.dtype.element_ty))
+            tl.store(q_ptr + chans.to(tl.int64)[:, None] * stride_qc + toks[None, :], q_ct, mask=tl.trans(out_mask))
+        else:
+            tl.store(q_ptr + chans[None, :] * stride_qc + toks[:, None], v.to(q_ptr.dtype.element_ty), mask=out_mask)
         tl.store(s_ptr + chans * stride_sc + pid_t * stride_st, s, mask=chans < C)
 
     @triton.jit
@@ -287,7 +292,8 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
 
 
 def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
-                         block_c: int = 32, rows: torch.Tensor | None = None, num_warps: int = 4):
+                         block_c: int = 32, rows: torch.Tensor | None = None, num_warps: int = 4,
+                         trans_store: bool = False):
     """Quantize x (T, C) along T: returns q (C, T) E4M3 and s (C, ceil(T/128)) with strides (1, C).
 
     With `x_scale` (T, ceil(C/128)), x is FP8 with 1x128 scales and is dequantized in the kernel.
@@ -314,7 +320,7 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     _quant_act_t_kernel[grid](x, xs, rows if rows is not None else s, q, s, T_out, C, x.stride(0), xs.stride(0),
                               xs.stride(1), q.stride(0), s.stride(0), s.stride(1), BLOCK_C=block_c,
                               GATHER=rows is not None, FROM_FP8=x_scale is not None, POW2=pow2_scale,
-                              EMULATE_CAST=interpreting(), num_warps=num_warps)
+                              EMULATE_CAST=interpreting(), TRANS_STORE=trans_store, num_warps=num_warps)
     return q, s
 
 
