@@ -29,6 +29,7 @@ import os
 import torch
 from torch import nn
 
+import moeco.fp8.ops  # noqa: F401  (registers torch.ops.moeco_fp8)
 from moeco.fp8.gemm import fp8_gemm
 from moeco.fp8.quantize import (
     dequantize_weight_128x128,
@@ -36,40 +37,6 @@ from moeco.fp8.quantize import (
     quantize_act_1x128_t,
     quantize_weight_128x128,
 )
-
-
-class _Fp8LinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, wq, ws, wt_q, act_pow2: bool, backend: str, out_dtype: torch.dtype):
-        K = x.shape[-1]
-        N = weight.shape[0]
-        x2 = x.reshape(-1, K)
-        xq, xs = quantize_act_1x128(x2, pow2_scale=act_pow2)
-        y = fp8_gemm(xq, xs, wq, ws, out_dtype, backend=backend)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        ctx.save_for_backward(xq, xs, wt_q, ws)  # Dgrad needs only W^T
-        ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None, act_pow2, backend)
-        return y.reshape(*x.shape[:-1], N)
-
-    @staticmethod
-    def backward(ctx, gy):
-        xq, xs, wtq, ws = ctx.saved_tensors
-        x_shape, x_dtype, w_dtype, has_bias, act_pow2, backend = ctx.meta
-        N = wtq.shape[1]
-        gy2 = gy.reshape(-1, N)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:  # Dgrad: dy (1x128 along N) . W  ==  dy . (W^T)^T
-            gq, gs = quantize_act_1x128(gy2, pow2_scale=act_pow2)
-            dx = fp8_gemm(gq, gs, wtq, ws.t().contiguous(), x_dtype, backend=backend)
-            dx = dx.reshape(x_shape)
-        if ctx.needs_input_grad[1]:  # Wgrad: dy^T . x, both operands 1x128 along T
-            gtq, gts = quantize_act_1x128_t(gy2, pow2_scale=act_pow2)
-            xtq, xts = quantize_act_1x128_t(xq, xs, pow2_scale=act_pow2)
-            dw = fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
-        if has_bias and ctx.needs_input_grad[2]:
-            db = gy2.float().sum(0)
-        return dx, dw, db, None, None, None, None, None, None
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -104,15 +71,21 @@ class Fp8Linear(nn.Linear):
         key = None if self.training else (w.data_ptr(), w._version, w.device, w.dtype)
         if key is None or self._wcache is None or self._wcache[0] != key:
             with torch.no_grad():  # W and W^T (the Dgrad operand), one kernel on CUDA
-                wq, ws, wtq = quantize_weight_128x128(w, pow2_scale=self.recipe.weight_pow2, transposed=True)
+                wq, ws, wtq = torch.ops.moeco_fp8.quant_weight(w.detach(), self.recipe.weight_pow2)
             self._wcache = (key, wq, ws, wtq)
         return self._wcache[1], self._wcache[2]
 
-    @torch.compiler.disable  # FP8 GEMMs stay eager under torch.compile: see fp8_grouped_mm
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wq, ws = self.quantized_weight()
-        return _Fp8LinearFn.apply(x, self.weight, self.bias, wq, ws, self._wcache[3], self.recipe.act_pow2,
-                                  self.recipe.backend, _out_dtype(x))
+        if torch.compiler.is_compiling():  # the eval-mode cache reads data_ptr, which tracing cannot
+            wq, ws, wtq = torch.ops.moeco_fp8.quant_weight(self.weight.detach(), self.recipe.weight_pow2)
+        else:
+            self.quantized_weight()
+            wq, ws, wtq = self._wcache[1:]
+        K = x.shape[-1]
+        y, _, _ = torch.ops.moeco_fp8.linear(x.reshape(-1, K), self.weight, wq, ws, wtq, self.recipe.act_pow2,
+                                             self.recipe.backend, _out_dtype(x))
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fp8={self.recipe.name}"
@@ -165,81 +138,73 @@ def fp8_grouped_gemm_loop(xq, xs, wq, ws, rows: list[tuple[int, int]], out_dtype
     return y
 
 
-class _Fp8GroupedFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str, out_dtype: torch.dtype):
-        T, K = x.shape
-        E, N, _ = w.shape
-        xq, xs = quantize_act_1x128(x, pow2_scale=act_pow2)
-        impl = grouped_impl(x.device, backend)
-        rows = None
-        if impl == "triton":
-            from moeco.fp8 import triton_kernels
+def _grouped_forward(x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str, out_dtype: torch.dtype):
+    """The grouped Fprop: (y, xq, xs, W^T q (E, K, N), W scales (E, NB, KB)); see `ops.grouped`."""
+    from moeco.fp8.ops import _outer_major
 
-            with torch.no_grad():  # (E, N, K), (E, NB, KB), and W_e^T (E, K, N) for Dgrad, one kernel
-                wq, ws, wtq = quantize_weight_128x128(w, pow2_scale=weight_pow2, transposed=True)
-            y = triton_kernels.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs.to(device=x.device, dtype=torch.int32),
-                                                   out_dtype)
-            wq = wtq  # backward needs only the transposed copy
+    xq, xs = quantize_act_1x128(x, pow2_scale=act_pow2)
+    with torch.no_grad():  # (E, N, K), (E, NB, KB), and W_e^T (E, K, N) for Dgrad, one kernel on CUDA
+        wq, ws, wtq = quantize_weight_128x128(w.detach(), pow2_scale=weight_pow2, transposed=True)
+    if grouped_impl(x.device, backend) == "triton":
+        from moeco.fp8 import triton_kernels
+
+        y = triton_kernels.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs.to(device=x.device, dtype=torch.int32),
+                                               out_dtype)
+    else:
+        y = fp8_grouped_gemm_loop(xq, xs, wq, ws, _rows(offs), out_dtype, backend)
+    return y.contiguous(), xq.contiguous(), _outer_major(xs), wtq.contiguous(), ws.contiguous()
+
+
+def _grouped_backward_impl(gy, xq, xs, wtq, ws, offs, w_shape, act_pow2: bool, backend: str, x_dtype, w_dtype,
+                           need_dx: bool, need_dw: bool):
+    """(dx, dW) of the grouped GEMM (None for one not asked for); see `ops.grouped_bwd`."""
+    E = w_shape[0]
+    dx = dw = None
+    impl = grouped_impl(gy.device, backend)
+    impl_w = grouped_impl(gy.device, backend, wgrad=True)
+    rows = None
+    if "triton" in (impl, impl_w):
+        from moeco.fp8 import triton_kernels
+
+        offs_d = offs.to(device=gy.device, dtype=torch.int32)
+    if need_dx:
+        gq, gs = quantize_act_1x128(gy, pow2_scale=act_pow2)
+        if impl == "triton":  # Dgrad: dy (1x128 along N) . W_e, i.e. W_e^T (K, N) with blocks transposed
+            dx = triton_kernels.fp8_grouped_gemm_nt(gq, gs, wtq, ws.transpose(1, 2), offs_d, x_dtype)
         else:
-            with torch.no_grad():
-                wq, ws = quantize_weight_128x128(w, pow2_scale=weight_pow2)  # (E, N, K), (E, NB, KB)
             rows = _rows(offs)
-            y = fp8_grouped_gemm_loop(xq, xs, wq, ws, rows, out_dtype, backend)
-        ctx.save_for_backward(xq, xs, wq, ws, offs)
-        ctx.meta = (rows, x.dtype, w.dtype, tuple(w.shape), act_pow2, backend, impl)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        xq, xs, wq, ws, offs = ctx.saved_tensors
-        rows, x_dtype, w_dtype, w_shape, act_pow2, backend, impl = ctx.meta
-        gy = gy.contiguous()
-        E = w_shape[0]
-        dx = dw = None
-        impl_w = grouped_impl(gy.device, backend, wgrad=True) if ctx.needs_input_grad[1] else impl
-        if "triton" in (impl, impl_w):
-            from moeco.fp8 import triton_kernels
-
-            offs_d = offs.to(device=gy.device, dtype=torch.int32)
-        if ctx.needs_input_grad[0]:
-            gq, gs = quantize_act_1x128(gy, pow2_scale=act_pow2)
-            if impl == "triton":  # Dgrad: dy (1x128 along N) . W_e, i.e. W_e^T (K, N) with blocks transposed
-                dx = triton_kernels.fp8_grouped_gemm_nt(gq, gs, wq, ws.transpose(1, 2), offs_d, x_dtype)  # wq: W^T
-            else:
-                rows = rows if rows is not None else _rows(offs)
-                dx = torch.zeros(xq.shape, dtype=x_dtype, device=gy.device)
-                for e, (r0, r1) in enumerate(rows):
-                    if r1 > r0:
-                        dx[r0:r1] = fp8_gemm(gq[r0:r1], gs[r0:r1], wq[e].t().contiguous(), ws[e].t().contiguous(),
-                                             x_dtype, backend=backend)
-        if ctx.needs_input_grad[1]:
-            if impl_w == "triton":  # Wgrad: dy_e^T . x_e, both 128x1-tiled along each expert's tokens
-                dw = triton_kernels.fp8_grouped_wgrad(gy, xq, xs, offs_d, E, pow2_scale=act_pow2).to(w_dtype)
-            else:
-                rows = rows if rows is not None else _rows(offs)
-                dw = torch.zeros(w_shape, dtype=w_dtype, device=gy.device)
-                for e, (r0, r1) in enumerate(rows):
-                    if r1 > r0:
-                        gtq, gts = quantize_act_1x128_t(gy[r0:r1], pow2_scale=act_pow2)
-                        xtq, xts = quantize_act_1x128_t(xq[r0:r1], xs[r0:r1], pow2_scale=act_pow2)
-                        dw[e] = fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
-        return dx, dw, None, None, None, None, None
+            dx = torch.zeros(xq.shape, dtype=x_dtype, device=gy.device)
+            for e, (r0, r1) in enumerate(rows):
+                if r1 > r0:
+                    dx[r0:r1] = fp8_gemm(gq[r0:r1], gs[r0:r1], wtq[e], ws[e].t().contiguous(), x_dtype,
+                                         backend=backend)
+    if need_dw:
+        if impl_w == "triton":  # Wgrad: dy_e^T . x_e, both 128x1-tiled along each expert's tokens
+            dw = triton_kernels.fp8_grouped_wgrad(gy, xq, xs, offs_d, E, pow2_scale=act_pow2).to(w_dtype)
+        else:
+            rows = rows if rows is not None else _rows(offs)
+            dw = torch.zeros(w_shape, dtype=w_dtype, device=gy.device)
+            for e, (r0, r1) in enumerate(rows):
+                if r1 > r0:
+                    gtq, gts = quantize_act_1x128_t(gy[r0:r1], pow2_scale=act_pow2)
+                    xtq, xts = quantize_act_1x128_t(xq[r0:r1], xs[r0:r1], pow2_scale=act_pow2)
+                    dw[e] = fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
+    return dx, dw
 
 
-# torch.compile (regional, `train.compile = true`) leaves the FP8 GEMMs eager: Inductor in torch 2.11
-# cannot lower block-scaled _scaled_mm ("Inductor Triton does not support scale_a.shape = ...",
-# seen on the H200), so Fp8Linear.forward and fp8_grouped_mm are compiler.disable'd and the
-# compiled graphs hold the rest of each block (norms, RoPE, routing, gathers, attention).
-@torch.compiler.disable
+# The FP8 GEMMs run as custom operators (`moeco.fp8.ops`): under torch.compile (`train.compile`)
+# each is one opaque node, so a compiled block keeps them in its graph without a break, and Inductor
+# never tries to lower block-scaled `_scaled_mm` (torch 2.11 cannot: "Inductor Triton does not support
+# scale_a.shape = ...", seen on the H200).
 def fp8_grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor, *, recipe=None) -> torch.Tensor:
     """y[rows of e] = x[rows of e] . w[e]^T in FP8; offs (E,) int cumulative end rows; y (T, N)."""
     if recipe is None:
         from moeco.fp8.recipe import Fp8Recipe
 
         recipe = Fp8Recipe()
-    return _Fp8GroupedFn.apply(x_TK, w_ENK, offs, recipe.act_pow2, recipe.weight_pow2, recipe.backend,
-                               _out_dtype(x_TK))
+    y, *_ = torch.ops.moeco_fp8.grouped(x_TK, w_ENK, offs, recipe.act_pow2, recipe.weight_pow2, recipe.backend,
+                                        _out_dtype(x_TK))
+    return y
 
 
 class Fp8InferenceLinear(nn.Module):

@@ -1,0 +1,216 @@
+"""The FP8 recipe's kernels as PyTorch custom operators (`torch.ops.moeco_fp8.*`).
+
+torch.compile treats a custom operator as one opaque node: it neither breaks the graph at it nor
+tries to lower what is inside (Inductor in torch 2.11 cannot lower block-scaled `_scaled_mm`, and
+it should not re-generate our Triton kernels). So a compiled block keeps the FP8 Linears and the
+grouped expert GEMM inside one graph, and fuses the element-wise work around them.
+
+Every operator has a fake (meta) implementation that gives the real outputs' shapes, dtypes and
+strides; the real implementations return exactly those layouts on every device:
+
+    quant_weight(w (*, N, K), pow2)        -> q (*, N, K), s (*, NB, KB), q_t (*, K, N)  contiguous
+    quant_act(x (M, K), pow2)              -> q (M, K) contiguous, s (M, KB) strides (1, M)
+    quant_act_t(x (T, C), xs?, pow2)       -> q (C, T) contiguous, s (C, TB) strides (1, C)
+    gemm(a, sa, b, sb, out_dtype, backend) -> c (M, N) contiguous
+    linear(x (M, K), weight, wq, ws, wtq, act_pow2, backend, out_dtype) -> (y, xq, xs)
+    grouped(x (T, K), w (E, N, K), offs, act_pow2, weight_pow2, backend, out_dtype)
+                                           -> (y (T, N), xq, xs, wtq (E, K, N), ws (E, NB, KB))
+
+`linear` and `grouped` carry their backward (`register_autograd`): Dgrad and Wgrad in FP8 from the
+saved FP8 activations (xq, xs, returned as extra outputs so that autograd can keep them) and the
+FP8 weight (W^T and its scales).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moeco.fp8.gemm import fp8_gemm
+from moeco.fp8.quantize import (
+    FP8_DTYPE,
+    quantize_act_1x128,
+    quantize_act_1x128_t,
+    quantize_weight_128x128,
+)
+
+_B = 128
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _outer_major(s: Tensor) -> Tensor:
+    """s (R, C) laid out with strides (1, R), the layout the CUDA kernels write and `_scaled_mm` takes."""
+    if s.stride() == (1, s.shape[0]) or s.numel() == 0:
+        return s
+    return s.t().contiguous().t()
+
+
+def _outer_major_empty(rows: int, cols: int, like: Tensor) -> Tensor:
+    return torch.empty_strided((rows, cols), (1, max(rows, 1)), dtype=torch.float32, device=like.device)
+
+
+# ---- quantization --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moeco_fp8::quant_weight", mutates_args=())
+def quant_weight(w: Tensor, pow2: bool) -> tuple[Tensor, Tensor, Tensor]:
+    q, s, qt = quantize_weight_128x128(w, pow2_scale=pow2, transposed=True)
+    return q.contiguous(), s.contiguous(), qt.contiguous()
+
+
+@quant_weight.register_fake
+def _(w, pow2):
+    *lead, N, K = w.shape
+    return (w.new_empty(w.shape, dtype=FP8_DTYPE), w.new_empty((*lead, _cdiv(N, _B), _cdiv(K, _B)), dtype=torch.float32),
+            w.new_empty((*lead, K, N), dtype=FP8_DTYPE))
+
+
+@torch.library.custom_op("moeco_fp8::quant_act", mutates_args=())
+def quant_act(x: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
+    q, s = quantize_act_1x128(x, pow2_scale=pow2)
+    return q.contiguous(), _outer_major(s)
+
+
+@quant_act.register_fake
+def _(x, pow2):
+    M, K = x.shape
+    return x.new_empty((M, K), dtype=FP8_DTYPE), _outer_major_empty(M, _cdiv(K, _B), x)
+
+
+@torch.library.custom_op("moeco_fp8::quant_act_t", mutates_args=())
+def quant_act_t(x: Tensor, xs: Tensor | None, pow2: bool) -> tuple[Tensor, Tensor]:
+    q, s = quantize_act_1x128_t(x, xs, pow2_scale=pow2)
+    return q.contiguous(), _outer_major(s)
+
+
+@quant_act_t.register_fake
+def _(x, xs, pow2):
+    T, C = x.shape
+    return x.new_empty((C, T), dtype=FP8_DTYPE), _outer_major_empty(C, _cdiv(T, _B), x)
+
+
+# ---- GEMM ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moeco_fp8::gemm", mutates_args=())
+def gemm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, out_dtype: torch.dtype, backend: str) -> Tensor:
+    return fp8_gemm(a, sa, b, sb, out_dtype, backend=backend).contiguous()
+
+
+@gemm.register_fake
+def _(a, sa, b, sb, out_dtype, backend):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+# ---- Fp8Linear: Fprop, with Dgrad and Wgrad as its backward ---------------------------------------
+
+
+@torch.library.custom_op("moeco_fp8::linear", mutates_args=())
+def linear(x: Tensor, weight: Tensor, wq: Tensor, ws: Tensor, wtq: Tensor, act_pow2: bool, backend: str,
+           out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """y = x . W^T from the FP8 weight (wq, ws); `weight` (the master) is an input only so that its
+    gradient has somewhere to go. Returns y and the FP8 activations saved for backward."""
+    xq, xs = quantize_act_1x128(x, pow2_scale=act_pow2)
+    y = fp8_gemm(xq, xs, wq, ws, out_dtype, backend=backend)
+    return y.contiguous(), xq.contiguous(), _outer_major(xs)
+
+
+@linear.register_fake
+def _(x, weight, wq, ws, wtq, act_pow2, backend, out_dtype):
+    M, K = x.shape
+    return (x.new_empty((M, wq.shape[0]), dtype=out_dtype), x.new_empty((M, K), dtype=FP8_DTYPE),
+            _outer_major_empty(M, _cdiv(K, _B), x))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, wq, ws, wtq, act_pow2, backend, out_dtype = inputs
+    _, xq, xs = output
+    ctx.save_for_backward(xq, xs, wtq, ws)
+    ctx.meta = (x.dtype, weight.dtype, act_pow2, backend)
+    ctx.mark_non_differentiable(xq, xs)
+
+
+def _linear_backward(ctx, gy, _gxq, _gxs):
+    xq, xs, wtq, ws = ctx.saved_tensors
+    x_dtype, w_dtype, act_pow2, backend = ctx.meta
+    gy = gy.contiguous()
+    dx = dw = None
+    if ctx.needs_input_grad[0]:  # Dgrad: dy (1x128 along N) . W  ==  dy . (W^T)^T
+        gq, gs = torch.ops.moeco_fp8.quant_act(gy, act_pow2)
+        dx = torch.ops.moeco_fp8.gemm(gq, gs, wtq, ws.t().contiguous(), x_dtype, backend)
+    if ctx.needs_input_grad[1]:  # Wgrad: dy^T . x, both operands 1x128 along the tokens
+        gtq, gts = torch.ops.moeco_fp8.quant_act_t(gy, None, act_pow2)
+        xtq, xts = torch.ops.moeco_fp8.quant_act_t(xq, xs, act_pow2)
+        dw = torch.ops.moeco_fp8.gemm(gtq, gts, xtq, xts, torch.float32, backend).to(w_dtype)
+    return dx, dw, None, None, None, None, None, None
+
+
+linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ---- routed experts: the grouped GEMM ------------------------------------------------------------
+
+
+@torch.library.custom_op("moeco_fp8::grouped", mutates_args=())
+def grouped(x: Tensor, w: Tensor, offs: Tensor, act_pow2: bool, weight_pow2: bool, backend: str,
+            out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """y[rows of e] = x[rows of e] . W_e^T; returns y, the FP8 activations and W^T with its scales."""
+    from moeco.fp8.linear import _grouped_forward
+
+    return _grouped_forward(x, w, offs, act_pow2, weight_pow2, backend, out_dtype)
+
+
+@grouped.register_fake
+def _(x, w, offs, act_pow2, weight_pow2, backend, out_dtype):
+    T, K = x.shape
+    E, N, _ = w.shape
+    return (x.new_empty((T, N), dtype=out_dtype), x.new_empty((T, K), dtype=FP8_DTYPE),
+            _outer_major_empty(T, _cdiv(K, _B), x), x.new_empty((E, K, N), dtype=FP8_DTYPE),
+            x.new_empty((E, _cdiv(N, _B), _cdiv(K, _B)), dtype=torch.float32))
+
+
+def _grouped_setup(ctx, inputs, output):
+    x, w, offs, act_pow2, weight_pow2, backend, out_dtype = inputs
+    _, xq, xs, wtq, ws = output
+    ctx.save_for_backward(xq, xs, wtq, ws, offs)
+    ctx.meta = (x.dtype, w.dtype, tuple(w.shape), act_pow2, backend)
+    ctx.mark_non_differentiable(xq, xs, wtq, ws)
+
+
+def _grouped_backward(ctx, gy, *_):
+    xq, xs, wtq, ws, offs = ctx.saved_tensors
+    x_dtype, w_dtype, w_shape, act_pow2, backend = ctx.meta
+    dx, dw = torch.ops.moeco_fp8.grouped_bwd(gy.contiguous(), xq, xs, wtq, ws, offs, list(w_shape), act_pow2,
+                                             backend, x_dtype, w_dtype, ctx.needs_input_grad[0],
+                                             ctx.needs_input_grad[1])
+    return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), \
+        None, None, None, None, None
+
+
+@torch.library.custom_op("moeco_fp8::grouped_bwd", mutates_args=())
+def grouped_bwd(gy: Tensor, xq: Tensor, xs: Tensor, wtq: Tensor, ws: Tensor, offs: Tensor, w_shape: list[int],
+                act_pow2: bool, backend: str, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool,
+                need_dw: bool) -> tuple[Tensor, Tensor]:
+    """(dx (T, K), dW (E, N, K)) of the grouped GEMM; a zero-size tensor for one not asked for."""
+    from moeco.fp8.linear import _grouped_backward_impl
+
+    dx, dw = _grouped_backward_impl(gy, xq, xs, wtq, ws, offs, tuple(w_shape), act_pow2, backend, x_dtype,
+                                    w_dtype, need_dx, need_dw)
+    if dx is None:
+        dx = gy.new_empty((0,), dtype=x_dtype)
+    if dw is None:
+        dw = gy.new_empty((0,), dtype=w_dtype)
+    return dx, dw
+
+
+@grouped_bwd.register_fake
+def _(gy, xq, xs, wtq, ws, offs, w_shape, act_pow2, backend, x_dtype, w_dtype, need_dx, need_dw):
+    dx = gy.new_empty(tuple(xq.shape) if need_dx else (0,), dtype=x_dtype)
+    dw = gy.new_empty(tuple(w_shape) if need_dw else (0,), dtype=w_dtype)
+    return dx, dw
+
+
+grouped.register_autograd(_grouped_backward, setup_context=_grouped_setup)
