@@ -1,24 +1,28 @@
-"""The FP8 recipe's kernels as PyTorch custom operators (`torch.ops.moeco_fp8.*`).
+"""The FP8 recipe's kernels as PyTorch custom operators (`torch.ops.moeco_fp8.*`), for torch.compile.
 
 torch.compile treats a custom operator as one opaque node: it neither breaks the graph at it nor
 tries to lower what is inside (Inductor in torch 2.11 cannot lower block-scaled `_scaled_mm`, and
 it should not re-generate our Triton kernels). So a compiled block keeps the FP8 Linears and the
-grouped expert GEMM inside one graph, and fuses the element-wise work around them.
+grouped expert GEMM inside one graph, and fuses the element-wise work around them. Eager calls
+take the autograd.Functions of `moeco.fp8.linear` instead (a custom operator costs ~20 us more per
+call on the host); both run the same helper functions, so compiled and eager results agree
+(tests/test_fp8_linear.py).
 
 Every operator has a fake (meta) implementation that gives the real outputs' shapes, dtypes and
 strides; the real implementations return exactly those layouts on every device:
 
-    quant_weight(w (*, N, K), pow2)        -> q (*, N, K), s (*, NB, KB), q_t (*, K, N)  contiguous
-    quant_act(x (M, K), pow2)              -> q (M, K) contiguous, s (M, KB) strides (1, M)
-    quant_act_t(x (T, C), xs?, pow2)       -> q (C, T) contiguous, s (C, TB) strides (1, C)
-    gemm(a, sa, b, sb, out_dtype, backend) -> c (M, N) contiguous
-    linear(x (M, K), weight, wq, ws, wtq, act_pow2, backend, out_dtype) -> (y, xq, xs)
+    quant_weight(w (*, N, K), pow2)  -> q (*, N, K), s (*, NB, KB), q_t (*, K, N), all contiguous
+    linear(x (M, K), weight, wq, ws, wtq, act_pow2, backend, out_dtype)
+                                     -> y (M, N), xq (M, K), xs (M, KB) with strides (1, M)
+    linear_bwd(gy, xq, xs, wtq, ws, ...)                          -> dx (M, K), dW (N, K)
     grouped(x (T, K), w (E, N, K), offs, act_pow2, weight_pow2, backend, out_dtype)
-                                           -> (y (T, N), xq, xs, wtq (E, K, N), ws (E, NB, KB))
+                                     -> y (T, N), xq, xs, wtq (E, K, N), ws (E, NB, KB)
+    grouped_bwd(gy, xq, xs, wtq, ws, offs, ...)                   -> dx (T, K), dW (E, N, K)
 
-`linear` and `grouped` carry their backward (`register_autograd`): Dgrad and Wgrad in FP8 from the
-saved FP8 activations (xq, xs, returned as extra outputs so that autograd can keep them) and the
-FP8 weight (W^T and its scales).
+`linear` and `grouped` carry their backward (`register_autograd`, which calls the `_bwd` operator):
+Dgrad and Wgrad in FP8 from the saved FP8 activations (xq, xs: extra outputs, so that autograd can
+keep them) and the FP8 weight (W^T and its scales). A `_bwd` operator returns a zero-size tensor
+for a gradient that is not needed.
 """
 
 from __future__ import annotations
@@ -26,13 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moeco.fp8.gemm import fp8_gemm
-from moeco.fp8.quantize import (
-    FP8_DTYPE,
-    quantize_act_1x128,
-    quantize_act_1x128_t,
-    quantize_weight_128x128,
-)
+from moeco.fp8.quantize import FP8_DTYPE, quantize_weight_128x128
 
 _B = 128
 
@@ -52,7 +50,8 @@ def _outer_major_empty(rows: int, cols: int, like: Tensor) -> Tensor:
     return torch.empty_strided((rows, cols), (1, max(rows, 1)), dtype=torch.float32, device=like.device)
 
 
-# ---- quantization --------------------------------------------------------------------------------
+def _empty_unless(need: bool, shape, like: Tensor, dtype: torch.dtype) -> Tensor:
+    return like.new_empty(tuple(shape) if need else (0,), dtype=dtype)
 
 
 @torch.library.custom_op("moeco_fp8::quant_weight", mutates_args=())
@@ -68,44 +67,7 @@ def _(w, pow2):
             w.new_empty((*lead, K, N), dtype=FP8_DTYPE))
 
 
-@torch.library.custom_op("moeco_fp8::quant_act", mutates_args=())
-def quant_act(x: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
-    q, s = quantize_act_1x128(x, pow2_scale=pow2)
-    return q.contiguous(), _outer_major(s)
-
-
-@quant_act.register_fake
-def _(x, pow2):
-    M, K = x.shape
-    return x.new_empty((M, K), dtype=FP8_DTYPE), _outer_major_empty(M, _cdiv(K, _B), x)
-
-
-@torch.library.custom_op("moeco_fp8::quant_act_t", mutates_args=())
-def quant_act_t(x: Tensor, xs: Tensor | None, pow2: bool) -> tuple[Tensor, Tensor]:
-    q, s = quantize_act_1x128_t(x, xs, pow2_scale=pow2)
-    return q.contiguous(), _outer_major(s)
-
-
-@quant_act_t.register_fake
-def _(x, xs, pow2):
-    T, C = x.shape
-    return x.new_empty((C, T), dtype=FP8_DTYPE), _outer_major_empty(C, _cdiv(T, _B), x)
-
-
-# ---- GEMM ----------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("moeco_fp8::gemm", mutates_args=())
-def gemm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, out_dtype: torch.dtype, backend: str) -> Tensor:
-    return fp8_gemm(a, sa, b, sb, out_dtype, backend=backend).contiguous()
-
-
-@gemm.register_fake
-def _(a, sa, b, sb, out_dtype, backend):
-    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
-
-
-# ---- Fp8Linear: Fprop, with Dgrad and Wgrad as its backward ---------------------------------------
+# ---- Fp8Linear ------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("moeco_fp8::linear", mutates_args=())
@@ -113,9 +75,9 @@ def linear(x: Tensor, weight: Tensor, wq: Tensor, ws: Tensor, wtq: Tensor, act_p
            out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """y = x . W^T from the FP8 weight (wq, ws); `weight` (the master) is an input only so that its
     gradient has somewhere to go. Returns y and the FP8 activations saved for backward."""
-    xq, xs = quantize_act_1x128(x, pow2_scale=act_pow2)
-    y = fp8_gemm(xq, xs, wq, ws, out_dtype, backend=backend)
-    return y.contiguous(), xq.contiguous(), _outer_major(xs)
+    from moeco.fp8.linear import _linear_forward
+
+    return _linear_forward(x, wq, ws, act_pow2, backend, out_dtype)
 
 
 @linear.register_fake
@@ -133,19 +95,27 @@ def _linear_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(xq, xs)
 
 
-def _linear_backward(ctx, gy, _gxq, _gxs):
-    xq, xs, wtq, ws = ctx.saved_tensors
-    x_dtype, w_dtype, act_pow2, backend = ctx.meta
-    gy = gy.contiguous()
-    dx = dw = None
-    if ctx.needs_input_grad[0]:  # Dgrad: dy (1x128 along N) . W  ==  dy . (W^T)^T
-        gq, gs = torch.ops.moeco_fp8.quant_act(gy, act_pow2)
-        dx = torch.ops.moeco_fp8.gemm(gq, gs, wtq, ws.t().contiguous(), x_dtype, backend)
-    if ctx.needs_input_grad[1]:  # Wgrad: dy^T . x, both operands 1x128 along the tokens
-        gtq, gts = torch.ops.moeco_fp8.quant_act_t(gy, None, act_pow2)
-        xtq, xts = torch.ops.moeco_fp8.quant_act_t(xq, xs, act_pow2)
-        dw = torch.ops.moeco_fp8.gemm(gtq, gts, xtq, xts, torch.float32, backend).to(w_dtype)
-    return dx, dw, None, None, None, None, None, None
+def _linear_backward(ctx, gy, *_):
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dw = torch.ops.moeco_fp8.linear_bwd(gy.contiguous(), *ctx.saved_tensors, *ctx.meta, need_dx, need_dw)
+    return (dx if need_dx else None), (dw if need_dw else None), None, None, None, None, None, None
+
+
+@torch.library.custom_op("moeco_fp8::linear_bwd", mutates_args=())
+def linear_bwd(gy: Tensor, xq: Tensor, xs: Tensor, wtq: Tensor, ws: Tensor, x_dtype: torch.dtype,
+               w_dtype: torch.dtype, act_pow2: bool, backend: str, need_dx: bool,
+               need_dw: bool) -> tuple[Tensor, Tensor]:
+    from moeco.fp8.linear import _linear_backward_impl
+
+    dx, dw = _linear_backward_impl(gy, xq, xs, wtq, ws, x_dtype, w_dtype, act_pow2, backend, need_dx, need_dw)
+    return (dx if dx is not None else _empty_unless(False, (), gy, x_dtype),
+            dw if dw is not None else _empty_unless(False, (), gy, w_dtype))
+
+
+@linear_bwd.register_fake
+def _(gy, xq, xs, wtq, ws, x_dtype, w_dtype, act_pow2, backend, need_dx, need_dw):
+    return (_empty_unless(need_dx, xq.shape, gy, x_dtype),
+            _empty_unless(need_dw, (wtq.shape[1], wtq.shape[0]), gy, w_dtype))
 
 
 linear.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -199,18 +169,13 @@ def grouped_bwd(gy: Tensor, xq: Tensor, xs: Tensor, wtq: Tensor, ws: Tensor, off
 
     dx, dw = _grouped_backward_impl(gy, xq, xs, wtq, ws, offs, tuple(w_shape), act_pow2, backend, x_dtype,
                                     w_dtype, need_dx, need_dw)
-    if dx is None:
-        dx = gy.new_empty((0,), dtype=x_dtype)
-    if dw is None:
-        dw = gy.new_empty((0,), dtype=w_dtype)
-    return dx, dw
+    return (dx if dx is not None else _empty_unless(False, (), gy, x_dtype),
+            dw if dw is not None else _empty_unless(False, (), gy, w_dtype))
 
 
 @grouped_bwd.register_fake
 def _(gy, xq, xs, wtq, ws, offs, w_shape, act_pow2, backend, x_dtype, w_dtype, need_dx, need_dw):
-    dx = gy.new_empty(tuple(xq.shape) if need_dx else (0,), dtype=x_dtype)
-    dw = gy.new_empty(tuple(w_shape) if need_dw else (0,), dtype=w_dtype)
-    return dx, dw
+    return _empty_unless(need_dx, xq.shape, gy, x_dtype), _empty_unless(need_dw, w_shape, gy, w_dtype)
 
 
 grouped.register_autograd(_grouped_backward, setup_context=_grouped_setup)
