@@ -18,7 +18,8 @@ Backends:
     "scaled_mm"  torch._scaled_mm with block-wise scales (cuBLAS, Hopper). Shapes it cannot take
                  are zero-padded (N=576 -> 640: 11% more work); a 128x128 B whose k-block count is
                  not a multiple of 4 (the scale's 16-byte alignment) goes as 1x128 tiles instead.
-    "triton"     moeco.fp8.triton_kernels.fp8_gemm_nt: any shape, CUDA or the interpreter.
+    "triton"     moeco.fp8.triton_kernels.fp8_gemm_nt: any shape, CUDA or the interpreter (TMA loads
+                 on Hopper).
     "auto"       CUDA: scaled_mm where this torch/GPU accepts block-wise scales, else triton;
                  CPU: reference.
 

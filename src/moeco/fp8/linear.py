@@ -20,6 +20,9 @@ quantized once for all tokens (their tiles are per token), the (E, N, K) weights
 On CUDA with Triton, Fprop, Dgrad and Wgrad are each one grouped kernel launch for all experts
 (`triton_kernels.fp8_grouped_gemm_nt`, `fp8_grouped_wgrad`; no host sync); elsewhere, or with
 MOECO_FP8_GROUPED=loop, one FP8 GEMM per expert (`grouped_impl` says which).
+
+Eager calls run through the autograd.Functions here; under torch.compile the same helpers run as
+custom operators (`moeco.fp8.ops`), so compiled blocks keep the FP8 layers without a graph break.
 """
 
 from __future__ import annotations

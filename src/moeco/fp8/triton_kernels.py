@@ -21,6 +21,10 @@ fp8_grouped_gemm_nt: the same GEMM for all routed experts in one launch (tokens 
     quantization). A device-side tile -> expert map (`grouped_tile_map`) avoids a host sync.
 fp8_grouped_wgrad: dW_e = dy_e^T . x_e for all experts in one launch; each expert's tokens are
     moved to a 128-aligned start, re-tiled 128x1, and every program sums over its expert's tokens.
+*_tma variants (Hopper on, `use_tma`): the same GEMMs with operand tiles loaded through TMA tensor
+    descriptors (out-of-bounds reads are zeros, so the k-loop has no masks); the dense one is
+    persistent (one program per SM). The grouped Fprop/Dgrad went from 0.77-0.90x to 1.02-1.14x
+    CUTLASS's BF16 grouped GEMM with them on the H200 (BENCHMARKS.md).
 
 Interpreter notes: Triton's interpreter rounds float32 -> float8 wrongly near binade edges, so
 under TRITON_INTERPRET=1 the kernels first round to the E4M3 grid with integer arithmetic (exact,
@@ -355,7 +359,7 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, block_m
     """C = A . B^T with A (M, K) 1x128-scaled and B (N, K) 128x128- or 1x128-scaled, FP32 promotion.
 
     On Hopper, with operands TMA can read (`use_tma`, `tma_gemm_ok`), this runs `fp8_gemm_nt_tma`
-    (its default tiles: 1.03-1.27x BF16 cuBLAS on the H200 at V3 shapes, against 0.69-0.89x here).
+    (0.67-1.25x BF16 cuBLAS on the H200 at V3 shapes, against 0.45-0.89x for the kernel below).
     """
     if use_tma(a_q, b_q) and tma_gemm_ok(a_q, b_q, out_dtype):
         return fp8_gemm_nt_tma(a_q, a_scale, b_q, b_scale, out_dtype)
