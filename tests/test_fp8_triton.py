@@ -282,3 +282,17 @@ def test_grouped_fn_triton_matches_loop(monkeypatch, pow2):
     monkeypatch.setenv("MOECO_FP8_GROUPED", "triton")
     monkeypatch.setenv("MOECO_FP8_GROUPED_WGRAD", "loop")
     assert grouped_impl(x0.device, "auto", wgrad=True) == "loop"
+
+
+def test_tma_selection_rules(monkeypatch):
+    a = torch.zeros(64, 256, dtype=torch.float8_e4m3fn)
+    assert triton_kernels.use_tma(a, tma=True) and not triton_kernels.use_tma(a, tma=False)  # forced
+    assert not triton_kernels.use_tma(a)  # CPU tensors (and the interpreter) take the pointer kernels
+    monkeypatch.setenv("MOECO_FP8_TMA", "0")
+    assert not triton_kernels.use_tma(a)
+    # TMA needs 16-byte rows: K % 16 for the FP8 operands, N * itemsize % 16 for the output
+    b = torch.zeros(48, 256, dtype=torch.float8_e4m3fn)
+    assert triton_kernels.tma_gemm_ok(a, b, torch.bfloat16)
+    assert not triton_kernels.tma_gemm_ok(a[:, :200], b[:, :200], torch.bfloat16)  # K = 200
+    assert not triton_kernels.tma_gemm_ok(a, torch.zeros(36, 256, dtype=torch.float8_e4m3fn), torch.bfloat16)
+    assert triton_kernels.tma_gemm_ok(a, torch.zeros(36, 256, dtype=torch.float8_e4m3fn), torch.float32)
