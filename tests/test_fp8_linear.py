@@ -254,3 +254,35 @@ def test_fp8_layers_compile_in_one_graph_and_match_eager():
     for eager, compiled in zip(*results):
         assert ((eager - compiled).abs().max() / eager.abs().max()).item() < 1e-5
     assert results[0][4].abs().sum() > 0
+
+
+def test_fp8_custom_operators_pass_opcheck():
+    """Fake implementations agree with the real ones (shapes, dtypes, strides) and autograd is
+    registered, for every moeco_fp8 operator (torch.library.opcheck; its schema and AOT checks
+    need arithmetic on FP8 tensors, which the CPU lacks)."""
+    import torch
+
+    import moeco.fp8.ops  # noqa: F401
+
+    ops, checks = torch.ops.moeco_fp8, ("test_faketensor", "test_autograd_registration")
+    torch.manual_seed(0)
+    x = torch.randn(40, 256, requires_grad=True)
+    w = torch.randn(192, 256, requires_grad=True)
+    wq, ws, wtq = ops.quant_weight(w.detach(), False)
+    y, xq, xs = ops.linear(x, w, wq, ws, wtq, False, "auto", torch.float32)
+    we = torch.randn(3, 128, 256, requires_grad=True)
+    offs = torch.tensor([10, 10, 33], dtype=torch.int32)
+    yg, gxq, gxs, gwtq, gws = ops.grouped(x, we, offs, False, False, "auto", torch.float32)
+    cases = [
+        (ops.quant_weight.default, (w.detach(), True)),
+        (ops.linear.default, (x, w, wq, ws, wtq, False, "auto", torch.float32)),
+        (ops.linear_bwd.default, (torch.randn_like(y), xq, xs, wtq, ws, torch.float32, torch.float32, False, "auto",
+                                  True, True)),
+        (ops.linear_bwd.default, (torch.randn_like(y), xq, xs, wtq, ws, torch.float32, torch.float32, False, "auto",
+                                  False, True)),
+        (ops.grouped.default, (x, we, offs, False, False, "auto", torch.float32)),
+        (ops.grouped_bwd.default, (torch.randn_like(yg), gxq, gxs, gwtq, gws, offs, [3, 128, 256], False, "auto",
+                                   torch.float32, torch.float32, True, False)),
+    ]
+    for op, args in cases:
+        assert set(torch.library.opcheck(op, args, test_utils=checks).values()) == {"SUCCESS"}, op
