@@ -109,3 +109,22 @@ def test_quantize_along_tokens_matches_transpose():
     q3, s3 = quantize_act_1x128_t(xq, xs)
     q4, s4 = quantize_act_1x128(dequantize_act_1x128(xq, xs).t().contiguous())
     assert torch.equal(q3.view(torch.uint8), q4.view(torch.uint8)) and torch.equal(s3, s4)
+
+
+def test_torch_e4m3_cast_rounds_to_nearest_even():
+    """The CPU reference quantizer is only as exact as torch's float32 -> E4M3 cast: check it against
+    integer round-to-nearest-even on every 61st float32 in [2^-12, 464), which covers each binade's
+    mantissa patterns (ties included), plus the ties between subnormals (multiples of 2^-9) and the
+    saturation at 448. (It holds for all 174.6M float32 values of that range; the CUDA cast was
+    checked against the CUDA kernels, tests/test_fp8_gpu.py.)"""
+    lo = torch.tensor(2.0**-12).view(torch.int32).item()
+    hi = torch.tensor(464.0).view(torch.int32).item()
+    a = torch.arange(lo, hi, 61, dtype=torch.int32).view(torch.float32)  # 61 is odd: every low-bit pattern
+    ties = torch.arange(1, 32, 2, dtype=torch.float32) * 2.0**-10  # halfway between two subnormals
+    a = torch.cat([a, ties])
+    bits = a.view(torch.int32)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & ~0xFFFFF).view(torch.float32)
+    sub = (a.double() * 512).round().div(512).float()  # float64 round() is half-to-even, exact here
+    want = torch.where(a < 2**-6, sub, normal).clamp(max=448.0)
+    assert torch.equal(a.to(torch.float8_e4m3fn).float(), want)
+    assert torch.equal((-a).to(torch.float8_e4m3fn).float(), -want)
