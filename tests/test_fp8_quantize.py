@@ -115,7 +115,7 @@ def test_torch_e4m3_cast_rounds_to_nearest_even():
     """The CPU reference quantizer is only as exact as torch's float32 -> E4M3 cast: check it against
     integer round-to-nearest-even on every 61st float32 in [2^-12, 464), which covers each binade's
     mantissa patterns (ties included), plus the ties between subnormals (multiples of 2^-9) and the
-    saturation at 448. (It holds for all 174.6M float32 values of that range; the CUDA cast was
+    saturation at 448. (It holds for all 174.6M positive float32 values of that range; the CUDA cast was
     checked against the CUDA kernels, tests/test_fp8_gpu.py.)"""
     lo = torch.tensor(2.0**-12).view(torch.int32).item()
     hi = torch.tensor(464.0).view(torch.int32).item()
