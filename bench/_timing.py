@@ -33,25 +33,29 @@ def _replay_ms(graph: torch.cuda.CUDAGraph, n: int = 9) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def gpu_ms(fn, reps: int = 20) -> float:
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.ones(128 * 1024 * 1024, dtype=torch.bfloat16, device="cuda")
+def capture(fn, reps: int = 1) -> torch.cuda.CUDAGraph:
+    """fn() x reps recorded in one CUDA graph, after 3 warm-up calls on a side stream (allocations,
+    autotuning and lazy probes happen there, outside the capture)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (allocations, autotuning, lazy probes) outside capture
+    with torch.cuda.stream(side):
         for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    g_all, g_flush = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g_all):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         for _ in range(reps):
-            _FLUSH.amax()
             fn()
-    with torch.cuda.graph(g_flush):
-        for _ in range(reps):
-            _FLUSH.amax()
+    return graph
+
+
+def gpu_ms(fn, reps: int = 20) -> float:
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.ones(128 * 1024 * 1024, dtype=torch.bfloat16, device="cuda")
+    g_all = capture(lambda: (_FLUSH.amax(), fn()), reps)
+    g_flush = capture(_FLUSH.amax, reps)
     g_all.replay()
     g_flush.replay()
     torch.cuda.synchronize()

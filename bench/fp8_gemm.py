@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from _timing import gpu_ms
+from _timing import capture, gpu_ms
 from moeco.fp8 import Fp8Linear, fp8_grouped_mm
 from moeco.fp8.gemm import fp8_gemm, scaled_mm_fits
 from moeco.fp8.quantize import quantize_act_1x128, quantize_act_1x128_reference, quantize_weight_128x128
@@ -36,21 +36,6 @@ def bench_ms(fn) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def graphed(fn):
-    """fn captured in a CUDA graph (after warm-up on a side stream): returns the replay function.
-    Timing the replay leaves only GPU time: no Python, no per-kernel launches."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def copy_bandwidth() -> float:
@@ -138,8 +123,8 @@ def linear_rows(tokens_list):
             t_ref = bench_ms(step_ref)
             t_c = bench_ms(step_fp8)
             t_u = bench_ms(lambda: step_fp8(False))
-            t_rg = bench_ms(graphed(step_ref))  # both sides as one CUDA graph each: GPU time only
-            t_fg = bench_ms(graphed(step_fp8))
+            t_rg = bench_ms(capture(step_ref).replay)  # both sides as one CUDA graph each: GPU time only
+            t_fg = bench_ms(capture(step_fp8).replay)
             r = dict(T=T, K=K, N=N, bf16_ms=t_ref, bf16_tflops=flop / t_ref / 1e9, fp8_ms=t_c,
                      fp8_tflops=flop / t_c / 1e9, fp8_x=t_ref / t_c, fp8_requant_ms=t_u, fp8_requant_x=t_ref / t_u,
                      bf16_graph_ms=t_rg, fp8_graph_ms=t_fg, fp8_graph_x=t_rg / t_fg,

@@ -36,10 +36,6 @@ TMA_CONFIGS = [  # block_m, block_n, num_warps, num_stages, persistent
 ]
 
 
-def ms_of(fn) -> float:
-    return gpu_ms(fn)
-
-
 def rel(out, ref) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
@@ -66,7 +62,7 @@ def probe_rows():
         N, K = 2048, 7168
         gt = torch.randn(N, T, device="cuda", dtype=torch.bfloat16)
         xt = torch.randn(K, T, device="cuda", dtype=torch.bfloat16)
-        t_bf = ms_of(lambda: torch.mm(gt, xt.t()))
+        t_bf = gpu_ms(lambda: torch.mm(gt, xt.t()))
         gq, gs = tk.quantize_act_1x128(gt)
         xq_, xs_ = tk.quantize_act_1x128(xt)
         r = dict(case=f"wgrad T={T} N={N} K={K}", bf16_ms=t_bf)
@@ -76,7 +72,7 @@ def probe_rows():
                          ("tma_128x256", lambda: tk.fp8_gemm_nt_tma(gq, gs, xq_, xs_, torch.float32, block_n=256,
                                                                     num_stages=3))):
             try:
-                t = ms_of(fn)
+                t = gpu_ms(fn)
                 r[name + "_ms"], r[name + "_x"] = t, t_bf / t
             except Exception as exc:
                 r[name] = f"failed: {exc!r:.200}"
@@ -87,7 +83,7 @@ def probe_rows():
         K = 7168
         gy = torch.randn(T, 576, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(576, K, device="cuda", dtype=torch.bfloat16)
-        t_bf = ms_of(lambda: torch.mm(gy, w))
+        t_bf = gpu_ms(lambda: torch.mm(gy, w))
         gq, gs = tk.quantize_act_1x128(gy)
         wq, ws, wtq = tk.quantize_weight_128x128(w.float(), transposed=True)
         wst = ws.t().contiguous()
@@ -95,7 +91,7 @@ def probe_rows():
         r = dict(case=f"dgrad N=576 T={T} K={K}", bf16_ms=t_bf)
         for mode in ("expand", "pad"):
             fn = lambda: fp8_gemm_scaled_mm(gq, gs, wtq, wst, torch.bfloat16, unaligned_k=mode)  # noqa: E731
-            t = ms_of(fn)
+            t = gpu_ms(fn)
             r[mode + "_ms"], r[mode + "_x"], r[mode + "_err"] = t, t_bf / t, rel(fn(), ref)
         rows.append(r)
         print("probe", r, flush=True)
@@ -114,7 +110,7 @@ def probe_rows():
         try:
             out = torch._scaled_mm(wq, xq.t(), scale_a=sa_, scale_b=sb_, out_dtype=torch.bfloat16)
             err = rel(out.t(), ref)
-            t = ms_of(lambda: torch._scaled_mm(wq, xq.t(), scale_a=sa_, scale_b=sb_, out_dtype=torch.bfloat16))
+            t = gpu_ms(lambda: torch._scaled_mm(wq, xq.t(), scale_a=sa_, scale_b=sb_, out_dtype=torch.bfloat16))
             r = dict(case=f"N=576 transposed: {name}", ok=err < 1e-2, rel_err=err, ms=t,
                      tflops=2 * T * N * K / t / 1e9)
         except Exception as exc:
@@ -170,17 +166,17 @@ def gemm_rows(tokens):
             tf = lambda ms: flop / ms / 1e9  # noqa: E731
             x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
             w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-            t_bf = ms_of(lambda: torch.mm(x, w.t()))
+            t_bf = gpu_ms(lambda: torch.mm(x, w.t()))
             xq, xs = quantize_act_1x128(x)
             wq, ws = quantize_weight_128x128(w)
             ref = fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="scaled_mm")
             r = dict(T=T, K=K, N=N, bf16_ms=t_bf, bf16_tflops=tf(t_bf))
             if N % 128 == 0:  # the bare cuBLAS call, its operands already in the layout it wants
-                t = ms_of(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16))
+                t = gpu_ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16))
                 r.update(cublas_ms=t, cublas_x=t_bf / t)
-            t = ms_of(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="scaled_mm"))
+            t = gpu_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="scaled_mm"))
             r.update(scaled_mm_ms=t, scaled_mm_x=t_bf / t)
-            t = ms_of(lambda: tk.fp8_gemm_nt(xq, xs, wq, ws, torch.bfloat16))
+            t = gpu_ms(lambda: tk.fp8_gemm_nt(xq, xs, wq, ws, torch.bfloat16))
             r.update(triton_ms=t, triton_x=t_bf / t)
             best = None
             for bm, bn, nw, ns, pers in TMA_CONFIGS:
@@ -189,7 +185,7 @@ def gemm_rows(tokens):
                 try:
                     out = tk.fp8_gemm_nt_tma(xq, xs, wq, ws, torch.bfloat16, **kw)
                     err = rel(out, ref)
-                    t = ms_of(lambda: tk.fp8_gemm_nt_tma(xq, xs, wq, ws, torch.bfloat16, **kw))
+                    t = gpu_ms(lambda: tk.fp8_gemm_nt_tma(xq, xs, wq, ws, torch.bfloat16, **kw))
                 except Exception as exc:  # a config that does not compile or fit
                     r[key] = f"failed: {exc!r:.200}"
                     continue
@@ -216,7 +212,7 @@ def quant_rows(tokens):
     rows = []
     c = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     d = torch.empty_like(c)
-    copy_gbs = 2 * c.numel() / ms_of(lambda: d.copy_(c)) / 1e6
+    copy_gbs = 2 * c.numel() / gpu_ms(lambda: d.copy_(c)) / 1e6
     del c, d
     print(f"device copy {copy_gbs:.0f} GB/s", flush=True)
     for T in tokens:
@@ -227,7 +223,7 @@ def quant_rows(tokens):
             for bm in (8, 16, 32):
                 for g in (1, 2, 4):
                     for nw in (4, 8):
-                        t = ms_of(lambda: tk.quantize_act_1x128(x, block_m=bm, groups=g, num_warps=nw))
+                        t = gpu_ms(lambda: tk.quantize_act_1x128(x, block_m=bm, groups=g, num_warps=nw))
                         res.append((nbytes / t / 1e6, f"block_m={bm} groups={g} warps={nw}", t))
             best = max(res)
             base = next(r for r in res if r[1] == "block_m=32 groups=1 warps=4")
@@ -336,10 +332,10 @@ def grouped_rows():
         x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) * 0.02
         gy = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
-        t_bf = ms_of(lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
-        t_bf_d = ms_of(lambda: torch._grouped_mm(gy, w, offs=offs))
+        t_bf = gpu_ms(lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
+        t_bf_d = gpu_ms(lambda: torch._grouped_mm(gy, w, offs=offs))
         gyt, xt = gy.t().contiguous(), x.t().contiguous()
-        t_bf_w = ms_of(lambda: torch._grouped_mm(gyt, xt.t(), offs=offs))
+        t_bf_w = gpu_ms(lambda: torch._grouped_mm(gyt, xt.t(), offs=offs))
         xq, xs = quantize_act_1x128(x)
         gq, gs = quantize_act_1x128(gy)
         wq, ws, wtq = tk.quantize_weight_128x128(w.float(), transposed=True)
@@ -354,9 +350,9 @@ def grouped_rows():
                 try:
                     ef = rel(tk.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs, torch.float32, tma=tma, **kw), ref_f)
                     ed = rel(tk.fp8_grouped_gemm_nt(gq, gs, wtq, wst, offs, torch.float32, tma=tma, **kw), ref_d)
-                    tf_ = ms_of(lambda: tk.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs, torch.bfloat16, tma=tma, **kw))
-                    td = ms_of(lambda: tk.fp8_grouped_gemm_nt(gq, gs, wtq, wst, offs, torch.bfloat16, tma=tma, **kw))
-                    tw = ms_of(lambda: tk.fp8_grouped_wgrad(gy, xq, xs, offs, E, tma=tma, **kw))
+                    tf_ = gpu_ms(lambda: tk.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs, torch.bfloat16, tma=tma, **kw))
+                    td = gpu_ms(lambda: tk.fp8_grouped_gemm_nt(gq, gs, wtq, wst, offs, torch.bfloat16, tma=tma, **kw))
+                    tw = gpu_ms(lambda: tk.fp8_grouped_wgrad(gy, xq, xs, offs, E, tma=tma, **kw))
                 except Exception as exc:
                     r[key] = f"failed: {exc!r:.200}"
                     print(f"grouped {name} {key}: failed {exc!r:.200}", flush=True)

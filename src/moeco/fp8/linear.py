@@ -32,8 +32,8 @@ import os
 import torch
 from torch import nn
 
-import moeco.fp8.ops  # noqa: F401  (registers torch.ops.moeco_fp8)
 from moeco.fp8.gemm import fp8_gemm
+from moeco.fp8.ops import _outer_major  # importing ops registers torch.ops.moeco_fp8
 from moeco.fp8.quantize import (
     dequantize_weight_128x128,
     quantize_act_1x128,
@@ -52,8 +52,6 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _linear_forward(x2, wq, ws, act_pow2: bool, backend: str, out_dtype: torch.dtype):
     """Fprop: (y = x . W^T, xq, xs) for x (M, K) and the FP8 weight (wq (N, K), ws (NB, KB))."""
-    from moeco.fp8.ops import _outer_major
-
     xq, xs = quantize_act_1x128(x2, pow2_scale=act_pow2)
     y = fp8_gemm(xq, xs, wq, ws, out_dtype, backend=backend)
     return y.contiguous(), xq.contiguous(), _outer_major(xs)
@@ -185,8 +183,6 @@ def fp8_grouped_gemm_loop(xq, xs, wq, ws, rows: list[tuple[int, int]], out_dtype
 
 def _grouped_forward(x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str, out_dtype: torch.dtype):
     """The grouped Fprop: (y, xq, xs, W^T q (E, K, N), W scales (E, NB, KB)); see `ops.grouped`."""
-    from moeco.fp8.ops import _outer_major
-
     xq, xs = quantize_act_1x128(x, pow2_scale=act_pow2)
     with torch.no_grad():  # (E, N, K), (E, NB, KB), and W_e^T (E, K, N) for Dgrad, one kernel on CUDA
         wq, ws, wtq = quantize_weight_128x128(w.detach(), pow2_scale=weight_pow2, transposed=True)

@@ -221,8 +221,7 @@ if _HAVE_TRITON:
     def _fp8_gemm_nt_tma_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
                                 stride_asm, stride_ask, stride_bsn, stride_bsk,
                                 B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr, UPCAST: tl.constexpr,
-                                FLATTEN: tl.constexpr):
+                                GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr, UPCAST: tl.constexpr):
         # Persistent: program p takes output tiles p, p + NUM_PROGS, ... (grouped order). Operand
         # tiles come through TMA descriptors (out-of-bounds reads are zeros, out-of-bounds writes
         # are dropped), so no masks sit in the k-loop. The promotion is the same as _promoted_k_loop.
@@ -233,7 +232,7 @@ if _HAVE_TRITON:
         kb_end = tl.cdiv(K, 128)
         group = GROUP_M * num_n
         SCALAR_B: tl.constexpr = B_SCALE_ROWS == 128 and BLOCK_N == 128  # one B scale per tile and k-block
-        for tile in tl.range(start, num_tiles, NUM_PROGS, flatten=FLATTEN):
+        for tile in tl.range(start, num_tiles, NUM_PROGS):
             first_m = (tile // group) * GROUP_M
             size_m = min(num_m - first_m, GROUP_M)
             pid_m = first_m + (tile % group) % size_m
@@ -401,7 +400,7 @@ def tma_gemm_ok(a_q: torch.Tensor, b_q: torch.Tensor, out_dtype: torch.dtype) ->
 
 
 def fp8_gemm_nt_tma(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, block_m=128, block_n=128,
-                    group_m=8, num_warps=8, num_stages=4, persistent=True, flatten=False):
+                    group_m=8, num_warps=8, num_stages=4, persistent=True):
     """fp8_gemm_nt through TMA descriptors, as a persistent kernel (one program per SM).
 
     Same arguments and numbers as `fp8_gemm_nt` (FP32 promotion every 128 of K); needs
@@ -425,7 +424,7 @@ def fp8_gemm_nt_tma(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, blo
     _fp8_gemm_nt_tma_kernel[(progs,)](a_desc, b_desc, c_desc, a_scale, b_scale, M, N, K,
                                       a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
                                       B_SCALE_ROWS=b_rows, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=group_m,
-                                      NUM_PROGS=progs, UPCAST=interpreting(), FLATTEN=flatten,
+                                      NUM_PROGS=progs, UPCAST=interpreting(),
                                       num_warps=num_warps, num_stages=num_stages)
     return c
 
