@@ -6,10 +6,10 @@ probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128
         128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
 gemm    per shape: bf16 torch.mm, torch._scaled_mm called directly (operands laid out beforehand),
         moeco's pointer-based Triton kernel, and the TMA kernel over tile configurations.
-quant   1x128 quantization over block_m x groups x warps (block_m rows x groups tiles of 128
+quant   1x128 quantization over block_m x groups x warps x program order (block_m rows x groups tiles of 128
         channels per program).
 grouped 32 experts x 512 tokens: the grouped Fprop / Dgrad / Wgrad kernels, pointer vs TMA, over tiles.
-retile  the 128x1 (token-wise, Wgrad) quantization over channel tile, warps and store form.
+retile  the 128x1 (token-wise, Wgrad) quantization over channel tile, warps and program order.
 linear  Fp8Linear forward + backward under the profiler: GPU time per kernel family, per shape.
 n576    the N = 576 GEMM and its Dgrad by every route (transposed / padded cuBLAS, TMA Triton).
 GPU times come from CUDA-graph replays with the L2 flushed before each call (bench/_timing.py: no
@@ -174,6 +174,16 @@ def gemm_rows(tokens):
             if N % 128 == 0:  # the bare cuBLAS call, its operands already in the layout it wants
                 t = gpu_ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16))
                 r.update(cublas_ms=t, cublas_x=t_bf / t)
+            # the weight's 128x128 scales given as 1x128 rows (each row carries its block's scale): the
+            # same numbers through cuBLAS's 1x128 x 1x128 kernel, which may also take N = 576 unpadded
+            sb_rows = ws.repeat_interleave(128, 0)[:N].t().contiguous()
+            try:
+                out = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=sb_rows, out_dtype=torch.bfloat16)
+                r["cublas_rows_err"] = rel(out, ref)
+                t = gpu_ms(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=sb_rows, out_dtype=torch.bfloat16))
+                r.update(cublas_rows_ms=t, cublas_rows_x=t_bf / t)
+            except Exception as exc:  # a layout this torch/cuBLAS refuses
+                r["cublas_rows"] = f"failed: {exc!r:.200}"
             t = gpu_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="scaled_mm"))
             r.update(scaled_mm_ms=t, scaled_mm_x=t_bf / t)
             t = gpu_ms(lambda: tk.fp8_gemm_nt(xq, xs, wq, ws, torch.bfloat16))
@@ -196,7 +206,9 @@ def gemm_rows(tokens):
                 r.update(tma_best=best[1], tma_best_ms=best[0], tma_best_x=t_bf / best[0], tma_best_tflops=tf(best[0]))
             rows.append(r)
             print(f"gemm T={T:6d} K={K:6d} N={N:6d} | bf16 {t_bf:.3f} ms {tf(t_bf):5.0f} TF | cublas "
-                  f"{r.get('cublas_ms', float('nan')):.3f} {r.get('cublas_x', float('nan')):.2f}x | wrapper "
+                  f"{r.get('cublas_ms', float('nan')):.3f} {r.get('cublas_x', float('nan')):.2f}x | B as rows "
+                  f"{r.get('cublas_rows_ms', float('nan')):.3f} {r.get('cublas_rows_x', float('nan')):.2f}x "
+                  f"err {r.get('cublas_rows_err', float('nan')):.1e} | wrapper "
                   f"{r['scaled_mm_ms']:.3f} {r['scaled_mm_x']:.2f}x | triton {r['triton_x']:.2f}x | TMA best "
                   f"{r.get('tma_best', '-')} {r.get('tma_best_ms', float('nan')):.3f} ms "
                   f"{r.get('tma_best_tflops', float('nan')):5.0f} TF {r.get('tma_best_x', float('nan')):.2f}x",
@@ -220,13 +232,15 @@ def quant_rows(tokens):
             x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
             nbytes = T * C * 3 + T * (C // 128) * 4
             res = []
-            for bm in (8, 16, 32):
-                for g in (1, 2, 4):
+            for bm in (16, 32):
+                for g in (1, 2):
                     for nw in (4, 8):
-                        t = gpu_ms(lambda: tk.quantize_act_1x128(x, block_m=bm, groups=g, num_warps=nw))
-                        res.append((nbytes / t / 1e6, f"block_m={bm} groups={g} warps={nw}", t))
+                        for order in (None, 1, 8):
+                            t = gpu_ms(lambda: tk.quantize_act_1x128(x, block_m=bm, groups=g, num_warps=nw,
+                                                                     group=order))
+                            res.append((nbytes / t / 1e6, f"block_m={bm} groups={g} warps={nw} order={order}", t))
             best = max(res)
-            base = next(r for r in res if r[1] == "block_m=32 groups=1 warps=4")
+            base = next(r for r in res if r[1] == "block_m=16 groups=2 warps=4 order=None")
             rows.append(dict(kind="row", T=T, C=C, best=best[1], best_ms=best[2], best_gbs=best[0],
                              default_ms=base[2], default_gbs=base[0], copy_gbs=copy_gbs,
                              all={name: t for _, name, t in res}))
@@ -239,32 +253,32 @@ def quant_rows(tokens):
 
 def retile_rows():
     """The 128x1 (token-wise) quantization for Wgrad, from bf16 and from the saved FP8 tiles, over
-    channel tile x warps x store form (transposed fp32 pointer store, or the fp8 tile transposed first)."""
+    channel tile x warps x program order (`group` token blocks at a time; None: tokens fastest)."""
     rows = []
-    for T, C in ((4096, 7168), (16384, 7168), (16384, 2048), (16384, 1536)):
+    for T, C in ((4096, 7168), (16384, 7168), (16384, 2048)):
         x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
         xq, xs = tk.quantize_act_1x128(x)
         kb, tb = -(-C // 128), -(-T // 128)
         for src, args, nbytes in (("bf16", (x,), T * C * 3), ("fp8", (xq, xs), T * C * 2 + T * kb * 4)):
             nbytes += C * tb * 4
             res = []
-            for bc in (32, 64, 128):
+            for bc in (32, 64):
                 for nw in (4, 8):
-                    for trans in (False, True):
+                    for order in (None, 1, 4):
                         try:
                             t = gpu_ms(lambda: tk.quantize_act_1x128_t(*args, block_c=bc, num_warps=nw,
-                                                                       trans_store=trans))
+                                                                       group=order))
                         except Exception as exc:
-                            print(f"retile block_c={bc} warps={nw} trans={trans}: failed {exc!r:.150}", flush=True)
+                            print(f"retile block_c={bc} warps={nw} order={order}: failed {exc!r:.150}", flush=True)
                             continue
-                        res.append((nbytes / t / 1e6, f"block_c={bc} warps={nw} trans={int(trans)}", t))
+                        res.append((nbytes / t / 1e6, f"block_c={bc} warps={nw} order={order}", t))
             best = max(res)
-            base = next(r for r in res if r[1] == "block_c=32 warps=4 trans=0")
+            base = next(r for r in res if r[1] == "block_c=32 warps=4 order=None")
             rows.append(dict(T=T, C=C, src=src, best=best[1], best_ms=best[2], best_gbs=best[0], default_ms=base[2],
                              all={name: t for _, name, t in res}))
             print(f"retile T={T:6d} C={C:5d} {src:4s} | best {best[1]:30s} {best[2]:.4f} ms {best[0]:5.0f} GB/s | "
                   f"default {base[2]:.4f} ms {base[0]:5.0f} GB/s | "
-                  + " ".join(f"{n.replace('block_c=', 'c').replace(' warps=', 'w').replace(' trans=', 't')}:{t * 1e3:.0f}"
+                  + " ".join(f"{n.replace('block_c=', 'c').replace(' warps=', 'w').replace(' order=', 'o')}:{t * 1e3:.0f}"
                              for _, n, t in res), flush=True)
         del x, xq, xs
     return rows

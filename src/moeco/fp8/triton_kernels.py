@@ -68,14 +68,15 @@ if _HAVE_TRITON:
     def _round_to_e4m3_grid(v):
         # Round-to-nearest-even to 3 mantissa bits for |v| >= 2^-6 (normal E4M3), and to a
         # multiple of 2^-9 below (subnormals): 24576 = 1.5 * 2^14, so a + 24576 keeps 9 bits.
-        # Works on |v| and restores the sign, so that tiny negatives become -0 as in torch.
+        # Works on |v| and restores the sign bit, so that tiny negatives and -0 itself become -0
+        # as in torch.
         a = tl.abs(v)
         bits = a.to(tl.int32, bitcast=True)
         lsb = (bits >> 20) & 1
         normal = ((bits + 0x7FFFF + lsb) & ~0xFFFFF).to(tl.float32, bitcast=True)
         sub = (a + 24576.0) - 24576.0
         r = tl.where(a < 0.015625, sub, normal)
-        return tl.where(v < 0, -r, r)
+        return tl.where(v.to(tl.int32, bitcast=True) < 0, -r, r)
 
     @triton.jit
     def _scale_from_amax(amax, POW2: tl.constexpr):
@@ -85,12 +86,22 @@ if _HAVE_TRITON:
         return s
 
     @triton.jit
+    def _swizzle(pid, n_outer, n_inner, GROUP: tl.constexpr):
+        # Program order for a 1-D grid over (outer, inner) blocks: GROUP outer blocks at a time, the
+        # outer index fastest within a group. GROUP = 1 walks each outer block's inner blocks in
+        # turn (whole rows of memory at once); GROUP >= n_outer is the plain outer-fastest order.
+        per_group = GROUP * n_inner
+        first = (pid // per_group) * GROUP
+        size = tl.minimum(n_outer - first, GROUP)
+        local = pid % per_group
+        return first + local % size, local // size
+
+    @triton.jit
     def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
                           BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr,
-                          EMULATE_CAST: tl.constexpr):
+                          EMULATE_CAST: tl.constexpr, GROUP_ORDER: tl.constexpr):
         # One program per BLOCK_M rows x GROUPS tiles of 128 channels.
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
+        pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, 128 * GROUPS), GROUP_ORDER)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_k * (128 * GROUPS) + tl.arange(0, 128 * GROUPS)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
@@ -111,12 +122,12 @@ if _HAVE_TRITON:
     def _quant_act_t_kernel(x_ptr, xs_ptr, rows_ptr, q_ptr, s_ptr, T, C, stride_xt, stride_xst, stride_xsc,
                             stride_qc, stride_sc, stride_st, BLOCK_C: tl.constexpr, GATHER: tl.constexpr,
                             FROM_FP8: tl.constexpr, POW2: tl.constexpr, EMULATE_CAST: tl.constexpr,
-                            TRANS_STORE: tl.constexpr):
-        # Tile: 128 output tokens x BLOCK_C channels; amax over the tokens; written as q (C, T) and
-        # s (C, ceil(T/128)). With GATHER, output token t reads row rows[t] of x (-1: a zero row),
-        # so that the caller's padded layout is never materialized.
-        pid_t = tl.program_id(0)
-        pid_c = tl.program_id(1)
+                            TRANS_STORE: tl.constexpr, GROUP_ORDER: tl.constexpr):
+        # Tile: 128 output tokens x BLOCK_C channels (BLOCK_C divides 128, so the tile lies in one
+        # 1x128 block of x); amax over the tokens; written as q (C, T) and s (C, ceil(T/128)).
+        # With GATHER, output token t reads row rows[t] of x (-1: a zero row), so that the
+        # caller's padded layout is never materialized.
+        pid_t, pid_c = _swizzle(tl.program_id(0), tl.cdiv(T, 128), tl.cdiv(C, BLOCK_C), GROUP_ORDER)
         toks = pid_t * 128 + tl.arange(0, 128)
         chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         if GATHER:
@@ -129,9 +140,9 @@ if _HAVE_TRITON:
         mask = tok_ok[:, None] & (chans < C)[None, :]
         x = tl.load(x_ptr + src[:, None] * stride_xt + chans[None, :], mask=mask, other=0.0).to(tl.float32)
         if FROM_FP8:  # dequantize the 1x128 (along C) tiles on the fly
-            xs = tl.load(xs_ptr + src[:, None] * stride_xst + (chans // 128)[None, :] * stride_xsc,
-                         mask=mask, other=0.0)
-            x = x * xs
+            xs = tl.load(xs_ptr + src * stride_xst + (pid_c * BLOCK_C // 128) * stride_xsc, mask=tok_ok,
+                         other=0.0)  # one scale per token
+            x = x * xs[:, None]
         s = _scale_from_amax(tl.max(tl.abs(x), axis=0), POW2)  # (BLOCK_C,)
         v = tl.math.div_rn(x, s[None, :])
         if EMULATE_CAST:
@@ -194,14 +205,8 @@ if _HAVE_TRITON:
                             stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
                             B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             GROUP_M: tl.constexpr, UPCAST: tl.constexpr):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        group = GROUP_M * num_n  # grouped order: neighbouring programs share B tiles in L2
-        first_m = (pid // group) * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
+        # grouped order: neighbouring programs share B tiles in L2
+        pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, 128)
@@ -218,6 +223,40 @@ if _HAVE_TRITON:
 
 
     @triton.jit
+    def _promoted_k_loop_tma(a_desc, b_desc, a_row, b_row, kb0, kb1, as_ptrs, m_ok, stride_ask, bs_ptrs, n_ok,
+                             stride_bsk, SCALAR_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             UPCAST: tl.constexpr):
+        """_promoted_k_loop over k-blocks kb0 .. kb1 with TMA loads: A rows a_row.., B rows b_row..
+        (both K-contiguous; out-of-bounds reads are zeros, so no masks). SCALAR_B: bs_ptrs is one
+        pointer (one B scale per tile and k-block), else one per column."""
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(kb0, kb1):
+            a = a_desc.load([a_row, kb * 128])
+            b = b_desc.load([b_row, kb * 128])
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            part = tl.dot(a, b.T, out_dtype=tl.float32)  # unscaled, over 128 of K
+            sa = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
+            if SCALAR_B:
+                sb = tl.load(bs_ptrs + kb * stride_bsk)
+                acc += part * (sa * sb)[:, None]
+            else:
+                sb = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)
+                acc += part * sa[:, None] * sb[None, :]
+        return acc
+
+    @triton.jit
+    def _tile_of_expert(map_ptr, pid_m, num_tiles, E):
+        # Row pid_m of the grouped tile map: (expert, first row, end row); real is False for the
+        # zero-filled group E past offs[-1].
+        e = tl.load(map_ptr + pid_m)
+        row0 = tl.load(map_ptr + num_tiles + pid_m)
+        row1 = tl.load(map_ptr + 2 * num_tiles + pid_m)
+        real = e < E
+        return tl.where(real, e, 0), row0, row1, real
+
+    @triton.jit
     def _fp8_gemm_nt_tma_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
                                 stride_asm, stride_ask, stride_bsn, stride_bsk,
                                 B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -230,36 +269,21 @@ if _HAVE_TRITON:
         num_n = tl.cdiv(N, BLOCK_N)
         num_tiles = num_m * num_n
         kb_end = tl.cdiv(K, 128)
-        group = GROUP_M * num_n
         SCALAR_B: tl.constexpr = B_SCALE_ROWS == 128 and BLOCK_N == 128  # one B scale per tile and k-block
         for tile in tl.range(start, num_tiles, NUM_PROGS):
-            first_m = (tile // group) * GROUP_M
-            size_m = min(num_m - first_m, GROUP_M)
-            pid_m = first_m + (tile % group) % size_m
-            pid_n = (tile % group) // size_m
+            pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
             off_m = pid_m * BLOCK_M
             off_n = pid_n * BLOCK_N
             offs_m = off_m + tl.arange(0, BLOCK_M)
             offs_n = off_n + tl.arange(0, BLOCK_N)
             m_ok = offs_m < M
             n_ok = offs_n < N
-            as_ptrs = as_ptr + offs_m * stride_asm
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for kb in range(0, kb_end):
-                a = a_desc.load([off_m, kb * 128])
-                b = b_desc.load([off_n, kb * 128])
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                part = tl.dot(a, b.T, out_dtype=tl.float32)  # unscaled, over 128 of K
-                sa = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
-                if SCALAR_B:
-                    sb = tl.load(bs_ptr + pid_n * stride_bsn + kb * stride_bsk)
-                    acc += part * (sa * sb)[:, None]
-                else:
-                    sb = tl.load(bs_ptr + (offs_n // B_SCALE_ROWS) * stride_bsn + kb * stride_bsk, mask=n_ok,
-                                 other=0.0)
-                    acc += part * sa[:, None] * sb[None, :]
+            if SCALAR_B:
+                bs_ptrs = bs_ptr + pid_n * stride_bsn
+            else:
+                bs_ptrs = bs_ptr + (offs_n // B_SCALE_ROWS) * stride_bsn
+            acc = _promoted_k_loop_tma(a_desc, b_desc, off_m, off_n, 0, kb_end, as_ptr + offs_m * stride_asm, m_ok,
+                                       stride_ask, bs_ptrs, n_ok, stride_bsk, SCALAR_B, BLOCK_M, BLOCK_N, UPCAST)
             c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
@@ -267,13 +291,17 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+_ALL = 1 << 16  # `group` meaning "no grouping": the outer index runs fastest over the whole grid
+
+
 def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: int = 16, groups: int = 2,
-                       num_warps: int = 4):
+                       num_warps: int = 4, group: int | None = None):
     """Triton version of `moeco.fp8.quantize.quantize_act_1x128_reference`.
 
     The scale comes back as a (*, ceil(K/128)) view of a (ceil(K/128), rows) buffer
     ("outer-dim-major"), the layout `torch._scaled_mm` wants for a block-wise `scale_a`.
     Each program quantizes block_m rows x `groups` tiles of 128 channels (groups a power of two).
+    Program order: `group` row blocks at a time, rows fastest within a group (None: all of them).
     Default tile 16 x 256, from a sweep on the H200 (bench/fp8_gemm_tune.py, GPU time): 82% of HBM
     bandwidth at 16384 x 7168 and 71% at 4096 x 7168; the configurations tried were within ~5%.
     """
@@ -287,16 +315,16 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
     s_t = torch.empty((kb, M), dtype=torch.float32, device=x.device)
     if interpreting():
         block_m = min(block_m, 4)
-    grid = (_ceil_div(M, block_m), _ceil_div(kb, groups))
+    grid = (_ceil_div(M, block_m) * _ceil_div(kb, groups),)
     _quant_act_kernel[grid](x2, q, s_t, M, K, x2.stride(0), q.stride(0), 1, M,
                             BLOCK_M=block_m, GROUPS=groups, POW2=pow2_scale, EMULATE_CAST=interpreting(),
-                            num_warps=num_warps if block_m >= 16 else 1)
+                            GROUP_ORDER=group or _ALL, num_warps=num_warps if block_m >= 16 else 1)
     return q.reshape(*lead, K), s_t.t().reshape(*lead, kb)
 
 
 def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
                          block_c: int = 32, rows: torch.Tensor | None = None, num_warps: int = 4,
-                         trans_store: bool = True):
+                         trans_store: bool = True, group: int | None = None):
     """Quantize x (T, C) along T: returns q (C, T) E4M3 and s (C, ceil(T/128)) with strides (1, C).
 
     With `x_scale` (T, ceil(C/128)), x is FP8 with 1x128 scales and is dequantized in the kernel.
@@ -305,7 +333,11 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     Reference: `quantize_act_1x128_reference(x_dequantized[rows].t())`.
     `trans_store`: transpose the FP8 tile in registers and store channel rows (H200, 16384 x 7168 from
     FP8: 0.124 vs 0.135 ms; from bf16 the same; bench/fp8_gemm_tune.py, section retile).
+    `block_c`: channels per program, a power of two <= 128. Program order: `group` blocks of 128
+    tokens at a time, tokens fastest within a group (None: all of them).
     """
+    if block_c > 128 or block_c & (block_c - 1):
+        raise ValueError(f"quantize_act_1x128_t: block_c={block_c} must be a power of two <= 128")
     T, C = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -321,11 +353,12 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
         rows = rows.to(torch.int32)
     if interpreting():
         block_c = min(block_c, 16)
-    grid = (tb, _ceil_div(C, block_c))
+    grid = (tb * _ceil_div(C, block_c),)
     _quant_act_t_kernel[grid](x, xs, rows if rows is not None else s, q, s, T_out, C, x.stride(0), xs.stride(0),
                               xs.stride(1), q.stride(0), s.stride(0), s.stride(1), BLOCK_C=block_c,
                               GATHER=rows is not None, FROM_FP8=x_scale is not None, POW2=pow2_scale,
-                              EMULATE_CAST=interpreting(), TRANS_STORE=trans_store, num_warps=num_warps)
+                              EMULATE_CAST=interpreting(), TRANS_STORE=trans_store, GROUP_ORDER=group or _ALL,
+                              num_warps=num_warps)
     return q, s
 
 
@@ -444,18 +477,10 @@ if _HAVE_TRITON:
         # One program per (M tile of one expert, N tile). map_ptr: int32 (3, num_tiles) rows
         # (group, first row, end row); group == E marks rows past offs[-1] (written as zeros), a
         # tile past the last one has first row == end row (nothing loaded or stored).
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(N, BLOCK_N)
-        group = GROUP_M * num_n  # neighbouring programs share B tiles (mostly one expert) in L2
-        first_m = (pid // group) * GROUP_M
-        size_m = min(num_tiles - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
-        e = tl.load(map_ptr + pid_m)
-        row0 = tl.load(map_ptr + num_tiles + pid_m)
-        row1 = tl.load(map_ptr + 2 * num_tiles + pid_m)
-        real = e < E
-        e64 = tl.where(real, e, 0).to(tl.int64)
+        # neighbouring programs share B tiles (mostly one expert) in L2
+        pid_m, pid_n = _swizzle(tl.program_id(0), num_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
+        e_c, row0, row1, real = _tile_of_expert(map_ptr, pid_m, num_tiles, E)
+        e64 = e_c.to(tl.int64)
         kb_end = tl.where(real, tl.cdiv(K, 128), 0)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -522,41 +547,22 @@ if _HAVE_TRITON:
         # _fp8_grouped_gemm_nt_kernel with TMA loads: A rows row0.. (rows past the expert's end are
         # loaded but masked at the store), B from the (E * N, K) view at row e * N + n (rows past N
         # belong to the next expert and land in masked columns). No masks in the k-loop.
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(N, BLOCK_N)
-        group = GROUP_M * num_n
-        first_m = (pid // group) * GROUP_M
-        size_m = min(num_tiles - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
-        e = tl.load(map_ptr + pid_m)
-        row0 = tl.load(map_ptr + num_tiles + pid_m)
-        row1 = tl.load(map_ptr + 2 * num_tiles + pid_m)
-        real = e < E
-        e_c = tl.where(real, e, 0)
+        pid_m, pid_n = _swizzle(tl.program_id(0), num_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
+        e_c, row0, row1, real = _tile_of_expert(map_ptr, pid_m, num_tiles, E)
         kb_end = tl.where(real & (row1 > row0), tl.cdiv(K, 128), 0)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         off_n = pid_n * BLOCK_N
         offs_n = off_n + tl.arange(0, BLOCK_N)
         m_ok = offs_m < row1
         n_ok = offs_n < N
-        as_ptrs = as_ptr + offs_m.to(tl.int64) * stride_asm
         bs_base = bs_ptr + e_c.to(tl.int64) * stride_bse
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, kb_end):
-            a = a_desc.load([row0, kb * 128])
-            b = b_desc.load([e_c * N + off_n, kb * 128])
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            part = tl.dot(a, b.T, out_dtype=tl.float32)
-            sa = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
-            if BLOCK_N == 128:  # tiles sit on 128x128 blocks: one B scale per tile and k-block
-                sb = tl.load(bs_base + pid_n * stride_bsn + kb * stride_bsk)
-                acc += part * (sa * sb)[:, None]
-            else:
-                sb = tl.load(bs_base + (offs_n // 128) * stride_bsn + kb * stride_bsk, mask=n_ok, other=0.0)
-                acc += part * sa[:, None] * sb[None, :]
+        if BLOCK_N == 128:  # tiles sit on 128x128 blocks: one B scale per tile and k-block
+            bs_ptrs = bs_base + pid_n * stride_bsn
+        else:
+            bs_ptrs = bs_base + (offs_n // 128) * stride_bsn
+        acc = _promoted_k_loop_tma(a_desc, b_desc, row0, e_c * N + off_n, 0, kb_end,
+                                   as_ptr + offs_m.to(tl.int64) * stride_asm, m_ok, stride_ask, bs_ptrs, n_ok,
+                                   stride_bsk, BLOCK_N == 128, BLOCK_M, BLOCK_N, UPCAST)
         c = acc.to(c_ptr.dtype.element_ty)
         tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], c,
                  mask=m_ok[:, None] & n_ok[None, :])
@@ -579,19 +585,9 @@ if _HAVE_TRITON:
         offs_n = off_n + tl.arange(0, BLOCK_N)
         m_ok = offs_m < M
         n_ok = offs_n < N
-        as_ptrs = as_ptr + offs_m * stride_asm
-        bs_ptrs = bs_ptr + offs_n * stride_bsn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(kb0, kb1):
-            a = a_desc.load([off_m, kb * 128])
-            b = b_desc.load([off_n, kb * 128])
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            part = tl.dot(a, b.T, out_dtype=tl.float32)
-            sa = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
-            sb = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)
-            acc += part * sa[:, None] * sb[None, :]
+        acc = _promoted_k_loop_tma(a_desc, b_desc, off_m, off_n, kb0, kb1, as_ptr + offs_m * stride_asm, m_ok,
+                                   stride_ask, bs_ptr + offs_n * stride_bsn, n_ok, stride_bsk, False, BLOCK_M,
+                                   BLOCK_N, UPCAST)
         c = acc.to(c_ptr.dtype.element_ty)
         tl.store(c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :], c,
                  mask=m_ok[:, None] & n_ok[None, :])
