@@ -1,6 +1,6 @@
 """Sweeps for the FP8 fast paths on one GPU: which kernel and tile wins at DeepSeek-V3 shapes.
 
-    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,linear] [--json F]
+    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,linear,fbgemm] [--json F]
 
 probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128 x 1x128 (Wgrad) and
         128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
@@ -12,6 +12,7 @@ grouped 32 experts x 512 tokens: the grouped Fprop / Dgrad / Wgrad kernels, poin
 retile  the 128x1 (token-wise, Wgrad) quantization over channel tile, warps and program order.
 linear  Fp8Linear forward + backward under the profiler: GPU time per kernel family, per shape.
 n576    the N = 576 GEMM and its Dgrad by every route (transposed / padded cuBLAS, TMA Triton).
+fbgemm  FBGEMM's CUTLASS groupwise FP8 GEMMs (pip fbgemm-gpu-genai, if installed): dense and grouped.
 GPU times come from CUDA-graph replays with the L2 flushed before each call (bench/_timing.py: no
 host cost); `eager` columns are triton's do_bench on the Python call. Ratios are against the bf16
 row of the same run.
@@ -272,13 +273,18 @@ def retile_rows():
                             print(f"retile block_c={bc} warps={nw} order={order}: failed {exc!r:.150}", flush=True)
                             continue
                         res.append((nbytes / t / 1e6, f"block_c={bc} warps={nw} order={order}", t))
+            for xs_col, rcp in ((True, False), (False, True), (True, True)):  # experiment: scale load, reciprocal
+                if src == "bf16" and xs_col:
+                    continue
+                t = gpu_ms(lambda: tk.quantize_act_1x128_t(*args, block_c=32, num_warps=4, _xs_col=xs_col, _rcp=rcp))
+                res.append((nbytes / t / 1e6, f"block_c=32 warps=4 order=None xs_col={int(xs_col)} rcp={int(rcp)}", t))
             best = max(res)
             base = next(r for r in res if r[1] == "block_c=32 warps=4 order=None")
             rows.append(dict(T=T, C=C, src=src, best=best[1], best_ms=best[2], best_gbs=best[0], default_ms=base[2],
                              all={name: t for _, name, t in res}))
             print(f"retile T={T:6d} C={C:5d} {src:4s} | best {best[1]:30s} {best[2]:.4f} ms {best[0]:5.0f} GB/s | "
                   f"default {base[2]:.4f} ms {base[0]:5.0f} GB/s | "
-                  + " ".join(f"{n.replace('block_c=', 'c').replace(' warps=', 'w').replace(' order=', 'o')}:{t * 1e3:.0f}"
+                  + " ".join(f"{n.replace('block_c=', 'c').replace(' warps=', 'w').replace(' order=', 'o').replace(' xs_col=', 'x').replace(' rcp=', 'r')}:{t * 1e3:.0f}"
                              for _, n, t in res), flush=True)
         del x, xq, xs
     return rows
@@ -382,9 +388,95 @@ def grouped_rows():
     return rows
 
 
+def _fbgemm_ops():
+    """torch.ops.fbgemm after loading FBGEMM's gen-AI kernels (pip fbgemm-gpu-genai), or None."""
+    try:
+        import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (registers torch.ops.fbgemm.*)
+    except Exception as exc:
+        print(f"fbgemm: not loadable: {exc!r:.300}", flush=True)
+        return None
+    return torch.ops.fbgemm
+
+
+def fbgemm_rows(tokens):
+    """FBGEMM's CUTLASS groupwise FP8 GEMMs (1x128 activations x 128x128 weights, the V3 recipe):
+    dense `f8f8bf16_groupwise` per shape and `f8f8bf16_groupwise_grouped` (32 experts x 512 tokens),
+    against bf16 and cuBLAS / moeco's Triton kernels in the same run. The scale layouts are probed:
+    each candidate is checked against moeco's result before it is timed."""
+    ops = _fbgemm_ops()
+    if ops is None:
+        return "fbgemm not loadable"
+    rows = []
+    for T in tokens:
+        for K, N in SHAPES:
+            flop = 2 * T * K * N
+            x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+            xq, xs = quantize_act_1x128(x)
+            wq, ws = quantize_weight_128x128(w)
+            ref = fp8_gemm(xq, xs, wq, ws, torch.bfloat16)
+            t_bf = gpu_ms(lambda: torch.mm(x, w.t()))
+            t_mo = gpu_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16))
+            r = dict(T=T, K=K, N=N, bf16_ms=t_bf, moeco_ms=t_mo, moeco_x=t_bf / t_mo)
+            xs_km = xs.t()  # (KB, M), M contiguous: the buffer moeco's quantizer writes
+            for lay, sw in (("w_kn", ws.t().contiguous()), ("w_nk", ws.contiguous())):
+                try:
+                    out = ops.f8f8bf16_groupwise(xq, wq, xs_km, sw)
+                    err = rel(out, ref)
+                    r[f"fbgemm_{lay}_err"] = err
+                    if err > 2e-2:
+                        continue
+                    t = gpu_ms(lambda: ops.f8f8bf16_groupwise(xq, wq, xs_km, sw))
+                    r.update({f"fbgemm_{lay}_ms": t, "fbgemm_ms": t, "fbgemm_x": t_bf / t, "fbgemm_layout": lay})
+                except Exception as exc:
+                    r[f"fbgemm_{lay}"] = f"failed: {exc!r:.200}"
+            rows.append(r)
+            errs = " ".join(f"{k[7:]}={v if isinstance(v, str) else f'{v:.1e}'}" for k, v in r.items()
+                            if k.startswith("fbgemm_w") and not k.endswith("_ms"))
+            print(f"fbgemm T={T:6d} K={K:6d} N={N:6d} | bf16 {t_bf:.3f} ms | moeco auto {t_mo:.3f} "
+                  f"{t_bf / t_mo:.2f}x | fbgemm {r.get('fbgemm_ms', float('nan')):.3f} ms "
+                  f"{flop / r.get('fbgemm_ms', float('nan')) / 1e9:5.0f} TF {r.get('fbgemm_x', float('nan')):.2f}x "
+                  f"[{r.get('fbgemm_layout', '-')}] | {errs}", flush=True)
+            del x, w, xq, xs, wq, ws, ref
+    E, D, Fh, T = 32, 7168, 2048, 16384
+    offs = torch.full((E,), T // E, dtype=torch.int32, device="cuda").cumsum(0).to(torch.int32)
+    sizes = torch.full((E,), T // E, dtype=torch.int64, device="cuda")
+    for name, (N, K) in (("gate/up (E,2048,7168)", (Fh, D)), ("down (E,7168,2048)", (D, Fh))):
+        x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        xq, xs = quantize_act_1x128(x)
+        wq, ws = tk.quantize_weight_128x128(w.float())
+        ref = tk.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs, torch.bfloat16)
+        t_bf = gpu_ms(lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
+        t_tr = gpu_ms(lambda: tk.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs, torch.bfloat16))
+        r = dict(shape=name, bf16_ms=t_bf, triton_ms=t_tr, triton_x=t_bf / t_tr)
+        kb = xs.shape[1]
+        xs_groups = xs.reshape(E, T // E, kb).transpose(1, 2).contiguous()  # per expert (KB, M_e)
+        for xl, sx in (("x_global", xs.t()), ("x_groups", xs_groups)):
+            for wl, sw in (("w_kn", ws.transpose(1, 2).contiguous()), ("w_nk", ws.contiguous())):
+                key = f"{xl}_{wl}"
+                try:
+                    out = ops.f8f8bf16_groupwise_grouped(xq, wq, sx, sw, sizes)
+                    err = rel(out, ref)
+                    r[key + "_err"] = err
+                    if err > 2e-2:
+                        continue
+                    t = gpu_ms(lambda: ops.f8f8bf16_groupwise_grouped(xq, wq, sx, sw, sizes))
+                    r.update({key + "_ms": t, "fbgemm_ms": t, "fbgemm_x": t_bf / t, "fbgemm_layout": key})
+                except Exception as exc:
+                    r[key] = f"failed: {exc!r:.200}"
+        rows.append(r)
+        print(f"fbgemm grouped {name} | bf16 {t_bf:.3f} ms | moeco triton {t_tr:.3f} {t_bf / t_tr:.2f}x | fbgemm "
+              f"{r.get('fbgemm_ms', float('nan')):.3f} {r.get('fbgemm_x', float('nan')):.2f}x "
+              f"[{r.get('fbgemm_layout', '-')}] | " + " ".join(f"{k}={v if isinstance(v, str) else f'{v:.1e}'}"
+                                                         for k, v in r.items() if k.startswith("x_")), flush=True)
+        del x, w, xq, xs, wq, ws, ref
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,linear")
+    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,linear,fbgemm")
     p.add_argument("--tokens", default="4096,16384")
     p.add_argument("--json")
     a = p.parse_args()
@@ -398,7 +490,7 @@ def main() -> int:
     out = {}
     for sec, fn in (("probe", probe_rows), ("n576", lambda: n576_rows(tokens)), ("gemm", lambda: gemm_rows(tokens)), ("quant", lambda: quant_rows(tokens)),
                     ("grouped", grouped_rows), ("retile", retile_rows),
-                    ("linear", lambda: linear_rows(tokens))):
+                    ("linear", lambda: linear_rows(tokens)), ("fbgemm", lambda: fbgemm_rows(tokens))):
         if sec in a.only.split(","):
             try:
                 out[sec] = fn()

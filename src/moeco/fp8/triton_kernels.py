@@ -5,7 +5,8 @@ that compares the two on fresh random inputs, on CPU under `TRITON_INTERPRET=1` 
 
 quantize_act_1x128 (one program per BLOCK_M rows x 128 channels):
     read x (bf16/fp32) once, amax per row of the tile, s = max(amax, 1e-4) / 448
-    (or rounded up to a power of two), write e4m3(x / s) and s. Bytes moved: 2 + 1 per element
+    (or rounded up to a power of two), write e4m3(x * m) with m = 448 / max(amax, 1e-4) (1 / s
+    for power-of-two scales), and s (`moeco.fp8.quantize` explains m). Bytes moved: 2 + 1 per element
     for bf16 input, + 4 per 128 for the scale: the floor is that over HBM bandwidth.
 quantize_act_1x128_t: the same tiles taken along dim 0 and written transposed (x (T, C) ->
     q (C, T), s (C, ceil(T/128))), optionally from FP8 input dequantized on the fly. This is
@@ -80,10 +81,15 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _scale_from_amax(amax, POW2: tl.constexpr):
-        s = tl.maximum(amax, 1e-4) / 448.0
-        if POW2:  # round up to a power of two, exactly, on the float32 bits
+        # (s, m): the scale and the multiplier that quantizes, as `moeco.fp8.quantize._scale_from_amax`.
+        a = tl.maximum(amax, 1e-4)
+        s = tl.math.div_rn(a, 448.0)
+        if POW2:  # round up to a power of two, exactly, on the float32 bits; m = 1 / s is exact
             s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-        return s
+            m = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+        else:
+            m = tl.math.div_rn(tl.full(a.shape, 448.0, tl.float32), a)
+        return s, m
 
     @triton.jit
     def _swizzle(pid, n_outer, n_inner, GROUP: tl.constexpr):
@@ -108,8 +114,8 @@ if _HAVE_TRITON:
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         x3 = tl.reshape(x, (BLOCK_M, GROUPS, 128))
-        s = _scale_from_amax(tl.max(tl.abs(x3), axis=2), POW2)  # (BLOCK_M, GROUPS)
-        v = tl.reshape(tl.math.div_rn(x3, s[:, :, None]), (BLOCK_M, 128 * GROUPS))
+        s, m = _scale_from_amax(tl.max(tl.abs(x3), axis=2), POW2)  # (BLOCK_M, GROUPS)
+        v = tl.reshape(x3 * m[:, :, None], (BLOCK_M, 128 * GROUPS))
         if EMULATE_CAST:
             v = _round_to_e4m3_grid(v)
         tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], v.to(q_ptr.dtype.element_ty),
@@ -123,8 +129,8 @@ if _HAVE_TRITON:
                             stride_qc, stride_sc, stride_st, BLOCK_C: tl.constexpr, GATHER: tl.constexpr,
                             FROM_FP8: tl.constexpr, POW2: tl.constexpr, EMULATE_CAST: tl.constexpr,
                             TRANS_STORE: tl.constexpr, GROUP_ORDER: tl.constexpr):
-        # Tile: 128 output tokens x BLOCK_C channels (BLOCK_C divides 128, so the tile lies in one
-        # 1x128 block of x); amax over the tokens; written as q (C, T) and s (C, ceil(T/128)).
+        # Tile: 128 output tokens x BLOCK_C channels; amax over the tokens; written as q (C, T) and
+        # s (C, ceil(T/128)).
         # With GATHER, output token t reads row rows[t] of x (-1: a zero row), so that the
         # caller's padded layout is never materialized.
         pid_t, pid_c = _swizzle(tl.program_id(0), tl.cdiv(T, 128), tl.cdiv(C, BLOCK_C), GROUP_ORDER)
@@ -140,11 +146,11 @@ if _HAVE_TRITON:
         mask = tok_ok[:, None] & (chans < C)[None, :]
         x = tl.load(x_ptr + src[:, None] * stride_xt + chans[None, :], mask=mask, other=0.0).to(tl.float32)
         if FROM_FP8:  # dequantize the 1x128 (along C) tiles on the fly
-            xs = tl.load(xs_ptr + src * stride_xst + (pid_c * BLOCK_C // 128) * stride_xsc, mask=tok_ok,
-                         other=0.0)  # one scale per token
-            x = x * xs[:, None]
-        s = _scale_from_amax(tl.max(tl.abs(x), axis=0), POW2)  # (BLOCK_C,)
-        v = tl.math.div_rn(x, s[None, :])
+            xs = tl.load(xs_ptr + src[:, None] * stride_xst + (chans // 128)[None, :] * stride_xsc,
+                         mask=mask, other=0.0)
+            x = x * xs
+        s, m = _scale_from_amax(tl.max(tl.abs(x), axis=0), POW2)  # (BLOCK_C,)
+        v = x * m[None, :]
         if EMULATE_CAST:
             v = _round_to_e4m3_grid(v)
         out_mask = (toks < T)[:, None] & (chans < C)[None, :]
@@ -169,8 +175,8 @@ if _HAVE_TRITON:
         mask = (rows < N)[:, None] & (cols < K)[None, :]
         x = tl.load(w_ptr + e * stride_we + rows[:, None] * stride_wn + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
-        s = _scale_from_amax(tl.max(tl.max(tl.abs(x), axis=1), axis=0), POW2)
-        v = tl.math.div_rn(x, s)
+        s, m = _scale_from_amax(tl.max(tl.max(tl.abs(x), axis=1), axis=0), POW2)
+        v = x * m
         if EMULATE_CAST:
             v = _round_to_e4m3_grid(v)
         q = v.to(q_ptr.dtype.element_ty)
@@ -333,11 +339,11 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     Reference: `quantize_act_1x128_reference(x_dequantized[rows].t())`.
     `trans_store`: transpose the FP8 tile in registers and store channel rows (H200, 16384 x 7168 from
     FP8: 0.124 vs 0.135 ms; from bf16 the same; bench/fp8_gemm_tune.py, section retile).
-    `block_c`: channels per program, a power of two <= 128. Program order: `group` blocks of 128
-    tokens at a time, tokens fastest within a group (None: all of them).
+    `block_c`: channels per program, a power of two. Program order: `group` blocks of 128 tokens at
+    a time, tokens fastest within a group (None: all of them; no other order measured faster).
     """
-    if block_c > 128 or block_c & (block_c - 1):
-        raise ValueError(f"quantize_act_1x128_t: block_c={block_c} must be a power of two <= 128")
+    if block_c < 1 or block_c & (block_c - 1):
+        raise ValueError(f"quantize_act_1x128_t: block_c={block_c} must be a power of two")
     T, C = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
