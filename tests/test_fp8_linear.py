@@ -286,3 +286,57 @@ def test_fp8_custom_operators_pass_opcheck():
     ]
     for op, args in cases:
         assert set(torch.library.opcheck(op, args, test_utils=checks).values()) == {"SUCCESS"}, op
+
+
+def test_weight_cache_quantizes_each_weight_once_per_block(monkeypatch):
+    """Inside `weight_cache()` a Linear's and a grouped layer's FP8 weights are quantized at their
+    first forward and reused (same outputs and gradients as without); the next block, after an
+    in-place update that bumps no version (as fused AdamW), quantizes the new values."""
+    import moeco.fp8.linear as fl
+    from moeco.fp8 import weight_cache
+
+    calls = []
+    real = fl.quantize_weight_128x128
+    monkeypatch.setattr(fl, "quantize_weight_128x128", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    lin = Fp8Linear(256, 128)
+    w_e = nn.Parameter(torch.randn(3, 128, 256) * 0.05)
+    offs = torch.tensor([5, 5, 12], dtype=torch.int32)
+    x, xg = torch.randn(6, 256), torch.randn(12, 256)
+
+    def micro_steps(n):
+        outs = []
+        for _ in range(n):
+            y = lin(x)
+            yg = fp8_grouped_mm(xg, w_e, offs)
+            (y.square().sum() + yg.square().sum()).backward()
+            outs.append((y.detach(), yg.detach()))
+        return outs
+
+    plain = micro_steps(2)
+    grads = (lin.weight.grad.clone(), w_e.grad.clone())
+    assert len(calls) == 4  # two weights, two micro-steps
+    lin.weight.grad = w_e.grad = None
+    calls.clear()
+    with weight_cache():
+        cached = micro_steps(2)
+    assert len(calls) == 2  # once per weight
+    for (a, b), (c, d) in zip(plain, cached):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    assert torch.equal(lin.weight.grad, grads[0]) and torch.equal(w_e.grad, grads[1])
+
+    with torch.no_grad():  # in place, behind autograd's back: no version bump, as fused AdamW
+        lin.weight.data.mul_(-1)
+        w_e.data.mul_(-1)
+    calls.clear()
+    with weight_cache():
+        flipped = micro_steps(1)[0]
+    assert len(calls) == 2
+    assert torch.equal(flipped[0], -plain[0][0]) and torch.equal(flipped[1], -plain[0][1])
+
+    calls.clear()
+    with weight_cache():  # a temporary (not a parameter) is never cached: its memory may be reused
+        for _ in range(2):
+            fp8_grouped_mm(xg, w_e * 1.0, offs)
+    assert len(calls) == 2
+

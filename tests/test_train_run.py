@@ -211,3 +211,19 @@ def test_precision_flag_trains_with_the_fp8_recipe(tmp_path, precision):
 
     recipe = _recipe(precision)
     assert isinstance(recipe.make_linear(128, 128, role="mlp"), Fp8Linear)
+
+
+def test_trainer_weight_cache_gives_the_same_losses(tmp_path):
+    """tiny-sized model, FP8, two micro-steps per optimizer step: with and without the cache the
+    run is the same to the bit (the master weights do not change inside a step)."""
+    from moeco.train.trainer import Trainer
+
+    runs = []
+    for cache in ("true", "false"):
+        cfg = small_cfg(
+            tmp_path, 'train.precision="fp8"', "train.micro_batch_size=2", "train.steps=3",
+            f"train.fp8_weight_cache={cache}", "checkpoint.every=0", "log.eval_interval=0")
+        trainer = Trainer(cfg, tmp_path / f"run-{cache}", overwrite=True, verbose=False)
+        assert trainer.accum == 2
+        runs.append([trainer.train_step()["loss"] for _ in range(3)])
+    assert runs[0] == runs[1]

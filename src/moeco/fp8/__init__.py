@@ -9,7 +9,7 @@
 """
 
 from moeco.fp8.gemm import emulate_hopper_accumulation, fp8_gemm, fp8_gemm_reference
-from moeco.fp8.linear import Fp8InferenceLinear, Fp8Linear, fp8_grouped_mm
+from moeco.fp8.linear import Fp8InferenceLinear, Fp8Linear, fp8_grouped_mm, weight_cache
 from moeco.fp8.quantize import (
     dequantize_act_1x128,
     dequantize_weight_128x128,
@@ -23,4 +23,5 @@ __all__ = [
     "Fp8InferenceLinear", "Fp8Linear", "Fp8Recipe", "HighPrecisionRecipe", "dequantize_act_1x128",
     "dequantize_weight_128x128", "emulate_hopper_accumulation", "fp8_gemm", "fp8_gemm_reference",
     "fp8_grouped_mm", "quantize_act_1x128", "quantize_act_1x128_t", "quantize_weight_128x128", "recipe_by_name",
+    "weight_cache",
 ]

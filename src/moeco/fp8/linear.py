@@ -12,7 +12,11 @@ For backward it saves the FP8 activations and their scales, not x: Wgrad dequant
 re-tiles 1x128 -> 128x1 (the report's re-quantization, the cost its hardware wishlist names).
 In eval mode the FP8 weight is cached while the master weight is unchanged (same `_version`), so
 inference quantizes it once; in training it is re-quantized every forward, because optimizers
-such as fused AdamW update weights in place without bumping `_version`.
+such as fused AdamW update weights in place without bumping `_version`, except inside
+`weight_cache()`: there each weight (Linear or grouped experts) is quantized at its first forward
+and reused until the block ends. The trainer opens one around the micro-steps of an optimizer step
+(`train.fp8_weight_cache`), so with gradient accumulation the weights are quantized once per
+optimizer step, not once per micro-step.
 
 `fp8_grouped_mm` is the same three GEMMs for routed experts: tokens sorted by expert, `offs` the
 cumulative end row of each expert (torch._grouped_mm's convention). Activations and gradients are
@@ -27,6 +31,7 @@ custom operators (`moeco.fp8.ops`), so compiled blocks keep the FP8 layers witho
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -40,6 +45,51 @@ from moeco.fp8.quantize import (
     quantize_act_1x128_t,
     quantize_weight_128x128,
 )
+
+
+class _StepCache:
+    """State of `weight_cache()`: nesting depth, a generation that changes whenever the outermost
+    block opens or closes (so a key taken in one block never matches in another), and the grouped
+    weights quantized in this block, by (data_ptr, shape, dtype, pow2)."""
+
+    depth = 0
+    generation = 0
+    grouped: dict = {}
+
+
+@contextlib.contextmanager
+def weight_cache():
+    """Quantize each FP8 weight once inside this block (at its first forward) and reuse it.
+
+    For the forwards of one optimizer step: the master weights must not change inside the block
+    (the optimizer steps after it closes). Eager only; compiled code quantizes every call. Holds
+    W and W^T in FP8 (2 bytes per parameter) until the block closes.
+    """
+    if _StepCache.depth == 0:
+        _StepCache.generation += 1
+    _StepCache.depth += 1
+    try:
+        yield
+    finally:
+        _StepCache.depth -= 1
+        if _StepCache.depth == 0:
+            _StepCache.generation += 1
+            _StepCache.grouped.clear()
+
+
+def _grouped_weight(w: torch.Tensor, weight_pow2: bool):
+    """(wq (E, N, K), ws (E, NB, KB), W^T q (E, K, N)), from the step cache inside `weight_cache()`."""
+    # Only parameters (leaves that take gradients) are cached: a temporary's memory, and so its
+    # data_ptr, can belong to another tensor later in the same block.
+    cache = _StepCache.depth > 0 and w.is_leaf and w.requires_grad
+    key = (w.data_ptr(), tuple(w.shape), w.dtype, weight_pow2)
+    if cache and key in _StepCache.grouped:
+        return _StepCache.grouped[key]
+    with torch.no_grad():  # (E, N, K), (E, NB, KB), and W_e^T (E, K, N) for Dgrad, one kernel on CUDA
+        out = quantize_weight_128x128(w.detach(), pow2_scale=weight_pow2, transposed=True)
+    if cache:
+        _StepCache.grouped[key] = out
+    return out
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -103,14 +153,18 @@ class Fp8Linear(nn.Linear):
         self._wcache: tuple | None = None
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q (N, K), scale (NB, KB)); in training recomputed every call, in eval cached per weight version.
+        """(q (N, K), scale (NB, KB)); in training recomputed every call (once per `weight_cache()`
+        block inside one), in eval cached per weight version.
 
         Training cannot trust the version counter: fused AdamW (the default on CUDA) updates the
         weights in place without bumping `_version`, and a stale FP8 copy silently freezes every
         Linear (measured: +7.5% loss on `tiny` on an H200 before this rule).
         """
         w = self.weight
-        key = None if self.training else (w.data_ptr(), w._version, w.device, w.dtype)
+        if self.training:
+            key = ("step", _StepCache.generation, w.data_ptr(), w.dtype) if _StepCache.depth else None
+        else:
+            key = (w.data_ptr(), w._version, w.device, w.dtype)
         if key is None or self._wcache is None or self._wcache[0] != key:
             with torch.no_grad():  # W and W^T (the Dgrad operand), one kernel on CUDA
                 wq, ws, wtq = quantize_weight_128x128(w, pow2_scale=self.recipe.weight_pow2, transposed=True)
@@ -181,11 +235,16 @@ def fp8_grouped_gemm_loop(xq, xs, wq, ws, rows: list[tuple[int, int]], out_dtype
     return y
 
 
-def _grouped_forward(x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str, out_dtype: torch.dtype):
-    """The grouped Fprop: (y, xq, xs, W^T q (E, K, N), W scales (E, NB, KB)); see `ops.grouped`."""
+def _grouped_forward(x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str, out_dtype: torch.dtype,
+                     step_cache: bool = False):
+    """The grouped Fprop: (y, xq, xs, W^T q (E, K, N), W scales (E, NB, KB)); see `ops.grouped`.
+    `step_cache`: take the FP8 weight from `weight_cache()` (eager calls; not the custom operator)."""
     xq, xs = quantize_act_1x128(x, pow2_scale=act_pow2)
-    with torch.no_grad():  # (E, N, K), (E, NB, KB), and W_e^T (E, K, N) for Dgrad, one kernel on CUDA
-        wq, ws, wtq = quantize_weight_128x128(w.detach(), pow2_scale=weight_pow2, transposed=True)
+    if step_cache:
+        wq, ws, wtq = _grouped_weight(w, weight_pow2)
+    else:
+        with torch.no_grad():  # (E, N, K), (E, NB, KB), and W_e^T (E, K, N) for Dgrad, one kernel on CUDA
+            wq, ws, wtq = quantize_weight_128x128(w.detach(), pow2_scale=weight_pow2, transposed=True)
     if grouped_impl(x.device, backend) == "triton":
         from moeco.fp8 import triton_kernels
 
@@ -238,7 +297,7 @@ class _Fp8GroupedFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str, out_dtype: torch.dtype):
-        y, xq, xs, wtq, ws = _grouped_forward(x, w, offs, act_pow2, weight_pow2, backend, out_dtype)
+        y, xq, xs, wtq, ws = _grouped_forward(x, w, offs, act_pow2, weight_pow2, backend, out_dtype, True)
         ctx.save_for_backward(xq, xs, wtq, ws, offs)
         ctx.meta = (tuple(w.shape), act_pow2, backend, x.dtype, w.dtype)
         return y

@@ -69,6 +69,10 @@ class TrainConfig:
                                            "| fp8 (needs moeco.fp8)")
     optimizer_moments: str = _opt("auto", "train", "AdamW moment dtype: auto (bf16 with fp8 precision, as "
                                                    "DeepSeek-V3; else fp32) | fp32 | bf16")
+    fp8_weight_cache: bool = _opt(True, "train", "with fp8 and gradient accumulation, quantize each weight "
+                                                 "once per optimizer step, not once per micro-step (holds W "
+                                                 "and W^T in FP8, 2 bytes per parameter, through the step; "
+                                                 "eager layers only)")
     compile: bool = _opt(False, "train", "torch.compile each decoder block (regional; ~30 s on a GPU)")
     cuda_graph: bool = _opt(False, "train", "replay each optimizer step as one CUDA graph after 2 eager steps "
                                             "(removes per-kernel launch cost; one CUDA process)")

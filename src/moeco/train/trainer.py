@@ -272,6 +272,15 @@ class Trainer:
         # A captured CUDA graph must not keep autocast's cached weight casts (cache=False then).
         return torch.autocast(self.dist.device.type, dtype=self.autocast, cache_enabled=cache)
 
+    def _weight_cache(self):
+        """`moeco.fp8.weight_cache()` around an optimizer step's micro-steps, where it saves work: FP8
+        precision, more than one micro-step, and `train.fp8_weight_cache`."""
+        if self.accum > 1 and self.cfg.fp8_weight_cache and self.cfg.precision.startswith("fp8"):
+            from moeco.fp8 import weight_cache
+
+            return weight_cache()
+        return contextlib.nullcontext()
+
     def _compute(self, batch_ABS: torch.Tensor, graph_mode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a device batch of A micro-steps: forward, backward, clip, AdamW.
 
@@ -282,19 +291,20 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         alpha = self.mcfg.aux_loss_alpha
         sums = torch.zeros(4, device=d.device)  # loss, lm, mtp, balance (this rank's mean over micro-steps)
-        for a in range(self.accum):
-            seqs = batch_ABS[a]
-            inputs, labels = seqs[:, :-1], seqs[:, 1:]
-            sync = d.world == 1 or a == self.accum - 1
-            ctx = contextlib.nullcontext() if sync else self.forward.no_sync()
-            with ctx:
-                with self._autocast_ctx(cache=not graph_mode):
-                    out = self.forward(inputs, return_mtp=True, return_aux=True)
-                lm, mtp = lm_losses(out, labels)
-                bal = out.balance_loss.float()
-                loss = lm + cfg.mtp_lambda * mtp + alpha * bal
-                (loss / self.accum).backward()
-            sums += torch.stack([loss, lm, mtp, bal]).detach() / self.accum
+        with self._weight_cache():  # FP8 weights quantized once for all micro-steps (the optimizer runs after)
+            for a in range(self.accum):
+                seqs = batch_ABS[a]
+                inputs, labels = seqs[:, :-1], seqs[:, 1:]
+                sync = d.world == 1 or a == self.accum - 1
+                ctx = contextlib.nullcontext() if sync else self.forward.no_sync()
+                with ctx:
+                    with self._autocast_ctx(cache=not graph_mode):
+                        out = self.forward(inputs, return_mtp=True, return_aux=True)
+                    lm, mtp = lm_losses(out, labels)
+                    bal = out.balance_loss.float()
+                    loss = lm + cfg.mtp_lambda * mtp + alpha * bal
+                    (loss / self.accum).backward()
+                sums += torch.stack([loss, lm, mtp, bal]).detach() / self.accum
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
