@@ -74,11 +74,12 @@ def test_cuda_graph_refuses_fp32_in_one_line(tmp_path):
     assert not (tmp_path / "fp32").exists()
 
 
-@pytest.mark.parametrize("precision, accum", [("bf16", 1), ("bf16", 2), ("fp8", 1)])
+@pytest.mark.parametrize("precision, accum", [("bf16", 1), ("bf16", 2), ("fp8", 1), ("fp8", 2)])
 def test_cuda_graph_training_gives_the_eager_losses(tmp_path, precision, accum):
     """Steps 1-2 eager, 3 captured + replayed, 4-8 replayed: the eager trainer's losses and validation
     loss (a stale learning rate, gradient or FP8 weight would show at once), and the learning rate
-    reaches the graph through its tensor."""
+    reaches the graph through its tensor). fp8 with 2 micro-steps runs the FP8 weight cache
+    (`train.fp8_weight_cache`) inside the captured step."""
     extra = [f"train.micro_batch_size={4 // accum}"]
     runs = {}
     for graph in (False, True):
