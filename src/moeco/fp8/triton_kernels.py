@@ -5,8 +5,7 @@ that compares the two on fresh random inputs, on CPU under `TRITON_INTERPRET=1` 
 
 quantize_act_1x128 (one program per BLOCK_M rows x 128 channels):
     read x (bf16/fp32) once, amax per row of the tile, s = max(amax, 1e-4) / 448
-    (or rounded up to a power of two), write e4m3(x * m) with m = 448 / max(amax, 1e-4) (1 / s
-    for power-of-two scales), and s (`moeco.fp8.quantize` explains m). Bytes moved: 2 + 1 per element
+    (or rounded up to a power of two), write e4m3(x / s) and s. Bytes moved: 2 + 1 per element
     for bf16 input, + 4 per 128 for the scale: the floor is that over HBM bandwidth.
 quantize_act_1x128_t: the same tiles taken along dim 0 and written transposed (x (T, C) ->
     q (C, T), s (C, ceil(T/128))), optionally from FP8 input dequantized on the fly. This is
@@ -81,15 +80,10 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _scale_from_amax(amax, POW2: tl.constexpr):
-        # (s, m): the scale and the multiplier that quantizes, as `moeco.fp8.quantize._scale_from_amax`.
-        a = tl.maximum(amax, 1e-4)
-        s = tl.math.div_rn(a, 448.0)
-        if POW2:  # round up to a power of two, exactly, on the float32 bits; m = 1 / s is exact
+        s = tl.maximum(amax, 1e-4) / 448.0
+        if POW2:  # round up to a power of two, exactly, on the float32 bits
             s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-            m = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-        else:
-            m = tl.math.div_rn(tl.full(a.shape, 448.0, tl.float32), a)
-        return s, m
+        return s
 
     @triton.jit
     def _swizzle(pid, n_outer, n_inner, GROUP: tl.constexpr):
@@ -114,8 +108,8 @@ if _HAVE_TRITON:
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         x3 = tl.reshape(x, (BLOCK_M, GROUPS, 128))
-        s, m = _scale_from_amax(tl.max(tl.abs(x3), axis=2), POW2)  # (BLOCK_M, GROUPS)
-        v = tl.reshape(x3 * m[:, :, None], (BLOCK_M, 128 * GROUPS))
+        s = _scale_from_amax(tl.max(tl.abs(x3), axis=2), POW2)  # (BLOCK_M, GROUPS)
+        v = tl.reshape(tl.math.div_rn(x3, s[:, :, None]), (BLOCK_M, 128 * GROUPS))
         if EMULATE_CAST:
             v = _round_to_e4m3_grid(v)
         tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], v.to(q_ptr.dtype.element_ty),
@@ -149,8 +143,8 @@ if _HAVE_TRITON:
             xs = tl.load(xs_ptr + src[:, None] * stride_xst + (chans // 128)[None, :] * stride_xsc,
                          mask=mask, other=0.0)
             x = x * xs
-        s, m = _scale_from_amax(tl.max(tl.abs(x), axis=0), POW2)  # (BLOCK_C,)
-        v = x * m[None, :]
+        s = _scale_from_amax(tl.max(tl.abs(x), axis=0), POW2)  # (BLOCK_C,)
+        v = tl.math.div_rn(x, s[None, :])
         if EMULATE_CAST:
             v = _round_to_e4m3_grid(v)
         out_mask = (toks < T)[:, None] & (chans < C)[None, :]
@@ -175,8 +169,8 @@ if _HAVE_TRITON:
         mask = (rows < N)[:, None] & (cols < K)[None, :]
         x = tl.load(w_ptr + e * stride_we + rows[:, None] * stride_wn + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
-        s, m = _scale_from_amax(tl.max(tl.max(tl.abs(x), axis=1), axis=0), POW2)
-        v = x * m
+        s = _scale_from_amax(tl.max(tl.max(tl.abs(x), axis=1), axis=0), POW2)
+        v = tl.math.div_rn(x, s)
         if EMULATE_CAST:
             v = _round_to_e4m3_grid(v)
         q = v.to(q_ptr.dtype.element_ty)
