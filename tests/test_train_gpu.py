@@ -106,6 +106,21 @@ def test_cuda_graph_training_gives_the_eager_losses(tmp_path, precision, accum):
     # step 8 while the losses agreed within 2e-3).
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_fp8_weight_cache_gives_the_losses_without_it(tmp_path, graph):
+    """FP8, 2 micro-steps per optimizer step: quantizing each weight once per step (the cache) or
+    once per micro-step trains the same (on CPU bit for bit, tests/test_train_run.py; here within
+    the run-to-run tolerance of GPU kernels)."""
+    runs = {}
+    for cache in ("true", "false"):
+        t = _trainer(tmp_path, f"c{cache}-{graph}", "fp8", graph, "train.micro_batch_size=2",
+                     f"train.fp8_weight_cache={cache}")
+        with sdpa_kernel(CAPTURE_SDPA_BACKENDS):
+            runs[cache] = [t.train_step()["loss"] for _ in range(8)]
+        t.close()
+    assert runs["true"] == pytest.approx(runs["false"], rel=2e-3)
+
+
 def test_graphed_run_checkpoint_resumes_eagerly(tmp_path):
     t = _trainer(tmp_path, "g", "bf16", True)
     for _ in range(4):
