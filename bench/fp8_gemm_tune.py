@@ -6,10 +6,10 @@ probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128
         128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
 gemm    per shape: bf16 torch.mm, torch._scaled_mm called directly (operands laid out beforehand),
         moeco's pointer-based Triton kernel, and the TMA kernel over tile configurations.
-quant   1x128 quantization over block_m x groups x warps x program order (block_m rows x groups tiles of 128
+quant   1x128 quantization over block_m x groups x warps (block_m rows x groups tiles of 128
         channels per program).
 grouped 32 experts x 512 tokens: the grouped Fprop / Dgrad / Wgrad kernels, pointer vs TMA, over tiles.
-retile  the 128x1 (token-wise, Wgrad) quantization over channel tile, warps and program order.
+retile  the 128x1 (token-wise, Wgrad) quantization over channel tile, warps and store form.
 linear  Fp8Linear forward + backward under the profiler: GPU time per kernel family, per shape.
 n576    the N = 576 GEMM and its Dgrad by every route (transposed / padded cuBLAS, TMA Triton).
 fbgemm  FBGEMM's CUTLASS groupwise FP8 GEMMs (pip fbgemm-gpu-genai, if installed): dense and grouped.
@@ -233,15 +233,13 @@ def quant_rows(tokens):
             x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
             nbytes = T * C * 3 + T * (C // 128) * 4
             res = []
-            for bm in (16, 32):
-                for g in (1, 2):
+            for bm in (8, 16, 32):
+                for g in (1, 2, 4):
                     for nw in (4, 8):
-                        for order in (None, 1, 8):
-                            t = gpu_ms(lambda: tk.quantize_act_1x128(x, block_m=bm, groups=g, num_warps=nw,
-                                                                     group=order))
-                            res.append((nbytes / t / 1e6, f"block_m={bm} groups={g} warps={nw} order={order}", t))
+                        t = gpu_ms(lambda: tk.quantize_act_1x128(x, block_m=bm, groups=g, num_warps=nw))
+                        res.append((nbytes / t / 1e6, f"block_m={bm} groups={g} warps={nw}", t))
             best = max(res)
-            base = next(r for r in res if r[1] == "block_m=16 groups=2 warps=4 order=None")
+            base = next(r for r in res if r[1] == "block_m=16 groups=2 warps=4")
             rows.append(dict(kind="row", T=T, C=C, best=best[1], best_ms=best[2], best_gbs=best[0],
                              default_ms=base[2], default_gbs=base[0], copy_gbs=copy_gbs,
                              all={name: t for _, name, t in res}))
@@ -254,7 +252,7 @@ def quant_rows(tokens):
 
 def retile_rows():
     """The 128x1 (token-wise) quantization for Wgrad, from bf16 and from the saved FP8 tiles, over
-    channel tile x warps x program order (`group` token blocks at a time; None: tokens fastest)."""
+    channel tile x warps x store form (transposed fp32 pointer store, or the fp8 tile transposed first)."""
     rows = []
     for T, C in ((4096, 7168), (16384, 7168), (16384, 2048)):
         x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
@@ -263,28 +261,23 @@ def retile_rows():
         for src, args, nbytes in (("bf16", (x,), T * C * 3), ("fp8", (xq, xs), T * C * 2 + T * kb * 4)):
             nbytes += C * tb * 4
             res = []
-            for bc in (32, 64):
+            for bc in (32, 64, 128):
                 for nw in (4, 8):
-                    for order in (None, 1, 4):
+                    for trans in (False, True):
                         try:
                             t = gpu_ms(lambda: tk.quantize_act_1x128_t(*args, block_c=bc, num_warps=nw,
-                                                                       group=order))
+                                                                       trans_store=trans))
                         except Exception as exc:
-                            print(f"retile block_c={bc} warps={nw} order={order}: failed {exc!r:.150}", flush=True)
+                            print(f"retile block_c={bc} warps={nw} trans={trans}: failed {exc!r:.150}", flush=True)
                             continue
-                        res.append((nbytes / t / 1e6, f"block_c={bc} warps={nw} order={order}", t))
-            for xs_col, rcp in ((True, False), (False, True), (True, True)):  # experiment: scale load, reciprocal
-                if src == "bf16" and xs_col:
-                    continue
-                t = gpu_ms(lambda: tk.quantize_act_1x128_t(*args, block_c=32, num_warps=4, _xs_col=xs_col, _rcp=rcp))
-                res.append((nbytes / t / 1e6, f"block_c=32 warps=4 order=None xs_col={int(xs_col)} rcp={int(rcp)}", t))
+                        res.append((nbytes / t / 1e6, f"block_c={bc} warps={nw} trans={int(trans)}", t))
             best = max(res)
-            base = next(r for r in res if r[1] == "block_c=32 warps=4 order=None")
+            base = next(r for r in res if r[1] == "block_c=32 warps=4 trans=1")
             rows.append(dict(T=T, C=C, src=src, best=best[1], best_ms=best[2], best_gbs=best[0], default_ms=base[2],
                              all={name: t for _, name, t in res}))
             print(f"retile T={T:6d} C={C:5d} {src:4s} | best {best[1]:30s} {best[2]:.4f} ms {best[0]:5.0f} GB/s | "
                   f"default {base[2]:.4f} ms {base[0]:5.0f} GB/s | "
-                  + " ".join(f"{n.replace('block_c=', 'c').replace(' warps=', 'w').replace(' order=', 'o').replace(' xs_col=', 'x').replace(' rcp=', 'r')}:{t * 1e3:.0f}"
+                  + " ".join(f"{n.replace('block_c=', 'c').replace(' warps=', 'w').replace(' trans=', 't')}:{t * 1e3:.0f}"
                              for _, n, t in res), flush=True)
         del x, xq, xs
     return rows

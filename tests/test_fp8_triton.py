@@ -29,17 +29,16 @@ def _bits(q):
     return q.view(torch.uint8)
 
 
-@pytest.mark.parametrize("shape,group", [((8, 256), None), ((5, 200), None), ((2, 3, 130), None),
-                                         ((13, 700), 1), ((13, 700), 2)])
+@pytest.mark.parametrize("shape", [(8, 256), (5, 200), (2, 3, 130), (13, 700)])
 @pytest.mark.parametrize("pow2", [False, True])
-def test_triton_act_quant_is_bit_exact(shape, group, pow2):
+def test_triton_act_quant_is_bit_exact(shape, pow2):
     gen = torch.Generator().manual_seed(sum(shape) + pow2)
     x = torch.randn(shape, generator=gen) * torch.logspace(-3, 3, shape[-1])
     x[..., :3] = 0  # exact zeros, and an all-zero row
     x[..., 3] = -0.0  # -0 stays -0 (the interpreter emulates the cast)
     x.view(-1, shape[-1])[0] = 0
     x = x.to(DEVICE)
-    q, s = triton_kernels.quantize_act_1x128(x, pow2_scale=pow2, group=group)
+    q, s = triton_kernels.quantize_act_1x128(x, pow2_scale=pow2)
     q_ref, s_ref = quantize_act_1x128_reference(x, pow2_scale=pow2)
     assert torch.equal(s.contiguous(), s_ref)
     assert torch.equal(_bits(q), _bits(q_ref))
@@ -63,19 +62,18 @@ def test_triton_weight_quant_is_bit_exact(shape, pow2):
 
 @pytest.mark.parametrize("from_fp8", [False, True])
 @pytest.mark.parametrize("trans_store", [False, True])
-@pytest.mark.parametrize("C,group", [(48, None), (300, 1), (300, 2)])
-def test_triton_quant_along_tokens_is_bit_exact(from_fp8, trans_store, C, group):
-    """C = 300: three 1x128 blocks of x's scales (the last partial) under tiles of fewer channels,
-    and program orders that group 1 or 2 of the three token blocks."""
+@pytest.mark.parametrize("C", [48, 300])
+def test_triton_quant_along_tokens_is_bit_exact(from_fp8, trans_store, C):
+    """C = 300: three 1x128 blocks of x's scales (the last partial) under tiles of fewer channels."""
     gen = torch.Generator().manual_seed(7 + C)
     x = (torch.randn(300, C, generator=gen) * torch.logspace(-2, 2, C)).to(DEVICE)
     if from_fp8:
         xq, xs = quantize_act_1x128_reference(x)
-        q, s = triton_kernels.quantize_act_1x128_t(xq, xs, trans_store=trans_store, group=group)
+        q, s = triton_kernels.quantize_act_1x128_t(xq, xs, trans_store=trans_store)
         xd = (xq.float() * xs.repeat_interleave(128, -1)[:, :C])
         q_ref, s_ref = quantize_act_1x128_reference(xd.t().contiguous())
     else:
-        q, s = triton_kernels.quantize_act_1x128_t(x, trans_store=trans_store, group=group)
+        q, s = triton_kernels.quantize_act_1x128_t(x, trans_store=trans_store)
         q_ref, s_ref = quantize_act_1x128_reference(x.t().contiguous())
     assert q.shape == (C, 300) and s.shape == (C, 3)
     assert torch.equal(s, s_ref)

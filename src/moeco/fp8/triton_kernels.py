@@ -87,9 +87,8 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _swizzle(pid, n_outer, n_inner, GROUP: tl.constexpr):
-        # Program order for a 1-D grid over (outer, inner) blocks: GROUP outer blocks at a time, the
-        # outer index fastest within a group. GROUP = 1 walks each outer block's inner blocks in
-        # turn (whole rows of memory at once); GROUP >= n_outer is the plain outer-fastest order.
+        # Grouped program order over (outer, inner) output tiles: GROUP outer tiles at a time, the
+        # outer index fastest within a group, so that neighbouring programs share tiles in L2.
         per_group = GROUP * n_inner
         first = (pid // per_group) * GROUP
         size = tl.minimum(n_outer - first, GROUP)
@@ -99,9 +98,10 @@ if _HAVE_TRITON:
     @triton.jit
     def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
                           BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr,
-                          EMULATE_CAST: tl.constexpr, GROUP_ORDER: tl.constexpr):
+                          EMULATE_CAST: tl.constexpr):
         # One program per BLOCK_M rows x GROUPS tiles of 128 channels.
-        pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, 128 * GROUPS), GROUP_ORDER)
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_k * (128 * GROUPS) + tl.arange(0, 128 * GROUPS)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
@@ -122,12 +122,12 @@ if _HAVE_TRITON:
     def _quant_act_t_kernel(x_ptr, xs_ptr, rows_ptr, q_ptr, s_ptr, T, C, stride_xt, stride_xst, stride_xsc,
                             stride_qc, stride_sc, stride_st, BLOCK_C: tl.constexpr, GATHER: tl.constexpr,
                             FROM_FP8: tl.constexpr, POW2: tl.constexpr, EMULATE_CAST: tl.constexpr,
-                            TRANS_STORE: tl.constexpr, GROUP_ORDER: tl.constexpr):
+                            TRANS_STORE: tl.constexpr):
         # Tile: 128 output tokens x BLOCK_C channels; amax over the tokens; written as q (C, T) and
-        # s (C, ceil(T/128)).
-        # With GATHER, output token t reads row rows[t] of x (-1: a zero row), so that the
-        # caller's padded layout is never materialized.
-        pid_t, pid_c = _swizzle(tl.program_id(0), tl.cdiv(T, 128), tl.cdiv(C, BLOCK_C), GROUP_ORDER)
+        # s (C, ceil(T/128)). With GATHER, output token t reads row rows[t] of x (-1: a zero row),
+        # so that the caller's padded layout is never materialized.
+        pid_t = tl.program_id(0)
+        pid_c = tl.program_id(1)
         toks = pid_t * 128 + tl.arange(0, 128)
         chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         if GATHER:
@@ -291,17 +291,13 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-_ALL = 1 << 16  # `group` meaning "no grouping": the outer index runs fastest over the whole grid
-
-
 def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: int = 16, groups: int = 2,
-                       num_warps: int = 4, group: int | None = None):
+                       num_warps: int = 4):
     """Triton version of `moeco.fp8.quantize.quantize_act_1x128_reference`.
 
     The scale comes back as a (*, ceil(K/128)) view of a (ceil(K/128), rows) buffer
     ("outer-dim-major"), the layout `torch._scaled_mm` wants for a block-wise `scale_a`.
     Each program quantizes block_m rows x `groups` tiles of 128 channels (groups a power of two).
-    Program order: `group` row blocks at a time, rows fastest within a group (None: all of them).
     Default tile 16 x 256, from a sweep on the H200 (bench/fp8_gemm_tune.py, GPU time): 82% of HBM
     bandwidth at 16384 x 7168 and 71% at 4096 x 7168; the configurations tried were within ~5%.
     """
@@ -315,16 +311,16 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
     s_t = torch.empty((kb, M), dtype=torch.float32, device=x.device)
     if interpreting():
         block_m = min(block_m, 4)
-    grid = (_ceil_div(M, block_m) * _ceil_div(kb, groups),)
+    grid = (_ceil_div(M, block_m), _ceil_div(kb, groups))
     _quant_act_kernel[grid](x2, q, s_t, M, K, x2.stride(0), q.stride(0), 1, M,
                             BLOCK_M=block_m, GROUPS=groups, POW2=pow2_scale, EMULATE_CAST=interpreting(),
-                            GROUP_ORDER=group or _ALL, num_warps=num_warps if block_m >= 16 else 1)
+                            num_warps=num_warps if block_m >= 16 else 1)
     return q.reshape(*lead, K), s_t.t().reshape(*lead, kb)
 
 
 def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
                          block_c: int = 32, rows: torch.Tensor | None = None, num_warps: int = 4,
-                         trans_store: bool = True, group: int | None = None):
+                         trans_store: bool = True):
     """Quantize x (T, C) along T: returns q (C, T) E4M3 and s (C, ceil(T/128)) with strides (1, C).
 
     With `x_scale` (T, ceil(C/128)), x is FP8 with 1x128 scales and is dequantized in the kernel.
@@ -333,11 +329,7 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     Reference: `quantize_act_1x128_reference(x_dequantized[rows].t())`.
     `trans_store`: transpose the FP8 tile in registers and store channel rows (H200, 16384 x 7168 from
     FP8: 0.124 vs 0.135 ms; from bf16 the same; bench/fp8_gemm_tune.py, section retile).
-    `block_c`: channels per program, a power of two. Program order: `group` blocks of 128 tokens at
-    a time, tokens fastest within a group (None: all of them; no other order measured faster).
     """
-    if block_c < 1 or block_c & (block_c - 1):
-        raise ValueError(f"quantize_act_1x128_t: block_c={block_c} must be a power of two")
     T, C = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -353,12 +345,11 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
         rows = rows.to(torch.int32)
     if interpreting():
         block_c = min(block_c, 16)
-    grid = (tb * _ceil_div(C, block_c),)
+    grid = (tb, _ceil_div(C, block_c))
     _quant_act_t_kernel[grid](x, xs, rows if rows is not None else s, q, s, T_out, C, x.stride(0), xs.stride(0),
                               xs.stride(1), q.stride(0), s.stride(0), s.stride(1), BLOCK_C=block_c,
                               GATHER=rows is not None, FROM_FP8=x_scale is not None, POW2=pow2_scale,
-                              EMULATE_CAST=interpreting(), TRANS_STORE=trans_store, GROUP_ORDER=group or _ALL,
-                              num_warps=num_warps)
+                              EMULATE_CAST=interpreting(), TRANS_STORE=trans_store, num_warps=num_warps)
     return q, s
 
 
