@@ -38,13 +38,9 @@ from __future__ import annotations
 
 import torch
 
-from moeco.fp8.quantize import BLOCK
+from moeco.fp8.quantize import BLOCK, _ceil_div
 
 BACKENDS = ("auto", "reference", "scaled_mm", "triton")
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _b_scale_full(b_scale: torch.Tensor, N: int, KB: int) -> torch.Tensor:

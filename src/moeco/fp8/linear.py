@@ -77,11 +77,12 @@ def weight_cache():
             _StepCache.grouped.clear()
 
 
-def _grouped_weight(w: torch.Tensor, weight_pow2: bool):
-    """(wq (E, N, K), ws (E, NB, KB), W^T q (E, K, N)), from the step cache inside `weight_cache()`."""
+def _grouped_weight(w: torch.Tensor, weight_pow2: bool, step_cache: bool):
+    """(wq (E, N, K), ws (E, NB, KB), W^T q (E, K, N)); with `step_cache`, from `weight_cache()` when
+    one is open."""
     # Only parameters (leaves that take gradients) are cached: a temporary's memory, and so its
     # data_ptr, can belong to another tensor later in the same block.
-    cache = _StepCache.depth > 0 and w.is_leaf and w.requires_grad
+    cache = step_cache and _StepCache.depth > 0 and w.is_leaf and w.requires_grad
     key = (w.data_ptr(), tuple(w.shape), w.dtype, weight_pow2)
     if cache and key in _StepCache.grouped:
         return _StepCache.grouped[key]
@@ -240,11 +241,7 @@ def _grouped_forward(x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str
     """The grouped Fprop: (y, xq, xs, W^T q (E, K, N), W scales (E, NB, KB)); see `ops.grouped`.
     `step_cache`: take the FP8 weight from `weight_cache()` (eager calls; not the custom operator)."""
     xq, xs = quantize_act_1x128(x, pow2_scale=act_pow2)
-    if step_cache:
-        wq, ws, wtq = _grouped_weight(w, weight_pow2)
-    else:
-        with torch.no_grad():  # (E, N, K), (E, NB, KB), and W_e^T (E, K, N) for Dgrad, one kernel on CUDA
-            wq, ws, wtq = quantize_weight_128x128(w.detach(), pow2_scale=weight_pow2, transposed=True)
+    wq, ws, wtq = _grouped_weight(w, weight_pow2, step_cache)
     if grouped_impl(x.device, backend) == "triton":
         from moeco.fp8 import triton_kernels
 

@@ -30,13 +30,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moeco.fp8.quantize import BLOCK as _B
 from moeco.fp8.quantize import FP8_DTYPE, quantize_weight_128x128
-
-_B = 128
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from moeco.fp8.quantize import _ceil_div as _cdiv
 
 
 def _outer_major(s: Tensor) -> Tensor:

@@ -38,6 +38,8 @@ import os
 
 import torch
 
+from moeco.fp8.quantize import _ceil_div
+
 try:  # Triton is optional: every caller has a PyTorch path.
     import triton
     import triton.language as tl
@@ -287,10 +289,6 @@ if _HAVE_TRITON:
             c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: int = 16, groups: int = 2,
                        num_warps: int = 4):
     """Triton version of `moeco.fp8.quantize.quantize_act_1x128_reference`.
@@ -377,6 +375,15 @@ def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False, transp
     return out + (qt.reshape(*lead, K, N),) if transposed else out
 
 
+def _dense_gemm_setup(a_q, b_q, b_scale, out_dtype):
+    """(M, N, K, B_SCALE_ROWS, c) for C = A . B^T: B_SCALE_ROWS is 128 when B has 128x128 block scales
+    (NB, KB), 1 when it has 1x128 row scales (N, KB); c is the empty (M, N) output."""
+    M, K = a_q.shape
+    N = b_q.shape[0]
+    b_rows = 128 if tuple(b_scale.shape) == (_ceil_div(N, 128), _ceil_div(K, 128)) else 1
+    return M, N, K, b_rows, torch.empty((M, N), dtype=out_dtype, device=a_q.device)
+
+
 def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, block_m=128, block_n=128,
                 group_m=8, num_warps=8, num_stages=3):
     """C = A . B^T with A (M, K) 1x128-scaled and B (N, K) 128x128- or 1x128-scaled, FP32 promotion.
@@ -386,11 +393,7 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, block_m
     """
     if use_tma(a_q, b_q) and tma_gemm_ok(a_q, b_q, out_dtype):
         return fp8_gemm_nt_tma(a_q, a_scale, b_q, b_scale, out_dtype)
-    M, K = a_q.shape
-    N = b_q.shape[0]
-    kb = _ceil_div(K, 128)
-    b_rows = 128 if tuple(b_scale.shape) == (_ceil_div(N, 128), kb) else 1
-    c = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
+    M, N, K, b_rows, c = _dense_gemm_setup(a_q, b_q, b_scale, out_dtype)
     if interpreting():
         block_m, block_n, num_warps, num_stages = 16, 16, 1, 1
     grid = (_ceil_div(M, block_m) * _ceil_div(N, block_n),)
@@ -433,11 +436,7 @@ def fp8_gemm_nt_tma(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, blo
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    M, K = a_q.shape
-    N = b_q.shape[0]
-    kb = _ceil_div(K, 128)
-    b_rows = 128 if tuple(b_scale.shape) == (_ceil_div(N, 128), kb) else 1
-    c = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
+    M, N, K, b_rows, c = _dense_gemm_setup(a_q, b_q, b_scale, out_dtype)
     if interpreting():
         block_m, block_n, num_warps, num_stages = 16, 16, 1, 1
     a_desc = TensorDescriptor.from_tensor(a_q, [block_m, 128])
