@@ -10,7 +10,7 @@ Notation (DeepSeek-V3 tech report, section 3.3):
 For every tile or block:
 
     amax = max(|x|) over the tile, clamped to >= 1e-4    (an all-zero tile still gets a finite scale)
-    s    = amax / 448                                    (or 2^ceil(log2(amax / 448)): "ue8m0")
+    s    = amax / 448, correctly rounded                 (or 2^ceil(log2(amax / 448)): "ue8m0")
     q    = e4m3(x / s)                                   (round to nearest even; |x / s| <= 448)
 
 A dimension that is not a multiple of 128 is zero-padded up to the next multiple before the amax
@@ -40,7 +40,12 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def _scale_from_amax(amax: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
-    scale = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    a = amax.float().clamp(min=AMAX_FLOOR)
+    # A tensor divisor, not the Python float: PyTorch's CUDA kernel divides by a scalar as a
+    # multiplication by its reciprocal (one ulp off in about half the cases), so `a / 448.0` is not
+    # the same function on CPU and GPU. Tensor by tensor is an IEEE division on both, as the Triton
+    # kernels' `div_rn`.
+    scale = a / torch.full_like(a, FP8_MAX)
     if pow2_scale:
         # ue8m0: a power of two rounded up (so x / s still fits under 448), exactly, on the bits.
         bits = scale.contiguous().view(torch.int32)

@@ -82,7 +82,7 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _scale_from_amax(amax, POW2: tl.constexpr):
-        s = tl.maximum(amax, 1e-4) / 448.0
+        s = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)  # IEEE, as the reference (`/` is approximate)
         if POW2:  # round up to a power of two, exactly, on the float32 bits
             s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
         return s
