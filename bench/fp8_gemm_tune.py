@@ -1,6 +1,6 @@
 """Sweeps for the FP8 fast paths on one GPU: which kernel and tile wins at DeepSeek-V3 shapes.
 
-    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,linear,fbgemm] [--json F]
+    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,div,linear,fbgemm] [--json F]
 
 probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128 x 1x128 (Wgrad) and
         128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
@@ -10,6 +10,7 @@ quant   1x128 quantization over block_m x groups x warps (block_m rows x groups 
         channels per program).
 grouped 32 experts x 512 tokens: the grouped Fprop / Dgrad / Wgrad kernels, pointer vs TMA, over tiles.
 retile  the 128x1 (token-wise, Wgrad) quantization over channel tile, warps and store form.
+div     the quantization kernels with x / s by reciprocal + Markstein's correction vs div_rn.
 linear  Fp8Linear forward + backward under the profiler: GPU time per kernel family, per shape.
 n576    the N = 576 GEMM and its Dgrad by every route (transposed / padded cuBLAS, TMA Triton).
 fbgemm  FBGEMM's CUTLASS groupwise FP8 GEMMs (pip fbgemm-gpu-genai, if installed): dense and grouped.
@@ -250,6 +251,33 @@ def quant_rows(tokens):
     return rows
 
 
+def div_rows(tokens):
+    """The quantization kernels with x / s as Markstein's correction from one reciprocal per scale
+    (`triton_kernels.FAST_DIV`, the default) against div_rn per element, same run, same inputs."""
+    rows = []
+    for T in tokens:
+        x = torch.randn(T, 7168, device="cuda", dtype=torch.bfloat16)
+        xq, xs = tk.quantize_act_1x128(x)
+        w = torch.randn(7168, 2048, device="cuda")
+        cases = (("1x128 from bf16", lambda: tk.quantize_act_1x128(x), T * 7168 * 3),
+                 # control: the 128x1 kernel divides with div_rn either way (Markstein measured
+                 # 0.90-0.99x there), so this row shows the run's noise
+                 ("128x1 from fp8 (control)", lambda: tk.quantize_act_1x128_t(xq, xs), T * 7168 * 2),
+                 ("weight 128x128 + W^T, fp32", lambda: tk.quantize_weight_128x128(w, transposed=True), w.numel() * 6))
+        for name, fn, nbytes in cases:
+            t = {}
+            for fast in (False, True):
+                tk.FAST_DIV = fast
+                t[fast] = gpu_ms(fn)
+            tk.FAST_DIV = True
+            rows.append(dict(T=T, case=name, div_rn_ms=t[False], markstein_ms=t[True], speedup=t[False] / t[True]))
+            print(f"div T={T:6d} {name:28s} | div_rn {t[False]:.4f} ms {nbytes / t[False] / 1e6:5.0f} GB/s | "
+                  f"reciprocal+Markstein {t[True]:.4f} ms {nbytes / t[True] / 1e6:5.0f} GB/s | "
+                  f"{t[False] / t[True]:.2f}x", flush=True)
+        del x, xq, xs, w
+    return rows
+
+
 def retile_rows():
     """The 128x1 (token-wise) quantization for Wgrad, from bf16 and from the saved FP8 tiles, over
     channel tile x warps x store form (transposed fp32 pointer store, or the fp8 tile transposed first)."""
@@ -482,7 +510,7 @@ def main() -> int:
     tokens = [int(t) for t in a.tokens.split(",")]
     out = {}
     for sec, fn in (("probe", probe_rows), ("n576", lambda: n576_rows(tokens)), ("gemm", lambda: gemm_rows(tokens)), ("quant", lambda: quant_rows(tokens)),
-                    ("grouped", grouped_rows), ("retile", retile_rows),
+                    ("grouped", grouped_rows), ("retile", retile_rows), ("div", lambda: div_rows(tokens)),
                     ("linear", lambda: linear_rows(tokens)), ("fbgemm", lambda: fbgemm_rows(tokens))):
         if sec in a.only.split(","):
             try:

@@ -186,3 +186,56 @@ def test_cuda_weight_quant_bit_exact_with_transpose():
     assert torch.equal(s, s_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert torch.equal(qt.view(torch.uint8), q_ref.transpose(1, 2).contiguous().view(torch.uint8))
+
+
+def test_markstein_division_equals_div_rn():
+    """The quantization kernels' x / s (reciprocal + Markstein's correction) against div_rn, in the
+    domain the kernels use (s >= 1e-4 / 448, |x| <= 448 s): every float32 mantissa in [1, 2) against
+    64 scales, then 2^24 random bit patterns of any exponent (zeros and subnormals too), each with its
+    own scale. Bit-equal quotients where they are at least 2^-12 (E4M3's smallest step is 2^-9), and
+    equal E4M3 values everywhere."""
+    import triton
+    import triton.language as tl
+
+    from moeco.fp8.triton_kernels import _div_by_scale
+
+    @triton.jit
+    def _both(x_ptr, s_ptr, a_ptr, b_ptr, n, PER_S: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        x = tl.load(x_ptr + offs, mask=ok, other=1.0)
+        if PER_S:
+            s = tl.load(s_ptr + tl.program_id(1) + offs * 0)
+        else:
+            s = tl.load(s_ptr + offs, mask=ok, other=1.0)
+        out = tl.program_id(1).to(tl.int64) * n + offs
+        tl.store(a_ptr + out, _div_by_scale(x, s, True), mask=ok)
+        tl.store(b_ptr + out, _div_by_scale(x, s, False), mask=ok)
+
+    def check(x, s, per_s):
+        rows = s.numel() if per_s else 1
+        a = torch.empty(rows, x.numel(), device="cuda")
+        b = torch.empty_like(a)
+        _both[(triton.cdiv(x.numel(), 1024), rows)](x, s, a, b, x.numel(), PER_S=per_s, BLOCK=1024)
+        wrong = ((a.view(torch.int32) != b.view(torch.int32)) & (b.abs() >= 2.0**-12)) | (
+            a.to(torch.float8_e4m3fn).view(torch.uint8) != b.to(torch.float8_e4m3fn).view(torch.uint8))
+        idx = wrong.nonzero()[:5].tolist()
+        xs = x.expand(rows, -1)
+        ss = s[:, None].expand(-1, x.numel()) if per_s else s[None]
+        examples = [(xs[i, j].item(), ss[i, j].item(), a[i, j].item(), b[i, j].item()) for i, j in idx]
+        assert not examples, f"{int(wrong.sum())} mismatches (x, s, fast, div_rn): {examples}"
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    mant = torch.arange(1 << 23, dtype=torch.int32, device="cuda") | 0x3F800000  # [1, 2)
+    x = torch.cat([mant.view(torch.float32), -mant.view(torch.float32)])
+    for amax in (torch.rand(16, generator=gen, device="cuda") * 1e3 + 1e-4).split(4):
+        check(x, amax / torch.full_like(amax, 448.0), True)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 24,), generator=gen, device="cuda", dtype=torch.int32)
+    xr = bits.view(torch.float32)
+    amax = (torch.rand(xr.numel(), generator=gen, device="cuda") * 1e3 + 1e-4)
+    amax = amax * torch.exp2(torch.randint(0, 30, amax.shape, generator=gen, device="cuda").float())
+    sr = amax / torch.full_like(amax, 448.0)
+    xr = torch.where(torch.isfinite(xr) & (xr.abs() <= amax), xr, torch.zeros_like(xr))
+    assert (xr != 0).float().mean() > 0.3
+    xr[:4] = torch.tensor([0.0, -0.0, 1e-45, -1e-45], device="cuda")
+    check(xr, sr, False)

@@ -55,6 +55,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# The 1x128 and weight quantization kernels divide by the scale through its reciprocal and
+# Markstein's correction (the same bits as a division, fewer instructions; H200: weights 1.16x, 1x128
+# 1.03-1.08x). The 128x1 kernel keeps div_rn, which measured faster there (0.90-0.99x otherwise;
+# bench/fp8_gemm_tune.py --only div). False: div_rn everywhere (for the bench's comparison).
+FAST_DIV = True
+
+
+def _fast_div() -> bool:
+    return FAST_DIV and not interpreting()
+
+
 def available(device: torch.device | str | None = None) -> bool:
     """Triton can run here: on CUDA tensors, or on CPU tensors under the interpreter."""
     if not _HAVE_TRITON:
@@ -88,6 +99,21 @@ if _HAVE_TRITON:
         return s
 
     @triton.jit
+    def _div_by_scale(x, s, FAST_DIV: tl.constexpr):
+        # x / s, correctly rounded, s broadcast over x. FAST_DIV: one reciprocal per scale (div_rn)
+        # and, per element, a product and Markstein's correction q + (x - q*s) * (1/s), two fused
+        # multiply-adds, instead of a full IEEE division; the same bits (checked against div_rn on
+        # the GPU, tests/test_fp8_gpu.py). Not under the interpreter, whose fma is not fused. The
+        # select keeps -0 (the correction would give +0), as the division does.
+        if FAST_DIV:
+            r = tl.math.div_rn(s * 0.0 + 1.0, s)  # 1 / s, of s's shape (a 0-d s in the weight kernel)
+            q = x * r
+            q = tl.fma(tl.fma(-q, s, x), r, q)
+            return tl.where(x == 0.0, x, q)
+        else:
+            return tl.math.div_rn(x, s)
+
+    @triton.jit
     def _swizzle(pid, n_outer, n_inner, GROUP: tl.constexpr):
         # Grouped program order over (outer, inner) output tiles: GROUP outer tiles at a time, the
         # outer index fastest within a group, so that neighbouring programs share tiles in L2.
@@ -100,7 +126,7 @@ if _HAVE_TRITON:
     @triton.jit
     def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
                           BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr,
-                          EMULATE_CAST: tl.constexpr):
+                          EMULATE_CAST: tl.constexpr, FAST_DIV: tl.constexpr):
         # One program per BLOCK_M rows x GROUPS tiles of 128 channels.
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -111,7 +137,7 @@ if _HAVE_TRITON:
                     other=0.0).to(tl.float32)
         x3 = tl.reshape(x, (BLOCK_M, GROUPS, 128))
         s = _scale_from_amax(tl.max(tl.abs(x3), axis=2), POW2)  # (BLOCK_M, GROUPS)
-        v = tl.reshape(tl.math.div_rn(x3, s[:, :, None]), (BLOCK_M, 128 * GROUPS))
+        v = tl.reshape(_div_by_scale(x3, s[:, :, None], FAST_DIV), (BLOCK_M, 128 * GROUPS))
         if EMULATE_CAST:
             v = _round_to_e4m3_grid(v)
         tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], v.to(q_ptr.dtype.element_ty),
@@ -124,7 +150,7 @@ if _HAVE_TRITON:
     def _quant_act_t_kernel(x_ptr, xs_ptr, rows_ptr, q_ptr, s_ptr, T, C, stride_xt, stride_xst, stride_xsc,
                             stride_qc, stride_sc, stride_st, BLOCK_C: tl.constexpr, GATHER: tl.constexpr,
                             FROM_FP8: tl.constexpr, POW2: tl.constexpr, EMULATE_CAST: tl.constexpr,
-                            TRANS_STORE: tl.constexpr):
+                            TRANS_STORE: tl.constexpr, FAST_DIV: tl.constexpr):
         # Tile: 128 output tokens x BLOCK_C channels; amax over the tokens; written as q (C, T) and
         # s (C, ceil(T/128)). With GATHER, output token t reads row rows[t] of x (-1: a zero row),
         # so that the caller's padded layout is never materialized.
@@ -146,7 +172,7 @@ if _HAVE_TRITON:
                          mask=mask, other=0.0)
             x = x * xs
         s = _scale_from_amax(tl.max(tl.abs(x), axis=0), POW2)  # (BLOCK_C,)
-        v = tl.math.div_rn(x, s[None, :])
+        v = _div_by_scale(x, s[None, :], FAST_DIV)
         if EMULATE_CAST:
             v = _round_to_e4m3_grid(v)
         out_mask = (toks < T)[:, None] & (chans < C)[None, :]
@@ -160,7 +186,8 @@ if _HAVE_TRITON:
     @triton.jit
     def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn, stride_qe, stride_qn,
                              stride_qte, stride_qtk, stride_se, stride_sn, stride_sk,
-                             POW2: tl.constexpr, EMULATE_CAST: tl.constexpr, WRITE_T: tl.constexpr):
+                             POW2: tl.constexpr, EMULATE_CAST: tl.constexpr, WRITE_T: tl.constexpr,
+                             FAST_DIV: tl.constexpr):
         # One program per 128x128 block of matrix e of w (E, N, K): amax over the block, one scale;
         # q (E, N, K) and, with WRITE_T, q^T (E, K, N) (the Dgrad operand), and s (E, NB, KB).
         pid_n = tl.program_id(0)
@@ -172,7 +199,7 @@ if _HAVE_TRITON:
         x = tl.load(w_ptr + e * stride_we + rows[:, None] * stride_wn + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         s = _scale_from_amax(tl.max(tl.max(tl.abs(x), axis=1), axis=0), POW2)
-        v = tl.math.div_rn(x, s)
+        v = _div_by_scale(x, s, FAST_DIV)
         if EMULATE_CAST:
             v = _round_to_e4m3_grid(v)
         q = v.to(q_ptr.dtype.element_ty)
@@ -312,7 +339,7 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
     grid = (_ceil_div(M, block_m), _ceil_div(kb, groups))
     _quant_act_kernel[grid](x2, q, s_t, M, K, x2.stride(0), q.stride(0), 1, M,
                             BLOCK_M=block_m, GROUPS=groups, POW2=pow2_scale, EMULATE_CAST=interpreting(),
-                            num_warps=num_warps if block_m >= 16 else 1)
+                            FAST_DIV=_fast_div(), num_warps=num_warps if block_m >= 16 else 1)
     return q.reshape(*lead, K), s_t.t().reshape(*lead, kb)
 
 
@@ -347,7 +374,8 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     _quant_act_t_kernel[grid](x, xs, rows if rows is not None else s, q, s, T_out, C, x.stride(0), xs.stride(0),
                               xs.stride(1), q.stride(0), s.stride(0), s.stride(1), BLOCK_C=block_c,
                               GATHER=rows is not None, FROM_FP8=x_scale is not None, POW2=pow2_scale,
-                              EMULATE_CAST=interpreting(), TRANS_STORE=trans_store, num_warps=num_warps)
+                              EMULATE_CAST=interpreting(), TRANS_STORE=trans_store, FAST_DIV=False,
+                              num_warps=num_warps)
     return q, s
 
 
@@ -370,6 +398,7 @@ def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False, transp
         _quant_weight_kernel[(nb, kb, E)](w3, q, qt, s, N, K, w3.stride(0), w3.stride(1), q.stride(0), q.stride(1),
                                           qt.stride(0), qt.stride(1), s.stride(0), s.stride(1), s.stride(2),
                                           POW2=pow2_scale, EMULATE_CAST=interpreting(), WRITE_T=transposed,
+                                          FAST_DIV=_fast_div(),
                                           num_warps=8)
     out = (q.reshape(*lead, N, K), s.reshape(*lead, nb, kb))
     return out + (qt.reshape(*lead, K, N),) if transposed else out
