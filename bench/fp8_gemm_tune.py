@@ -1,6 +1,6 @@
 """Sweeps for the FP8 fast paths on one GPU: which kernel and tile wins at DeepSeek-V3 shapes.
 
-    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,div,linear,fbgemm] [--json F]
+    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,retile_moe,div,linear,fbgemm] [--json F]
 
 probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128 x 1x128 (Wgrad) and
         128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
@@ -10,6 +10,7 @@ quant   1x128 quantization over block_m x groups x warps (block_m rows x groups 
         channels per program).
 grouped 32 experts x 512 tokens: the grouped Fprop / Dgrad / Wgrad kernels, pointer vs TMA, over tiles.
 retile  the 128x1 (token-wise, Wgrad) quantization over channel tile, warps and store form.
+retile_moe  the same at the `small` preset's grouped-Wgrad shapes, through the padded row map.
 div     the quantization kernels with x / s by reciprocal + Markstein's correction vs div_rn.
 linear  Fp8Linear forward + backward under the profiler: GPU time per kernel family, per shape.
 n576    the N = 576 GEMM and its Dgrad by every route (transposed / padded cuBLAS, TMA Triton).
@@ -278,6 +279,42 @@ def div_rows(tokens):
     return rows
 
 
+def retile_moe_rows():
+    """The grouped Wgrad's two 128x1 quantizations at the `small` preset's expert shapes (16384 tokens
+    x 6 routed = 98304 rows over 64 experts, read through the padded row map as in
+    `fp8_grouped_wgrad`): gy (rows x 1536) from bf16, x (rows x 1536 and x 768) from FP8, over channel
+    tile x warps x store form."""
+    rows = []
+    E, R = 64, 98304
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.multinomial(torch.ones(E), R, replacement=True, generator=gen).bincount(minlength=E)
+    offs = counts.cumsum(0).to(torch.int32).cuda()
+    dest, _, Tp = tk.grouped_padded_rows(offs, R)
+    src = torch.full((Tp,), -1, dtype=torch.int32, device="cuda")
+    src.scatter_(0, dest, torch.arange(R, dtype=torch.int32, device="cuda"))
+    for C, from_fp8 in ((1536, False), (1536, True), (768, True)):
+        x = torch.randn(R, C, device="cuda", dtype=torch.bfloat16)
+        args = tk.quantize_act_1x128(x) if from_fp8 else (x,)
+        nbytes = Tp * C * (2 if from_fp8 else 3)
+        res = []
+        for bc in (32, 64):
+            for nw in (4, 8):
+                for trans in (False, True):
+                    t = gpu_ms(lambda: tk.quantize_act_1x128_t(*args, rows=src, block_c=bc, num_warps=nw,
+                                                               trans_store=trans))
+                    res.append((t, f"block_c={bc} warps={nw} trans={int(trans)}"))
+        base = next(t for t, n in res if n == "block_c=32 warps=4 trans=1")
+        best = min(res)
+        rows.append(dict(C=C, src="fp8" if from_fp8 else "bf16", default_ms=base, best_ms=best[0], best=best[1],
+                         all={n: t for t, n in res}))
+        print(f"retile_moe rows={Tp} C={C:5d} {'fp8 ' if from_fp8 else 'bf16'} | default {base:.4f} ms "
+              f"{nbytes / base / 1e6:5.0f} GB/s | best {best[1]} {best[0]:.4f} ms | "
+              + " ".join(f"{n.replace('block_c=', 'c').replace(' warps=', 'w').replace(' trans=', 't')}:{t * 1e3:.0f}"
+                         for t, n in res), flush=True)
+        del x, args
+    return rows
+
+
 def retile_rows():
     """The 128x1 (token-wise) quantization for Wgrad, from bf16 and from the saved FP8 tiles, over
     channel tile x warps x store form (transposed fp32 pointer store, or the fp8 tile transposed first)."""
@@ -510,7 +547,7 @@ def main() -> int:
     tokens = [int(t) for t in a.tokens.split(",")]
     out = {}
     for sec, fn in (("probe", probe_rows), ("n576", lambda: n576_rows(tokens)), ("gemm", lambda: gemm_rows(tokens)), ("quant", lambda: quant_rows(tokens)),
-                    ("grouped", grouped_rows), ("retile", retile_rows), ("div", lambda: div_rows(tokens)),
+                    ("grouped", grouped_rows), ("retile", retile_rows), ("retile_moe", retile_moe_rows), ("div", lambda: div_rows(tokens)),
                     ("linear", lambda: linear_rows(tokens)), ("fbgemm", lambda: fbgemm_rows(tokens))):
         if sec in a.only.split(","):
             try:

@@ -345,7 +345,7 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
 
 def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
                          block_c: int = 32, rows: torch.Tensor | None = None, num_warps: int = 4,
-                         trans_store: bool = True):
+                         trans_store: bool | None = None):
     """Quantize x (T, C) along T: returns q (C, T) E4M3 and s (C, ceil(T/128)) with strides (1, C).
 
     With `x_scale` (T, ceil(C/128)), x is FP8 with 1x128 scales and is dequantized in the kernel.
@@ -353,8 +353,13 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     q (C, T'), without building the gathered copy (the grouped Wgrad's per-expert padding).
     Reference: `quantize_act_1x128_reference(x_dequantized[rows].t())`.
     `trans_store`: transpose the FP8 tile in registers and store channel rows (H200, 16384 x 7168 from
-    FP8: 0.124 vs 0.135 ms; from bf16 the same; bench/fp8_gemm_tune.py, section retile).
+    FP8: 0.124 vs 0.135 ms; from bf16 the same; bench/fp8_gemm_tune.py, section retile). None (the
+    default) takes it except for FP8 input read through `rows`, where it measured 1.7x slower (the
+    grouped Wgrad at the `small` preset's shapes, 106624 x 1536: 0.401 vs 0.228 ms, x 768: 0.208 vs
+    0.120; from bf16 0.215 vs 0.217; section retile_moe).
     """
+    if trans_store is None:
+        trans_store = not (rows is not None and x_scale is not None)
     T, C = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
