@@ -299,3 +299,13 @@ def test_tma_selection_rules(monkeypatch):
     assert not triton_kernels.tma_gemm_ok(a[:, :200], b[:, :200], torch.bfloat16)  # K = 200
     assert not triton_kernels.tma_gemm_ok(a, torch.zeros(36, 256, dtype=torch.float8_e4m3fn), torch.bfloat16)
     assert triton_kernels.tma_gemm_ok(a, torch.zeros(36, 256, dtype=torch.float8_e4m3fn), torch.float32)
+
+
+@pytest.mark.parametrize("counts,T", [([5, 0, 9], 20), ([5, 0, 9], 14), ([0], 3)])
+def test_zero_rows_past_the_last_expert(counts, T):
+    c = torch.randn(T, 70, device=DEVICE) + 5
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEVICE)
+    before = c.clone()
+    triton_kernels.zero_rows_past(c, offs)
+    end = sum(counts)
+    assert torch.equal(c[:end], before[:end]) and (c[end:] == 0).all()

@@ -194,15 +194,19 @@ def _rows(offs: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip([0] + ends[:-1], ends))
 
 
-GROUPED_MODES = ("auto", "triton", "loop")
+GROUPED_MODES = ("auto", "triton", "loop", "fbgemm")
 
 
 def grouped_impl(device: torch.device, backend: str, *, wgrad: bool = False) -> str:
-    """"triton" (one grouped kernel for all experts) or "loop" (one FP8 GEMM per expert).
+    """"fbgemm" (FBGEMM's CUTLASS grouped kernel, `moeco.fp8.fbgemm`), "triton" (moeco's grouped
+    kernel for all experts) or "loop" (one FP8 GEMM per expert).
 
-    Environment: MOECO_FP8_GROUPED=auto|triton|loop (Fprop and Dgrad, and Wgrad unless
-    MOECO_FP8_GROUPED_WGRAD says otherwise). "auto" takes the grouped kernels on CUDA and the loop
-    on CPU; "triton" forces the kernels (CPU needs TRITON_INTERPRET=1); "loop" forces the loop.
+    Environment: MOECO_FP8_GROUPED=auto|triton|loop|fbgemm (Fprop and Dgrad, and Wgrad unless
+    MOECO_FP8_GROUPED_WGRAD says otherwise; the Wgrad has no FBGEMM form and takes "triton" for
+    "fbgemm"). "auto" takes FBGEMM's kernel on Hopper when `fbgemm-gpu-genai` is importable, else
+    moeco's grouped kernels on CUDA, and the loop on CPU; "triton" forces moeco's kernels (CPU needs
+    TRITON_INTERPRET=1); "fbgemm" requires FBGEMM; "loop" forces the loop. "fbgemm" calls whose
+    shapes it cannot take (N or K not a multiple of 128, output not bf16) run moeco's kernel.
     """
     mode = os.environ.get("MOECO_FP8_GROUPED", "auto") or "auto"
     if wgrad:
@@ -211,19 +215,36 @@ def grouped_impl(device: torch.device, backend: str, *, wgrad: bool = False) -> 
         raise ValueError(f"MOECO_FP8_GROUPED{'_WGRAD' if wgrad else ''}={mode!r}; valid: {', '.join(GROUPED_MODES)}")
     if mode == "loop":
         return "loop"
-    from moeco.fp8 import triton_kernels
+    from moeco.fp8 import fbgemm, triton_kernels
 
     ok = triton_kernels.available(device)
-    if mode == "triton":
+    if mode == "fbgemm" and not fbgemm.available(device):
+        raise RuntimeError(f"MOECO_FP8_GROUPED=fbgemm but FBGEMM's grouped FP8 kernel cannot run on {device} "
+                           "(pip install fbgemm-gpu-genai, the build for this torch; Hopper GPU)")
+    if mode in ("triton", "fbgemm"):
         if not ok:
-            raise RuntimeError(f"MOECO_FP8_GROUPED=triton but Triton cannot run on {device} "
+            raise RuntimeError(f"MOECO_FP8_GROUPED={mode} but Triton cannot run on {device} "
                                "(not installed, or CPU without TRITON_INTERPRET=1)")
-        return "triton"
+        return "triton" if wgrad or mode == "triton" else "fbgemm"
     # "auto": the grouped kernels on a GPU (checked against the loop on the H200 by
     # tests/test_fp8_gpu.py; the `small` FP8 step ran 3.7x faster than with the loop); the loop on
     # CPU, where the Triton interpreter would be far slower.
     # An explicit per-GEMM backend ("reference", "scaled_mm") keeps the loop, which honours it.
-    return "triton" if ok and device.type == "cuda" and backend in ("auto", "triton") else "loop"
+    if not (ok and device.type == "cuda" and backend in ("auto", "triton")):
+        return "loop"
+    return "fbgemm" if not wgrad and backend == "auto" and fbgemm.available(device) else "triton"
+
+
+def _grouped_gemm(impl: str, a_q, a_scale, b_q, b_scale_nk, offs_d, out_dtype, b_scale_kn=None):
+    """One grouped GEMM on the device for impl "fbgemm" or "triton": out[rows of e] = a . b[e]^T, with
+    b's 128x128 scales (E, NB, KB) as `b_scale_nk` or, transposed and contiguous, `b_scale_kn`."""
+    from moeco.fp8 import fbgemm, triton_kernels
+
+    if impl == "fbgemm" and fbgemm.fits(b_q.shape[1], b_q.shape[2], out_dtype):
+        kn = b_scale_kn if b_scale_kn is not None else b_scale_nk.transpose(1, 2).contiguous()
+        return fbgemm.grouped_gemm(a_q, a_scale, b_q, kn, offs_d)
+    nk = b_scale_nk if b_scale_nk is not None else b_scale_kn.transpose(1, 2)
+    return triton_kernels.fp8_grouped_gemm_nt(a_q, a_scale, b_q, nk, offs_d, out_dtype)
 
 
 def fp8_grouped_gemm_loop(xq, xs, wq, ws, rows: list[tuple[int, int]], out_dtype: torch.dtype,
@@ -242,11 +263,9 @@ def _grouped_forward(x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str
     `step_cache`: take the FP8 weight from `weight_cache()` (eager calls; not the custom operator)."""
     xq, xs = quantize_act_1x128(x, pow2_scale=act_pow2)
     wq, ws, wtq = _grouped_weight(w, weight_pow2, step_cache)
-    if grouped_impl(x.device, backend) == "triton":
-        from moeco.fp8 import triton_kernels
-
-        y = triton_kernels.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs.to(device=x.device, dtype=torch.int32),
-                                               out_dtype)
+    impl = grouped_impl(x.device, backend)
+    if impl != "loop":
+        y = _grouped_gemm(impl, xq, xs, wq, ws, offs.to(device=x.device, dtype=torch.int32), out_dtype)
     else:
         y = fp8_grouped_gemm_loop(xq, xs, wq, ws, _rows(offs), out_dtype, backend)
     return y.contiguous(), xq.contiguous(), _outer_major(xs), wtq.contiguous(), ws.contiguous()
@@ -260,14 +279,15 @@ def _grouped_backward_impl(gy, xq, xs, wtq, ws, offs, w_shape, act_pow2: bool, b
     impl = grouped_impl(gy.device, backend)
     impl_w = grouped_impl(gy.device, backend, wgrad=True)
     rows = None
-    if "triton" in (impl, impl_w):
+    if impl != "loop" or impl_w != "loop":
         from moeco.fp8 import triton_kernels
 
         offs_d = offs.to(device=gy.device, dtype=torch.int32)
     if need_dx:
         gq, gs = quantize_act_1x128(gy, pow2_scale=act_pow2)
-        if impl == "triton":  # Dgrad: dy (1x128 along N) . W_e, i.e. W_e^T (K, N) with blocks transposed
-            dx = triton_kernels.fp8_grouped_gemm_nt(gq, gs, wtq, ws.transpose(1, 2), offs_d, x_dtype)
+        if impl != "loop":  # Dgrad: dy (1x128 along N) . W_e, i.e. W_e^T (K, N), whose (KB, NB) block
+            # scales are ws transposed: ws itself is their reduction-first form
+            dx = _grouped_gemm(impl, gq, gs, wtq, None, offs_d, x_dtype, b_scale_kn=ws)
         else:
             rows = _rows(offs)
             dx = torch.zeros(xq.shape, dtype=x_dtype, device=gy.device)

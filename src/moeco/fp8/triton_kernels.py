@@ -721,6 +721,32 @@ def fp8_grouped_gemm_nt(a_q, a_scale, b_q, b_scale, offs, out_dtype=torch.bfloat
     return c
 
 
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _zero_rows_past_kernel(c_ptr, offs_ptr, E, T, N, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        end = tl.load(offs_ptr + E - 1).to(tl.int64)
+        r0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+        if r0 + BLOCK_R > end:  # only the blocks that reach past the last expert's rows store
+            rows = r0 + tl.arange(0, BLOCK_R)
+            cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+            mask = ((rows >= end) & (rows < T))[:, None] & (cols < N)[None, :]
+            tl.store(c_ptr + rows[:, None] * stride_c + cols[None, :],
+                     tl.zeros((BLOCK_R, BLOCK_C), c_ptr.dtype.element_ty), mask=mask)
+
+
+def zero_rows_past(c: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """c[offs[-1]:] = 0 in place, for c (T, N) with unit column stride, without a host sync."""
+    T, N = c.shape
+    E = offs.numel()
+    if T == 0 or N == 0 or E == 0:
+        return c
+    block_r, block_c = (16, 64) if interpreting() else (64, 1024)
+    _zero_rows_past_kernel[(_ceil_div(T, block_r), _ceil_div(N, block_c))](
+        c, offs, E, T, N, c.stride(0), BLOCK_R=block_r, BLOCK_C=block_c)
+    return c
+
+
 def grouped_padded_rows(offs: torch.Tensor, T: int):
     """Each expert's rows moved to start on a multiple of 128: (dest (T,) int64, pstart (E+1,) int64, Tp).
 
