@@ -309,3 +309,15 @@ def test_zero_rows_past_the_last_expert(counts, T):
     triton_kernels.zero_rows_past(c, offs)
     end = sum(counts)
     assert torch.equal(c[:end], before[:end]) and (c[end:] == 0).all()
+
+
+@pytest.mark.parametrize("counts,T", [([5, 0, 9, 2], 16), ([3, 4], 10), ([0, 0, 7], 7), ([17, 1], 40), ([], 5)])
+def test_group_scales_kernel_matches_reference(counts, T):
+    from moeco.fp8.fbgemm import group_scales_reference
+
+    gen = torch.Generator().manual_seed(len(counts) + T)
+    a_scale = torch.rand(3, T, generator=gen).to(DEVICE).t()  # the (KB, T) buffer, seen as (T, KB)
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32).to(DEVICE)
+    got, sizes = triton_kernels.group_scales(a_scale, offs)
+    assert torch.equal(got, group_scales_reference(a_scale, offs))
+    assert sizes.tolist() == counts

@@ -12,7 +12,7 @@ over each expert's tokens with 128x1 scales).
 What it wants, from its source and probed on the H200:
     a (T, K) E4M3, rows sorted by expert           M_sizes (E,) int64 rows per expert
     a_scale: expert e's scales as its own (KB, M_e) block, M_e contiguous, at offset KB * start_e
-             (moeco's quantizer writes one (KB, T) buffer: `group_scales` moves them)
+             (moeco's quantizer writes one (KB, T) buffer: `triton_kernels.group_scales` moves them)
     b (E, N, K) E4M3                               b_scale (E, KB, NB): the reduction's blocks first
 Rows past sum(M_sizes) are not written by it; moeco zeroes them (its grouped contract).
 """
@@ -48,10 +48,10 @@ def fits(N: int, K: int, out_dtype: torch.dtype) -> bool:
     return N % BLOCK == 0 and K % BLOCK == 0 and N > 0 and K > 0 and out_dtype == torch.bfloat16
 
 
-def group_scales(a_scale: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def group_scales_reference(a_scale: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """(T, KB) 1x128 scales -> a flat (T * KB,) buffer with expert e's scales as a (KB, M_e) block at
     offset KB * start_e, M_e contiguous; rows past offs[-1] form one more block after the last. Device
-    ops only (no host sync)."""
+    ops only (no host sync); `triton_kernels.group_scales` does it in one launch."""
     T, KB = a_scale.shape
     dev = a_scale.device
     ends = torch.cat([offs.to(device=dev, dtype=torch.int64), torch.full((1,), T, dtype=torch.int64, device=dev)])
@@ -66,16 +66,13 @@ def group_scales(a_scale: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def grouped_gemm(a_q, a_scale, b_q, b_scale_kn, offs, *, scales_grouped: torch.Tensor | None = None):
-    """out[rows of e] = a[rows of e] . b[e]^T (bf16), rows past offs[-1] zero. b_scale_kn (E, KB, NB)
-    contiguous; `scales_grouped`: `group_scales(a_scale, offs)` if the caller has it already."""
+def grouped_gemm(a_q, a_scale, b_q, b_scale_kn, offs):
+    """out[rows of e] = a[rows of e] . b[e]^T (bf16), rows past offs[-1] zero; b_scale_kn (E, KB, NB)."""
     from moeco.fp8 import triton_kernels
 
     T = a_q.shape[0]
     E = b_q.shape[0]
-    xs = scales_grouped if scales_grouped is not None else group_scales(a_scale, offs)
-    offs64 = offs.to(torch.int64)
-    sizes = torch.diff(offs64, prepend=offs64.new_zeros(1))
+    xs, sizes = triton_kernels.group_scales(a_scale, offs)
     out = torch.ops.fbgemm.f8f8bf16_groupwise_grouped(a_q.contiguous(), b_q.contiguous(), xs,
                                                      b_scale_kn.contiguous(), sizes)
     if T > 0 and E > 0:
@@ -83,4 +80,4 @@ def grouped_gemm(a_q, a_scale, b_q, b_scale_kn, offs, *, scales_grouped: torch.T
     return out
 
 
-__all__ = ["available", "fits", "group_scales", "grouped_gemm"]
+__all__ = ["available", "fits", "group_scales_reference", "grouped_gemm"]

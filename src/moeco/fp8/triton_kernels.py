@@ -522,6 +522,26 @@ if _HAVE_TRITON:
         tl.store(c_ptr + offs_m64[:, None] * stride_cm + offs_n[None, :], c, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
+    def _wgrad_tile(pstart_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # The grouped Wgrad's program -> (expert, its k-blocks [kb0, kb1) in the padded token layout,
+        # output tile offsets, row/column indices and bounds). Grid: (output tiles, experts).
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
+        num_n = tl.cdiv(N, BLOCK_N)
+        off_m = (pid // num_n) * BLOCK_M
+        off_n = (pid % num_n) * BLOCK_N
+        kb0 = (tl.load(pstart_ptr + e) // 128).to(tl.int32)  # int32: TMA descriptor coordinates
+        kb1 = (tl.load(pstart_ptr + e + 1) // 128).to(tl.int32)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        return e, kb0, kb1, off_m, off_n, offs_m, offs_n, offs_m < M, offs_n < N
+
+    @triton.jit
+    def _store_expert_tile(c_ptr, e, stride_ce, stride_cm, offs_m, offs_n, m_ok, n_ok, acc):
+        tl.store(c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :],
+                 acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
     def _fp8_grouped_wgrad_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, pstart_ptr, M, N,
                                   stride_am, stride_bn, stride_ce, stride_cm, stride_asm, stride_ask,
                                   stride_bsn, stride_bsk,
@@ -529,18 +549,8 @@ if _HAVE_TRITON:
         # C[e] (M, N) = A[:, tokens of e] . B[:, tokens of e]^T, both operands 1x128-scaled along the
         # tokens; every expert's token range starts on a 128 boundary (the padded layout), so its
         # k-blocks are pstart[e] // 128 .. pstart[e + 1] // 128. An expert without tokens gets zeros.
-        pid = tl.program_id(0)
-        e = tl.program_id(1)
-        num_n = tl.cdiv(N, BLOCK_N)
-        pid_m = pid // num_n
-        pid_n = pid % num_n
-        kb0 = tl.load(pstart_ptr + e) // 128
-        kb1 = tl.load(pstart_ptr + e + 1) // 128
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        e, kb0, kb1, off_m, off_n, offs_m, offs_n, m_ok, n_ok = _wgrad_tile(pstart_ptr, M, N, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, 128)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
         a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (kb0 * 128 + offs_k)[None, :]
         b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + (kb0 * 128 + offs_k)[:, None]
         as_ptrs = as_ptr + offs_m * stride_asm
@@ -558,9 +568,7 @@ if _HAVE_TRITON:
             acc += part * sa[:, None] * sb[None, :]
             a_ptrs += 128
             b_ptrs += 128
-        c = acc.to(c_ptr.dtype.element_ty)
-        tl.store(c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :], c,
-                 mask=m_ok[:, None] & n_ok[None, :])
+        _store_expert_tile(c_ptr, e, stride_ce, stride_cm, offs_m, offs_n, m_ok, n_ok, acc)
 
 
     @triton.jit
@@ -596,25 +604,11 @@ if _HAVE_TRITON:
                                       stride_ce, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
                                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
         # _fp8_grouped_wgrad_kernel with TMA loads (A (M, Tp) and B (N, Tp), both 1x128 along Tp).
-        pid = tl.program_id(0)
-        e = tl.program_id(1)
-        num_n = tl.cdiv(N, BLOCK_N)
-        pid_m = pid // num_n
-        pid_n = pid % num_n
-        kb0 = (tl.load(pstart_ptr + e) // 128).to(tl.int32)  # descriptor coordinates are int32
-        kb1 = (tl.load(pstart_ptr + e + 1) // 128).to(tl.int32)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        offs_m = off_m + tl.arange(0, BLOCK_M)
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
+        e, kb0, kb1, off_m, off_n, offs_m, offs_n, m_ok, n_ok = _wgrad_tile(pstart_ptr, M, N, BLOCK_M, BLOCK_N)
         acc = _promoted_k_loop_tma(a_desc, b_desc, off_m, off_n, kb0, kb1, as_ptr + offs_m * stride_asm, m_ok,
                                    stride_ask, bs_ptr + offs_n * stride_bsn, n_ok, stride_bsk, False, BLOCK_M,
                                    BLOCK_N, UPCAST)
-        c = acc.to(c_ptr.dtype.element_ty)
-        tl.store(c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :], c,
-                 mask=m_ok[:, None] & n_ok[None, :])
+        _store_expert_tile(c_ptr, e, stride_ce, stride_cm, offs_m, offs_n, m_ok, n_ok, acc)
 
 def grouped_tile_map(offs: torch.Tensor, T: int, block_m: int) -> torch.Tensor:
     """int32 (3, n_tiles): for each M tile of the grouped layout, (group, first row, end row).
@@ -733,6 +727,55 @@ if _HAVE_TRITON:
             mask = ((rows >= end) & (rows < T))[:, None] & (cols < N)[None, :]
             tl.store(c_ptr + rows[:, None] * stride_c + cols[None, :],
                      tl.zeros((BLOCK_R, BLOCK_C), c_ptr.dtype.element_ty), mask=mask)
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _group_scales_kernel(s_ptr, offs_ptr, out_ptr, sizes_ptr, T, KB, E, stride_st, stride_skb,
+                             BLOCK_T: tl.constexpr, STEPS: tl.constexpr):
+        # Row t of expert e (e = E: the rows past offs[-1]) moves its KB scales to
+        # out[KB * start_e + kb * size_e + (t - start_e)]. Program 0 also writes sizes (E,) int64.
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        ok = t < T
+        lo = tl.zeros((BLOCK_T,), tl.int32)
+        hi = tl.full((BLOCK_T,), E, tl.int32)
+        for _ in tl.static_range(STEPS):  # first e in [0, E] whose end (offs[e], or T for e = E) is > t
+            mid = (lo + hi) // 2
+            end = tl.where(mid < E, tl.load(offs_ptr + tl.minimum(mid, E - 1)), T)
+            right = end <= t
+            lo = tl.where(right, mid + 1, lo)
+            hi = tl.where(right, hi, mid)
+        e = lo
+        start = tl.where(e > 0, tl.load(offs_ptr + tl.maximum(e - 1, 0)), 0).to(tl.int64)
+        end = tl.where(e < E, tl.load(offs_ptr + tl.minimum(e, E - 1)), T).to(tl.int64)
+        base = KB * start + (t - start)
+        for kb in range(KB):
+            v = tl.load(s_ptr + t.to(tl.int64) * stride_st + kb * stride_skb, mask=ok)
+            tl.store(out_ptr + base + kb * (end - start), v, mask=ok)
+        if tl.program_id(0) == 0:
+            for g in range(E):
+                prev = tl.where(g > 0, tl.load(offs_ptr + tl.maximum(g - 1, 0)), 0)
+                tl.store(sizes_ptr + g, (tl.load(offs_ptr + g) - prev).to(tl.int64))
+
+
+def group_scales(a_scale: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, KB) 1x128 scales (any strides) -> (flat (T * KB,) buffer with expert e's scales as a (KB, M_e)
+    block at KB * start_e, M_e contiguous, the rows past offs[-1] as one more block; sizes (E,) int64).
+    One launch, no host sync; reference `moeco.fp8.fbgemm.group_scales_reference`."""
+    T, KB = a_scale.shape
+    E = offs.numel()
+    out = torch.empty(T * KB, dtype=torch.float32, device=a_scale.device)
+    sizes = torch.empty(E, dtype=torch.int64, device=a_scale.device)
+    if E == 0:  # every row is past offs[-1]: one (KB, T) block
+        return a_scale.t().reshape(-1).float().clone(), sizes
+    if offs.dtype != torch.int32:
+        offs = offs.to(torch.int32)
+    block_t = 16 if interpreting() else 256
+    steps = max(1, (E + 1 - 1).bit_length())  # halvings of [0, E] down to one index
+    _group_scales_kernel[(max(1, _ceil_div(T, block_t)),)](a_scale, offs, out, sizes, T, KB, E, a_scale.stride(0),
+                                                            a_scale.stride(1), BLOCK_T=block_t, STEPS=steps)
+    return out, sizes
 
 
 def zero_rows_past(c: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
