@@ -534,7 +534,7 @@ def fbgemm_rows(tokens):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,linear,fbgemm")
+    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,retile_moe,div,linear,fbgemm")
     p.add_argument("--tokens", default="4096,16384")
     p.add_argument("--json")
     a = p.parse_args()
