@@ -154,6 +154,13 @@ class LocalDispatcher:
 
     def combine(self, y_CD: torch.Tensor, routing: Routing, handle, num_tokens: int) -> torch.Tensor:
         order, inverse = handle
+        if y_CD.is_cuda and not torch.compiler.is_compiling():
+            # one gather-and-weighted-sum kernel each way (moe_kernels), instead of the three passes
+            # and two (T, K, D) copies below
+            from moeco.model import moe_kernels
+
+            if moe_kernels.available(y_CD.device):
+                return moe_kernels.fused(y_CD, routing.weights_TK, order, inverse)
         K = routing.indices_TK.shape[1]
         y_TKD = _GatherRows.apply(y_CD, inverse, order, 1).view(num_tokens, K, y_CD.shape[-1])
         # Weighted sum over the K copies, element-wise (memory-bound; torch.compile fuses it): a
