@@ -93,19 +93,10 @@ class _CombineFn(torch.autograd.Function):
 
 
 def fused(y_CD: torch.Tensor, weights_TK: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """The Triton combine (autograd included), on any device Triton runs on."""
+    """out (T, D) = sum_k weights[t, k] * y[inverse[t K + k]] by the Triton kernels (autograd included), on
+    any device Triton runs on; `order` is inverse's inverse permutation. `LocalDispatcher.combine` takes
+    it on CUDA outside torch.compile (where Inductor fuses the PyTorch combine itself)."""
     return _CombineFn.apply(y_CD, weights_TK, order, inverse)
 
 
-def combine(y_CD: torch.Tensor, weights_TK: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """out (T, D) = sum_k weights[t, k] * y[inverse[t K + k]]; `order` is inverse's inverse permutation.
-
-    The fused kernels on CUDA outside torch.compile (Inductor fuses the reference itself); the
-    reference elsewhere (the tests run the kernels on CPU under TRITON_INTERPRET=1 through `fused`).
-    """
-    if y_CD.is_cuda and available(y_CD.device) and not torch.compiler.is_compiling() and y_CD.dim() == 2:
-        return fused(y_CD, weights_TK, order, inverse)
-    return combine_reference(y_CD, weights_TK, order, inverse)
-
-
-__all__ = ["combine", "combine_reference", "fused"]
+__all__ = ["combine_reference", "fused"]
