@@ -281,7 +281,7 @@ def div_rows(tokens):
 
 def dual_rows(tokens):
     """Fp8Linear's one-read quantization (`quantize_act_dual`: 1x128 and 128x1 of the same bf16
-    tensor) against the two single kernels it replaces, over tile width x warps x transposition form;
+    tensor) against the two single kernels it replaces, over tile width x warps x division form;
     and the 1x128 kernel with streaming loads/stores (`stream`) against plain ones."""
     rows = []
     for T in tokens:
@@ -293,12 +293,14 @@ def dual_rows(tokens):
             res = {}
             for g in (1, 2):
                 for nw in (4, 8):
-                    for mode in (0, 1, 2):
+                    for fast in (True, False):
+                        tk.FAST_DIV = fast
                         try:
-                            res[f"groups={g} warps={nw} trans_mode={mode}"] = gpu_ms(
-                                lambda: tk.quantize_act_dual(x, groups=g, num_warps=nw, trans_mode=mode))
+                            res[f"groups={g} warps={nw} fast_div={int(fast)}"] = gpu_ms(
+                                lambda: tk.quantize_act_dual(x, groups=g, num_warps=nw))
                         except Exception as exc:  # a config that does not fit
-                            print(f"    dual groups={g} warps={nw} mode={mode}: failed {exc!r:.120}", flush=True)
+                            print(f"    dual groups={g} warps={nw}: failed {exc!r:.120}", flush=True)
+            tk.FAST_DIV = True
             best = min(res, key=res.get)
             t1 = {st: gpu_ms(lambda: tk.quantize_act_1x128(x, stream=st)) for st in (False, True)}
             rows.append(dict(T=T, C=C, separate_ms=t_sep, dual=res, best=best, best_ms=res[best],
@@ -351,8 +353,7 @@ def retile_moe_rows():
 
 def retile_rows():
     """The 128x1 (token-wise) quantization for Wgrad, from bf16 and from the saved FP8 tiles, over
-    channel tile x warps x store form (transposed pointer store, or the tile transposed first, moved as
-    FP8 bytes, float32 or int32)."""
+    channel tile x warps x store form (transposed fp32 pointer store, or the fp8 tile transposed first)."""
     rows = []
     for T, C in ((4096, 7168), (16384, 7168), (16384, 2048)):
         x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
@@ -363,17 +364,14 @@ def retile_rows():
             res = []
             for bc in (32, 64, 128):
                 for nw in (4, 8):
-                    # trans: 0 pointer store, 1/2/3 the tile transposed as FP8 bytes / float32 /
-                    # int32-widened bytes (`trans_mode` 0/1/2)
-                    for trans in (0, 1, 2, 3):
+                    for trans in (False, True):
                         try:
                             t = gpu_ms(lambda: tk.quantize_act_1x128_t(*args, block_c=bc, num_warps=nw,
-                                                                       trans_store=trans > 0,
-                                                                       trans_mode=max(trans - 1, 0)))
+                                                                       trans_store=trans))
                         except Exception as exc:
                             print(f"retile block_c={bc} warps={nw} trans={trans}: failed {exc!r:.150}", flush=True)
                             continue
-                        res.append((nbytes / t / 1e6, f"block_c={bc} warps={nw} trans={trans}", t))
+                        res.append((nbytes / t / 1e6, f"block_c={bc} warps={nw} trans={int(trans)}", t))
             best = max(res)
             base = next(r for r in res if r[1] == "block_c=32 warps=4 trans=1")
             rows.append(dict(T=T, C=C, src=src, best=best[1], best_ms=best[2], best_gbs=best[0], default_ms=base[2],

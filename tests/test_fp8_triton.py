@@ -61,35 +61,35 @@ def test_triton_weight_quant_is_bit_exact(shape, pow2):
 
 
 @pytest.mark.parametrize("from_fp8", [False, True])
-@pytest.mark.parametrize("trans_store,trans_mode", [(False, 0), (True, 0), (True, 1), (True, 2)])
+@pytest.mark.parametrize("trans_store", [False, True])
 @pytest.mark.parametrize("C", [48, 300])
-def test_triton_quant_along_tokens_is_bit_exact(from_fp8, trans_store, trans_mode, C):
+def test_triton_quant_along_tokens_is_bit_exact(from_fp8, trans_store, C):
     """C = 300: three 1x128 blocks of x's scales (the last partial) under tiles of fewer channels."""
     gen = torch.Generator().manual_seed(7 + C)
     x = (torch.randn(300, C, generator=gen) * torch.logspace(-2, 2, C)).to(DEVICE)
     if from_fp8:
         xq, xs = quantize_act_1x128_reference(x)
-        q, s = triton_kernels.quantize_act_1x128_t(xq, xs, trans_store=trans_store, trans_mode=trans_mode)
+        q, s = triton_kernels.quantize_act_1x128_t(xq, xs, trans_store=trans_store)
         xd = (xq.float() * xs.repeat_interleave(128, -1)[:, :C])
         q_ref, s_ref = quantize_act_1x128_reference(xd.t().contiguous())
     else:
-        q, s = triton_kernels.quantize_act_1x128_t(x, trans_store=trans_store, trans_mode=trans_mode)
+        q, s = triton_kernels.quantize_act_1x128_t(x, trans_store=trans_store)
         q_ref, s_ref = quantize_act_1x128_reference(x.t().contiguous())
     assert q.shape == (C, 300) and s.shape == (C, 3)
     assert torch.equal(s, s_ref)
     assert torch.equal(_bits(q), _bits(q_ref))
 
 
-@pytest.mark.parametrize("pow2,trans_mode", [(False, 0), (True, 1), (False, 2)])
+@pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("T,C,groups", [(300, 200, 1), (128, 512, 2), (37, 130, 2)])
-def test_triton_dual_quant_equals_both_single_quantizations(T, C, groups, pow2, trans_mode):
+def test_triton_dual_quant_equals_both_single_quantizations(T, C, groups, pow2):
     """One read, two tilings: the same bits as the 1x128 and the 128x1 references, with partial
     token and channel tiles (T, C not multiples of 128) and several 128-channel groups per tile."""
     gen = torch.Generator().manual_seed(T + C)
     x = (torch.randn(T, C, generator=gen) * torch.logspace(-3, 3, C)).to(torch.bfloat16).to(DEVICE)
     x[:, 5] = 0.0
     x[3, :] = -0.0
-    q, s, qt, st = triton_kernels.quantize_act_dual(x, pow2_scale=pow2, groups=groups, trans_mode=trans_mode)
+    q, s, qt, st = triton_kernels.quantize_act_dual(x, pow2_scale=pow2, groups=groups)
     q_ref, s_ref = quantize_act_1x128_reference(x, pow2_scale=pow2)
     qt_ref, st_ref = quantize_act_1x128_reference(x.t().contiguous(), pow2_scale=pow2)
     assert q.shape == (T, C) and s.shape == s_ref.shape and s.stride() == (1, T)

@@ -116,18 +116,6 @@ if _HAVE_TRITON:
             return tl.math.div_rn(x, s)
 
     @triton.jit
-    def _transpose_e4m3(v, fp8: tl.constexpr, MODE: tl.constexpr):
-        # e4m3(v)^T for a 2-D float32 tile v. The transposition goes through shared memory; MODE
-        # picks the element it moves: 0 the FP8 byte, 1 the float32 before the cast (rounding is
-        # element-wise, so the bits are the same), 2 the FP8 byte widened to an int32.
-        if MODE == 0:
-            return tl.trans(v.to(fp8))
-        elif MODE == 1:
-            return tl.trans(v).to(fp8)
-        else:
-            return tl.trans(v.to(fp8).to(tl.int8, bitcast=True).to(tl.int32)).to(tl.int8).to(fp8, bitcast=True)
-
-    @triton.jit
     def _swizzle(pid, n_outer, n_inner, GROUP: tl.constexpr):
         # Grouped program order over (outer, inner) output tiles: GROUP outer tiles at a time, the
         # outer index fastest within a group, so that neighbouring programs share tiles in L2.
@@ -173,7 +161,7 @@ if _HAVE_TRITON:
     def _quant_act_t_kernel(x_ptr, xs_ptr, rows_ptr, q_ptr, s_ptr, T, C, stride_xt, stride_xst, stride_xsc,
                             stride_qc, stride_sc, stride_st, BLOCK_C: tl.constexpr, GATHER: tl.constexpr,
                             FROM_FP8: tl.constexpr, POW2: tl.constexpr, EMULATE_CAST: tl.constexpr,
-                            TRANS_STORE: tl.constexpr, FAST_DIV: tl.constexpr, TRANS_MODE: tl.constexpr):
+                            TRANS_STORE: tl.constexpr, FAST_DIV: tl.constexpr):
         # Tile: 128 output tokens x BLOCK_C channels; amax over the tokens; written as q (C, T) and
         # s (C, ceil(T/128)). With GATHER, output token t reads row rows[t] of x (-1: a zero row),
         # so that the caller's padded layout is never materialized.
@@ -200,7 +188,7 @@ if _HAVE_TRITON:
             v = _round_to_e4m3_grid(v)
         out_mask = (toks < T)[:, None] & (chans < C)[None, :]
         if TRANS_STORE:  # transpose the 1-byte tile, then store rows of q: channel-major, token-contiguous
-            q_ct = _transpose_e4m3(v, q_ptr.dtype.element_ty, TRANS_MODE)
+            q_ct = tl.trans(v.to(q_ptr.dtype.element_ty))
             tl.store(q_ptr + chans.to(tl.int64)[:, None] * stride_qc + toks[None, :], q_ct, mask=tl.trans(out_mask))
         else:
             tl.store(q_ptr + chans[None, :] * stride_qc + toks[:, None], v.to(q_ptr.dtype.element_ty), mask=out_mask)
@@ -209,8 +197,7 @@ if _HAVE_TRITON:
     @triton.jit
     def _quant_act_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, T, C, stride_xt, stride_qt, stride_sm,
                                stride_sk, stride_qtc, stride_stc, stride_stt, GROUPS: tl.constexpr,
-                               POW2: tl.constexpr, EMULATE_CAST: tl.constexpr, FAST_DIV: tl.constexpr,
-                               TRANS_MODE: tl.constexpr):
+                               POW2: tl.constexpr, EMULATE_CAST: tl.constexpr, FAST_DIV: tl.constexpr):
         # One read of a 128-token x (128 * GROUPS)-channel tile of x, two quantizations of it:
         # 1x128 along the channels (q (T, C), s (T, CB)) and 128x1 along the tokens, written
         # transposed (qt (C, T), st (C, TB)). Masked-off elements load as 0, which no amax sees.
@@ -239,7 +226,7 @@ if _HAVE_TRITON:
         vt = _div_by_scale(x, st[None, :], FAST_DIV)
         if EMULATE_CAST:
             vt = _round_to_e4m3_grid(vt)
-        qt = _transpose_e4m3(vt, qt_ptr.dtype.element_ty, TRANS_MODE)
+        qt = tl.trans(vt.to(qt_ptr.dtype.element_ty))
         tl.store(qt_ptr + chans.to(tl.int64)[:, None] * stride_qtc + toks[None, :], qt, mask=tl.trans(mask))
         tl.store(st_ptr + chans * stride_stc + pid_t * stride_stt, st, mask=c_ok)
 
@@ -406,7 +393,7 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
 
 def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
                          block_c: int = 32, rows: torch.Tensor | None = None, num_warps: int = 4,
-                         trans_store: bool | None = None, trans_mode: int = 0):
+                         trans_store: bool | None = None):
     """Quantize x (T, C) along T: returns q (C, T) E4M3 and s (C, ceil(T/128)) with strides (1, C).
 
     With `x_scale` (T, ceil(C/128)), x is FP8 with 1x128 scales and is dequantized in the kernel.
@@ -441,12 +428,11 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
                               xs.stride(1), q.stride(0), s.stride(0), s.stride(1), BLOCK_C=block_c,
                               GATHER=rows is not None, FROM_FP8=x_scale is not None, POW2=pow2_scale,
                               EMULATE_CAST=interpreting(), TRANS_STORE=trans_store, FAST_DIV=False,
-                              TRANS_MODE=trans_mode, num_warps=num_warps)
+                              num_warps=num_warps)
     return q, s
 
 
-def quantize_act_dual(x: torch.Tensor, *, pow2_scale: bool = False, groups: int = 1, num_warps: int = 8,
-                      trans_mode: int = 0):
+def quantize_act_dual(x: torch.Tensor, *, pow2_scale: bool = False, groups: int = 1, num_warps: int = 8):
     """Both quantizations of x (T, C) from one read: `quantize_act_1x128(x)` and `quantize_act_1x128_t(x)`.
 
     Returns (q (T, C), s (T, CB) with strides (1, T), qt (C, T), st (C, TB) with strides (1, C)),
@@ -467,8 +453,7 @@ def quantize_act_dual(x: torch.Tensor, *, pow2_scale: bool = False, groups: int 
     grid = (tb, _ceil_div(cb, groups))
     _quant_act_dual_kernel[grid](x, q, s, qt, st, T, C, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
                                  qt.stride(0), st.stride(0), st.stride(1), GROUPS=groups, POW2=pow2_scale,
-                                 EMULATE_CAST=interpreting(), FAST_DIV=_fast_div(), TRANS_MODE=trans_mode,
-                                 num_warps=num_warps)
+                                 EMULATE_CAST=interpreting(), FAST_DIV=_fast_div(), num_warps=num_warps)
     return q, s, qt, st
 
 
