@@ -1,6 +1,6 @@
 """Sweeps for the FP8 fast paths on one GPU: which kernel and tile wins at DeepSeek-V3 shapes.
 
-    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,retile_moe,div,dual,linear,fbgemm] [--json F]
+    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,retile_moe,div,linear,fbgemm] [--json F]
 
 probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128 x 1x128 (Wgrad) and
         128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
@@ -279,42 +279,6 @@ def div_rows(tokens):
     return rows
 
 
-def dual_rows(tokens):
-    """Fp8Linear's one-read quantization (`quantize_act_dual`: 1x128 and 128x1 of the same bf16
-    tensor) against the two single kernels it replaces, over tile width x warps x division form;
-    and the 1x128 kernel with streaming loads/stores (`stream`) against plain ones."""
-    rows = []
-    for T in tokens:
-        for C in (7168, 2048, 1536):
-            x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
-            nb2 = T * C * 4 + (T * C // 128) * 8  # read 2, write 1 + 1, two scales per 128
-            nb1 = T * C * 3 + (T * C // 128) * 4
-            t_sep = gpu_ms(lambda: (tk.quantize_act_1x128(x), tk.quantize_act_1x128_t(x)))
-            res = {}
-            for g in (1, 2):
-                for nw in (4, 8):
-                    for fast in (True, False):
-                        tk.FAST_DIV = fast
-                        try:
-                            res[f"groups={g} warps={nw} fast_div={int(fast)}"] = gpu_ms(
-                                lambda: tk.quantize_act_dual(x, groups=g, num_warps=nw))
-                        except Exception as exc:  # a config that does not fit
-                            print(f"    dual groups={g} warps={nw}: failed {exc!r:.120}", flush=True)
-            tk.FAST_DIV = True
-            best = min(res, key=res.get)
-            t1 = {st: gpu_ms(lambda: tk.quantize_act_1x128(x, stream=st)) for st in (False, True)}
-            rows.append(dict(T=T, C=C, separate_ms=t_sep, dual=res, best=best, best_ms=res[best],
-                             speedup=t_sep / res[best], act_1x128_ms=t1[False], act_1x128_stream_ms=t1[True]))
-            print(f"dual T={T:6d} C={C:5d} | two kernels {t_sep:.4f} ms {nb2 / t_sep / 1e6:5.0f} GB/s | dual best "
-                  f"{best} {res[best]:.4f} ms {nb2 / res[best] / 1e6:5.0f} GB/s ({nb2 / res[best] / 4.8e9:.0%}) "
-                  f"{t_sep / res[best]:.2f}x | 1x128 {t1[False]:.4f} ms ({nb1 / t1[False] / 4.8e9:.1%}) stream "
-                  f"{t1[True]:.4f} ms ({nb1 / t1[True] / 4.8e9:.1%})", flush=True)
-            for k, v in res.items():
-                print(f"    {k} {v:.4f} ms {nb2 / v / 1e6:5.0f} GB/s", flush=True)
-            del x
-    return rows
-
-
 def retile_moe_rows():
     """The grouped Wgrad's two 128x1 quantizations at the `small` preset's expert shapes (16384 tokens
     x 6 routed = 98304 rows over 64 experts, read through the padded row map as in
@@ -386,7 +350,7 @@ def retile_rows():
 
 FAMILIES = (("scaled_mm / cuBLAS", ("gemm", "sm90_xmma", "cutlass", "nvjet")), ("triton GEMM", ("fp8_gemm",)),
             ("quant rows", ("_quant_act_kernel",)), ("quant tokens", ("_quant_act_t_kernel",)),
-            ("quant both", ("_quant_act_dual_kernel",)), ("quant weight", ("_quant_weight",)))
+("quant weight", ("_quant_weight",)))
 
 
 def family(name: str) -> str:
@@ -570,7 +534,7 @@ def fbgemm_rows(tokens):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,retile_moe,div,dual,linear,fbgemm")
+    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,retile_moe,div,linear,fbgemm")
     p.add_argument("--tokens", default="4096,16384")
     p.add_argument("--json")
     a = p.parse_args()
@@ -584,7 +548,6 @@ def main() -> int:
     out = {}
     for sec, fn in (("probe", probe_rows), ("n576", lambda: n576_rows(tokens)), ("gemm", lambda: gemm_rows(tokens)), ("quant", lambda: quant_rows(tokens)),
                     ("grouped", grouped_rows), ("retile", retile_rows), ("retile_moe", retile_moe_rows), ("div", lambda: div_rows(tokens)),
-                    ("dual", lambda: dual_rows(tokens)),
                     ("linear", lambda: linear_rows(tokens)), ("fbgemm", lambda: fbgemm_rows(tokens))):
         if sec in a.only.split(","):
             try:

@@ -80,24 +80,6 @@ def test_triton_quant_along_tokens_is_bit_exact(from_fp8, trans_store, C):
     assert torch.equal(_bits(q), _bits(q_ref))
 
 
-@pytest.mark.parametrize("pow2", [False, True])
-@pytest.mark.parametrize("T,C,groups", [(300, 200, 1), (128, 512, 2), (37, 130, 2)])
-def test_triton_dual_quant_equals_both_single_quantizations(T, C, groups, pow2):
-    """One read, two tilings: the same bits as the 1x128 and the 128x1 references, with partial
-    token and channel tiles (T, C not multiples of 128) and several 128-channel groups per tile."""
-    gen = torch.Generator().manual_seed(T + C)
-    x = (torch.randn(T, C, generator=gen) * torch.logspace(-3, 3, C)).to(torch.bfloat16).to(DEVICE)
-    x[:, 5] = 0.0
-    x[3, :] = -0.0
-    q, s, qt, st = triton_kernels.quantize_act_dual(x, pow2_scale=pow2, groups=groups)
-    q_ref, s_ref = quantize_act_1x128_reference(x, pow2_scale=pow2)
-    qt_ref, st_ref = quantize_act_1x128_reference(x.t().contiguous(), pow2_scale=pow2)
-    assert q.shape == (T, C) and s.shape == s_ref.shape and s.stride() == (1, T)
-    assert qt.shape == (C, T) and st.shape == st_ref.shape and st.stride() == (1, C)
-    assert torch.equal(s, s_ref) and torch.equal(st, st_ref)
-    assert torch.equal(_bits(q), _bits(q_ref)) and torch.equal(_bits(qt), _bits(qt_ref))
-
-
 @pytest.mark.parametrize("from_fp8", [False, True])
 def test_triton_quant_along_tokens_through_a_row_map(from_fp8):
     """rows[t] picks the source row of output token t (-1: zeros): the same bits as quantizing the

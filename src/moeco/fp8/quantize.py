@@ -105,19 +105,6 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     return quantize_act_1x128_reference(xf.t(), pow2_scale=pow2_scale)
 
 
-def quantize_act_dual(x: torch.Tensor, *, pow2_scale: bool = False):
-    """Both tilings of x (T, C): `quantize_act_1x128(x) + quantize_act_1x128_t(x)`, i.e.
-    (q (T, C), s (T, CB), qt (C, T), st (C, TB)); one read of x on CUDA (a fused Triton kernel)."""
-    if x.is_cuda and x.numel() > 0:
-        from moeco.fp8 import triton_kernels
-
-        if triton_kernels.available():
-            return triton_kernels.quantize_act_dual(x, pow2_scale=pow2_scale)
-    q, s = quantize_act_1x128_reference(x, pow2_scale=pow2_scale)
-    qt, st = quantize_act_1x128_reference(x.t(), pow2_scale=pow2_scale)
-    return q, s, qt, st
-
-
 def dequantize_act_1x128(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32):
     """Inverse of `quantize_act_1x128`: q (*, K), scale (*, ceil(K/128)) -> (*, K) in `dtype`."""
     K = q.shape[-1]
@@ -190,6 +177,5 @@ def e4m3_bounds_ok(x: torch.Tensor, q: torch.Tensor, scale_full: torch.Tensor) -
 __all__ = [
     "AMAX_FLOOR", "BLOCK", "FP8_DTYPE", "FP8_MAX", "dequantize_act_1x128", "dequantize_weight_128x128",
     "expand_weight_scale", "quantize_act_1x128", "quantize_act_1x128_reference", "quantize_act_1x128_t",
-    "quantize_act_dual",
     "quantize_weight_128x128", "quantize_weight_128x128_reference",
 ]

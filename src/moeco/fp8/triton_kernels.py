@@ -10,8 +10,6 @@ quantize_act_1x128 (one program per BLOCK_M rows x 128 channels):
 quantize_act_1x128_t: the same tiles taken along dim 0 and written transposed (x (T, C) ->
     q (C, T), s (C, ceil(T/128))), optionally from FP8 input dequantized on the fly. This is
     the 1x128 -> 128x1 re-tiling Wgrad needs (both operands scaled along the token dim).
-quantize_act_dual: both of the above from one read of a 128 x 128 tile (Fp8Linear's x in a
-    training forward, dy in backward).
 quantize_weight_128x128: one program per 128x128 block of a (*, N, K) weight; optionally also
     writes the transposed FP8 copy (*, K, N) that Dgrad reads, in the same pass.
 fp8_gemm_nt: C (M, N) = A (M, K) . B (N, K)^T with A scaled per 1x128 tile and B per 128x128
@@ -128,31 +126,22 @@ if _HAVE_TRITON:
     @triton.jit
     def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
                           BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr,
-                          EMULATE_CAST: tl.constexpr, FAST_DIV: tl.constexpr, STREAM: tl.constexpr):
-        # One program per BLOCK_M rows x GROUPS tiles of 128 channels. STREAM: read x with
-        # evict-first and write q with streaming stores (each byte is touched once).
+                          EMULATE_CAST: tl.constexpr, FAST_DIV: tl.constexpr):
+        # One program per BLOCK_M rows x GROUPS tiles of 128 channels.
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_k * (128 * GROUPS) + tl.arange(0, 128 * GROUPS)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
-        if STREAM:
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask,
-                        other=0.0, eviction_policy="evict_first").to(tl.float32)
-        else:
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
         x3 = tl.reshape(x, (BLOCK_M, GROUPS, 128))
         s = _scale_from_amax(tl.max(tl.abs(x3), axis=2), POW2)  # (BLOCK_M, GROUPS)
         v = tl.reshape(_div_by_scale(x3, s[:, :, None], FAST_DIV), (BLOCK_M, 128 * GROUPS))
         if EMULATE_CAST:
             v = _round_to_e4m3_grid(v)
-        if STREAM:
-            tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], v.to(q_ptr.dtype.element_ty),
-                     mask=mask, cache_modifier=".cs")
-        else:
-            tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], v.to(q_ptr.dtype.element_ty),
-                     mask=mask)
+        tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], v.to(q_ptr.dtype.element_ty),
+                 mask=mask)
         kbs = pid_k * GROUPS + tl.arange(0, GROUPS)
         tl.store(s_ptr + rows[:, None] * stride_sm + kbs[None, :] * stride_sk, s,
                  mask=(rows < M)[:, None] & (kbs < tl.cdiv(K, 128))[None, :])
@@ -193,42 +182,6 @@ if _HAVE_TRITON:
         else:
             tl.store(q_ptr + chans[None, :] * stride_qc + toks[:, None], v.to(q_ptr.dtype.element_ty), mask=out_mask)
         tl.store(s_ptr + chans * stride_sc + pid_t * stride_st, s, mask=chans < C)
-
-    @triton.jit
-    def _quant_act_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, T, C, stride_xt, stride_qt, stride_sm,
-                               stride_sk, stride_qtc, stride_stc, stride_stt, GROUPS: tl.constexpr,
-                               POW2: tl.constexpr, EMULATE_CAST: tl.constexpr, FAST_DIV: tl.constexpr):
-        # One read of a 128-token x (128 * GROUPS)-channel tile of x, two quantizations of it:
-        # 1x128 along the channels (q (T, C), s (T, CB)) and 128x1 along the tokens, written
-        # transposed (qt (C, T), st (C, TB)). Masked-off elements load as 0, which no amax sees.
-        pid_t = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        toks = pid_t * 128 + tl.arange(0, 128)
-        chans = pid_c * (128 * GROUPS) + tl.arange(0, 128 * GROUPS)
-        t_ok = toks < T
-        c_ok = chans < C
-        mask = t_ok[:, None] & c_ok[None, :]
-        x = tl.load(x_ptr + toks.to(tl.int64)[:, None] * stride_xt + chans[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        # 1x128 tiles along C
-        x3 = tl.reshape(x, (128, GROUPS, 128))
-        s = _scale_from_amax(tl.max(tl.abs(x3), axis=2), POW2)  # (128, GROUPS)
-        v = tl.reshape(_div_by_scale(x3, s[:, :, None], FAST_DIV), (128, 128 * GROUPS))
-        if EMULATE_CAST:
-            v = _round_to_e4m3_grid(v)
-        tl.store(q_ptr + toks.to(tl.int64)[:, None] * stride_qt + chans[None, :], v.to(q_ptr.dtype.element_ty),
-                 mask=mask)
-        kbs = pid_c * GROUPS + tl.arange(0, GROUPS)
-        tl.store(s_ptr + toks[:, None] * stride_sm + kbs[None, :] * stride_sk, s,
-                 mask=t_ok[:, None] & (kbs < tl.cdiv(C, 128))[None, :])
-        # 128x1 tiles along T
-        st = _scale_from_amax(tl.max(tl.abs(x), axis=0), POW2)  # (128 * GROUPS,)
-        vt = _div_by_scale(x, st[None, :], FAST_DIV)
-        if EMULATE_CAST:
-            vt = _round_to_e4m3_grid(vt)
-        qt = tl.trans(vt.to(qt_ptr.dtype.element_ty))
-        tl.store(qt_ptr + chans.to(tl.int64)[:, None] * stride_qtc + toks[None, :], qt, mask=tl.trans(mask))
-        tl.store(st_ptr + chans * stride_stc + pid_t * stride_stt, st, mask=c_ok)
 
     @triton.jit
     def _quant_weight_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_we, stride_wn, stride_qe, stride_qn,
@@ -364,7 +317,7 @@ if _HAVE_TRITON:
 
 
 def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: int = 16, groups: int = 2,
-                       num_warps: int = 4, stream: bool = False):
+                       num_warps: int = 4):
     """Triton version of `moeco.fp8.quantize.quantize_act_1x128_reference`.
 
     The scale comes back as a (*, ceil(K/128)) view of a (ceil(K/128), rows) buffer
@@ -386,8 +339,7 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
     grid = (_ceil_div(M, block_m), _ceil_div(kb, groups))
     _quant_act_kernel[grid](x2, q, s_t, M, K, x2.stride(0), q.stride(0), 1, M,
                             BLOCK_M=block_m, GROUPS=groups, POW2=pow2_scale, EMULATE_CAST=interpreting(),
-                            FAST_DIV=_fast_div(), STREAM=stream and not interpreting(),
-                            num_warps=num_warps if block_m >= 16 else 1)
+                            FAST_DIV=_fast_div(), num_warps=num_warps if block_m >= 16 else 1)
     return q.reshape(*lead, K), s_t.t().reshape(*lead, kb)
 
 
@@ -430,31 +382,6 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
                               EMULATE_CAST=interpreting(), TRANS_STORE=trans_store, FAST_DIV=False,
                               num_warps=num_warps)
     return q, s
-
-
-def quantize_act_dual(x: torch.Tensor, *, pow2_scale: bool = False, groups: int = 1, num_warps: int = 8):
-    """Both quantizations of x (T, C) from one read: `quantize_act_1x128(x)` and `quantize_act_1x128_t(x)`.
-
-    Returns (q (T, C), s (T, CB) with strides (1, T), qt (C, T), st (C, TB) with strides (1, C)),
-    the same bits as the two single kernels (tests/test_fp8_triton.py). Fp8Linear uses it where it
-    needs both: x in a training forward (Fprop's operand, and Wgrad's, which it saves) and dy in
-    backward (Dgrad's and Wgrad's).
-    """
-    T, C = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    cb, tb = _ceil_div(C, 128), _ceil_div(T, 128)
-    q = torch.empty((T, C), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((cb, T), dtype=torch.float32, device=x.device).t()
-    qt = torch.empty((C, T), dtype=FP8_DTYPE, device=x.device)
-    st = torch.empty((tb, C), dtype=torch.float32, device=x.device).t()
-    if T == 0 or C == 0:
-        return q, s, qt, st
-    grid = (tb, _ceil_div(cb, groups))
-    _quant_act_dual_kernel[grid](x, q, s, qt, st, T, C, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
-                                 qt.stride(0), st.stride(0), st.stride(1), GROUPS=groups, POW2=pow2_scale,
-                                 EMULATE_CAST=interpreting(), FAST_DIV=_fast_div(), num_warps=num_warps)
-    return q, s, qt, st
 
 
 def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False, transposed: bool = False):
