@@ -27,7 +27,7 @@ from _timing import capture, gpu_ms
 from moeco.fp8 import Fp8Linear, fp8_grouped_mm, weight_cache
 from moeco.fp8.gemm import fp8_gemm, scaled_mm_fits
 from moeco.fp8.quantize import quantize_act_1x128, quantize_act_1x128_reference, quantize_weight_128x128
-from moeco.fp8 import triton_kernels
+from moeco.fp8 import cuda_kernels, triton_kernels
 
 # (K, N) of DeepSeek-V3 GEMMs named in issue 5 (hidden 7168, MLA ranks 1536/512+64, experts 2048)
 SHAPES = [(7168, 2048), (2048, 7168), (7168, 1536), (1536, 24576), (7168, 576), (16384, 7168)]
@@ -89,11 +89,16 @@ def quant_rows(copy_gbs, tokens_list):
                   f"{gbs / copy_gbs:5.1%} of copy", flush=True)
         xq, xs = triton_kernels.quantize_act_1x128(x)
         nbytes_t = T * K * (1 + 1) + 2 * T * (K // 128) * 4
-        ms = gpu_ms(lambda: triton_kernels.quantize_act_1x128_t(xq, xs))
-        gbs = nbytes_t / ms / 1e6
-        rows.append(dict(T=T, K=K, kernel="triton fp8 re-tile 1x128->128x1", ms=ms, gbs=gbs, of_copy=gbs / copy_gbs))
-        print(f"quant {'triton fp8 re-tile (Wgrad)':28s} T={T:6d} K={K} | {ms:7.3f} ms {gbs:7.0f} GB/s = "
-              f"{gbs / copy_gbs:5.1%} of copy", flush=True)
+        for name, fn in (("triton fp8 re-tile (Wgrad)", lambda: triton_kernels.quantize_act_1x128_t(xq, xs)),
+                         ("NVRTC fp8 re-tile (Wgrad)", lambda: cuda_kernels.token_wise(xq, xs)),
+                         ("triton 128x1 from bf16", lambda: triton_kernels.quantize_act_1x128_t(x)),
+                         ("NVRTC 128x1 from bf16", lambda: cuda_kernels.token_wise(x))):
+            nb = nbytes_t if "fp8" in name else nbytes
+            ms = gpu_ms(fn)
+            gbs = nb / ms / 1e6
+            rows.append(dict(T=T, K=K, kernel=name, ms=ms, gbs=gbs, of_copy=gbs / copy_gbs))
+            print(f"quant {name:28s} T={T:6d} K={K} | {ms:7.3f} ms {gbs:7.0f} GB/s = {gbs / 4800:5.1%} of 4.8 TB/s, "
+                  f"{gbs / copy_gbs:5.1%} of copy", flush=True)
     return rows
 
 

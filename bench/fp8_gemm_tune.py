@@ -29,6 +29,7 @@ import sys
 import torch
 
 from _timing import gpu_ms, host_ms
+from moeco.fp8 import cuda_kernels as ck
 from moeco.fp8 import triton_kernels as tk
 from moeco.fp8.gemm import fp8_gemm, fp8_gemm_reference, fp8_gemm_scaled_mm
 from moeco.fp8.quantize import quantize_act_1x128, quantize_weight_128x128
@@ -283,7 +284,7 @@ def retile_moe_rows():
     """The grouped Wgrad's two 128x1 quantizations at the `small` preset's expert shapes (16384 tokens
     x 6 routed = 98304 rows over 64 experts, read through the padded row map as in
     `fp8_grouped_wgrad`): gy (rows x 1536) from bf16, x (rows x 1536 and x 768) from FP8, over channel
-    tile x warps x store form."""
+    tile x warps x store form; and the NVRTC kernel on the same input."""
     rows = []
     E, R = 64, 98304
     gen = torch.Generator().manual_seed(0)
@@ -305,10 +306,12 @@ def retile_moe_rows():
                     res.append((t, f"block_c={bc} warps={nw} trans={int(trans)}"))
         base = next(t for t, n in res if n == "block_c=32 warps=4 trans=1")
         best = min(res)
+        t_cuda = gpu_ms(lambda: ck.token_wise(*args, rows=src))
         rows.append(dict(C=C, src="fp8" if from_fp8 else "bf16", default_ms=base, best_ms=best[0], best=best[1],
-                         all={n: t for t, n in res}))
+                         all={n: t for t, n in res}, nvrtc_ms=t_cuda))
         print(f"retile_moe rows={Tp} C={C:5d} {'fp8 ' if from_fp8 else 'bf16'} | default {base:.4f} ms "
-              f"{nbytes / base / 1e6:5.0f} GB/s | best {best[1]} {best[0]:.4f} ms | "
+              f"{nbytes / base / 1e6:5.0f} GB/s | best {best[1]} {best[0]:.4f} ms | NVRTC {t_cuda:.4f} ms "
+              f"{nbytes / t_cuda / 1e6:5.0f} GB/s ({nbytes / t_cuda / 4.8e9:.0%}) {base / t_cuda:.2f}x | "
               + " ".join(f"{n.replace('block_c=', 'c').replace(' warps=', 'w').replace(' trans=', 't')}:{t * 1e3:.0f}"
                          for t, n in res), flush=True)
         del x, args
@@ -317,7 +320,8 @@ def retile_moe_rows():
 
 def retile_rows():
     """The 128x1 (token-wise) quantization for Wgrad, from bf16 and from the saved FP8 tiles, over
-    channel tile x warps x store form (transposed fp32 pointer store, or the fp8 tile transposed first)."""
+    channel tile x warps x store form (transposed fp32 pointer store, or the fp8 tile transposed first);
+    and the NVRTC kernel (`moeco.fp8.cuda_kernels.token_wise`) on the same input."""
     rows = []
     for T, C in ((4096, 7168), (16384, 7168), (16384, 2048)):
         x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
@@ -338,10 +342,12 @@ def retile_rows():
                         res.append((nbytes / t / 1e6, f"block_c={bc} warps={nw} trans={int(trans)}", t))
             best = max(res)
             base = next(r for r in res if r[1] == "block_c=32 warps=4 trans=1")
+            t_cuda = gpu_ms(lambda: ck.token_wise(*args))
             rows.append(dict(T=T, C=C, src=src, best=best[1], best_ms=best[2], best_gbs=best[0], default_ms=base[2],
-                             all={name: t for _, name, t in res}))
+                             all={name: t for _, name, t in res}, nvrtc_ms=t_cuda))
             print(f"retile T={T:6d} C={C:5d} {src:4s} | best {best[1]:30s} {best[2]:.4f} ms {best[0]:5.0f} GB/s | "
-                  f"default {base[2]:.4f} ms {base[0]:5.0f} GB/s | "
+                  f"default {base[2]:.4f} ms {base[0]:5.0f} GB/s | NVRTC {t_cuda:.4f} ms {nbytes / t_cuda / 1e6:5.0f} "
+                  f"GB/s ({nbytes / t_cuda / 4.8e9:.0%}) {base[2] / t_cuda:.2f}x | "
                   + " ".join(f"{n.replace('block_c=', 'c').replace(' warps=', 'w').replace(' trans=', 't')}:{t * 1e3:.0f}"
                              for _, n, t in res), flush=True)
         del x, xq, xs

@@ -68,6 +68,44 @@ def test_cuda_token_wise_quantization_bit_exact_large():
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+@pytest.mark.parametrize("kind", ["bf16", "fp16", "fp32", "fp8"])
+@pytest.mark.parametrize("T,C,gather", [(4096 + 200, 7168 - 64, False), (300, 200, False), (300, 136, True),
+                                        (1000, 1024, True)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_nvrtc_token_wise_quantization_equals_cpu_bit_for_bit(kind, T, C, gather, pow2):
+    """The NVRTC 128x1 kernel (Wgrad's operands) against the CPU reference: every input kind it reads,
+    FP8 with its 1x128 scales (the re-tiling), ragged T (the byte-store tail) and C (a partial
+    64-channel tile), a row map with padding rows, power-of-two scales."""
+    from moeco.fp8 import cuda_kernels
+    from moeco.fp8.quantize import quantize_act_1x128_t
+
+    gen = torch.Generator().manual_seed(T + C)
+    x = torch.randn(T, C, generator=gen) * torch.exp2(torch.randint(-10, 10, (1, C), generator=gen).float())
+    x[:, 3] = 0.0
+    x[5, :] = -0.0
+    xs = None
+    if kind == "fp8":
+        x, xs = quantize_act_1x128(x)
+        xs = xs.t().contiguous().t()  # the forward's outer-dim-major scales
+    else:
+        x = x.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[kind])
+    rows = None
+    if gather:
+        rows = torch.full((T + 300,), -1, dtype=torch.int32)
+        perm = torch.randperm(T, generator=gen).to(torch.int32)
+        rows[10:10 + T // 2] = perm[: T // 2]
+        rows[300 + T // 2: 300 + T] = perm[T // 2:]
+    assert cuda_kernels.token_wise_supported(x.cuda(), None if xs is None else xs.cuda())
+    out = cuda_kernels.token_wise(x.cuda(), None if xs is None else xs.cuda(), pow2_scale=pow2,
+                                  rows=None if rows is None else rows.cuda())
+    assert out is not None, cuda_kernels.status()
+    q, s = out
+    q_c, s_c = quantize_act_1x128_t(x, xs, pow2_scale=pow2, rows=rows)
+    assert s.stride() == (1, C) and q.shape == q_c.shape
+    assert torch.equal(s.cpu(), s_c)
+    assert torch.equal(q.cpu().view(torch.uint8), q_c.view(torch.uint8))
+
+
 @pytest.mark.parametrize("pow2", [False, True])
 def test_cuda_quantization_equals_cpu_bit_for_bit(pow2):
     """The GPU kernels and the CPU reference are the same function, scales included.

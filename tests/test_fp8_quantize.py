@@ -112,6 +112,41 @@ def test_quantize_along_tokens_matches_transpose():
     assert torch.equal(q3.view(torch.uint8), q4.view(torch.uint8)) and torch.equal(s3, s4)
 
 
+def test_quantize_along_tokens_through_a_row_map_on_cpu():
+    """rows[t] picks output token t's source row (-1: zeros), from high precision and from FP8."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(150, 40, generator=gen)
+    rows = torch.full((300,), -1, dtype=torch.int32)
+    rows[3:53] = torch.arange(0, 50, dtype=torch.int32)
+    rows[128:228] = torch.arange(50, 150, dtype=torch.int32)
+    padded = torch.zeros(300, 40)
+    padded[rows >= 0] = x[rows[rows >= 0].long()]
+    q, s = quantize_act_1x128_t(x, rows=rows)
+    q_ref, s_ref = quantize_act_1x128(padded.t().contiguous())
+    assert q.shape == (40, 300) and torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    xq, xs = quantize_act_1x128(x)
+    padded[rows >= 0] = dequantize_act_1x128(xq, xs)[rows[rows >= 0].long()]
+    q, s = quantize_act_1x128_t(xq, xs, rows=rows)
+    q_ref, s_ref = quantize_act_1x128(padded.t().contiguous())
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_token_wise_backend_choice(monkeypatch):
+    """MOECO_FP8_TOKENWISE picks the token-wise kernel on CUDA; a bad value is a one-line error
+    naming it; CPU tensors never go to the NVRTC kernel."""
+    from moeco.errors import ConfigError
+    from moeco.fp8 import cuda_kernels
+
+    monkeypatch.setenv("MOECO_FP8_TOKENWISE", "fast")
+    with pytest.raises(ConfigError, match="MOECO_FP8_TOKENWISE='fast': expected auto, cuda or triton"):
+        cuda_kernels.mode()
+    monkeypatch.setenv("MOECO_FP8_TOKENWISE", "cuda")
+    assert cuda_kernels.mode() == "cuda"
+    assert not cuda_kernels.token_wise_supported(torch.randn(256, 64, dtype=torch.bfloat16), None)
+    q, s = quantize_act_1x128_t(torch.randn(256, 64))  # CPU: the reference, whatever the variable says
+    assert q.shape == (64, 256) and s.shape == (64, 2)
+
+
 def test_torch_e4m3_cast_rounds_to_nearest_even():
     """The CPU reference quantizer is only as exact as torch's float32 -> E4M3 cast: check it against
     integer round-to-nearest-even on every 61st float32 in [2^-12, 464), which covers each binade's

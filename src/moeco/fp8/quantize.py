@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from moeco.errors import ConfigError
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
 AMAX_FLOOR = 1e-4  # as DeepSeek's act_quant: keeps the scale of an all-zero tile finite
@@ -89,19 +91,37 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False):
     return quantize_act_1x128_reference(x, pow2_scale=pow2_scale)
 
 
-def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False):
+def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
+                         rows: torch.Tensor | None = None):
     """Quantize x (T, C) along T, i.e. x.t() per 1x128 tile: returns q (C, T) and s (C, ceil(T/128)).
 
     This is the 128x1 tiling of Wgrad, whose two operands are both scaled along the token dim.
     With `x_scale`, x is already FP8 with 1x128 scales along C (the activations saved by the
     forward pass) and is dequantized first: the 1x128 -> 128x1 re-tiling of the report.
+    With `rows` (T',) integer, output token t is x's row rows[t], or a zero row where rows[t] < 0
+    (the grouped Wgrad's per-expert padding): q (C, T').
+    On CUDA: the NVRTC kernel of `moeco.fp8.cuda_kernels` where it applies, else Triton's
+    (MOECO_FP8_TOKENWISE=auto|cuda|triton chooses).
     """
-    if x.is_cuda and x.numel() > 0:
-        from moeco.fp8 import triton_kernels
+    if x.is_cuda:
+        from moeco.fp8 import cuda_kernels, triton_kernels
 
+        how = cuda_kernels.mode()
+        if how != "triton" and cuda_kernels.token_wise_supported(x, x_scale):
+            out = cuda_kernels.token_wise(x, x_scale, pow2_scale=pow2_scale, rows=rows)
+            if out is not None:
+                return out
+        if how == "cuda":
+            raise ConfigError(
+                f"MOECO_FP8_TOKENWISE=cuda, but the NVRTC kernel cannot take this input "
+                f"({x.dtype}, shape {tuple(x.shape)}) here: {cuda_kernels.status()}; unset it to use Triton")
         if triton_kernels.available():
-            return triton_kernels.quantize_act_1x128_t(x, x_scale, pow2_scale=pow2_scale)
-    xf = x if x_scale is None else dequantize_act_1x128(x, x_scale)
+            return triton_kernels.quantize_act_1x128_t(x, x_scale, pow2_scale=pow2_scale, rows=rows)
+    xf = x.float() if x_scale is None else dequantize_act_1x128(x, x_scale)
+    if rows is not None:
+        rows = rows.long()
+        ok = (rows >= 0).unsqueeze(1)
+        xf = torch.where(ok, xf[rows.clamp(min=0)], xf.new_zeros(()))
     return quantize_act_1x128_reference(xf.t(), pow2_scale=pow2_scale)
 
 

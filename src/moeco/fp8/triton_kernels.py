@@ -834,8 +834,10 @@ def fp8_grouped_wgrad(gy, xq, xs, offs, E: int, *, pow2_scale=False, out_dtype=t
     # block the kernel below never reads.
     src = torch.full((Tp,), -1, dtype=torch.int32, device=gy.device)
     src.scatter_(0, dest, torch.arange(T, dtype=torch.int32, device=gy.device))
-    gq, gs = quantize_act_1x128_t(gy, pow2_scale=pow2_scale, rows=src)  # (N, Tp), (N, Tp/128)
-    xtq, xts = quantize_act_1x128_t(xq, xs, pow2_scale=pow2_scale, rows=src)  # (K, Tp), (K, Tp/128)
+    from moeco.fp8.quantize import quantize_act_1x128_t as token_wise  # NVRTC kernel or Triton's
+
+    gq, gs = token_wise(gy, pow2_scale=pow2_scale, rows=src)  # (N, Tp), (N, Tp/128)
+    xtq, xts = token_wise(xq, xs, pow2_scale=pow2_scale, rows=src)  # (K, Tp), (K, Tp/128)
     c = torch.empty((E, N, K), dtype=out_dtype, device=gy.device)
     block_m, block_n, num_warps, num_stages = _grouped_config(block_m, block_n, num_warps, num_stages)
     grid = (_ceil_div(N, block_m) * _ceil_div(K, block_n), E)
