@@ -41,9 +41,16 @@ from moeco.errors import ConfigError
 FP8_DTYPE = torch.float8_e4m3fn
 
 _SOURCE = r"""
-#define TT 128
-#define TC 64
-#define PITCH 65
+#define WARPS 8
+#define TOKW 16  // tokens per warp: a block covers WARPS * TOKW = 128 tokens
+#if IN_KIND == 0 || IN_KIND == 1
+#define V 2      // channels per thread: one 32-bit word of input
+#elif IN_KIND == 2
+#define V 1
+#else
+#define V 4
+#endif
+#define TC (32 * V)  // channels per block
 
 __device__ __forceinline__ float f16_to_f32(unsigned short h) {
     float f;
@@ -65,113 +72,122 @@ __device__ __forceinline__ unsigned f32x4_to_e4m3x4(float a, float b, float c, f
     return (unsigned)lo | ((unsigned)hi << 16);
 }
 
-// 8 consecutive channels of one row, as float32.
-__device__ __forceinline__ void load8(const void *base, long long off, float *v) {
-#if IN_KIND == 0 || IN_KIND == 1
-    uint4 u = *reinterpret_cast<const uint4 *>(reinterpret_cast<const unsigned short *>(base) + off);
-    unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
+// The V channels of one 32-bit input word, as float32.
+__device__ __forceinline__ void unpack(unsigned w, float *f) {
 #if IN_KIND == 0
-        v[2 * i] = __uint_as_float(w[i] << 16);
-        v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-#else
-        v[2 * i] = f16_to_f32((unsigned short)(w[i] & 0xFFFFu));
-        v[2 * i + 1] = f16_to_f32((unsigned short)(w[i] >> 16));
-#endif
-    }
+    f[0] = __uint_as_float(w << 16);
+    f[1] = __uint_as_float(w & 0xFFFF0000u);
+#elif IN_KIND == 1
+    f[0] = f16_to_f32((unsigned short)(w & 0xFFFFu));
+    f[1] = f16_to_f32((unsigned short)(w >> 16));
 #elif IN_KIND == 2
-    const float4 *p = reinterpret_cast<const float4 *>(reinterpret_cast<const float *>(base) + off);
-    float4 a = p[0], b = p[1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    f[0] = __uint_as_float(w);
 #else
-    uint2 u = *reinterpret_cast<const uint2 *>(reinterpret_cast<const unsigned char *>(base) + off);
-    unsigned w[2] = {u.x, u.y};
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        e4m3x2_to_f32((unsigned short)(w[i] & 0xFFFFu), v[4 * i], v[4 * i + 1]);
-        e4m3x2_to_f32((unsigned short)(w[i] >> 16), v[4 * i + 2], v[4 * i + 3]);
-    }
+    e4m3x2_to_f32((unsigned short)(w & 0xFFFFu), f[0], f[1]);
+    e4m3x2_to_f32((unsigned short)(w >> 16), f[2], f[3]);
 #endif
 }
 
+// x / s correctly rounded from r = 1/s (correctly rounded): Markstein's correction, two fused
+// multiply-adds; x == 0 returns x itself, so -0 stays -0 as in the division.
+__device__ __forceinline__ float div_by(float x, float s, float r) {
+    float q = __fmul_rn(x, r);
+    q = __fmaf_rn(__fmaf_rn(-q, s, x), r, q);
+    return x == 0.0f ? x : q;
+}
+
 extern "C" __global__ void __launch_bounds__(256) KNAME(
-    const void *__restrict__ x, const float *__restrict__ xs, const int *__restrict__ rows,
+    const unsigned *__restrict__ x, const float *__restrict__ xs, const int *__restrict__ rows,
     unsigned char *__restrict__ q, float *__restrict__ s,
     int T_out, int C, int stride_x, int xs_st, int xs_sc, int stride_q) {
-    __shared__ float tile[TT * PITCH];
-    __shared__ float red[4 * TC];
-    const int tid = threadIdx.x;
-    const int c0 = blockIdx.x * TC;
-    const long long t0 = (long long)blockIdx.y * TT;
-
-    // 1. load: thread -> 8 channels (cl .. cl + 7) of rows r, r + 32, r + 64, r + 96
-    const int cl = (tid & 7) * 8;
-    const int c = c0 + cl;
-    float v[4][8];
+    // thread: channels c .. c + V - 1, tokens t0 .. t0 + 15; a warp reads 128 contiguous bytes of
+    // each of its 16 rows, one 32-bit word per thread and row.
+    __shared__ float red[WARPS * TC];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c = blockIdx.x * TC + lane * V;
+    const long long t0 = (long long)blockIdx.y * (WARPS * TOKW) + warp * TOKW;
+    const bool c_ok = c < C;
+    const long long wpr = (long long)stride_x / V;  // 32-bit words per row of x
+    unsigned w[TOKW];
+#if IN_KIND == 3
+    float xsv[TOKW];
+#endif
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
-        const int r = (tid >> 3) + 32 * p;
-        const long long t = t0 + r;
+    for (int j = 0; j < TOKW; ++j) {
+        const long long t = t0 + j;
         long long src = t;
-        bool ok = t < T_out && c < C;
+        bool ok = c_ok && t < T_out;
 #if GATHER
         if (ok) {
             src = rows[t];
             ok = src >= 0;
         }
 #endif
-        if (ok) {
-            load8(x, src * stride_x + c, v[p]);
+        w[j] = ok ? x[src * wpr + c / V] : 0u;
 #if IN_KIND == 3
-            const float sc = xs[src * xs_st + (long long)(c >> 7) * xs_sc];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) v[p][i] = v[p][i] * sc;
+        xsv[j] = ok ? xs[src * xs_st + (long long)(c >> 7) * xs_sc] : 0.0f;
 #endif
-        } else {
+    }
+    float amax[V];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) v[p][i] = 0.0f;
+    for (int i = 0; i < V; ++i) amax[i] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < TOKW; ++j) {
+        float f[V];
+        unpack(w[j], f);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+#if IN_KIND == 3
+            f[i] = __fmul_rn(f[i], xsv[j]);
+#endif
+            amax[i] = fmaxf(amax[i], fabsf(f[i]));
         }
     }
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
-        const int r = (tid >> 3) + 32 * p;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) tile[r * PITCH + cl + i] = v[p][i];
-    }
+    for (int i = 0; i < V; ++i) red[warp * TC + lane * V + i] = amax[i];
     __syncthreads();
-
-    // 2. thread -> channel cc, tokens 32 * qd .. 32 * qd + 31
-    const int cc = tid & (TC - 1);
-    const int qd = tid >> 6;
-    float amax = 0.0f;
+    if (!c_ok) return;
+    float sc[V], rc[V];
 #pragma unroll
-    for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(tile[(qd * 32 + j) * PITCH + cc]));
-    red[qd * TC + cc] = amax;
-    __syncthreads();
-    amax = fmaxf(fmaxf(red[cc], red[TC + cc]), fmaxf(red[2 * TC + cc], red[3 * TC + cc]));
-    float scale = __fdiv_rn(fmaxf(amax, 1e-4f), 448.0f);
+    for (int i = 0; i < V; ++i) {
+        float a = red[lane * V + i];
+#pragma unroll
+        for (int k = 1; k < WARPS; ++k) a = fmaxf(a, red[k * TC + lane * V + i]);
+        float v = __fdiv_rn(fmaxf(a, 1e-4f), 448.0f);
 #if POW2
-    scale = __uint_as_float((__float_as_uint(scale) + 0x7FFFFFu) & 0x7F800000u);
+        v = __uint_as_float((__float_as_uint(v) + 0x7FFFFFu) & 0x7F800000u);
 #endif
-    const int cg = c0 + cc;
-    if (cg >= C) return;
-    if (qd == 0) s[(long long)blockIdx.y * C + cg] = scale;
-    unsigned w[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        const float *col = tile + (qd * 32 + 4 * k) * PITCH + cc;
-        w[k] = f32x4_to_e4m3x4(__fdiv_rn(col[0], scale), __fdiv_rn(col[PITCH], scale),
-                               __fdiv_rn(col[2 * PITCH], scale), __fdiv_rn(col[3 * PITCH], scale));
+        sc[i] = v;
+        rc[i] = __frcp_rn(v);
+        if (warp == 0) s[(long long)blockIdx.y * C + c + i] = v;
     }
-    const long long tq = t0 + qd * 32;
-    unsigned char *dst = q + (long long)cg * stride_q + tq;
-    if (tq + 32 <= T_out && (stride_q & 15) == 0) {
-        uint4 *d = reinterpret_cast<uint4 *>(dst);
-        d[0] = make_uint4(w[0], w[1], w[2], w[3]);
-        d[1] = make_uint4(w[4], w[5], w[6], w[7]);
-    } else {
-        for (int j = 0; j < 32 && tq + j < T_out; ++j) dst[j] = (unsigned char)(w[j >> 2] >> (8 * (j & 3)));
+    unsigned out[V][TOKW / 4];
+#pragma unroll
+    for (int k = 0; k < TOKW / 4; ++k) {
+        float f[4][V];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            unpack(w[4 * k + j], f[j]);
+#if IN_KIND == 3
+#pragma unroll
+            for (int i = 0; i < V; ++i) f[j][i] = __fmul_rn(f[j][i], xsv[4 * k + j]);
+#endif
+        }
+#pragma unroll
+        for (int i = 0; i < V; ++i)
+            out[i][k] = f32x4_to_e4m3x4(div_by(f[0][i], sc[i], rc[i]), div_by(f[1][i], sc[i], rc[i]),
+                                        div_by(f[2][i], sc[i], rc[i]), div_by(f[3][i], sc[i], rc[i]));
+    }
+    const bool full = t0 + TOKW <= T_out && (stride_q & 15) == 0;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+        unsigned char *dst = q + (long long)(c + i) * stride_q + t0;
+        if (full) {
+            *reinterpret_cast<uint4 *>(dst) = make_uint4(out[i][0], out[i][1], out[i][2], out[i][3]);
+        } else {
+            for (int j = 0; j < TOKW && t0 + j < T_out; ++j)
+                dst[j] = (unsigned char)(out[i][j >> 2] >> (8 * (j & 3)));
+        }
     }
 }
 """
@@ -219,15 +235,14 @@ def _kernel(in_kind: int, gather: bool, pow2: bool):
 
 def token_wise_supported(x: torch.Tensor, x_scale: torch.Tensor | None) -> bool:
     """Whether `token_wise` takes this input (else the caller uses Triton): CUDA, sm_89+, a dtype it
-    reads, C a multiple of 8 with rows aligned for its vector loads, and no earlier compile failure."""
+    reads, C a multiple of 8 with 4-byte aligned rows, and no earlier compile failure."""
     if _broken is not None or x.dim() != 2 or not x.is_cuda or x.dtype not in _IN_KIND:
         return False
     if (x.dtype == FP8_DTYPE) != (x_scale is not None):
         return False
-    C = x.shape[1]
-    vec = min(16, 8 * x.element_size())  # bytes per vector load: 8 channels (two 16-byte loads of fp32)
-    return (C % 8 == 0 and x.stride(1) == 1 and (x.stride(0) * x.element_size()) % vec == 0
-            and x.data_ptr() % vec == 0 and _device_ok(x.device))
+    C = x.shape[1]  # each thread reads one aligned 32-bit word per row: 4 // element_size channels
+    return (C % 8 == 0 and x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 4 == 0
+            and x.data_ptr() % 4 == 0 and _device_ok(x.device))
 
 
 def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
@@ -252,7 +267,8 @@ def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_sca
         rows = rows.to(torch.int32)
     xs = x_scale if x_scale is not None else s  # placeholder pointers when unused
     rw = rows if rows is not None else s
-    k(grid=(-(-C // 64), tb, 1), block=(256, 1, 1),
+    tc = 32 * (4 // x.element_size())  # channels per block: 32 threads x one 32-bit word
+    k(grid=(-(-C // tc), tb, 1), block=(256, 1, 1),
       args=[x, xs, rw, q, s, T_out, C, x.stride(0), xs.stride(0) if x_scale is not None else 0,
             xs.stride(1) if x_scale is not None else 0, q.stride(0)])
     return q, s
