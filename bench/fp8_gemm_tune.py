@@ -327,6 +327,9 @@ def retile_rows():
         x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
         xq, xs = tk.quantize_act_1x128(x)
         kb, tb = -(-C // 128), -(-T // 128)
+        t_tr = gpu_ms(lambda: x.t().contiguous())  # a plain transposed copy: the layout change alone
+        print(f"retile T={T:6d} C={C:5d} transpose copy (bf16, torch) {t_tr:.4f} ms "
+              f"{4 * T * C / t_tr / 1e6:5.0f} GB/s ({4 * T * C / t_tr / 4.8e9:.0%})", flush=True)
         for src, args, nbytes in (("bf16", (x,), T * C * 3), ("fp8", (xq, xs), T * C * 2 + T * kb * 4)):
             nbytes += C * tb * 4
             res = []

@@ -103,6 +103,7 @@ extern "C" __global__ void __launch_bounds__(256) KNAME(
     // thread: channels c .. c + V - 1, tokens t0 .. t0 + 15; a warp reads 128 contiguous bytes of
     // each of its 16 rows, one 32-bit word per thread and row.
     __shared__ float red[WARPS * TC];
+    __shared__ unsigned qs[TC * 33];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int c = blockIdx.x * TC + lane * V;
     const long long t0 = (long long)blockIdx.y * (WARPS * TOKW) + warp * TOKW;
@@ -146,7 +147,6 @@ extern "C" __global__ void __launch_bounds__(256) KNAME(
 #pragma unroll
     for (int i = 0; i < V; ++i) red[warp * TC + lane * V + i] = amax[i];
     __syncthreads();
-    if (!c_ok) return;
     float sc[V], rc[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) {
@@ -159,9 +159,10 @@ extern "C" __global__ void __launch_bounds__(256) KNAME(
 #endif
         sc[i] = v;
         rc[i] = __frcp_rn(v);
-        if (warp == 0) s[(long long)blockIdx.y * C + c + i] = v;
+        if (warp == 0 && c_ok) s[(long long)blockIdx.y * C + c + i] = v;
     }
-    unsigned out[V][TOKW / 4];
+    // quantize this thread's 16 tokens of each channel into 4 words, then hand them to the store
+    // layout through shared memory (row = channel, 32 words of 4 tokens + 1 pad word)
 #pragma unroll
     for (int k = 0; k < TOKW / 4; ++k) {
         float f[4][V];
@@ -175,18 +176,27 @@ extern "C" __global__ void __launch_bounds__(256) KNAME(
         }
 #pragma unroll
         for (int i = 0; i < V; ++i)
-            out[i][k] = f32x4_to_e4m3x4(div_by(f[0][i], sc[i], rc[i]), div_by(f[1][i], sc[i], rc[i]),
-                                        div_by(f[2][i], sc[i], rc[i]), div_by(f[3][i], sc[i], rc[i]));
+            qs[(lane * V + i) * 33 + warp * (TOKW / 4) + k] =
+                f32x4_to_e4m3x4(div_by(f[0][i], sc[i], rc[i]), div_by(f[1][i], sc[i], rc[i]),
+                                div_by(f[2][i], sc[i], rc[i]), div_by(f[3][i], sc[i], rc[i]));
     }
-    const bool full = t0 + TOKW <= T_out && (stride_q & 15) == 0;
+    __syncthreads();
+    // store: 8 threads per channel row, 16 bytes (16 tokens) each: a warp writes 4 rows x 128 bytes
+    const int tid = threadIdx.x, chunk = tid & 7;
+    const long long tt = (long long)blockIdx.y * (WARPS * TOKW) + 16 * chunk;
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-        unsigned char *dst = q + (long long)(c + i) * stride_q + t0;
-        if (full) {
-            *reinterpret_cast<uint4 *>(dst) = make_uint4(out[i][0], out[i][1], out[i][2], out[i][3]);
+    for (int pass = 0; pass < TC / 32; ++pass) {
+        const int row = pass * 32 + (tid >> 3);
+        const int cg = blockIdx.x * TC + row;
+        if (cg >= C) continue;
+        const unsigned *src = qs + row * 33 + 4 * chunk;
+        const unsigned a0 = src[0], a1 = src[1], a2 = src[2], a3 = src[3];
+        unsigned char *dst = q + (long long)cg * stride_q + tt;
+        if (tt + 16 <= T_out && (stride_q & 15) == 0) {
+            *reinterpret_cast<uint4 *>(dst) = make_uint4(a0, a1, a2, a3);
         } else {
-            for (int j = 0; j < TOKW && t0 + j < T_out; ++j)
-                dst[j] = (unsigned char)(out[i][j >> 2] >> (8 * (j & 3)));
+            const unsigned wd[4] = {a0, a1, a2, a3};
+            for (int j = 0; j < 16 && tt + j < T_out; ++j) dst[j] = (unsigned char)(wd[j >> 2] >> (8 * (j & 3)));
         }
     }
 }
