@@ -132,15 +132,15 @@ def test_quantize_along_tokens_through_a_row_map_on_cpu():
 
 
 def test_token_wise_backend_choice(monkeypatch):
-    """MOECO_FP8_TOKENWISE picks the token-wise kernel on CUDA; a bad value is a one-line error
+    """MOECO_FP8_QUANT picks the token-wise kernel on CUDA; a bad value is a one-line error
     naming it; CPU tensors never go to the NVRTC kernel."""
     from moeco.errors import ConfigError
     from moeco.fp8 import cuda_kernels
 
-    monkeypatch.setenv("MOECO_FP8_TOKENWISE", "fast")
-    with pytest.raises(ConfigError, match="MOECO_FP8_TOKENWISE='fast': expected auto, cuda or triton"):
+    monkeypatch.setenv("MOECO_FP8_QUANT", "fast")
+    with pytest.raises(ConfigError, match="MOECO_FP8_QUANT='fast': expected auto, cuda or triton"):
         cuda_kernels.mode()
-    monkeypatch.setenv("MOECO_FP8_TOKENWISE", "cuda")
+    monkeypatch.setenv("MOECO_FP8_QUANT", "cuda")
     assert cuda_kernels.mode() == "cuda"
     assert not cuda_kernels.token_wise_supported(torch.randn(256, 64, dtype=torch.bfloat16), None)
     q, s = quantize_act_1x128_t(torch.randn(256, 64))  # CPU: the reference, whatever the variable says

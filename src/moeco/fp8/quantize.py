@@ -84,8 +84,17 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False):
     and x ~= q * scale tile by tile.
     """
     if x.is_cuda and x.dim() >= 1 and x.numel() > 0:
-        from moeco.fp8 import triton_kernels
+        from moeco.fp8 import cuda_kernels, triton_kernels
 
+        how = cuda_kernels.mode()
+        if how != "triton" and cuda_kernels.row_wise_supported(x):
+            out = cuda_kernels.row_wise(x, pow2_scale=pow2_scale)
+            if out is not None:
+                return out
+        if how == "cuda":
+            raise ConfigError(
+                f"MOECO_FP8_QUANT=cuda, but the NVRTC kernel cannot take this input ({x.dtype}, shape "
+                f"{tuple(x.shape)}) here: {cuda_kernels.status()}; unset it to use Triton")
         if triton_kernels.available():
             return triton_kernels.quantize_act_1x128(x, pow2_scale=pow2_scale)
     return quantize_act_1x128_reference(x, pow2_scale=pow2_scale)
@@ -101,7 +110,7 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     With `rows` (T',) integer, output token t is x's row rows[t], or a zero row where rows[t] < 0
     (the grouped Wgrad's per-expert padding): q (C, T').
     On CUDA: the NVRTC kernel of `moeco.fp8.cuda_kernels` where it applies, else Triton's
-    (MOECO_FP8_TOKENWISE=auto|cuda|triton chooses).
+    (MOECO_FP8_QUANT=auto|cuda|triton chooses).
     """
     if x.is_cuda:
         from moeco.fp8 import cuda_kernels, triton_kernels
@@ -113,7 +122,7 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
                 return out
         if how == "cuda":
             raise ConfigError(
-                f"MOECO_FP8_TOKENWISE=cuda, but the NVRTC kernel cannot take this input "
+                f"MOECO_FP8_QUANT=cuda, but the NVRTC kernel cannot take this input "
                 f"({x.dtype}, shape {tuple(x.shape)}) here: {cuda_kernels.status()}; unset it to use Triton")
         if triton_kernels.available():
             return triton_kernels.quantize_act_1x128_t(x, x_scale, pow2_scale=pow2_scale, rows=rows)
