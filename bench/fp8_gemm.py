@@ -81,7 +81,6 @@ def quant_rows(copy_gbs, tokens_list):
         x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
         nbytes = T * K * (2 + 1) + T * (K // 128) * 4
         for name, fn in (("triton 1x128", lambda: triton_kernels.quantize_act_1x128(x)),
-                         ("NVRTC 1x128", lambda: cuda_kernels.row_wise(x)),
                          ("torch 1x128 (reference)", lambda: quantize_act_1x128_reference(x))):
             ms = gpu_ms(fn)
             gbs = nbytes / ms / 1e6

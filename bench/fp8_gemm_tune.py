@@ -346,10 +346,8 @@ def retile_rows():
             best = max(res)
             base = next(r for r in res if r[1] == "block_c=32 warps=4 trans=1")
             t_cuda = gpu_ms(lambda: ck.token_wise(*args))
-            t_cuda4 = gpu_ms(lambda: ck.token_wise(*args, warps=4))
-            print(f"    NVRTC with 4 warps (32 tokens per thread) {t_cuda4:.4f} ms", flush=True)
             rows.append(dict(T=T, C=C, src=src, best=best[1], best_ms=best[2], best_gbs=best[0], default_ms=base[2],
-                             all={name: t for _, name, t in res}, nvrtc_ms=t_cuda, nvrtc_4warps_ms=t_cuda4))
+                             all={name: t for _, name, t in res}, nvrtc_ms=t_cuda))
             print(f"retile T={T:6d} C={C:5d} {src:4s} | best {best[1]:30s} {best[2]:.4f} ms {best[0]:5.0f} GB/s | "
                   f"default {base[2]:.4f} ms {base[0]:5.0f} GB/s | NVRTC {t_cuda:.4f} ms {nbytes / t_cuda / 1e6:5.0f} "
                   f"GB/s ({nbytes / t_cuda / 4.8e9:.0%}) {base[2] / t_cuda:.2f}x | "

@@ -1,21 +1,24 @@
-"""CUDA C kernels compiled at run time with NVRTC, for what Triton does not do well.
+"""A CUDA C kernel compiled at run time with NVRTC, where Triton's version is the slower one.
 
-token_wise: the 128x1 quantization Wgrad needs (x (T, C) quantized along T in 128-token tiles and
-    written transposed, q (C, T) E4M3 and s (C, ceil(T/128)) float32 with strides (1, C)), from
-    bf16 / fp16 / fp32 input or from the forward's FP8 copy with its 1x128 scales (dequantized on
-    the fly: the re-tiling), optionally reading the tokens through a row map (-1: a zero row), as
-    the grouped Wgrad does. Triton's version of it (`triton_kernels.quantize_act_1x128_t`) ran at
-    39-55% of HBM bandwidth on the H200 whatever its tile, warps or transposition form
-    (bench/fp8_gemm_tune.py, section retile): the column reduction and the transposed store go
-    through layout conversions it cannot overlap with the loads.
+token_wise: the 128x1 quantization Wgrad needs. x (T, C) is quantized along T in 128-token tiles
+    and written transposed: q (C, T) E4M3 and s (C, ceil(T/128)) float32 with strides (1, C). It
+    reads bf16 / fp16 / fp32, or the forward's FP8 copy with its 1x128 scales (dequantized on the
+    fly: the re-tiling), optionally through a row map (-1: a zero row) as the grouped Wgrad does.
 
-    This kernel: 256 threads per 128-token x 64-channel tile. Each thread loads 8 channels of 4
-    tokens with 16-byte vector loads (a warp reads 4 rows x 128 contiguous bytes), dequantizes
-    into a padded shared-memory tile (pitch 65 floats: the column reads are conflict-free), then
-    each thread owns one channel and 32 tokens: the amax of its 32, the 4-way max across threads
-    through shared memory, the scale, and 32 E4M3 bytes written as two 16-byte stores into the
-    channel's row of q. The grid runs channel tiles fastest, so neighbouring blocks read
-    neighbouring bytes of the same rows.
+    Layout: 256 threads per 128-token tile of 32 words of channels (64 bf16, 128 FP8, 32 fp32).
+    Thread (warp w, lane l) loads word l of tokens 16w .. 16w + 15, so a warp reads 128 contiguous
+    bytes of each row; keeps them in registers for the amax (its 16 tokens, then the 8 warps'
+    maxima through shared memory) and the division; and passes the E4M3 words through shared
+    memory (rows of 33 words) so that 8 threads write each channel's 128-byte row of q: a warp
+    stores 4 full rows. Division: one reciprocal per channel and Markstein's correction
+    (x * r, then two fused multiply-adds), which gives the correctly rounded x / s.
+
+    Measured on the H200 (BENCHMARKS.md, `bench/fp8_gemm_tune.py --only retile`): 0.110 ms for
+    16384 x 7168 from bf16 (67% of HBM bandwidth) against Triton's 0.137 ms (54%); from FP8 0.117
+    against 0.130 ms. Triton's kernel stayed at 39-55% over tile, warps and transposition form.
+    Two earlier forms of this kernel were no faster than Triton's: a shared-memory transposition
+    with each thread storing 32 bytes of one channel row, and the same in registers with 16-byte
+    stores per thread; in both a warp's store touched 32 rows. Coalescing the stores was the gain.
 
 Arithmetic is the reference's (`moeco.fp8.quantize`): s = max(amax, 1e-4) / 448 correctly rounded
 (or rounded up to a power of two on the bits), q = e4m3(x / s) correctly rounded, ties to even,
@@ -23,13 +26,15 @@ FP8 input dequantized as float(q) * scale in float32. tests/test_fp8_gpu.py chec
 against the CPU reference for every input kind, a row map, ragged T and C, and pow2 scales.
 
 Compiled per variant on first use with `torch.cuda._compile_kernel` (NVRTC, which ships with
-PyTorch's CUDA builds; it looks for CUDA's headers under CUDA_HOME, though this source includes
-none). Needs compute capability 8.9+ (the E4M3 conversion instructions). When anything is missing
-the callers use the Triton kernels; MOECO_FP8_QUANT=triton forces that, =cuda requires these.
+PyTorch's CUDA builds; PyTorch looks for CUDA's headers under CUDA_HOME, though this source
+includes none). Needs compute capability 8.9+ (the E4M3 conversion instructions). When anything
+is missing the callers use the Triton kernel; MOECO_FP8_QUANT=triton forces that, =cuda requires
+this one.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import warnings
@@ -41,10 +46,8 @@ from moeco.errors import ConfigError
 FP8_DTYPE = torch.float8_e4m3fn
 
 _SOURCE = r"""
-#ifndef WARPS
 #define WARPS 8
-#endif
-#define TOKW (128 / WARPS)  // tokens per warp: a block covers 128 tokens
+#define TOKW 16  // tokens per warp: a block covers WARPS * TOKW = 128 tokens
 #if IN_KIND == 0 || IN_KIND == 1
 #define V 2      // channels per thread: one 32-bit word of input
 #elif IN_KIND == 2
@@ -98,7 +101,7 @@ __device__ __forceinline__ float div_by(float x, float s, float r) {
     return x == 0.0f ? x : q;
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32) KNAME(
+extern "C" __global__ void __launch_bounds__(256) KNAME(
     const unsigned *__restrict__ x, const float *__restrict__ xs, const int *__restrict__ rows,
     unsigned char *__restrict__ q, float *__restrict__ s,
     int T_out, int C, int stride_x, int xs_st, int xs_sc, int stride_q) {
@@ -204,98 +207,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KNAME(
 }
 """
 
-_ROW_SOURCE = r"""
-// 1x128 quantization along the last dim: x (M, K) row-major -> q (M, K) E4M3, s[kb * M + m].
-// 16 threads per 128-channel tile, 8 channels (one 16-byte load of bf16/fp16, two of fp32) each;
-// a block of 256 threads takes 16 tiles at a time, UNROLL times, grid-strided; consecutive half-warps
-// take consecutive tiles of a row, so a warp reads 2 x 256 contiguous bytes of bf16.
-#define UNROLL 4
-
-__device__ __forceinline__ float f16_to_f32(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ unsigned f32x4_to_e4m3x4(float a, float b, float c, float d) {
-    unsigned short lo, hi;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(b), "f"(a));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(d), "f"(c));
-    return (unsigned)lo | ((unsigned)hi << 16);
-}
-
-__device__ __forceinline__ float div_by(float x, float s, float r) {
-    float q = __fmul_rn(x, r);
-    q = __fmaf_rn(__fmaf_rn(-q, s, x), r, q);
-    return x == 0.0f ? x : q;
-}
-
-__device__ __forceinline__ void load8(const void *x, long long off, float *v) {
-#if IN_KIND == 2
-    const float4 *p = reinterpret_cast<const float4 *>(reinterpret_cast<const float *>(x) + off);
-    float4 a = p[0], b = p[1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-#else
-    uint4 u = *reinterpret_cast<const uint4 *>(reinterpret_cast<const unsigned short *>(x) + off);
-    unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#if IN_KIND == 0
-        v[2 * i] = __uint_as_float(w[i] << 16);
-        v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-#else
-        v[2 * i] = f16_to_f32((unsigned short)(w[i] & 0xFFFFu));
-        v[2 * i + 1] = f16_to_f32((unsigned short)(w[i] >> 16));
-#endif
-    }
-#endif
-}
-
-extern "C" __global__ void __launch_bounds__(256) KNAME(
-    const void *__restrict__ x, unsigned char *__restrict__ q, float *__restrict__ s,
-    int M, int K, int stride_x, int stride_q, int n_tiles) {
-    const int kb = (K + 127) >> 7;
-    const int sub = threadIdx.x & 15;  // which 8 channels of the tile
-    float v[UNROLL][8];
-    int tile[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        tile[u] = (blockIdx.x * UNROLL + u) * 16 + (threadIdx.x >> 4);
-        const int m = tile[u] / kb, c = (tile[u] % kb) * 128 + sub * 8;
-        if (tile[u] < n_tiles && c < K) {
-            load8(x, (long long)m * stride_x + c, v[u]);
-        } else {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) v[u][i] = 0.0f;
-        }
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        float a = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) a = fmaxf(a, fabsf(v[u][i]));
-#pragma unroll
-        for (int o = 8; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-        float sc = __fdiv_rn(fmaxf(a, 1e-4f), 448.0f);
-#if POW2
-        sc = __uint_as_float((__float_as_uint(sc) + 0x7FFFFFu) & 0x7F800000u);
-#endif
-        const float r = __frcp_rn(sc);
-        if (tile[u] >= n_tiles) continue;
-        const int m = tile[u] / kb, b = tile[u] % kb, c = b * 128 + sub * 8;
-        if (sub == 0) s[(long long)b * M + m] = sc;
-        if (c < K) {
-            uint2 o;
-            o.x = f32x4_to_e4m3x4(div_by(v[u][0], sc, r), div_by(v[u][1], sc, r), div_by(v[u][2], sc, r),
-                                  div_by(v[u][3], sc, r));
-            o.y = f32x4_to_e4m3x4(div_by(v[u][4], sc, r), div_by(v[u][5], sc, r), div_by(v[u][6], sc, r),
-                                  div_by(v[u][7], sc, r));
-            *reinterpret_cast<uint2 *>(q + (long long)m * stride_q + c) = o;
-        }
-    }
-}
-"""
-
 _IN_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, FP8_DTYPE: 3}
 _ELEM = {0: 2, 1: 2, 2: 4, 3: 1}
 _lock = threading.Lock()
@@ -316,18 +227,35 @@ def _device_ok(device: torch.device) -> bool:
             and hasattr(torch.cuda, "_compile_kernel"))
 
 
-def _kernel(which: str, in_kind: int, gather: bool, pow2: bool, warps: int = 8):
+def _ensure_context(device: torch.device) -> None:
+    """Make `device`'s primary context current on this thread, as Triton's launcher does: the kernel
+    is loaded and launched through the driver API, and a thread that has made no runtime call yet
+    (autograd's backward worker, for one) has no current context ("invalid device context")."""
+    lib = torch.cuda._utils._get_gpu_runtime_library()  # libcuda
+    ctx, dev = ctypes.c_void_p(), ctypes.c_int(-1)
+    lib.cuCtxGetCurrent(ctypes.byref(ctx))
+    if ctx.value:
+        lib.cuCtxGetDevice(ctypes.byref(dev))
+    want = device.index if device.index is not None else torch.cuda.current_device()
+    if not ctx.value or dev.value != want:
+        cu_dev = ctypes.c_int()
+        if lib.cuDeviceGet(ctypes.byref(cu_dev), want) or lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), cu_dev) \
+                or lib.cuCtxSetCurrent(ctx):
+            raise RuntimeError(f"cannot make the CUDA context of device {want} current for the NVRTC kernel")
+
+
+def _kernel(in_kind: int, gather: bool, pow2: bool):
     """The compiled variant, or None (with one warning) when NVRTC cannot build it here."""
     global _broken
-    key = (torch.cuda.current_device(), which, in_kind, gather, pow2, warps)
+    key = (torch.cuda.current_device(), in_kind, gather, pow2)
     k = _cache.get(key)
     if k is not None or _broken is not None:
         return k
     with _lock:
         if key not in _cache and _broken is None:
-            name = f"moeco_{which}_{in_kind}{int(gather)}{int(pow2)}_{warps}"
-            src = (_SOURCE if which == "token_wise" else _ROW_SOURCE).replace("KNAME", name)
-            defs = [f"-DIN_KIND={in_kind}", f"-DGATHER={int(gather)}", f"-DPOW2={int(pow2)}", f"-DWARPS={warps}"]
+            name = f"moeco_token_wise_{in_kind}{int(gather)}{int(pow2)}"
+            src = _SOURCE.replace("KNAME", name)
+            defs = [f"-DIN_KIND={in_kind}", f"-DGATHER={int(gather)}", f"-DPOW2={int(pow2)}"]
             try:
                 _cache[key] = torch.cuda._compile_kernel(src, name, nvcc_options=defs)
             except Exception as exc:  # no NVRTC, no CUDA_HOME, an old driver: Triton does it instead
@@ -350,7 +278,7 @@ def token_wise_supported(x: torch.Tensor, x_scale: torch.Tensor | None) -> bool:
 
 
 def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
-               rows: torch.Tensor | None = None, warps: int = 8):
+               rows: torch.Tensor | None = None):
     """x (T, C) -> q (C, T') E4M3, s (C, ceil(T'/128)) with strides (1, C); see the module docstring.
 
     `x_scale` (T, ceil(C/128)), any strides: x is FP8 with 1x128 scales and is dequantized first.
@@ -364,9 +292,8 @@ def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_sca
     s = torch.empty((tb, C), dtype=torch.float32, device=x.device).t()
     if T_out == 0 or C == 0:
         return q, s
-    if warps not in (4, 8):
-        raise ValueError(f"warps={warps}: the token-wise kernel is built for 4 or 8 warps")
-    k = _kernel("token_wise", _IN_KIND[x.dtype], rows is not None, pow2_scale, warps)
+    _ensure_context(x.device)
+    k = _kernel(_IN_KIND[x.dtype], rows is not None, pow2_scale)
     if k is None:
         return None
     if rows is not None and rows.dtype != torch.int32:
@@ -374,39 +301,10 @@ def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_sca
     xs = x_scale if x_scale is not None else s  # placeholder pointers when unused
     rw = rows if rows is not None else s
     tc = 32 * (4 // x.element_size())  # channels per block: 32 threads x one 32-bit word
-    k(grid=(-(-C // tc), tb, 1), block=(32 * warps, 1, 1),
+    k(grid=(-(-C // tc), tb, 1), block=(256, 1, 1),
       args=[x, xs, rw, q, s, T_out, C, x.stride(0), xs.stride(0) if x_scale is not None else 0,
             xs.stride(1) if x_scale is not None else 0, q.stride(0)])
     return q, s
-
-
-def row_wise_supported(x: torch.Tensor) -> bool:
-    """Whether `row_wise` takes x (*, K): bf16 / fp16 / fp32 on CUDA sm_89+, K a multiple of 8, rows
-    16-byte aligned, no earlier compile failure."""
-    if _broken is not None or x.dim() < 1 or not x.is_cuda or x.dtype not in _IN_KIND or x.dtype == FP8_DTYPE:
-        return False
-    K = x.shape[-1]
-    return K % 8 == 0 and x.data_ptr() % 16 == 0 and _device_ok(x.device)
-
-
-def row_wise(x: torch.Tensor, *, pow2_scale: bool = False):
-    """`quantize_act_1x128(x)`: q (*, K) E4M3 and s (*, ceil(K/128)) as a view of a (KB, rows) buffer
-    (the layout `torch._scaled_mm` takes), or None when the kernel cannot be compiled here."""
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1 or (x2.stride(0) * x2.element_size()) % 16:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    kb = -(-K // 128)
-    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
-    s_t = torch.empty((kb, M), dtype=torch.float32, device=x.device)
-    if M and K:
-        k = _kernel("row_wise", _IN_KIND[x.dtype], False, pow2_scale)
-        if k is None:
-            return None
-        n_tiles = M * kb
-        k(grid=(-(-n_tiles // 64), 1, 1), block=(256, 1, 1), args=[x2, q, s_t, M, K, x2.stride(0), K, n_tiles])
-    return q.reshape(*lead, K), s_t.t().reshape(*lead, kb)
 
 
 def status() -> str:

@@ -84,17 +84,8 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False):
     and x ~= q * scale tile by tile.
     """
     if x.is_cuda and x.dim() >= 1 and x.numel() > 0:
-        from moeco.fp8 import cuda_kernels, triton_kernels
+        from moeco.fp8 import triton_kernels
 
-        how = cuda_kernels.mode()
-        if how != "triton" and cuda_kernels.row_wise_supported(x):
-            out = cuda_kernels.row_wise(x, pow2_scale=pow2_scale)
-            if out is not None:
-                return out
-        if how == "cuda":
-            raise ConfigError(
-                f"MOECO_FP8_QUANT=cuda, but the NVRTC kernel cannot take this input ({x.dtype}, shape "
-                f"{tuple(x.shape)}) here: {cuda_kernels.status()}; unset it to use Triton")
         if triton_kernels.available():
             return triton_kernels.quantize_act_1x128(x, pow2_scale=pow2_scale)
     return quantize_act_1x128_reference(x, pow2_scale=pow2_scale)
