@@ -92,13 +92,8 @@ def quant_rows(copy_gbs, tokens_list):
         for name, fn in (("triton fp8 re-tile (Wgrad)", lambda: triton_kernels.quantize_act_1x128_t(xq, xs)),
                          ("NVRTC fp8 re-tile (Wgrad)", lambda: cuda_kernels.token_wise(xq, xs)),
                          ("triton 128x1 from bf16", lambda: triton_kernels.quantize_act_1x128_t(x)),
-                         ("NVRTC 128x1 from bf16", lambda: cuda_kernels.token_wise(x)),
-                         ("NVRTC both tilings from bf16", lambda: cuda_kernels.dual(x)),
-                         ("triton 1x128 + NVRTC 128x1", lambda: (triton_kernels.quantize_act_1x128(x),
-                                                                 cuda_kernels.token_wise(x)))):
+                         ("NVRTC 128x1 from bf16", lambda: cuda_kernels.token_wise(x))):
             nb = nbytes_t if "fp8" in name else nbytes
-            if "both" in name or " + " in name:
-                nb = T * K * 4 + 2 * T * (K // 128) * 4
             ms = gpu_ms(fn)
             gbs = nb / ms / 1e6
             rows.append(dict(T=T, K=K, kernel=name, ms=ms, gbs=gbs, of_copy=gbs / copy_gbs))

@@ -29,16 +29,13 @@ def _fake_quant_act(x):  # quantize -> dequantize along the last dim, float64
     return dequantize_act_1x128(*quantize_act_1x128(x)).double()
 
 
-def _three_gemm_reference(x2, w, gy2, *, retile=False):
-    """Fprop, Dgrad, Wgrad from the quantize functions and torch.matmul, in float64.
-
-    Wgrad's x^T is quantized along the tokens from x itself (Fp8Linear), or with `retile` from the
-    forward's 1x128 FP8 copy (the grouped experts, which keep that one)."""
+def _three_gemm_reference(x2, w, gy2):
+    """Fprop, Dgrad, Wgrad from the quantize functions and torch.matmul, in float64."""
     wd = dequantize_weight_128x128(*quantize_weight_128x128(w)).double()
     y = _fake_quant_act(x2) @ wd.t()
     dx = _fake_quant_act(gy2) @ wd
-    x_w = dequantize_act_1x128(*quantize_act_1x128(x2)) if retile else x2
-    dw = _fake_quant_act(gy2.t().contiguous()) @ _fake_quant_act(x_w.t().contiguous()).t()
+    x_saved = dequantize_act_1x128(*quantize_act_1x128(x2))  # what the forward keeps: FP8 x
+    dw = _fake_quant_act(gy2.t().contiguous()) @ _fake_quant_act(x_saved.t().contiguous()).t()
     return y, dx, dw
 
 
@@ -116,7 +113,7 @@ def test_grouped_fp8_matches_per_expert_reference():
         if n == 0:
             assert (w.grad[e] == 0).all()
             continue
-        y_ref, dx_ref, dw_ref = _three_gemm_reference(x.detach()[rows], w.detach()[e], gy[rows], retile=True)
+        y_ref, dx_ref, dw_ref = _three_gemm_reference(x.detach()[rows], w.detach()[e], gy[rows])
         for got, ref in ((y[rows], y_ref), (x.grad[rows], dx_ref), (w.grad[e], dw_ref)):
             assert ((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5
     w_hp = x.detach().new_zeros(y.shape)  # and close to the high-precision grouped GEMM
@@ -272,23 +269,17 @@ def test_fp8_custom_operators_pass_opcheck():
     x = torch.randn(40, 256, requires_grad=True)
     w = torch.randn(192, 256, requires_grad=True)
     wq, ws, wtq = ops.quant_weight(w.detach(), False)
-    y, xtq, xts = ops.linear(x, w, wq, ws, wtq, False, "auto", torch.float32, True)
-    assert xtq.shape == (256, 40) and xts.shape == (256, 1)
-    _, e1, e2 = ops.linear(x, w, wq, ws, wtq, False, "auto", torch.float32, False)
-    assert e1.numel() == e2.numel() == 0
+    y, xq, xs = ops.linear(x, w, wq, ws, wtq, False, "auto", torch.float32)
     we = torch.randn(3, 128, 256, requires_grad=True)
     offs = torch.tensor([10, 10, 33], dtype=torch.int32)
     yg, gxq, gxs, gwtq, gws = ops.grouped(x, we, offs, False, False, "auto", torch.float32)
     cases = [
         (ops.quant_weight.default, (w.detach(), True)),
-        (ops.linear.default, (x, w, wq, ws, wtq, False, "auto", torch.float32, True)),
-        (ops.linear.default, (x, w, wq, ws, wtq, False, "auto", torch.float32, False)),
-        (ops.linear_bwd.default, (torch.randn_like(y), xtq, xts, wtq, ws, torch.float32, torch.float32, False, "auto",
+        (ops.linear.default, (x, w, wq, ws, wtq, False, "auto", torch.float32)),
+        (ops.linear_bwd.default, (torch.randn_like(y), xq, xs, wtq, ws, torch.float32, torch.float32, False, "auto",
                                   True, True)),
-        (ops.linear_bwd.default, (torch.randn_like(y), xtq, xts, wtq, ws, torch.float32, torch.float32, False, "auto",
+        (ops.linear_bwd.default, (torch.randn_like(y), xq, xs, wtq, ws, torch.float32, torch.float32, False, "auto",
                                   False, True)),
-        (ops.linear_bwd.default, (torch.randn_like(y), xtq, xts, wtq, ws, torch.float32, torch.float32, False, "auto",
-                                  True, False)),
         (ops.grouped.default, (x, we, offs, False, False, "auto", torch.float32)),
         (ops.grouped_bwd.default, (torch.randn_like(yg), gxq, gxs, gwtq, gws, offs, [3, 128, 256], False, "auto",
                                    torch.float32, torch.float32, True, False)),

@@ -207,140 +207,6 @@ extern "C" __global__ void __launch_bounds__(256) KNAME(
 }
 """
 
-_DUAL_SOURCE = r"""
-// Both tilings of x (T, C) from one read: 1x128 along C (q (T, C), s_row[cb * T + t]) and 128x1
-// along T written transposed (qt (C, T), s_col[tb * C + c]). Block: 256 threads on 128 tokens x
-// 128 channels; thread (warp w, lane l) holds channels 4l .. 4l + 3 of tokens 16w .. 16w + 15.
-#if IN_KIND == 2
-#define VEC_T uint4  // 4 fp32 channels: 16 bytes
-#else
-#define VEC_T uint2  // 4 bf16/fp16 channels: 8 bytes
-#endif
-
-__device__ __forceinline__ float f16_to_f32(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ unsigned f32x4_to_e4m3x4(float a, float b, float c, float d) {
-    unsigned short lo, hi;  // cvt puts its first source in the upper byte
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(b), "f"(a));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(d), "f"(c));
-    return (unsigned)lo | ((unsigned)hi << 16);
-}
-
-__device__ __forceinline__ float div_by(float x, float s, float r) {
-    float q = __fmul_rn(x, r);
-    q = __fmaf_rn(__fmaf_rn(-q, s, x), r, q);
-    return x == 0.0f ? x : q;
-}
-
-__device__ __forceinline__ float scale_of(float amax) {
-    float v = __fdiv_rn(fmaxf(amax, 1e-4f), 448.0f);
-#if POW2
-    v = __uint_as_float((__float_as_uint(v) + 0x7FFFFFu) & 0x7F800000u);
-#endif
-    return v;
-}
-
-__device__ __forceinline__ void unpack4(VEC_T u, float *f) {
-#if IN_KIND == 2
-    f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y); f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
-#elif IN_KIND == 0
-    f[0] = __uint_as_float(u.x << 16); f[1] = __uint_as_float(u.x & 0xFFFF0000u);
-    f[2] = __uint_as_float(u.y << 16); f[3] = __uint_as_float(u.y & 0xFFFF0000u);
-#else
-    f[0] = f16_to_f32((unsigned short)(u.x & 0xFFFFu)); f[1] = f16_to_f32((unsigned short)(u.x >> 16));
-    f[2] = f16_to_f32((unsigned short)(u.y & 0xFFFFu)); f[3] = f16_to_f32((unsigned short)(u.y >> 16));
-#endif
-}
-
-extern "C" __global__ void __launch_bounds__(256) KNAME(
-    const VEC_T *__restrict__ x, unsigned *__restrict__ q, float *__restrict__ s_row,
-    unsigned char *__restrict__ qt, float *__restrict__ s_col, int T, int C, int stride_x, int stride_qt) {
-    __shared__ float red[8 * 128];
-    __shared__ unsigned qs[128 * 33];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int c = blockIdx.x * 128 + lane * 4;
-    const long long t0 = (long long)blockIdx.y * 128 + warp * 16;
-    const bool c_ok = c < C;
-    VEC_T w[16];
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-        const long long t = t0 + j;
-        if (c_ok && t < T) {
-            w[j] = x[(t * stride_x + c) / 4];
-        } else {
-            w[j] = VEC_T{};
-        }
-    }
-    // 1x128 along C: one scale per token, the warp's 32 lanes x 4 channels
-    float camax[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    float my_scale = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-        float f[4];
-        unpack4(w[j], f);
-        float a = fmaxf(fmaxf(fabsf(f[0]), fabsf(f[1])), fmaxf(fabsf(f[2]), fabsf(f[3])));
-#pragma unroll
-        for (int i = 0; i < 4; ++i) camax[i] = fmaxf(camax[i], fabsf(f[i]));
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-        const float sc = scale_of(a), r = __frcp_rn(sc);
-        if (lane == j) my_scale = sc;
-        const long long t = t0 + j;
-        if (c_ok && t < T)
-            q[(t * C + c) / 4] = f32x4_to_e4m3x4(div_by(f[0], sc, r), div_by(f[1], sc, r), div_by(f[2], sc, r),
-                                                 div_by(f[3], sc, r));
-    }
-    if (lane < 16 && t0 + lane < T) s_row[(long long)blockIdx.x * T + t0 + lane] = my_scale;
-    // 128x1 along T: one scale per channel over the block's 128 tokens
-#pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp * 128 + lane * 4 + i] = camax[i];
-    __syncthreads();
-    float sc[4], rc[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float a = red[lane * 4 + i];
-#pragma unroll
-        for (int k = 1; k < 8; ++k) a = fmaxf(a, red[k * 128 + lane * 4 + i]);
-        sc[i] = scale_of(a);
-        rc[i] = __frcp_rn(sc[i]);
-        if (warp == 0 && c_ok) s_col[(long long)blockIdx.y * C + c + i] = sc[i];
-    }
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        float f[4][4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) unpack4(w[4 * k + j], f[j]);
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            qs[(lane * 4 + i) * 33 + warp * 4 + k] =
-                f32x4_to_e4m3x4(div_by(f[0][i], sc[i], rc[i]), div_by(f[1][i], sc[i], rc[i]),
-                                div_by(f[2][i], sc[i], rc[i]), div_by(f[3][i], sc[i], rc[i]));
-    }
-    __syncthreads();
-    const int tid = threadIdx.x, chunk = tid & 7;
-    const long long tt = (long long)blockIdx.y * 128 + 16 * chunk;
-#pragma unroll
-    for (int pass = 0; pass < 4; ++pass) {
-        const int row = pass * 32 + (tid >> 3);
-        const int cg = blockIdx.x * 128 + row;
-        if (cg >= C) continue;
-        const unsigned *src = qs + row * 33 + 4 * chunk;
-        const unsigned a0 = src[0], a1 = src[1], a2 = src[2], a3 = src[3];
-        unsigned char *dst = qt + (long long)cg * stride_qt + tt;
-        if (tt + 16 <= T && (stride_qt & 15) == 0) {
-            *reinterpret_cast<uint4 *>(dst) = make_uint4(a0, a1, a2, a3);
-        } else {
-            const unsigned wd[4] = {a0, a1, a2, a3};
-            for (int j = 0; j < 16 && tt + j < T; ++j) dst[j] = (unsigned char)(wd[j >> 2] >> (8 * (j & 3)));
-        }
-    }
-}
-"""
-
 _IN_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, FP8_DTYPE: 3}
 _ELEM = {0: 2, 1: 2, 2: 4, 3: 1}
 _lock = threading.Lock()
@@ -378,17 +244,17 @@ def _ensure_context(device: torch.device) -> None:
             raise RuntimeError(f"cannot make the CUDA context of device {want} current for the NVRTC kernel")
 
 
-def _kernel(in_kind: int, gather: bool, pow2: bool, which: str = "token_wise"):
+def _kernel(in_kind: int, gather: bool, pow2: bool):
     """The compiled variant, or None (with one warning) when NVRTC cannot build it here."""
     global _broken
-    key = (torch.cuda.current_device(), which, in_kind, gather, pow2)
+    key = (torch.cuda.current_device(), in_kind, gather, pow2)
     k = _cache.get(key)
     if k is not None or _broken is not None:
         return k
     with _lock:
         if key not in _cache and _broken is None:
-            name = f"moeco_{which}_{in_kind}{int(gather)}{int(pow2)}"
-            src = (_SOURCE if which == "token_wise" else _DUAL_SOURCE).replace("KNAME", name)
+            name = f"moeco_token_wise_{in_kind}{int(gather)}{int(pow2)}"
+            src = _SOURCE.replace("KNAME", name)
             defs = [f"-DIN_KIND={in_kind}", f"-DGATHER={int(gather)}", f"-DPOW2={int(pow2)}"]
             try:
                 _cache[key] = torch.cuda._compile_kernel(src, name, nvcc_options=defs)
@@ -439,36 +305,6 @@ def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_sca
       args=[x, xs, rw, q, s, T_out, C, x.stride(0), xs.stride(0) if x_scale is not None else 0,
             xs.stride(1) if x_scale is not None else 0, q.stride(0)])
     return q, s
-
-
-def dual_supported(x: torch.Tensor) -> bool:
-    """Whether `dual` takes x (T, C): bf16 / fp16 / fp32 on CUDA sm_89+, C a multiple of 8, rows
-    aligned for its 4-channel loads, no earlier compile failure."""
-    if _broken is not None or x.dim() != 2 or not x.is_cuda or x.dtype not in _IN_KIND or x.dtype == FP8_DTYPE:
-        return False
-    vec = 4 * x.element_size()
-    return (x.shape[1] % 8 == 0 and x.stride(1) == 1 and (x.stride(0) * x.element_size()) % vec == 0
-            and x.data_ptr() % vec == 0 and _device_ok(x.device))
-
-
-def dual(x: torch.Tensor, *, pow2_scale: bool = False):
-    """`quantize_act_1x128(x)` and `quantize_act_1x128_t(x)` from one read of x (T, C):
-    (q (T, C), s (T, CB) with strides (1, T), qt (C, T), st (C, TB) with strides (1, C)), or None when
-    the kernel cannot be compiled here. The caller checks `dual_supported` first."""
-    T, C = x.shape
-    cb, tb = -(-C // 128), -(-T // 128)
-    q = torch.empty((T, C), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((cb, T), dtype=torch.float32, device=x.device).t()
-    qt = torch.empty((C, T), dtype=FP8_DTYPE, device=x.device)
-    st = torch.empty((tb, C), dtype=torch.float32, device=x.device).t()
-    if T == 0 or C == 0:
-        return q, s, qt, st
-    _ensure_context(x.device)
-    k = _kernel(_IN_KIND[x.dtype], False, pow2_scale, which="dual")
-    if k is None:
-        return None
-    k(grid=(cb, tb, 1), block=(256, 1, 1), args=[x, q, s, qt, st, T, C, x.stride(0), qt.stride(0)])
-    return q, s, qt, st
 
 
 def status() -> str:

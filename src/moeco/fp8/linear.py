@@ -8,12 +8,8 @@
 
 Outputs are in x's dtype (dx too) and dW in W's dtype: FP8 lives only inside the GEMMs, the
 module keeps nn.Linear's `weight` (and `bias`) parameters, so state dicts are unchanged.
-For backward it saves FP8 activations and their scales, not x: when W needs a gradient, the forward
-quantizes x both ways from one read (`quantize_act_dual`: 1x128 for Fprop, 128x1 for Wgrad) and keeps
-only the 128x1 copy, the same bytes as the 1x128 one. The report instead keeps the 1x128 copy and
-re-tiles it in backward (dequantize, transpose, re-quantize: the cost its hardware wishlist names);
-quantizing x^T from x directly skips that pass and one rounding (BENCHMARKS.md has the measurement).
-dy is likewise quantized both ways in one read.
+For backward it saves the FP8 activations and their scales, not x: Wgrad dequantizes them and
+re-tiles 1x128 -> 128x1 (the report's re-quantization, the cost its hardware wishlist names).
 In eval mode the FP8 weight is cached while the master weight is unchanged (same `_version`), so
 inference quantizes it once; in training it is re-quantized every forward, because optimizers
 such as fused AdamW update weights in place without bumping `_version`, except inside
@@ -47,7 +43,6 @@ from moeco.fp8.quantize import (
     dequantize_weight_128x128,
     quantize_act_1x128,
     quantize_act_1x128_t,
-    quantize_act_dual,
     quantize_weight_128x128,
 )
 
@@ -106,35 +101,24 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _linear_forward(x2, wq, ws, act_pow2: bool, backend: str, out_dtype: torch.dtype, save_t: bool):
-    """Fprop: (y = x . W^T, xtq, xts) for x (M, K) and the FP8 weight (wq (N, K), ws (NB, KB)).
-
-    With `save_t` (W needs a gradient) x is also quantized 128x1 along the tokens in the same pass,
-    for Wgrad: xtq (K, M) and xts (K, ceil(M/128)) with strides (1, K); otherwise both are empty."""
-    if save_t:
-        xq, xs, xtq, xts = quantize_act_dual(x2, pow2_scale=act_pow2)
-        xtq, xts = xtq.contiguous(), _outer_major(xts)
-    else:
-        xq, xs = quantize_act_1x128(x2, pow2_scale=act_pow2)
-        xtq, xts = x2.new_empty((0,), dtype=wq.dtype), x2.new_empty((0,), dtype=torch.float32)
+def _linear_forward(x2, wq, ws, act_pow2: bool, backend: str, out_dtype: torch.dtype):
+    """Fprop: (y = x . W^T, xq, xs) for x (M, K) and the FP8 weight (wq (N, K), ws (NB, KB))."""
+    xq, xs = quantize_act_1x128(x2, pow2_scale=act_pow2)
     y = fp8_gemm(xq, xs, wq, ws, out_dtype, backend=backend)
-    return y.contiguous(), xtq, xts
+    return y.contiguous(), xq.contiguous(), _outer_major(xs)
 
 
-def _linear_backward_impl(gy, xtq, xts, wtq, ws, x_dtype, w_dtype, act_pow2: bool, backend: str, need_dx: bool,
+def _linear_backward_impl(gy, xq, xs, wtq, ws, x_dtype, w_dtype, act_pow2: bool, backend: str, need_dx: bool,
                           need_dw: bool):
     """(dx, dW) of `_linear_forward` (None for one not asked for), from the saved FP8 tensors."""
     gy = gy.contiguous()
     dx = dw = None
-    if need_dx and need_dw:  # dy both ways from one read
-        gq, gs, gtq, gts = quantize_act_dual(gy, pow2_scale=act_pow2)
-    elif need_dx:
-        gq, gs = quantize_act_1x128(gy, pow2_scale=act_pow2)
-    elif need_dw:
-        gtq, gts = quantize_act_1x128_t(gy, pow2_scale=act_pow2)
     if need_dx:  # Dgrad: dy (1x128 along N) . W  ==  dy . (W^T)^T
+        gq, gs = quantize_act_1x128(gy, pow2_scale=act_pow2)
         dx = fp8_gemm(gq, gs, wtq, ws.t().contiguous(), x_dtype, backend=backend)
     if need_dw:  # Wgrad: dy^T . x, both operands 1x128 along the tokens
+        gtq, gts = quantize_act_1x128_t(gy, pow2_scale=act_pow2)
+        xtq, xts = quantize_act_1x128_t(xq, xs, pow2_scale=act_pow2)
         dw = fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
     return dx, dw
 
@@ -143,18 +127,17 @@ class _Fp8LinearFn(torch.autograd.Function):
     """The eager path of Fp8Linear (cheaper to call than the custom operator, which compiled code uses)."""
 
     @staticmethod
-    def forward(ctx, x2, weight, wq, ws, wtq, act_pow2: bool, backend: str, out_dtype: torch.dtype, save_t: bool):
-        y, xtq, xts = _linear_forward(x2, wq, ws, act_pow2, backend, out_dtype, save_t)
-        ctx.save_for_backward(xtq, xts, wtq, ws)
+    def forward(ctx, x2, weight, wq, ws, wtq, act_pow2: bool, backend: str, out_dtype: torch.dtype):
+        y, xq, xs = _linear_forward(x2, wq, ws, act_pow2, backend, out_dtype)
+        ctx.save_for_backward(xq, xs, wtq, ws)
         ctx.meta = (x2.dtype, weight.dtype, act_pow2, backend)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        # needs_input_grad[1] is W's requires_grad at the forward, the same test as save_t
         dx, dw = _linear_backward_impl(gy, *ctx.saved_tensors, *ctx.meta, ctx.needs_input_grad[0],
                                        ctx.needs_input_grad[1])
-        return dx, dw, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 class Fp8Linear(nn.Linear):
@@ -191,9 +174,7 @@ class Fp8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K = x.shape[-1]
-        # Wgrad's operand x^T is quantized (and kept) only when W will get a gradient.
-        save_t = torch.is_grad_enabled() and self.weight.requires_grad
-        args = (self.recipe.act_pow2, self.recipe.backend, _out_dtype(x), save_t)
+        args = (self.recipe.act_pow2, self.recipe.backend, _out_dtype(x))
         if torch.compiler.is_compiling():  # one opaque custom operator (the weight cache reads data_ptr)
             wq, ws, wtq = torch.ops.moeco_fp8.quant_weight(self.weight.detach(), self.recipe.weight_pow2)
             y, _, _ = torch.ops.moeco_fp8.linear(x.reshape(-1, K), self.weight, wq, ws, wtq, *args)

@@ -12,17 +12,16 @@ Every operator has a fake (meta) implementation that gives the real outputs' sha
 strides; the real implementations return exactly those layouts on every device:
 
     quant_weight(w (*, N, K), pow2)  -> q (*, N, K), s (*, NB, KB), q_t (*, K, N), all contiguous
-    linear(x (M, K), weight, wq, ws, wtq, act_pow2, backend, out_dtype, save_t)
-                                     -> y (M, N), xtq (K, M), xts (K, MB) with strides (1, K)
-                                        (x quantized 128x1 for Wgrad; zero-size without save_t)
-    linear_bwd(gy, xtq, xts, wtq, ws, ...)                        -> dx (M, K), dW (N, K)
+    linear(x (M, K), weight, wq, ws, wtq, act_pow2, backend, out_dtype)
+                                     -> y (M, N), xq (M, K), xs (M, KB) with strides (1, M)
+    linear_bwd(gy, xq, xs, wtq, ws, ...)                          -> dx (M, K), dW (N, K)
     grouped(x (T, K), w (E, N, K), offs, act_pow2, weight_pow2, backend, out_dtype)
                                      -> y (T, N), xq, xs, wtq (E, K, N), ws (E, NB, KB)
     grouped_bwd(gy, xq, xs, wtq, ws, offs, ...)                   -> dx (T, K), dW (E, N, K)
 
 `linear` and `grouped` carry their backward (`register_autograd`, which calls the `_bwd` operator):
-Dgrad and Wgrad in FP8 from the saved FP8 activations (xtq, xts: extra outputs, so that autograd
-can keep them) and the FP8 weight (W^T and its scales). A `_bwd` operator returns a zero-size tensor
+Dgrad and Wgrad in FP8 from the saved FP8 activations (xq, xs: extra outputs, so that autograd can
+keep them) and the FP8 weight (W^T and its scales). A `_bwd` operator returns a zero-size tensor
 for a gradient that is not needed.
 """
 
@@ -69,52 +68,49 @@ def _(w, pow2):
 
 @torch.library.custom_op("moeco_fp8::linear", mutates_args=())
 def linear(x: Tensor, weight: Tensor, wq: Tensor, ws: Tensor, wtq: Tensor, act_pow2: bool, backend: str,
-           out_dtype: torch.dtype, save_t: bool) -> tuple[Tensor, Tensor, Tensor]:
+           out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """y = x . W^T from the FP8 weight (wq, ws); `weight` (the master) is an input only so that its
-    gradient has somewhere to go. Returns y and, with `save_t`, x quantized 128x1 along the tokens
-    (Wgrad's operand, saved for backward); zero-size tensors without."""
+    gradient has somewhere to go. Returns y and the FP8 activations saved for backward."""
     from moeco.fp8.linear import _linear_forward
 
-    return _linear_forward(x, wq, ws, act_pow2, backend, out_dtype, save_t)
+    return _linear_forward(x, wq, ws, act_pow2, backend, out_dtype)
 
 
 @linear.register_fake
-def _(x, weight, wq, ws, wtq, act_pow2, backend, out_dtype, save_t):
+def _(x, weight, wq, ws, wtq, act_pow2, backend, out_dtype):
     M, K = x.shape
-    y = x.new_empty((M, wq.shape[0]), dtype=out_dtype)
-    if not save_t:
-        return y, x.new_empty((0,), dtype=FP8_DTYPE), x.new_empty((0,), dtype=torch.float32)
-    return y, x.new_empty((K, M), dtype=FP8_DTYPE), _outer_major_empty(K, _cdiv(M, _B), x)
+    return (x.new_empty((M, wq.shape[0]), dtype=out_dtype), x.new_empty((M, K), dtype=FP8_DTYPE),
+            _outer_major_empty(M, _cdiv(K, _B), x))
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, wq, ws, wtq, act_pow2, backend, out_dtype, save_t = inputs
-    _, xtq, xts = output
-    ctx.save_for_backward(xtq, xts, wtq, ws)
+    x, weight, wq, ws, wtq, act_pow2, backend, out_dtype = inputs
+    _, xq, xs = output
+    ctx.save_for_backward(xq, xs, wtq, ws)
     ctx.meta = (x.dtype, weight.dtype, act_pow2, backend)
-    ctx.mark_non_differentiable(xtq, xts)
+    ctx.mark_non_differentiable(xq, xs)
 
 
 def _linear_backward(ctx, gy, *_):
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dx, dw = torch.ops.moeco_fp8.linear_bwd(gy.contiguous(), *ctx.saved_tensors, *ctx.meta, need_dx, need_dw)
-    return (dx if need_dx else None), (dw if need_dw else None), None, None, None, None, None, None, None
+    return (dx if need_dx else None), (dw if need_dw else None), None, None, None, None, None, None
 
 
 @torch.library.custom_op("moeco_fp8::linear_bwd", mutates_args=())
-def linear_bwd(gy: Tensor, xtq: Tensor, xts: Tensor, wtq: Tensor, ws: Tensor, x_dtype: torch.dtype,
+def linear_bwd(gy: Tensor, xq: Tensor, xs: Tensor, wtq: Tensor, ws: Tensor, x_dtype: torch.dtype,
                w_dtype: torch.dtype, act_pow2: bool, backend: str, need_dx: bool,
                need_dw: bool) -> tuple[Tensor, Tensor]:
     from moeco.fp8.linear import _linear_backward_impl
 
-    dx, dw = _linear_backward_impl(gy, xtq, xts, wtq, ws, x_dtype, w_dtype, act_pow2, backend, need_dx, need_dw)
+    dx, dw = _linear_backward_impl(gy, xq, xs, wtq, ws, x_dtype, w_dtype, act_pow2, backend, need_dx, need_dw)
     return (dx if dx is not None else _empty_unless(False, (), gy, x_dtype),
             dw if dw is not None else _empty_unless(False, (), gy, w_dtype))
 
 
 @linear_bwd.register_fake
-def _(gy, xtq, xts, wtq, ws, x_dtype, w_dtype, act_pow2, backend, need_dx, need_dw):
-    return (_empty_unless(need_dx, (gy.shape[0], wtq.shape[0]), gy, x_dtype),
+def _(gy, xq, xs, wtq, ws, x_dtype, w_dtype, act_pow2, backend, need_dx, need_dw):
+    return (_empty_unless(need_dx, xq.shape, gy, x_dtype),
             _empty_unless(need_dw, (wtq.shape[1], wtq.shape[0]), gy, w_dtype))
 
 

@@ -125,24 +125,6 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     return quantize_act_1x128_reference(xf.t(), pow2_scale=pow2_scale)
 
 
-def quantize_act_dual(x: torch.Tensor, *, pow2_scale: bool = False):
-    """Both tilings of x (T, C): `quantize_act_1x128(x) + quantize_act_1x128_t(x)`, i.e.
-    (q (T, C), s (T, CB), qt (C, T), st (C, TB)). On CUDA one read of x (the NVRTC kernel of
-    `moeco.fp8.cuda_kernels`) where it applies, else two passes; the same bits either way."""
-    if x.is_cuda and x.numel() > 0:
-        from moeco.fp8 import cuda_kernels
-
-        if cuda_kernels.mode() != "triton" and cuda_kernels.dual_supported(x):
-            out = cuda_kernels.dual(x, pow2_scale=pow2_scale)
-            if out is not None:
-                return out
-        # two passes (Triton's kernels where present): the same bits
-        return (*quantize_act_1x128(x, pow2_scale=pow2_scale), *quantize_act_1x128_t(x, pow2_scale=pow2_scale))
-    q, s = quantize_act_1x128_reference(x, pow2_scale=pow2_scale)
-    qt, st = quantize_act_1x128_reference(x.t(), pow2_scale=pow2_scale)
-    return q, s, qt, st
-
-
 def dequantize_act_1x128(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32):
     """Inverse of `quantize_act_1x128`: q (*, K), scale (*, ceil(K/128)) -> (*, K) in `dtype`."""
     K = q.shape[-1]
@@ -215,6 +197,5 @@ def e4m3_bounds_ok(x: torch.Tensor, q: torch.Tensor, scale_full: torch.Tensor) -
 __all__ = [
     "AMAX_FLOOR", "BLOCK", "FP8_DTYPE", "FP8_MAX", "dequantize_act_1x128", "dequantize_weight_128x128",
     "expand_weight_scale", "quantize_act_1x128", "quantize_act_1x128_reference", "quantize_act_1x128_t",
-    "quantize_act_dual",
     "quantize_weight_128x128", "quantize_weight_128x128_reference",
 ]
