@@ -208,10 +208,11 @@ extern "C" __global__ void __launch_bounds__(256) KNAME(
 """
 
 _IN_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, FP8_DTYPE: 3}
-_ELEM = {0: 2, 1: 2, 2: 4, 3: 1}
 _lock = threading.Lock()
 _cache: dict[tuple, object] = {}
 _broken: str | None = None  # why compiling failed, once
+_libcuda = None
+_MAX_GRID_Y = 65535
 
 
 def mode() -> str:
@@ -224,14 +225,18 @@ def mode() -> str:
 def _device_ok(device: torch.device) -> bool:
     return (device.type == "cuda" and torch.version.cuda is not None
             and torch.cuda.get_device_capability(device) >= (8, 9)
-            and hasattr(torch.cuda, "_compile_kernel"))
+            and hasattr(torch.cuda, "_compile_kernel")  # private helpers: absent -> Triton
+            and hasattr(getattr(torch.cuda, "_utils", None), "_get_gpu_runtime_library"))
 
 
 def _ensure_context(device: torch.device) -> None:
     """Make `device`'s primary context current on this thread, as Triton's launcher does: the kernel
     is loaded and launched through the driver API, and a thread that has made no runtime call yet
     (autograd's backward worker, for one) has no current context ("invalid device context")."""
-    lib = torch.cuda._utils._get_gpu_runtime_library()  # libcuda
+    global _libcuda
+    if _libcuda is None:
+        _libcuda = torch.cuda._utils._get_gpu_runtime_library()  # libcuda, as PyTorch loads it
+    lib = _libcuda
     ctx, dev = ctypes.c_void_p(), ctypes.c_int(-1)
     lib.cuCtxGetCurrent(ctypes.byref(ctx))
     if ctx.value:
@@ -292,6 +297,8 @@ def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_sca
     s = torch.empty((tb, C), dtype=torch.float32, device=x.device).t()
     if T_out == 0 or C == 0:
         return q, s
+    if tb > _MAX_GRID_Y:  # one grid row per 128 tokens: more than 8.4M tokens go to Triton
+        return None
     _ensure_context(x.device)
     k = _kernel(_IN_KIND[x.dtype], rows is not None, pow2_scale)
     if k is None:
