@@ -38,6 +38,7 @@ import os
 
 import torch
 
+from moeco.fp8 import quantize as _quantize
 from moeco.fp8.quantize import _ceil_div
 
 try:  # Triton is optional: every caller has a PyTorch path.
@@ -324,7 +325,8 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
     ("outer-dim-major"), the layout `torch._scaled_mm` wants for a block-wise `scale_a`.
     Each program quantizes block_m rows x `groups` tiles of 128 channels (groups a power of two).
     Default tile 16 x 256, from a sweep on the H200 (bench/fp8_gemm_tune.py, GPU time): 82% of HBM
-    bandwidth at 16384 x 7168 and 71% at 4096 x 7168; the configurations tried were within ~5%.
+    bandwidth at 16384 x 7168 and 71% at 4096 x 7168 in that run (48-69% at 4096 in other runs:
+    BENCHMARKS.md); the configurations tried were within ~5%.
     """
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
@@ -834,10 +836,9 @@ def fp8_grouped_wgrad(gy, xq, xs, offs, E: int, *, pow2_scale=False, out_dtype=t
     # block the kernel below never reads.
     src = torch.full((Tp,), -1, dtype=torch.int32, device=gy.device)
     src.scatter_(0, dest, torch.arange(T, dtype=torch.int32, device=gy.device))
-    from moeco.fp8.quantize import quantize_act_1x128_t as token_wise  # NVRTC kernel or Triton's
-
-    gq, gs = token_wise(gy, pow2_scale=pow2_scale, rows=src)  # (N, Tp), (N, Tp/128)
-    xtq, xts = token_wise(xq, xs, pow2_scale=pow2_scale, rows=src)  # (K, Tp), (K, Tp/128)
+    # through the dispatcher: the NVRTC token-wise kernel where it applies, else this module's
+    gq, gs = _quantize.quantize_act_1x128_t(gy, pow2_scale=pow2_scale, rows=src)  # (N, Tp), (N, Tp/128)
+    xtq, xts = _quantize.quantize_act_1x128_t(xq, xs, pow2_scale=pow2_scale, rows=src)  # (K, Tp), (K, Tp/128)
     c = torch.empty((E, N, K), dtype=out_dtype, device=gy.device)
     block_m, block_n, num_warps, num_stages = _grouped_config(block_m, block_n, num_warps, num_stages)
     grid = (_ceil_div(N, block_m) * _ceil_div(K, block_n), E)
