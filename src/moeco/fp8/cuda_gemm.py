@@ -1,0 +1,454 @@
+"""DeepSeek-V3's block-scaled FP8 GEMM as a Hopper kernel: TMA loads, WGMMA, promotion in registers.
+
+    C (M, N) = sum over k-blocks kb of (A_kb . B_kb^T) * a_scale[:, kb] * b_scale[n // 128, kb]
+
+A (M, K) E4M3 with 1x128 scales, B (N, K) E4M3 with 128x128 block scales, C bf16 or fp32: the
+Fprop and Dgrad of `Fp8Linear` (moeco.fp8.gemm's module docstring has the layouts).
+
+The kernel (CUDA C, compiled at first use with NVRTC for sm_90a; `wgmma` needs the "a" target):
+    - persistent: one 384-thread block per multiprocessor walks 128 x BN output tiles, tile ids
+      grouped 8 m-tiles at a time so that concurrent tiles share A and B in L2;
+    - warp group 0 is the producer: one thread issues TMA copies of the 128 x 128 A tile and the
+      BN x 128 B tile of each k-block into a ring of STAGES shared-memory stages (128-byte swizzle,
+      the layout WGMMA reads), with an mbarrier per stage for "full" and one for "empty";
+    - warp groups 1 and 2 each own 64 rows of the tile: per k-block, four m64nBNk32 WGMMAs into a
+      fresh FP32 accumulator (the Tensor Cores' limited-precision sum over 128 of K), then the
+      promotion: out += acc * (a_scale[row] * b_scale), in FP32 on the CUDA cores. While one warp
+      group promotes, the other's WGMMAs run, which is what keeps the Tensor Cores busy;
+    - the producer gives its registers to the math warp groups (`setmaxnreg`);
+    - epilogue: each math warp group rounds its 64 x BN sums into shared memory (128-byte swizzle,
+      no bank conflicts) and one thread stores them with TMA, which clips the edges and overlaps the
+      store with the warp group's next tile.
+
+This is the structure DeepSeek's DeepGEMM uses (its paper section 3.3, N_C = 128); the code here is
+moeco's own. The TMA descriptors are encoded on the host with the driver's
+`cuTensorMapEncodeTiled` and passed by value (`__grid_constant__`), so the launch goes through
+`cuLaunchKernel` here rather than PyTorch's `_CudaKernel`, which passes only tensors and numbers.
+
+What it takes (`supported`): Hopper (sm_90), K a multiple of 16 (TMA's 16-byte row stride),
+contiguous K-major operands with 16-byte aligned bases, N a multiple of 8, 128x128 block scales for
+B. Anything else goes to cuBLAS / Triton through `moeco.fp8.gemm.fp8_gemm`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import warnings
+
+import torch
+
+from moeco.errors import ConfigError
+
+FP8_DTYPE = torch.float8_e4m3fn
+BM, BK = 128, 128
+_THREADS = 384
+
+
+def _wgmma_asm(bn: int) -> str:
+    """The inline-asm call of one m64n{bn}k32 E4M3 WGMMA accumulating into d[0 .. bn/2)."""
+    n = bn // 2
+    regs = ", ".join(f"%{i}" for i in range(n))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(n))
+    return (
+        f'asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{n + 2}, 0;\\n"\n'
+        f'    "wgmma.mma_async.sync.aligned.m64n{bn}k32.f32.e4m3.e4m3 {{{regs}}}, %{n}, %{n + 1}, p, 1, 1;\\n}}\\n"\n'
+        f'    : {outs}\n'
+        f'    : "l"(da), "l"(db), "r"(accumulate));'
+    )
+
+
+_SOURCE = r"""
+typedef unsigned long long u64;
+typedef unsigned int u32;
+
+struct __align__(64) TmaDesc { u64 word[16]; };
+
+#define BM 128
+#define BK 128
+#define NACC (BN / 2)
+#define A_BYTES (BM * BK)
+#define B_BYTES (BN * BK)
+#define STAGE_BYTES (A_BYTES + B_BYTES)
+#define GROUP_M 8
+#if OUT_F32
+#define OUT_BYTES 4
+#else
+#define OUT_BYTES 2
+#endif
+#define SUB_COLS (128 / OUT_BYTES)              // output columns per 128-byte swizzled row
+#define C_HALF_BYTES (64 * BN * OUT_BYTES)      // one math warp group's 64 rows of the output tile
+
+__device__ __forceinline__ u32 smem_addr(const void *p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void bar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count));
+}
+__device__ __forceinline__ void bar_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void bar_wait(u32 bar, u32 parity) {
+    u32 done = 0;
+    while (!done) {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    }
+}
+__device__ __forceinline__ void tma_load(u32 dst, const TmaDesc *desc, u32 bar, int c0, int c1) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
+                 :: "r"(dst), "l"((u64)desc), "r"(bar), "r"(c0), "r"(c1) : "memory");
+}
+
+// WGMMA shared-memory descriptor of a K-major tile with 128-byte swizzle: rows of 128 bytes, atoms of
+// 8 rows (1024 bytes, the stride between 8-row groups); the tile starts 1024-byte aligned.
+__device__ __forceinline__ u64 smem_desc(u32 addr) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+__device__ __forceinline__ void wgmma_fma(float *d, u64 da, u64 db, int accumulate) {
+WGMMA_ASM
+}
+
+__device__ __forceinline__ void keep(float &r) { asm volatile("" : "+f"(r) :: "memory"); }
+
+// Wait for k-block `it`'s operands and start its four WGMMAs (K = 4 x 32) into acc.
+__device__ __forceinline__ void issue(float (&acc)[NACC], u32 base, u32 bars, int it, u32 a_off) {
+    const int stage = it % STAGES;
+    bar_wait(bars + 8 * stage, (it / STAGES) & 1);
+    const u32 tile = base + stage * STAGE_BYTES;
+    const u64 da = smem_desc(tile + a_off), db = smem_desc(tile + A_BYTES);
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) keep(acc[i]);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int k = 0; k < BK / 32; ++k) wgmma_fma(acc, da + 2 * k, db + 2 * k, k);  // +32 bytes of K
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wait_one() { asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory"); }
+__device__ __forceinline__ void wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+
+// The promotion factors of k-block kb for this thread's two rows: a_scale[row, kb] * b_scale[n-block, kb].
+__device__ __forceinline__ void scales(const float *sa0, const float *sa1, const float *sb_col, int sa_k, int sb_k,
+                                       int kb, float &f0, float &f1) {
+    const float f = __ldg(sb_col + (long long)kb * sb_k);
+    f0 = __ldg(sa0 + (long long)kb * sa_k) * f;
+    f1 = __ldg(sa1 + (long long)kb * sa_k) * f;
+}
+
+// k-block `it` is done (its WGMMA group has completed): free its stage, add acc x scales to sum.
+__device__ __forceinline__ void promote(float (&acc)[NACC], float (&sum)[NACC], float f0, float f1, u32 bars, int it) {
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) keep(acc[i]);
+    if ((threadIdx.x & 31) == 0) bar_arrive(bars + 8 * (STAGES + it % STAGES));
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) sum[i] = __fmaf_rn(acc[i], (i & 2) ? f1 : f0, sum[i]);
+}
+
+__device__ __forceinline__ void tile_coords(int tile, int tiles_m, int tiles_n, int &tm, int &tn) {
+    const int per_group = GROUP_M * tiles_n;
+    const int group = tile / per_group;
+    const int first_m = group * GROUP_M;
+    const int rows = min(tiles_m - first_m, GROUP_M);
+    const int in_group = tile - group * per_group;
+    tm = first_m + in_group % rows;
+    tn = in_group / rows;
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
+    const __grid_constant__ TmaDesc a_desc, const __grid_constant__ TmaDesc b_desc,
+    const __grid_constant__ TmaDesc c_desc,
+    const float *__restrict__ sa, const float *__restrict__ sb, void *__restrict__ out,
+    int M, int N, int K, int sa_m, int sa_k, int sb_n, int sb_k, int ldc) {
+    extern __shared__ unsigned char smem_raw[];
+    const u32 base = (smem_addr(smem_raw) + 1023) & ~1023u;
+    const u32 c_smem = base + STAGES * STAGE_BYTES;  // the output tile, 64 rows per math warp group
+    const u32 bars = c_smem + 2 * C_HALF_BYTES;     // full[STAGES], then empty[STAGES]
+    const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
+    const int tiles = tiles_m * tiles_n, KB = (K + BK - 1) / BK;
+    const int wg = threadIdx.x / 128;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            bar_init(bars + 8 * s, 1);
+            bar_init(bars + 8 * (STAGES + s), 8);  // one arrival per math warp
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        if (threadIdx.x == 0) {
+            int stage = 0;
+            u32 phase = 0;
+            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+                int tm, tn;
+                tile_coords(tile, tiles_m, tiles_n, tm, tn);
+                for (int kb = 0; kb < KB; ++kb) {
+                    const u32 full = bars + 8 * stage, empty = bars + 8 * (STAGES + stage);
+                    bar_wait(empty, phase ^ 1);
+                    bar_expect(full, STAGE_BYTES);
+                    const u32 dst = base + stage * STAGE_BYTES;
+                    tma_load(dst, &a_desc, full, kb * BK, tm * BM);
+                    tma_load(dst + A_BYTES, &b_desc, full, kb * BK, tn * BN);
+                    if (++stage == STAGES) { stage = 0; phase ^= 1; }
+                }
+            }
+        }
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    const int t = threadIdx.x - 128 * wg;      // thread within its warp group
+    const int warp = t / 32, lane = t % 32;
+    const int row_in_tile = (wg - 1) * 64 + warp * 16 + lane / 4;  // and row_in_tile + 8
+    const u32 a_off = (wg - 1) * 64 * BK;
+    int it = 0;  // k-blocks consumed so far, over all tiles: stage it % STAGES, parity (it / STAGES) & 1
+    float acc0[NACC], acc1[NACC], sum[NACC];
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        int tm, tn;
+        tile_coords(tile, tiles_m, tiles_n, tm, tn);
+        const int r0 = tm * BM + row_in_tile;
+        const float *sa0 = sa + (long long)min(r0, M - 1) * sa_m, *sa1 = sa + (long long)min(r0 + 8, M - 1) * sa_m;
+        const float *sb_col = sb + (long long)((tn * BN) / 128) * sb_n;
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) sum[i] = 0.0f;
+        // Two accumulators in turn: k-block kb + 1's WGMMAs run while kb's partial sum is promoted.
+        issue(acc0, base, bars, it, a_off);
+        int kb = 0;
+        for (; kb + 2 < KB; kb += 2, it += 2) {  // k-block kb is in flight in acc0
+            float f0, f1;
+            scales(sa0, sa1, sb_col, sa_k, sb_k, kb, f0, f1);
+            issue(acc1, base, bars, it + 1, a_off);
+            wait_one();
+            promote(acc0, sum, f0, f1, bars, it);
+            scales(sa0, sa1, sb_col, sa_k, sb_k, kb + 1, f0, f1);
+            issue(acc0, base, bars, it + 2, a_off);
+            wait_one();
+            promote(acc1, sum, f0, f1, bars, it + 1);
+        }
+        float f0, f1, g0, g1;
+        scales(sa0, sa1, sb_col, sa_k, sb_k, kb, f0, f1);
+        if (kb + 1 < KB) {  // the last two k-blocks
+            scales(sa0, sa1, sb_col, sa_k, sb_k, kb + 1, g0, g1);
+            issue(acc1, base, bars, it + 1, a_off);
+            wait_one();
+            promote(acc0, sum, f0, f1, bars, it);
+            wait_all();
+            promote(acc1, sum, g0, g1, bars, it + 1);
+            it += 2;
+        } else {  // the last one
+            wait_all();
+            promote(acc0, sum, f0, f1, bars, it);
+            it += 1;
+        }
+        // Epilogue: the 64 x BN sums of this warp group, rounded, into shared memory as SUB_COLS-wide
+        // column slabs with the 128-byte swizzle (conflict-free: a store instruction's 8 rows land
+        // in 8 different 16-byte chunks), then one TMA store per slab, which clips rows past M and
+        // columns past N and runs while this warp group starts its next tile.
+        const u32 my_c = c_smem + (wg - 1) * C_HALF_BYTES;
+        if (t == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the last tile's store has read it
+        asm volatile("bar.sync %0, 128;" :: "r"(wg) : "memory");
+#pragma unroll
+        for (int i = 0; i < NACC; i += 2) {  // element i: row 16 warp + lane / 4 + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 (lane % 4)
+            const int r = warp * 16 + lane / 4 + 8 * ((i >> 1) & 1), c = 8 * (i >> 2) + 2 * (lane % 4);
+            const int byte = (c % SUB_COLS) * OUT_BYTES;
+            const u32 addr = my_c + (c / SUB_COLS) * (64 * 128) + r * 128 + ((((byte >> 4) ^ (r & 7))) << 4) + (byte & 15);
+#if OUT_F32
+            asm volatile("st.shared.v2.f32 [%0], {%1, %2};" :: "r"(addr), "f"(sum[i]), "f"(sum[i + 1]) : "memory");
+#else
+            u32 packed;  // cvt puts its first source in the upper half: column c + 1
+            asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(sum[i + 1]), "f"(sum[i]));
+            asm volatile("st.shared.u32 [%0], %1;" :: "r"(addr), "r"(packed) : "memory");
+#endif
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the TMA unit
+        asm volatile("bar.sync %0, 128;" :: "r"(wg) : "memory");
+        if (t == 0) {
+            const int row = tm * BM + (wg - 1) * 64;
+#pragma unroll
+            for (int j = 0; j < BN / SUB_COLS; ++j)
+                asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];"
+                             :: "l"((u64)&c_desc), "r"(tn * BN + j * SUB_COLS), "r"(row), "r"(my_c + j * (64 * 128))
+                             : "memory");
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        }
+    }
+    if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+"""
+
+
+def source(bn: int) -> str:
+    """The kernel's CUDA C for output tiles 128 x `bn` (defines BN, STAGES, OUT_F32 and KNAME set by the caller)."""
+    return _SOURCE.replace("WGMMA_ASM", _wgmma_asm(bn))
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side: the driver's tensor-map encoder, the compiled variants, the launch.
+
+_lock = threading.Lock()
+_cache: dict[tuple, object] = {}
+_broken: str | None = None
+_libcuda = None
+_SMEM_LIMIT = 227 * 1024
+
+
+def mode() -> str:
+    m = os.environ.get("MOECO_FP8_GEMM", "auto").strip().lower()
+    if m not in ("auto", "wgmma", "cublas"):
+        raise ConfigError(f"MOECO_FP8_GEMM={m!r}: expected auto, wgmma or cublas")
+    return m
+
+
+def _lib():
+    global _libcuda
+    if _libcuda is None:
+        lib = torch.cuda._utils._get_gpu_runtime_library()
+        lib.cuTensorMapEncodeTiled.restype = ctypes.c_int
+        lib.cuTensorMapEncodeTiled.argtypes = [
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
+            ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
+            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.cuLaunchKernel.restype = ctypes.c_int
+        lib.cuFuncSetAttribute.restype = ctypes.c_int
+        _libcuda = lib
+    return _libcuda
+
+
+class _Desc(ctypes.Structure):
+    _fields_ = [("word", ctypes.c_uint64 * 16)]
+
+
+_TMA_DTYPE = {1: 0, 2: 1, 4: 2}  # element bytes -> CU_TENSOR_MAP_DATA_TYPE_UINT8 / UINT16 / UINT32
+
+
+def tensor_map(t: torch.Tensor, box_rows: int) -> _Desc:
+    """A TMA descriptor of a row-major 2-D tensor, boxes of box_rows rows x 128 bytes, 128-byte
+    swizzle, zero fill past the edges (loads) or clipping there (stores)."""
+    rows, cols = t.shape
+    es = t.element_size()
+    desc = _Desc()
+    dims = (ctypes.c_uint64 * 2)(cols, rows)
+    strides = (ctypes.c_uint64 * 1)(t.stride(0) * es)
+    box = (ctypes.c_uint32 * 2)(128 // es, box_rows)
+    elem = (ctypes.c_uint32 * 2)(1, 1)
+    # interleave none = 0; swizzle 128B = 3; L2 promotion 256B = 3; OOB fill none (zeros) = 0
+    rc = _lib().cuTensorMapEncodeTiled(ctypes.byref(desc), _TMA_DTYPE[es], 2, ctypes.c_void_p(t.data_ptr()), dims,
+                                       strides, box, elem, 0, 3, 3, 0)
+    if rc != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} for a {tuple(t.shape)} operand")
+    return desc
+
+
+def _smem(bn: int, out_f32: bool, stages: int) -> int:
+    """Dynamic shared memory: the stages, the output tile, the barriers, 1024 bytes of alignment slack."""
+    return stages * (BM + bn) * BK + BM * bn * (4 if out_f32 else 2) + 16 * stages + 1024
+
+
+def _stages(bn: int, out_f32: bool = False) -> int:
+    return min(8, (_SMEM_LIMIT - _smem(bn, out_f32, 0)) // ((BM + bn) * BK))
+
+
+def _kernel(bn: int, out_f32: bool, stages: int | None = None):
+    global _broken
+    stages = stages or _stages(bn, out_f32)
+    key = (torch.cuda.current_device(), bn, out_f32, stages)
+    k = _cache.get(key)
+    if k is not None or _broken is not None:
+        return k
+    with _lock:
+        if key not in _cache and _broken is None:
+            name = f"moeco_fp8_gemm_{bn}_{int(out_f32)}_{stages}"
+            src = source(bn).replace("KNAME", name)
+            defs = [f"-DBN={bn}", f"-DSTAGES={stages}", f"-DOUT_F32={int(out_f32)}"]
+            try:
+                kern = torch.cuda._compile_kernel(src, name, compute_capability="90a", nvcc_options=defs)
+                smem = _smem(bn, out_f32, stages)
+                rc = _lib().cuFuncSetAttribute(kern.func, 8, smem)  # max dynamic shared memory
+                if rc != 0:
+                    raise RuntimeError(f"cuFuncSetAttribute({smem} bytes) failed with CUresult {rc}")
+                _cache[key] = (kern, smem)
+            except Exception as exc:  # no NVRTC, an old driver, a PyTorch without the helpers
+                _broken = f"{type(exc).__name__}: {exc}"[:300]
+                warnings.warn(f"moeco: the NVRTC FP8 GEMM did not compile ({_broken}); using cuBLAS", stacklevel=3)
+    return _cache.get(key)
+
+
+def _device_ok(device: torch.device) -> bool:
+    return (device.type == "cuda" and torch.version.cuda is not None
+            and torch.cuda.get_device_capability(device) == (9, 0)
+            and hasattr(torch.cuda, "_compile_kernel")
+            and hasattr(getattr(torch.cuda, "_utils", None), "_get_gpu_runtime_library"))
+
+
+def supported(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor) -> bool:
+    """Whether `fp8_gemm_nt` takes these operands (else the caller uses cuBLAS or Triton)."""
+    if _broken is not None or a_q.dim() != 2 or b_q.dim() != 2 or not a_q.is_cuda:
+        return False
+    M, K = a_q.shape
+    N = b_q.shape[0]
+    KB = -(-K // BK)
+    if b_q.shape[1] != K or tuple(b_scale.shape) != (-(-N // 128), KB) or tuple(a_scale.shape) != (M, KB):
+        return False
+    if a_q.dtype != FP8_DTYPE or b_q.dtype != FP8_DTYPE or a_scale.dtype != torch.float32 \
+            or b_scale.dtype != torch.float32:
+        return False
+    ok = (K % 16 == 0 and N % 8 == 0 and M > 0
+          and a_q.stride(1) == 1 and b_q.stride(1) == 1
+          and a_q.stride(0) % 16 == 0 and b_q.stride(0) % 16 == 0
+          and a_q.data_ptr() % 16 == 0 and b_q.data_ptr() % 16 == 0)
+    return ok and _device_ok(a_q.device)
+
+
+def _pick_bn(M: int, N: int) -> int:
+    return 128
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int | None = None,
+                stages: int | None = None):
+    """C (M, N) = A (M, K) . B (N, K)^T with 1x128 / 128x128 scales; the caller checked `supported`.
+    Returns None when the kernel cannot be compiled here (the caller then uses cuBLAS)."""
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"fp8_gemm_nt: out_dtype {out_dtype} not supported; use bfloat16 or float32")
+    M, K = a_q.shape
+    N = b_q.shape[0]
+    bn = bn or _pick_bn(M, N)
+    from moeco.fp8.cuda_kernels import _ensure_context
+
+    _ensure_context(a_q.device)
+    got = _kernel(bn, out_dtype == torch.float32, stages)
+    if got is None:
+        return None
+    kern, smem = got
+    out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
+    dev = a_q.device.index if a_q.device.index is not None else torch.cuda.current_device()
+    if dev not in _NUM_SMS:
+        _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    tiles = -(-M // BM) * -(-N // bn)
+    grid = min(tiles, _NUM_SMS[dev])
+    da, db, dc = tensor_map(a_q, BM), tensor_map(b_q, bn), tensor_map(out, 64)
+    ints = [ctypes.c_int(v) for v in (M, N, K, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0),
+                                       b_scale.stride(1), out.stride(0))]
+    ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (a_scale, b_scale, out)]
+    params = [ctypes.byref(da), ctypes.byref(db), ctypes.byref(dc)] + [ctypes.byref(p) for p in ptrs] + [ctypes.byref(i) for i in ints]
+    arr = (ctypes.c_void_p * len(params))(*[ctypes.cast(p, ctypes.c_void_p) for p in params])
+    stream = torch.cuda.current_stream(a_q.device)
+    rc = _lib().cuLaunchKernel(kern.func, grid, 1, 1, _THREADS, 1, 1, smem, ctypes.c_void_p(stream.cuda_stream),
+                               arr, None)
+    if rc != 0:
+        raise RuntimeError(f"moeco FP8 GEMM launch failed with CUresult {rc}")
+    return out
+
+
+def status() -> str:
+    if _broken is not None:
+        return f"wgmma gemm off: {_broken}"
+    return f"wgmma gemm: MOECO_FP8_GEMM={mode()}, compiled {len(_cache)}"
