@@ -85,3 +85,33 @@ def test_emulator_with_full_precision_is_the_reference():
     aq, sa, bq, sb, ref = _operands(16, 16, 512, gen)
     out = emulate_hopper_accumulation(aq, sa, bq, sb, promotion=128, frac_bits=52)
     assert _max_rel(out, ref) < 1e-6
+
+
+def test_wgmma_backend_errors_on_cpu(monkeypatch):
+    """backend='wgmma' where the kernel cannot run is a one-line error naming the fix; a bad
+    MOECO_FP8_GEMM is a one-line ConfigError; CPU operands never reach the kernel."""
+    from moeco.errors import ConfigError
+    from moeco.fp8 import cuda_gemm
+    from moeco.fp8.quantize import quantize_act_1x128, quantize_weight_128x128
+
+    aq, sa = quantize_act_1x128(torch.randn(64, 256))
+    bq, sb = quantize_weight_128x128(torch.randn(128, 256))
+    assert not cuda_gemm.supported(aq, sa, bq, sb)
+    with pytest.raises(ValueError, match="the wgmma FP8 GEMM cannot take .* use backend='auto'"):
+        fp8_gemm(aq, sa, bq, sb, backend="wgmma")
+    monkeypatch.setenv("MOECO_FP8_GEMM", "fastest")
+    with pytest.raises(ConfigError, match="MOECO_FP8_GEMM='fastest': expected auto, wgmma or cublas"):
+        cuda_gemm.mode()
+    monkeypatch.setenv("MOECO_FP8_GEMM", "wgmma")
+    out = fp8_gemm(aq, sa, bq, sb, torch.float32)  # CPU: the reference, whatever the variable says
+    assert torch.equal(out, fp8_gemm(aq, sa, bq, sb, torch.float32, backend="reference"))
+
+
+def test_wgmma_source_has_one_operand_per_accumulator():
+    """The generated WGMMA call names bn/2 accumulators, then the two descriptors and the flag."""
+    from moeco.fp8 import cuda_gemm
+
+    for bn in (64, 128):
+        src = cuda_gemm.source(bn)
+        assert f"m64n{bn}k32.f32.e4m3.e4m3 {{%0, " in src and f"%{bn // 2 - 1}}}, %{bn // 2}, %{bn // 2 + 1}, p" in src
+        assert src.count('"+f"(d[') == bn // 2

@@ -26,8 +26,10 @@ def _rel(out, ref):
 
 @pytest.mark.parametrize("M,N,K", [(256, 512, 1024), (200, 384, 7168 // 4), (4096, 2048, 7168), (37, 576, 1000)])
 @pytest.mark.parametrize("b_tiles", [False, True])
-@pytest.mark.parametrize("backend", ["scaled_mm", "triton"])
+@pytest.mark.parametrize("backend", ["scaled_mm", "triton", "wgmma"])
 def test_cuda_gemm_backends_match_reference(M, N, K, b_tiles, backend):
+    if backend == "wgmma" and (b_tiles or torch.cuda.get_device_capability() != (9, 0) or K % 16):
+        pytest.skip("the wgmma kernel takes 128x128 block scales for B, on Hopper, K % 16 == 0")
     gen = torch.Generator().manual_seed(M + N + K)
     a, b = torch.randn(M, K, generator=gen).cuda(), torch.randn(N, K, generator=gen).cuda()
     aq, sa = quantize_act_1x128(a)
@@ -45,6 +47,87 @@ def test_auto_falls_back_for_n_not_multiple_of_128(N):
     bq, sb = quantize_weight_128x128(b)
     out = fp8_gemm(aq, sa, bq, sb, torch.float32)
     assert _rel(out, fp8_gemm_reference(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu())) < TOL
+
+
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="the wgmma kernel needs sm_90")
+
+
+@hopper
+@pytest.mark.parametrize("M,N,K", [(1, 8, 16), (77, 64, 256), (129, 520, 2064), (300, 136, 1024), (1000, 7168, 576),
+                                   (4096, 576, 7168), (5000, 2048, 7168)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bn", [64, 128])
+def test_wgmma_gemm_matches_reference_and_cublas(M, N, K, out_dtype, bn):
+    """moeco's Hopper kernel on fresh random operands: ragged M and N (TMA's zero fill and clipped
+    stores), K not a multiple of 128, both tile widths, against the FP32-promotion reference and,
+    where cuBLAS takes the shape, against cuBLAS (the same promotion, so the same rounding)."""
+    from moeco.fp8 import cuda_gemm
+
+    gen = torch.Generator().manual_seed(M * 7 + N + K)
+    a, b = torch.randn(M, K, generator=gen).cuda(), torch.randn(N, K, generator=gen).cuda()
+    aq, sa = quantize_act_1x128(a)
+    bq, sb = quantize_weight_128x128(b)
+    assert cuda_gemm.supported(aq, sa, bq, sb, out_dtype)
+    out = cuda_gemm.fp8_gemm_nt(aq, sa, bq, sb, out_dtype, bn=bn)
+    assert out.shape == (M, N) and out.dtype == out_dtype
+    ref = fp8_gemm_reference(aq.cpu(), sa.cpu(), bq.cpu(), sb.cpu(), torch.float32)
+    assert _rel(out, ref) < (TOL if out_dtype == torch.float32 else 8e-3)
+    if N % 128 == 0 and K % 128 == 0:
+        cublas = fp8_gemm(aq, sa, bq, sb, out_dtype, backend="scaled_mm")
+        assert _rel(out, cublas.float()) < (1e-5 if out_dtype == torch.float32 else 8e-3)
+
+
+@hopper
+def test_wgmma_gemm_auto_choice_and_cuda_graph(monkeypatch):
+    """`auto` takes the wgmma kernel where cuBLAS would pad (N = 576) and cuBLAS elsewhere;
+    MOECO_FP8_GEMM overrides it; the kernel replays inside a CUDA graph on new data."""
+    from moeco.errors import ConfigError
+    from moeco.fp8 import cuda_gemm
+
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn(512, 7168, generator=gen).cuda(), torch.randn(576, 7168, generator=gen).cuda()
+    aq, sa = quantize_act_1x128(a)
+    bq, sb = quantize_weight_128x128(b)
+    mine = cuda_gemm.fp8_gemm_nt(aq, sa, bq, sb)
+    assert torch.equal(fp8_gemm(aq, sa, bq, sb), mine)
+    monkeypatch.setenv("MOECO_FP8_GEMM", "cublas")
+    assert torch.equal(fp8_gemm(aq, sa, bq, sb), fp8_gemm(aq, sa, bq, sb, backend="scaled_mm"))
+    monkeypatch.setenv("MOECO_FP8_GEMM", "wgmma")
+    sq, ss = quantize_weight_128x128(torch.randn(1024, 7168, generator=gen).cuda())
+    assert torch.equal(fp8_gemm(aq, sa, sq, ss), cuda_gemm.fp8_gemm_nt(aq, sa, sq, ss))
+    monkeypatch.setenv("MOECO_FP8_GEMM", "fast")
+    with pytest.raises(ConfigError, match="MOECO_FP8_GEMM='fast'"):
+        fp8_gemm(aq, sa, bq, sb)
+    monkeypatch.delenv("MOECO_FP8_GEMM")
+
+    x = torch.zeros_like(a)
+    graph_out = {}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fp8_gemm(*quantize_act_1x128(x), bq, sb)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        graph_out["y"] = fp8_gemm(*quantize_act_1x128(x), bq, sb)
+    x.copy_(a)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(graph_out["y"], mine)
+
+
+@hopper
+def test_wgmma_gemm_cluster_of_two_matches():
+    """The two-CTA cluster variant (B half-tiles multicast) gives the same numbers, odd m-tile counts included."""
+    from moeco.fp8 import cuda_gemm
+
+    gen = torch.Generator().manual_seed(11)
+    for M, N, K in [(300, 136, 1024), (4096, 2048, 7168), (129, 520, 2064)]:
+        a, b = torch.randn(M, K, generator=gen).cuda(), torch.randn(N, K, generator=gen).cuda()
+        aq, sa = quantize_act_1x128(a)
+        bq, sb = quantize_weight_128x128(b)
+        assert torch.equal(cuda_gemm.fp8_gemm_nt(aq, sa, bq, sb, cluster=2), cuda_gemm.fp8_gemm_nt(aq, sa, bq, sb))
 
 
 def test_cuda_quantization_bit_exact_large():

@@ -20,7 +20,12 @@ Backends:
                  not a multiple of 4 (the scale's 16-byte alignment) goes as 1x128 tiles instead.
     "triton"     moeco.fp8.triton_kernels.fp8_gemm_nt: any shape, CUDA or the interpreter (TMA loads
                  on Hopper).
-    "auto"       CUDA: scaled_mm where this torch/GPU accepts block-wise scales, else triton;
+    "wgmma"      moeco.fp8.cuda_gemm.fp8_gemm_nt: moeco's Hopper kernel (TMA, WGMMA, promotion in
+                 registers; NVRTC). 128x128 block scales for B, K % 16 == 0, N % 8 == 0.
+    "auto"       CUDA: the wgmma kernel where cuBLAS would need padding (N or K not a multiple of
+                 128: MLA's N = 576 and its Dgrad), where it measured faster on the H200; else
+                 scaled_mm where this torch/GPU accepts block-wise scales, else triton.
+                 MOECO_FP8_GEMM=wgmma uses the kernel wherever it applies, =cublas never.
                  CPU: reference.
 
 On Hopper both GPU backends accumulate each 128-deep partial product in the Tensor Cores'
@@ -40,7 +45,7 @@ import torch
 
 from moeco.fp8.quantize import BLOCK, _ceil_div
 
-BACKENDS = ("auto", "reference", "scaled_mm", "triton")
+BACKENDS = ("auto", "reference", "scaled_mm", "triton", "wgmma")
 
 
 def _b_scale_full(b_scale: torch.Tensor, N: int, KB: int) -> torch.Tensor:
@@ -157,6 +162,20 @@ def fp8_gemm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, backend: s
         raise ValueError(f"unknown FP8 GEMM backend {backend!r}; valid: {', '.join(BACKENDS)}")
     M, K = a_q.shape
     N = b_q.shape[0]
+    if backend == "wgmma" or (backend == "auto" and a_q.is_cuda):
+        from moeco.fp8 import cuda_gemm
+
+        mode = cuda_gemm.mode()
+        prefer = mode == "wgmma" or (mode == "auto" and (N % BLOCK or K % BLOCK))
+        if (backend == "wgmma" or prefer) and cuda_gemm.supported(a_q, a_scale, b_q, b_scale, out_dtype):
+            out = cuda_gemm.fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype)
+            if out is not None:
+                return out
+        if backend == "wgmma":
+            _check(a_q, a_scale, b_q)
+            raise ValueError(f"the wgmma FP8 GEMM cannot take A {tuple(a_q.shape)}, B {tuple(b_q.shape)}, b_scale "
+                             f"{tuple(b_scale.shape)} on {a_q.device} ({cuda_gemm.status()}); it needs Hopper, "
+                             "128x128 block scales for B, K % 16 == 0 and N % 8 == 0: use backend='auto'")
     if backend == "auto":
         if not a_q.is_cuda:
             backend = "reference"
