@@ -2,6 +2,8 @@
 
     PYTHONPATH=src python bench/fp8_gemm.py [--quick] [--json out.json] [--only copy,gemm,quant,linear,grouped]
 
+`gemm`: BF16 torch.mm against each FP8 backend on the same operands: cuBLAS (`scaled_mm`), moeco's
+Triton kernel, moeco's wgmma kernel (moeco.fp8.cuda_gemm) and `auto` (what Fp8Linear uses).
 `grouped`: 32 experts x 512 tokens; bf16 torch._grouped_mm vs the grouped FP8 Triton kernel alone
 (several tile configs), fp8_grouped_mm forward (grouped kernels vs MOECO_FP8_GROUPED=loop), and
 forward + backward.
@@ -62,6 +64,8 @@ def gemm_rows(tokens_list):
                      scaled_mm_padded=not scaled_mm_fits(T, N, K))
             t = gpu_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="triton"))
             r.update(triton_ms=t, triton_tflops=flop / t / 1e9, triton_x=t_bf16 / t)
+            t = gpu_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16, backend="wgmma"))
+            r.update(wgmma_ms=t, wgmma_tflops=flop / t / 1e9, wgmma_x=t_bf16 / t)
             t = gpu_ms(lambda: fp8_gemm(xq, xs, wq, ws, torch.bfloat16))
             r.update(auto_ms=t, auto_tflops=flop / t / 1e9, auto_x=t_bf16 / t)
             rows.append(r)
@@ -69,7 +73,8 @@ def gemm_rows(tokens_list):
                   + f"scaled_mm{'(pad)' if r['scaled_mm_padded'] else '     '} {r['scaled_mm_ms']:7.3f} ms "
                   f"{r['scaled_mm_tflops']:6.0f} TF {r['scaled_mm_x']:4.2f}x | "
                   + f"triton {r['triton_ms']:7.3f} ms {r['triton_tflops']:6.0f} TF {r['triton_x']:4.2f}x | "
-                  f"auto {r['auto_x']:4.2f}x", flush=True)
+                  + f"wgmma {r['wgmma_ms']:7.3f} ms {r['wgmma_tflops']:6.0f} TF {r['wgmma_x']:4.2f}x | "
+                  f"auto {r['auto_ms']:7.3f} ms {r['auto_x']:4.2f}x", flush=True)
             del x, w, xq, xs, wq, ws
     return rows
 
@@ -243,7 +248,10 @@ def main() -> int:
         return 1
     import triton
 
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
+    from moeco.fp8 import cuda_gemm
+
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"{cuda_gemm.status()}", flush=True)
     tokens = [4096] if a.quick else [4096, 16384]
     out = {}
     only = a.only.split(",")
