@@ -9,18 +9,23 @@ The kernel (CUDA C, compiled at first use with NVRTC for sm_90a; `wgmma` needs t
     - persistent: one 384-thread block per multiprocessor walks 128 x BN output tiles, tile ids
       grouped 8 m-tiles at a time so that concurrent tiles share A and B in L2;
     - warp group 0 is the producer: one thread issues TMA copies of the 128 x 128 A tile and the
-      BN x 128 B tile of each k-block into a ring of STAGES shared-memory stages (128-byte swizzle,
+      BN x 128 B tile of each k-block into a ring of 4 shared-memory stages (128-byte swizzle,
       the layout WGMMA reads), with an mbarrier per stage for "full" and one for "empty";
     - warp groups 1 and 2 each own 64 rows of the tile: per k-block, four m64nBNk32 WGMMAs into a
       fresh FP32 accumulator (the Tensor Cores' limited-precision sum over 128 of K), then the
-      promotion: out += acc * (a_scale[row] * b_scale), in FP32 on the CUDA cores. While one warp
-      group promotes, the other's WGMMAs run, which is what keeps the Tensor Cores busy;
+      promotion: out += acc * (a_scale[row] * b_scale), in FP32 on the CUDA cores. Two accumulators
+      take turns: k-block kb + 1's WGMMAs are issued before kb is promoted, so the Tensor Cores keep
+      working through the promotion (with one accumulator the kernel ran at Triton's speed);
     - the producer gives its registers to the math warp groups (`setmaxnreg`);
     - epilogue: each math warp group rounds its 64 x BN sums into shared memory (128-byte swizzle,
       no bank conflicts) and one thread stores them with TMA, which clips the edges and overlaps the
       store with the warp group's next tile.
 
-This is the structure DeepSeek's DeepGEMM uses (its paper section 3.3, N_C = 128); the code here is
+Measured on the H200 (BENCHMARKS.md, eighth session): 927-1152 TFLOP/s at DeepSeek-V3's shapes where
+N % 128 == 0, 1.41-1.60x BF16 and 0.86-0.98x cuBLAS's block-scaled `_scaled_mm`; at N = 576 1.15-1.18x
+faster than cuBLAS, which has to pad N to 640. Its bf16 outputs equal cuBLAS's bit for bit.
+
+This is the structure of DeepSeek's DeepGEMM (the promotion of the V3 report's section 3.3, N_C = 128); the code is
 moeco's own. The TMA descriptors are encoded on the host with the driver's
 `cuTensorMapEncodeTiled` and passed by value (`__grid_constant__`), so the launch goes through
 `cuLaunchKernel` here rather than PyTorch's `_CudaKernel`, which passes only tensors and numbers.
