@@ -117,6 +117,21 @@ def test_wgmma_gemm_auto_choice_and_cuda_graph(monkeypatch):
     assert torch.equal(graph_out["y"], mine)
 
 
+@hopper
+def test_wgmma_gemm_cluster_of_two_matches():
+    """The two-CTA cluster variant (B half-tiles multicast) gives the same numbers, odd m-tile counts included."""
+    from moeco.fp8 import cuda_gemm
+
+    gen = torch.Generator().manual_seed(11)
+    for M, N, K in [(300, 136, 1024), (4096, 2048, 7168), (129, 520, 2064), (1000, 7168, 576)]:
+        a, b = torch.randn(M, K, generator=gen).cuda(), torch.randn(N, K, generator=gen).cuda()
+        aq, sa = quantize_act_1x128(a)
+        bq, sb = quantize_weight_128x128(b)
+        for out_dtype in (torch.bfloat16, torch.float32):
+            assert torch.equal(cuda_gemm.fp8_gemm_nt(aq, sa, bq, sb, out_dtype, cluster=2),
+                               cuda_gemm.fp8_gemm_nt(aq, sa, bq, sb, out_dtype))
+
+
 def test_cuda_quantization_bit_exact_large():
     x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16) * 3
     q, s = quantize_act_1x128(x)

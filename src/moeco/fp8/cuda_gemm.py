@@ -76,7 +76,7 @@ struct __align__(64) TmaDesc { u64 word[16]; };
 #define A_BYTES (BM * BK)
 #define B_BYTES (BN * BK)
 #define STAGE_BYTES (A_BYTES + B_BYTES)
-#define GROUP_M 8
+#define GROUP_M (8 / CLUSTER)  // in units of CLUSTER m-tiles
 #if OUT_F32
 #define OUT_BYTES 4
 #else
@@ -106,6 +106,25 @@ __device__ __forceinline__ void bar_wait(u32 bar, u32 parity) {
 __device__ __forceinline__ void tma_load(u32 dst, const TmaDesc *desc, u32 bar, int c0, int c1) {
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
                  :: "r"(dst), "l"((u64)desc), "r"(bar), "r"(c0), "r"(c1) : "memory");
+}
+
+// The same box multicast to the CTAs of the cluster in `mask`, at the same shared-memory offsets,
+// each completing its own CTA's barrier at `bar`'s offset.
+__device__ __forceinline__ void tma_load_multicast(u32 dst, const TmaDesc *desc, u32 bar, int c0, int c1, unsigned short mask) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;"
+                 :: "r"(dst), "l"((u64)desc), "r"(bar), "r"(c0), "r"(c1), "h"(mask) : "memory");
+}
+__device__ __forceinline__ void bar_arrive_peer(u32 bar, u32 peer) {  // the barrier at the same offset in CTA `peer`
+    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+                 "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}" :: "r"(bar), "r"(peer) : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
 }
 
 // WGMMA shared-memory descriptor of a K-major tile with 128-byte swizzle: rows of 128 bytes, atoms of
@@ -148,7 +167,12 @@ __device__ __forceinline__ void scales(const float *sa0, const float *sa1, const
 __device__ __forceinline__ void promote(float (&acc)[NACC], float (&sum)[NACC], float f0, float f1, u32 bars, int it) {
 #pragma unroll
     for (int i = 0; i < NACC; ++i) keep(acc[i]);
-    if ((threadIdx.x & 31) == 0) bar_arrive(bars + 8 * (STAGES + it % STAGES));
+    if ((threadIdx.x & 31) == 0) {
+        bar_arrive(bars + 8 * (STAGES + it % STAGES));
+#if CLUSTER == 2
+        bar_arrive_peer(bars + 8 * (STAGES + it % STAGES), cluster_rank() ^ 1);  // its producer wrote half our B
+#endif
+    }
 #pragma unroll
     for (int i = 0; i < NACC; ++i) sum[i] = __fmaf_rn(acc[i], (i & 2) ? f1 : f0, sum[i]);
 }
@@ -172,34 +196,53 @@ extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
     const u32 base = (smem_addr(smem_raw) + 1023) & ~1023u;
     const u32 c_smem = base + STAGES * STAGE_BYTES;  // the output tile, 64 rows per math warp group
     const u32 bars = c_smem + 2 * C_HALF_BYTES;     // full[STAGES], then empty[STAGES]
+    // Work units: CLUSTER m-tiles side by side (one per CTA of a cluster) x one n-tile. With
+    // CLUSTER == 2 each CTA loads half of the unit's B tile and multicasts it to both.
     const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
-    const int tiles = tiles_m * tiles_n, KB = (K + BK - 1) / BK;
+    const int units_m = (tiles_m + CLUSTER - 1) / CLUSTER;
+    const int units = units_m * tiles_n, KB = (K + BK - 1) / BK;
+    const int first_unit = blockIdx.x / CLUSTER, unit_step = gridDim.x / CLUSTER;
+#if CLUSTER == 2
+    const int rank = (int)cluster_rank();
+#else
+    const int rank = 0;
+#endif
     const int wg = threadIdx.x / 128;
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
             bar_init(bars + 8 * s, 1);
-            bar_init(bars + 8 * (STAGES + s), 8);  // one arrival per math warp
+            bar_init(bars + 8 * (STAGES + s), 8 * CLUSTER);  // one arrival per math warp of the cluster
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
+#if CLUSTER == 2
+    cluster_sync();
+#else
     __syncthreads();
+#endif
 
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
         if (threadIdx.x == 0) {
             int stage = 0;
             u32 phase = 0;
-            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-                int tm, tn;
-                tile_coords(tile, tiles_m, tiles_n, tm, tn);
+            for (int unit = first_unit; unit < units; unit += unit_step) {
+                int um, tn;
+                tile_coords(unit, units_m, tiles_n, um, tn);
+                const int tm = um * CLUSTER + rank;
                 for (int kb = 0; kb < KB; ++kb) {
                     const u32 full = bars + 8 * stage, empty = bars + 8 * (STAGES + stage);
                     bar_wait(empty, phase ^ 1);
                     bar_expect(full, STAGE_BYTES);
                     const u32 dst = base + stage * STAGE_BYTES;
                     tma_load(dst, &a_desc, full, kb * BK, tm * BM);
+#if CLUSTER == 2
+                    tma_load_multicast(dst + A_BYTES + rank * (B_BYTES / 2), &b_desc, full, kb * BK,
+                                       tn * BN + rank * (BN / 2), (unsigned short)3);
+#else
                     tma_load(dst + A_BYTES, &b_desc, full, kb * BK, tn * BN);
+#endif
                     if (++stage == STAGES) { stage = 0; phase ^= 1; }
                 }
             }
@@ -213,9 +256,10 @@ extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
     const u32 a_off = (wg - 1) * 64 * BK;
     int it = 0;  // k-blocks consumed so far, over all tiles: stage it % STAGES, parity (it / STAGES) & 1
     float acc0[NACC], acc1[NACC], sum[NACC];
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        int tm, tn;
-        tile_coords(tile, tiles_m, tiles_n, tm, tn);
+    for (int unit = first_unit; unit < units; unit += unit_step) {
+        int um, tn;
+        tile_coords(unit, units_m, tiles_n, um, tn);
+        const int tm = um * CLUSTER + rank;  // past the last m-tile when tiles_m is odd: zeros in, nothing out
         const int r0 = tm * BM + row_in_tile;
         const float *sa0 = sa + (long long)min(r0, M - 1) * sa_m, *sa1 = sa + (long long)min(r0 + 8, M - 1) * sa_m;
         const float *sb_col = sb + (long long)((tn * BN) / 128) * sb_n;
@@ -284,6 +328,9 @@ extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
     }
     if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     }  // math warp groups
+#if CLUSTER == 2
+    cluster_sync();  // neither CTA leaves while the other may still multicast into it or arrive on its barriers
+#endif
 }
 """
 
@@ -361,25 +408,28 @@ def _stages(bn: int, out_f32: bool = False) -> int:
     return min(4, (_SMEM_LIMIT - _smem(bn, out_f32, 0)) // ((BM + bn) * BK))
 
 
-def _kernel(bn: int, out_f32: bool, stages: int | None = None):
+def _kernel(bn: int, out_f32: bool, stages: int | None = None, cluster: int = 1):
     global _broken
     stages = stages or _stages(bn, out_f32)
-    key = (torch.cuda.current_device(), bn, out_f32, stages)
+    key = (torch.cuda.current_device(), bn, out_f32, stages, cluster)
     k = _cache.get(key)
     if k is not None or _broken is not None:
         return k
     with _lock:
         if key not in _cache and _broken is None:
-            name = f"moeco_fp8_gemm_{bn}_{int(out_f32)}_{stages}"
+            name = f"moeco_fp8_gemm_{bn}_{int(out_f32)}_{stages}_{cluster}"
             src = source(bn).replace("KNAME", name)
-            defs = [f"-DBN={bn}", f"-DSTAGES={stages}", f"-DOUT_F32={int(out_f32)}"]
+            defs = [f"-DBN={bn}", f"-DSTAGES={stages}", f"-DOUT_F32={int(out_f32)}", f"-DCLUSTER={cluster}"]
             try:
                 kern = torch.cuda._compile_kernel(src, name, compute_capability="90a", nvcc_options=defs)
                 smem = _smem(bn, out_f32, stages)
                 rc = _lib().cuFuncSetAttribute(kern.func, 8, smem)  # max dynamic shared memory
                 if rc != 0:
                     raise RuntimeError(f"cuFuncSetAttribute({smem} bytes) failed with CUresult {rc}")
-                _cache[key] = (kern, smem)
+                slots = _NUM_SMS_OF(torch.cuda.current_device()) // cluster
+                if cluster > 1:
+                    slots = _max_clusters(kern.func, cluster, smem)
+                _cache[key] = (kern, smem, slots)
             except Exception as exc:  # no NVRTC, an old driver, a PyTorch without the helpers
                 _broken = f"{type(exc).__name__}: {exc}"[:300]
                 warnings.warn(f"moeco: the NVRTC FP8 GEMM did not compile ({_broken}); using cuBLAS", stacklevel=3)
@@ -427,8 +477,41 @@ def _NUM_SMS_OF(dev: int) -> int:
     return _NUM_SMS[dev]
 
 
+class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: an id, padding to 8 bytes, a 64-byte value
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint32 * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint32 * 3), ("block", ctypes.c_uint32 * 3), ("smem", ctypes.c_uint32),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint32)]
+
+
+def _config(grid: int, cluster: int, smem: int, stream) -> tuple:
+    attr = _LaunchAttr()
+    attr.id = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    attr.value[0], attr.value[1], attr.value[2] = cluster, 1, 1
+    cfg = _LaunchConfig()
+    cfg.grid[:] = (grid, 1, 1)
+    cfg.block[:] = (_THREADS, 1, 1)
+    cfg.smem = smem
+    cfg.stream = stream
+    cfg.attrs = ctypes.pointer(attr)
+    cfg.num_attrs = 1
+    return cfg, attr
+
+
+def _max_clusters(func, cluster: int, smem: int) -> int:
+    """How many clusters of `cluster` CTAs fit on the device at once (cuOccupancyMaxActiveClusters)."""
+    cfg, _keep = _config(cluster * 1024, cluster, smem, None)
+    n = ctypes.c_int()
+    rc = _lib().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg))
+    if rc != 0 or n.value < 1:
+        raise RuntimeError(f"cuOccupancyMaxActiveClusters failed (CUresult {rc}, {n.value} clusters)")
+    return n.value
+
+
 def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int | None = None,
-                stages: int | None = None):
+                stages: int | None = None, cluster: int = 1):
     """C (M, N) = A (M, K) . B (N, K)^T with 1x128 / 128x128 scales; the caller checked `supported`.
     Returns None when the kernel cannot be compiled here (the caller then uses cuBLAS)."""
     if out_dtype not in (torch.bfloat16, torch.float32):
@@ -439,22 +522,26 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int
     from moeco.fp8.cuda_kernels import _ensure_context
 
     _ensure_context(a_q.device)
-    got = _kernel(bn, out_dtype == torch.float32, stages)
+    got = _kernel(bn, out_dtype == torch.float32, stages, cluster)
     if got is None:
         return None
-    kern, smem = got
+    kern, smem, slots = got
     out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
-    dev = a_q.device.index if a_q.device.index is not None else torch.cuda.current_device()
-    grid = min(-(-M // BM) * -(-N // bn), _NUM_SMS_OF(dev))
-    da, db, dc = tensor_map(a_q, BM), tensor_map(b_q, bn), tensor_map(out, 64)
+    units = -(-M // (BM * cluster)) * -(-N // bn)
+    grid = cluster * min(units, slots)
+    da, db, dc = tensor_map(a_q, BM), tensor_map(b_q, bn // cluster), tensor_map(out, 64)
     ints = [ctypes.c_int(v) for v in (M, N, K, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0),
                                        b_scale.stride(1), out.stride(0))]
     ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (a_scale, b_scale, out)]
     params = [ctypes.byref(da), ctypes.byref(db), ctypes.byref(dc)] + [ctypes.byref(p) for p in ptrs] + [ctypes.byref(i) for i in ints]
     arr = (ctypes.c_void_p * len(params))(*[ctypes.cast(p, ctypes.c_void_p) for p in params])
     stream = torch.cuda.current_stream(a_q.device)
-    rc = _lib().cuLaunchKernel(kern.func, grid, 1, 1, _THREADS, 1, 1, smem, ctypes.c_void_p(stream.cuda_stream),
-                               arr, None)
+    if cluster == 1:
+        rc = _lib().cuLaunchKernel(kern.func, grid, 1, 1, _THREADS, 1, 1, smem, ctypes.c_void_p(stream.cuda_stream),
+                                   arr, None)
+    else:
+        cfg, _keep = _config(grid, cluster, smem, stream.cuda_stream)
+        rc = _lib().cuLaunchKernelEx(ctypes.byref(cfg), kern.func, arr, None)
     if rc != 0:
         raise RuntimeError(f"moeco FP8 GEMM launch failed with CUresult {rc}")
     return out
