@@ -1,6 +1,6 @@
 """Sweeps for the FP8 fast paths on one GPU: which kernel and tile wins at DeepSeek-V3 shapes.
 
-    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,retile_moe,div,linear,fbgemm] [--json F]
+    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,retile_moe,div,linear,fbgemm,wgmma] [--json F]
 
 probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128 x 1x128 (Wgrad) and
         128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
@@ -15,6 +15,9 @@ div     the quantization kernels with x / s by reciprocal + Markstein's correcti
 linear  Fp8Linear forward + backward under the profiler: GPU time per kernel family, per shape.
 n576    the N = 576 GEMM and its Dgrad by every route (transposed / padded cuBLAS, TMA Triton).
 fbgemm  FBGEMM's CUTLASS groupwise FP8 GEMMs (pip fbgemm-gpu-genai, if installed): dense and grouped.
+wgmma   moeco's Hopper GEMM (moeco.fp8.cuda_gemm) over pipeline stages and one vs two-CTA clusters,
+        against bf16 and cuBLAS: Fprop-like (128x128 weight blocks, bf16 out) at every shape, and
+        Wgrad (dy^T . x, both 128x1-quantized, per-row scales for B, fp32 out).
 GPU times come from CUDA-graph replays with the L2 flushed before each call (bench/_timing.py: no
 host cost); `eager` columns are triton's do_bench on the Python call. Ratios are against the bf16
 row of the same run.
@@ -541,9 +544,43 @@ def fbgemm_rows(tokens):
     return rows
 
 
+def wgmma_rows(tokens):
+    from moeco.fp8 import cuda_gemm as cg
+    from moeco.fp8.quantize import quantize_act_1x128_t
+
+    rows = []
+    variants = ((4, 1), (6, 1), (3, 1), (4, 2))  # (stages, cluster)
+    for kind in ("fprop", "wgrad"):
+        for T in tokens:
+            for K, N in SHAPES:
+                if kind == "fprop":  # y (T, N) = x (T, K) . W (N, K)^T
+                    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+                    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+                    ops, out_dtype = (*quantize_act_1x128(x), *quantize_weight_128x128(w)), torch.bfloat16
+                    bf16 = lambda: torch.mm(x, w.t())  # noqa: E731
+                else:  # dW (N, K) = dy^T (N, T) . x (T, K)
+                    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+                    dy = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
+                    ops, out_dtype = (*quantize_act_1x128_t(dy), *quantize_act_1x128_t(x)), torch.float32
+                    bf16 = lambda: torch.mm(dy.t(), x)  # noqa: E731
+                flop = 2 * T * K * N
+                t_bf = gpu_ms(bf16)
+                t_cu = gpu_ms(lambda: fp8_gemm(*ops, out_dtype, backend="scaled_mm"))
+                r = dict(kind=kind, T=T, K=K, N=N, bf16_ms=t_bf, cublas_ms=t_cu)
+                line = (f"wgmma {kind} T={T:6d} K={K:6d} N={N:6d} | bf16 {t_bf:7.3f} ms | cuBLAS {t_cu:7.3f} ms "
+                        f"{flop / t_cu / 1e9:5.0f} TF {t_bf / t_cu:4.2f}x")
+                for st, cl in variants:
+                    t = gpu_ms(lambda: cg.fp8_gemm_nt(*ops, out_dtype, stages=st, cluster=cl))
+                    r[f"s{st}c{cl}_ms"] = t
+                    line += f" | s{st} c{cl} {t:7.3f} {flop / t / 1e9:5.0f} TF {t_bf / t:4.2f}x"
+                rows.append(r)
+                print(line, flush=True)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,retile_moe,div,linear,fbgemm")
+    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,retile_moe,div,linear,fbgemm,wgmma")
     p.add_argument("--tokens", default="4096,16384")
     p.add_argument("--json")
     a = p.parse_args()
@@ -557,7 +594,8 @@ def main() -> int:
     out = {}
     for sec, fn in (("probe", probe_rows), ("n576", lambda: n576_rows(tokens)), ("gemm", lambda: gemm_rows(tokens)), ("quant", lambda: quant_rows(tokens)),
                     ("grouped", grouped_rows), ("retile", retile_rows), ("retile_moe", retile_moe_rows), ("div", lambda: div_rows(tokens)),
-                    ("linear", lambda: linear_rows(tokens)), ("fbgemm", lambda: fbgemm_rows(tokens))):
+                    ("linear", lambda: linear_rows(tokens)), ("fbgemm", lambda: fbgemm_rows(tokens)),
+                    ("wgmma", lambda: wgmma_rows(tokens))):
         if sec in a.only.split(","):
             try:
                 out[sec] = fn()

@@ -28,8 +28,8 @@ def _rel(out, ref):
 @pytest.mark.parametrize("b_tiles", [False, True])
 @pytest.mark.parametrize("backend", ["scaled_mm", "triton", "wgmma"])
 def test_cuda_gemm_backends_match_reference(M, N, K, b_tiles, backend):
-    if backend == "wgmma" and (b_tiles or torch.cuda.get_device_capability() != (9, 0) or K % 16):
-        pytest.skip("the wgmma kernel takes 128x128 block scales for B, on Hopper, K % 16 == 0")
+    if backend == "wgmma" and (torch.cuda.get_device_capability() != (9, 0) or K % 16):
+        pytest.skip("the wgmma kernel runs on Hopper, K % 16 == 0")
     gen = torch.Generator().manual_seed(M + N + K)
     a, b = torch.randn(M, K, generator=gen).cuda(), torch.randn(N, K, generator=gen).cuda()
     aq, sa = quantize_act_1x128(a)
@@ -58,16 +58,18 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
                                    (4096, 576, 7168), (5000, 2048, 7168)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bn", [64, 128])
-def test_wgmma_gemm_matches_reference_and_cublas(M, N, K, out_dtype, bn):
+@pytest.mark.parametrize("b_rows", [False, True])
+def test_wgmma_gemm_matches_reference_and_cublas(M, N, K, out_dtype, bn, b_rows):
     """moeco's Hopper kernel on fresh random operands: ragged M and N (TMA's zero fill and clipped
-    stores), K not a multiple of 128, both tile widths, against the FP32-promotion reference and,
-    where cuBLAS takes the shape, against cuBLAS (the same promotion, so the same rounding)."""
+    stores), K not a multiple of 128, both tile widths, B scaled per 128x128 block or per row
+    (Wgrad), against the FP32-promotion reference and, where cuBLAS takes the shape, against cuBLAS
+    (the same promotion, so the same rounding up to the order of the scale products)."""
     from moeco.fp8 import cuda_gemm
 
     gen = torch.Generator().manual_seed(M * 7 + N + K)
     a, b = torch.randn(M, K, generator=gen).cuda(), torch.randn(N, K, generator=gen).cuda()
     aq, sa = quantize_act_1x128(a)
-    bq, sb = quantize_weight_128x128(b)
+    bq, sb = quantize_act_1x128(b) if b_rows else quantize_weight_128x128(b)
     assert cuda_gemm.supported(aq, sa, bq, sb, out_dtype)
     out = cuda_gemm.fp8_gemm_nt(aq, sa, bq, sb, out_dtype, bn=bn)
     assert out.shape == (M, N) and out.dtype == out_dtype
@@ -76,6 +78,8 @@ def test_wgmma_gemm_matches_reference_and_cublas(M, N, K, out_dtype, bn):
     if N % 128 == 0 and K % 128 == 0:
         cublas = fp8_gemm(aq, sa, bq, sb, out_dtype, backend="scaled_mm")
         assert _rel(out, cublas.float()) < (1e-5 if out_dtype == torch.float32 else 8e-3)
+    if b_rows and bn == 128:  # the two-CTA variant: the same bits
+        assert torch.equal(cuda_gemm.fp8_gemm_nt(aq, sa, bq, sb, out_dtype, cluster=2), out)
 
 
 @hopper

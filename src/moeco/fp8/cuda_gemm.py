@@ -30,9 +30,18 @@ moeco's own. The TMA descriptors are encoded on the host with the driver's
 `cuTensorMapEncodeTiled` and passed by value (`__grid_constant__`), so the launch goes through
 `cuLaunchKernel` here rather than PyTorch's `_CudaKernel`, which passes only tensors and numbers.
 
+Variants (compile-time, each compiled on first use):
+    - B with one scale per row (Wgrad's 128x1 tiles, b_scale (N, KB)): the stage also brings the
+      tile's BN column scales in by TMA and the promotion multiplies each column by its own. Measured
+      0.86-0.93x cuBLAS's speed for Wgrad, so `auto` keeps cuBLAS there.
+    - `cluster=2`: two CTAs side by side in M; each loads half of the B tile and multicasts it to
+      both, and releases a stage in both. Level with one CTA on the H200 (the kernel is not L2-bound),
+      so not the default. Its remote arrive must stay `.release.cta`: `.release.cluster` costs a
+      GPU-wide MEMBAR per k-block and halved the speed.
+
 What it takes (`supported`): Hopper (sm_90), K a multiple of 16 (TMA's 16-byte row stride),
-contiguous K-major operands with 16-byte aligned bases, N a multiple of 8, 128x128 block scales for
-B. Anything else goes to cuBLAS / Triton through `moeco.fp8.gemm.fp8_gemm`.
+contiguous K-major operands with 16-byte aligned bases, N a multiple of 8, B scaled per 128x128 block
+or per row. Anything else goes to cuBLAS / Triton through `moeco.fp8.gemm.fp8_gemm`.
 """
 
 from __future__ import annotations
@@ -84,6 +93,11 @@ struct __align__(64) TmaDesc { u64 word[16]; };
 #endif
 #define SUB_COLS (128 / OUT_BYTES)              // output columns per 128-byte swizzled row
 #define C_HALF_BYTES (64 * BN * OUT_BYTES)      // one math warp group's 64 rows of the output tile
+#if ROWWISE
+#define SB_STAGE_BYTES (BN * 4)
+#else
+#define SB_STAGE_BYTES 0
+#endif
 
 __device__ __forceinline__ u32 smem_addr(const void *p) { return (u32)__cvta_generic_to_shared(p); }
 
@@ -158,23 +172,48 @@ __device__ __forceinline__ void wait_all() { asm volatile("wgmma.wait_group.sync
 // The promotion factors of k-block kb for this thread's two rows: a_scale[row, kb] * b_scale[n-block, kb].
 __device__ __forceinline__ void scales(const float *sa0, const float *sa1, const float *sb_col, int sa_k, int sb_k,
                                        int kb, float &f0, float &f1) {
+#if ROWWISE
+    const float f = 1.0f;  // B's per-row scales come in with the stage
+#else
     const float f = __ldg(sb_col + (long long)kb * sb_k);
+#endif
     f0 = __ldg(sa0 + (long long)kb * sa_k) * f;
     f1 = __ldg(sa1 + (long long)kb * sa_k) * f;
 }
 
 // k-block `it` is done (its WGMMA group has completed): free its stage, add acc x scales to sum.
-__device__ __forceinline__ void promote(float (&acc)[NACC], float (&sum)[NACC], float f0, float f1, u32 bars, int it) {
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) keep(acc[i]);
+// ROWWISE: B has one scale per row (Wgrad's 128x1 tiles), staged in shared memory per k-block at
+// sb_tile; f0, f1 are then A's scales alone and each column multiplies in its own; the stage is
+// freed after its scales are read.
+__device__ __forceinline__ void release(u32 bars, int it) {
     if ((threadIdx.x & 31) == 0) {
         bar_arrive(bars + 8 * (STAGES + it % STAGES));
 #if CLUSTER == 2
         bar_arrive_peer(bars + 8 * (STAGES + it % STAGES), cluster_rank() ^ 1);  // its producer wrote half our B
 #endif
     }
+}
+__device__ __forceinline__ void promote(float (&acc)[NACC], float (&sum)[NACC], float f0, float f1, u32 bars, int it,
+                                        u32 sb_tile) {
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) keep(acc[i]);
+#if ROWWISE
+    const u32 col = sb_tile + 8 * (threadIdx.x & 3);  // this thread's columns 8 j + 2 (lane % 4) + {0, 1}
+#pragma unroll
+    for (int j = 0; j < NACC / 4; ++j) {
+        float bx, by;
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(bx), "=f"(by) : "r"(col + 32 * j));
+        sum[4 * j + 0] = __fmaf_rn(acc[4 * j + 0], f0 * bx, sum[4 * j + 0]);
+        sum[4 * j + 1] = __fmaf_rn(acc[4 * j + 1], f0 * by, sum[4 * j + 1]);
+        sum[4 * j + 2] = __fmaf_rn(acc[4 * j + 2], f1 * bx, sum[4 * j + 2]);
+        sum[4 * j + 3] = __fmaf_rn(acc[4 * j + 3], f1 * by, sum[4 * j + 3]);
+    }
+    release(bars, it);
+#else
+    release(bars, it);
 #pragma unroll
     for (int i = 0; i < NACC; ++i) sum[i] = __fmaf_rn(acc[i], (i & 2) ? f1 : f0, sum[i]);
+#endif
 }
 
 __device__ __forceinline__ void tile_coords(int tile, int tiles_m, int tiles_n, int &tm, int &tn) {
@@ -189,13 +228,14 @@ __device__ __forceinline__ void tile_coords(int tile, int tiles_m, int tiles_n, 
 
 extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
     const __grid_constant__ TmaDesc a_desc, const __grid_constant__ TmaDesc b_desc,
-    const __grid_constant__ TmaDesc c_desc,
+    const __grid_constant__ TmaDesc c_desc, const __grid_constant__ TmaDesc s_desc,
     const float *__restrict__ sa, const float *__restrict__ sb, void *__restrict__ out,
     int M, int N, int K, int sa_m, int sa_k, int sb_n, int sb_k, int ldc) {
     extern __shared__ unsigned char smem_raw[];
     const u32 base = (smem_addr(smem_raw) + 1023) & ~1023u;
     const u32 c_smem = base + STAGES * STAGE_BYTES;  // the output tile, 64 rows per math warp group
-    const u32 bars = c_smem + 2 * C_HALF_BYTES;     // full[STAGES], then empty[STAGES]
+    const u32 sb_smem = c_smem + 2 * C_HALF_BYTES;  // ROWWISE: B's BN row scales of each stage
+    const u32 bars = sb_smem + SB_STAGE_BYTES * STAGES;  // full[STAGES], then empty[STAGES]
     // Work units: CLUSTER m-tiles side by side (one per CTA of a cluster) x one n-tile. With
     // CLUSTER == 2 each CTA loads half of the unit's B tile and multicasts it to both.
     const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
@@ -234,9 +274,12 @@ extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
                 for (int kb = 0; kb < KB; ++kb) {
                     const u32 full = bars + 8 * stage, empty = bars + 8 * (STAGES + stage);
                     bar_wait(empty, phase ^ 1);
-                    bar_expect(full, STAGE_BYTES);
+                    bar_expect(full, STAGE_BYTES + SB_STAGE_BYTES);
                     const u32 dst = base + stage * STAGE_BYTES;
                     tma_load(dst, &a_desc, full, kb * BK, tm * BM);
+#if ROWWISE
+                    tma_load(sb_smem + stage * SB_STAGE_BYTES, &s_desc, full, tn * BN, kb);
+#endif
 #if CLUSTER == 2
                     tma_load_multicast(dst + A_BYTES + rank * (B_BYTES / 2), &b_desc, full, kb * BK,
                                        tn * BN + rank * (BN / 2), (unsigned short)3);
@@ -249,84 +292,84 @@ extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
         }
         __syncwarp();
     } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-    const int t = threadIdx.x - 128 * wg;      // thread within its warp group
-    const int warp = t / 32, lane = t % 32;
-    const int row_in_tile = (wg - 1) * 64 + warp * 16 + lane / 4;  // and row_in_tile + 8
-    const u32 a_off = (wg - 1) * 64 * BK;
-    int it = 0;  // k-blocks consumed so far, over all tiles: stage it % STAGES, parity (it / STAGES) & 1
-    float acc0[NACC], acc1[NACC], sum[NACC];
-    for (int unit = first_unit; unit < units; unit += unit_step) {
-        int um, tn;
-        tile_coords(unit, units_m, tiles_n, um, tn);
-        const int tm = um * CLUSTER + rank;  // past the last m-tile when tiles_m is odd: zeros in, nothing out
-        const int r0 = tm * BM + row_in_tile;
-        const float *sa0 = sa + (long long)min(r0, M - 1) * sa_m, *sa1 = sa + (long long)min(r0 + 8, M - 1) * sa_m;
-        const float *sb_col = sb + (long long)((tn * BN) / 128) * sb_n;
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+        const int t = threadIdx.x - 128 * wg;      // thread within its warp group
+        const int warp = t / 32, lane = t % 32;
+        const int row_in_tile = (wg - 1) * 64 + warp * 16 + lane / 4;  // and row_in_tile + 8
+        const u32 a_off = (wg - 1) * 64 * BK;
+        int it = 0;  // k-blocks consumed so far, over all tiles: stage it % STAGES, parity (it / STAGES) & 1
+        float acc0[NACC], acc1[NACC], sum[NACC];
+        for (int unit = first_unit; unit < units; unit += unit_step) {
+            int um, tn;
+            tile_coords(unit, units_m, tiles_n, um, tn);
+            const int tm = um * CLUSTER + rank;  // past the last m-tile when tiles_m is odd: zeros in, nothing out
+            const int r0 = tm * BM + row_in_tile;
+            const float *sa0 = sa + (long long)min(r0, M - 1) * sa_m, *sa1 = sa + (long long)min(r0 + 8, M - 1) * sa_m;
+            const float *sb_col = sb + (long long)((tn * BN) / 128) * sb_n;
 #pragma unroll
-        for (int i = 0; i < NACC; ++i) sum[i] = 0.0f;
-        // Two accumulators in turn: k-block kb + 1's WGMMAs run while kb's partial sum is promoted.
-        // The scales of a k-block are loaded one step before the step that promotes it.
-        float f0, f1, g0, g1;
-        scales(sa0, sa1, sb_col, sa_k, sb_k, 0, f0, f1);
-        issue(acc0, base, bars, it, a_off);
-        int kb = 0;
-        for (; kb + 2 < KB; kb += 2, it += 2) {  // k-block kb is in flight in acc0, its factors in f
-            scales(sa0, sa1, sb_col, sa_k, sb_k, kb + 1, g0, g1);
-            issue(acc1, base, bars, it + 1, a_off);
-            wait_one();
-            promote(acc0, sum, f0, f1, bars, it);
-            scales(sa0, sa1, sb_col, sa_k, sb_k, kb + 2, f0, f1);
-            issue(acc0, base, bars, it + 2, a_off);
-            wait_one();
-            promote(acc1, sum, g0, g1, bars, it + 1);
-        }
-        if (kb + 1 < KB) {  // the last two k-blocks
-            scales(sa0, sa1, sb_col, sa_k, sb_k, kb + 1, g0, g1);
-            issue(acc1, base, bars, it + 1, a_off);
-            wait_one();
-            promote(acc0, sum, f0, f1, bars, it);
-            wait_all();
-            promote(acc1, sum, g0, g1, bars, it + 1);
-            it += 2;
-        } else {  // the last one
-            wait_all();
-            promote(acc0, sum, f0, f1, bars, it);
-            it += 1;
-        }
-        // Epilogue: the 64 x BN sums of this warp group, rounded, into shared memory as SUB_COLS-wide
-        // column slabs with the 128-byte swizzle (conflict-free: a store instruction's 8 rows land
-        // in 8 different 16-byte chunks), then one TMA store per slab, which clips rows past M and
-        // columns past N and runs while this warp group starts its next tile.
-        const u32 my_c = c_smem + (wg - 1) * C_HALF_BYTES;
-        if (t == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the last tile's store has read it
-        asm volatile("bar.sync %0, 128;" :: "r"(wg) : "memory");
+            for (int i = 0; i < NACC; ++i) sum[i] = 0.0f;
+            // Two accumulators in turn: k-block kb + 1's WGMMAs run while kb's partial sum is promoted.
+            // The scales of a k-block are loaded one step before the step that promotes it.
+            float f0, f1, g0, g1;
+            scales(sa0, sa1, sb_col, sa_k, sb_k, 0, f0, f1);
+            issue(acc0, base, bars, it, a_off);
+            int kb = 0;
+            for (; kb + 2 < KB; kb += 2, it += 2) {  // k-block kb is in flight in acc0, its factors in f
+                scales(sa0, sa1, sb_col, sa_k, sb_k, kb + 1, g0, g1);
+                issue(acc1, base, bars, it + 1, a_off);
+                wait_one();
+                promote(acc0, sum, f0, f1, bars, it, sb_smem + ((it) % STAGES) * SB_STAGE_BYTES);
+                scales(sa0, sa1, sb_col, sa_k, sb_k, kb + 2, f0, f1);
+                issue(acc0, base, bars, it + 2, a_off);
+                wait_one();
+                promote(acc1, sum, g0, g1, bars, it + 1, sb_smem + ((it + 1) % STAGES) * SB_STAGE_BYTES);
+            }
+            if (kb + 1 < KB) {  // the last two k-blocks
+                scales(sa0, sa1, sb_col, sa_k, sb_k, kb + 1, g0, g1);
+                issue(acc1, base, bars, it + 1, a_off);
+                wait_one();
+                promote(acc0, sum, f0, f1, bars, it, sb_smem + ((it) % STAGES) * SB_STAGE_BYTES);
+                wait_all();
+                promote(acc1, sum, g0, g1, bars, it + 1, sb_smem + ((it + 1) % STAGES) * SB_STAGE_BYTES);
+                it += 2;
+            } else {  // the last one
+                wait_all();
+                promote(acc0, sum, f0, f1, bars, it, sb_smem + ((it) % STAGES) * SB_STAGE_BYTES);
+                it += 1;
+            }
+            // Epilogue: the 64 x BN sums of this warp group, rounded, into shared memory as SUB_COLS-wide
+            // column slabs with the 128-byte swizzle (conflict-free: a store instruction's 8 rows land
+            // in 8 different 16-byte chunks), then one TMA store per slab, which clips rows past M and
+            // columns past N and runs while this warp group starts its next tile.
+            const u32 my_c = c_smem + (wg - 1) * C_HALF_BYTES;
+            if (t == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the last tile's store has read it
+            asm volatile("bar.sync %0, 128;" :: "r"(wg) : "memory");
 #pragma unroll
-        for (int i = 0; i < NACC; i += 2) {  // element i: row 16 warp + lane / 4 + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 (lane % 4)
-            const int r = warp * 16 + lane / 4 + 8 * ((i >> 1) & 1), c = 8 * (i >> 2) + 2 * (lane % 4);
-            const int byte = (c % SUB_COLS) * OUT_BYTES;
-            const u32 addr = my_c + (c / SUB_COLS) * (64 * 128) + r * 128 + ((((byte >> 4) ^ (r & 7))) << 4) + (byte & 15);
+            for (int i = 0; i < NACC; i += 2) {  // element i: row 16 warp + lane / 4 + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 (lane % 4)
+                const int r = warp * 16 + lane / 4 + 8 * ((i >> 1) & 1), c = 8 * (i >> 2) + 2 * (lane % 4);
+                const int byte = (c % SUB_COLS) * OUT_BYTES;
+                const u32 addr = my_c + (c / SUB_COLS) * (64 * 128) + r * 128 + ((((byte >> 4) ^ (r & 7))) << 4) + (byte & 15);
 #if OUT_F32
-            asm volatile("st.shared.v2.f32 [%0], {%1, %2};" :: "r"(addr), "f"(sum[i]), "f"(sum[i + 1]) : "memory");
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" :: "r"(addr), "f"(sum[i]), "f"(sum[i + 1]) : "memory");
 #else
-            u32 packed;  // cvt puts its first source in the upper half: column c + 1
-            asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(sum[i + 1]), "f"(sum[i]));
-            asm volatile("st.shared.u32 [%0], %1;" :: "r"(addr), "r"(packed) : "memory");
+                u32 packed;  // cvt puts its first source in the upper half: column c + 1
+                asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(sum[i + 1]), "f"(sum[i]));
+                asm volatile("st.shared.u32 [%0], %1;" :: "r"(addr), "r"(packed) : "memory");
 #endif
-        }
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the TMA unit
-        asm volatile("bar.sync %0, 128;" :: "r"(wg) : "memory");
-        if (t == 0) {
-            const int row = tm * BM + (wg - 1) * 64;
+            }
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the TMA unit
+            asm volatile("bar.sync %0, 128;" :: "r"(wg) : "memory");
+            if (t == 0) {
+                const int row = tm * BM + (wg - 1) * 64;
 #pragma unroll
-            for (int j = 0; j < BN / SUB_COLS; ++j)
-                asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];"
-                             :: "l"((u64)&c_desc), "r"(tn * BN + j * SUB_COLS), "r"(row), "r"(my_c + j * (64 * 128))
-                             : "memory");
-            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+                for (int j = 0; j < BN / SUB_COLS; ++j)
+                    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];"
+                                 :: "l"((u64)&c_desc), "r"(tn * BN + j * SUB_COLS), "r"(row), "r"(my_c + j * (64 * 128))
+                                 : "memory");
+                asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+            }
         }
-    }
-    if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+        if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     }  // math warp groups
 #if CLUSTER == 2
     cluster_sync();  // neither CTA leaves while the other may still multicast into it or arrive on its barriers
@@ -379,27 +422,29 @@ class _Desc(ctypes.Structure):
 _TMA_DTYPE = {1: 0, 2: 1, 4: 2}  # element bytes -> CU_TENSOR_MAP_DATA_TYPE_UINT8 / UINT16 / UINT32
 
 
-def tensor_map(t: torch.Tensor, box_rows: int) -> _Desc:
-    """A TMA descriptor of a row-major 2-D tensor, boxes of box_rows rows x 128 bytes, 128-byte
-    swizzle, zero fill past the edges (loads) or clipping there (stores)."""
+def tensor_map(t: torch.Tensor, box_rows: int, box_cols: int | None = None, swizzle: bool = True) -> _Desc:
+    """A TMA descriptor of a row-major 2-D tensor, boxes of box_rows rows x box_cols elements (default:
+    128 bytes, with the 128-byte swizzle WGMMA reads), zero fill past the edges (loads) or clipping
+    there (stores)."""
     rows, cols = t.shape
     es = t.element_size()
     desc = _Desc()
     dims = (ctypes.c_uint64 * 2)(cols, rows)
     strides = (ctypes.c_uint64 * 1)(t.stride(0) * es)
-    box = (ctypes.c_uint32 * 2)(128 // es, box_rows)
+    box = (ctypes.c_uint32 * 2)(box_cols or 128 // es, box_rows)
     elem = (ctypes.c_uint32 * 2)(1, 1)
-    # interleave none = 0; swizzle 128B = 3; L2 promotion 256B = 3; OOB fill none (zeros) = 0
+    # interleave none = 0; swizzle 128B = 3 or none = 0; L2 promotion 256B = 3; OOB fill none (zeros) = 0
     rc = _lib().cuTensorMapEncodeTiled(ctypes.byref(desc), _TMA_DTYPE[es], 2, ctypes.c_void_p(t.data_ptr()), dims,
-                                       strides, box, elem, 0, 3, 3, 0)
+                                       strides, box, elem, 0, 3 if swizzle else 0, 3, 0)
     if rc != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {rc} for a {tuple(t.shape)} operand")
     return desc
 
 
-def _smem(bn: int, out_f32: bool, stages: int) -> int:
-    """Dynamic shared memory: the stages, the output tile, the barriers, 1024 bytes of alignment slack."""
-    return stages * (BM + bn) * BK + BM * bn * (4 if out_f32 else 2) + 16 * stages + 1024
+def _smem(bn: int, out_f32: bool, stages: int, rowwise: bool = False) -> int:
+    """Dynamic shared memory: the stages (with B's row scales when rowwise), the output tile, the
+    barriers, 1024 bytes of alignment slack."""
+    return stages * ((BM + bn) * BK + (4 * bn if rowwise else 0)) + BM * bn * (4 if out_f32 else 2) + 16 * stages + 1024
 
 
 def _stages(bn: int, out_f32: bool = False) -> int:
@@ -408,21 +453,22 @@ def _stages(bn: int, out_f32: bool = False) -> int:
     return min(4, (_SMEM_LIMIT - _smem(bn, out_f32, 0)) // ((BM + bn) * BK))
 
 
-def _kernel(bn: int, out_f32: bool, stages: int | None = None, cluster: int = 1):
+def _kernel(bn: int, out_f32: bool, stages: int | None = None, cluster: int = 1, rowwise: bool = False):
     global _broken
     stages = stages or _stages(bn, out_f32)
-    key = (torch.cuda.current_device(), bn, out_f32, stages, cluster)
+    key = (torch.cuda.current_device(), bn, out_f32, stages, cluster, rowwise)
     k = _cache.get(key)
     if k is not None or _broken is not None:
         return k
     with _lock:
         if key not in _cache and _broken is None:
-            name = f"moeco_fp8_gemm_{bn}_{int(out_f32)}_{stages}_{cluster}"
+            name = f"moeco_fp8_gemm_{bn}_{int(out_f32)}_{stages}_{cluster}_{int(rowwise)}"
             src = source(bn).replace("KNAME", name)
-            defs = [f"-DBN={bn}", f"-DSTAGES={stages}", f"-DOUT_F32={int(out_f32)}", f"-DCLUSTER={cluster}"]
+            defs = [f"-DBN={bn}", f"-DSTAGES={stages}", f"-DOUT_F32={int(out_f32)}", f"-DCLUSTER={cluster}",
+                    f"-DROWWISE={int(rowwise)}"]
             try:
                 kern = torch.cuda._compile_kernel(src, name, compute_capability="90a", nvcc_options=defs)
-                smem = _smem(bn, out_f32, stages)
+                smem = _smem(bn, out_f32, stages, rowwise)
                 rc = _lib().cuFuncSetAttribute(kern.func, 8, smem)  # max dynamic shared memory
                 if rc != 0:
                     raise RuntimeError(f"cuFuncSetAttribute({smem} bytes) failed with CUresult {rc}")
@@ -445,14 +491,16 @@ def _device_ok(device: torch.device) -> bool:
 
 def supported(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
               out_dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether `fp8_gemm_nt` takes these operands (else the caller uses cuBLAS or Triton)."""
+    """Whether `fp8_gemm_nt` takes these operands (else the caller uses cuBLAS or Triton): b_scale
+    either 128x128 blocks (ceil(N / 128), KB) or one scale per row of B (N, KB), Wgrad's 128x1 tiles."""
     if _broken is not None or a_q.dim() != 2 or b_q.dim() != 2 or not a_q.is_cuda \
             or out_dtype not in (torch.bfloat16, torch.float32):
         return False
     M, K = a_q.shape
     N = b_q.shape[0]
     KB = -(-K // BK)
-    if b_q.shape[1] != K or tuple(b_scale.shape) != (-(-N // 128), KB) or tuple(a_scale.shape) != (M, KB):
+    if b_q.shape[1] != K or tuple(a_scale.shape) != (M, KB) \
+            or tuple(b_scale.shape) not in ((-(-N // 128), KB), (N, KB)):
         return False
     if a_q.dtype != FP8_DTYPE or b_q.dtype != FP8_DTYPE or a_scale.dtype != torch.float32 \
             or b_scale.dtype != torch.float32:
@@ -518,11 +566,13 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int
         raise ValueError(f"fp8_gemm_nt: out_dtype {out_dtype} not supported; use bfloat16 or float32")
     M, K = a_q.shape
     N = b_q.shape[0]
+    KB = -(-K // BK)
+    rowwise = tuple(b_scale.shape) != (-(-N // 128), KB)  # else (N, KB): one scale per row (supported checked)
     bn = bn or _pick_bn(M, N)
     from moeco.fp8.cuda_kernels import _ensure_context
 
     _ensure_context(a_q.device)
-    got = _kernel(bn, out_dtype == torch.float32, stages, cluster)
+    got = _kernel(bn, out_dtype == torch.float32, stages, cluster, rowwise)
     if got is None:
         return None
     kern, smem, slots = got
@@ -530,10 +580,15 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int
     units = -(-M // (BM * cluster)) * -(-N // bn)
     grid = cluster * min(units, slots)
     da, db, dc = tensor_map(a_q, BM), tensor_map(b_q, bn // cluster), tensor_map(out, 64)
+    if rowwise:  # B's scales as (KB, N) rows, N contiguous: one TMA box of bn scales per stage
+        sbt = b_scale.t() if b_scale.stride(0) == 1 and b_scale.stride(1) == N else b_scale.t().contiguous()
+        ds = tensor_map(sbt, 1, bn, swizzle=False)
+    else:
+        ds = _Desc()  # unused
     ints = [ctypes.c_int(v) for v in (M, N, K, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0),
                                        b_scale.stride(1), out.stride(0))]
     ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (a_scale, b_scale, out)]
-    params = [ctypes.byref(da), ctypes.byref(db), ctypes.byref(dc)] + [ctypes.byref(p) for p in ptrs] + [ctypes.byref(i) for i in ints]
+    params = [ctypes.byref(da), ctypes.byref(db), ctypes.byref(dc), ctypes.byref(ds)] + [ctypes.byref(p) for p in ptrs] + [ctypes.byref(i) for i in ints]
     arr = (ctypes.c_void_p * len(params))(*[ctypes.cast(p, ctypes.c_void_p) for p in params])
     stream = torch.cuda.current_stream(a_q.device)
     if cluster == 1:
