@@ -570,6 +570,13 @@ def wgmma_rows(tokens):
                 line = (f"wgmma {kind} T={T:6d} K={K:6d} N={N:6d} | bf16 {t_bf:7.3f} ms | cuBLAS {t_cu:7.3f} ms "
                         f"{flop / t_cu / 1e9:5.0f} TF {t_bf / t_cu:4.2f}x")
                 for st, cl in variants:
+                    try:
+                        cg.check_variant(128, out_dtype == torch.float32, st, cl, kind == "wgrad")
+                    except ValueError as exc:
+                        line += f" | s{st} c{cl} n/a ({exc})"[:60]
+                        continue
+                    if cg.fp8_gemm_nt(*ops, out_dtype, stages=st, cluster=cl) is None:
+                        raise RuntimeError(f"the wgmma kernel is unavailable here: {cg.status()}")
                     t = gpu_ms(lambda: cg.fp8_gemm_nt(*ops, out_dtype, stages=st, cluster=cl))
                     r[f"s{st}c{cl}_ms"] = t
                     line += f" | s{st} c{cl} {t:7.3f} {flop / t / 1e9:5.0f} TF {t_bf / t:4.2f}x"

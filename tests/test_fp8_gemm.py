@@ -115,3 +115,18 @@ def test_wgmma_source_has_one_operand_per_accumulator():
         src = cuda_gemm.source(bn)
         assert f"m64n{bn}k32.f32.e4m3.e4m3 {{%0, " in src and f"%{bn // 2 - 1}}}, %{bn // 2}, %{bn // 2 + 1}, p" in src
         assert src.count('"+f"(d[') == bn // 2
+
+
+def test_wgmma_variant_errors_name_the_fix():
+    """A stage count, tile width or cluster the kernel cannot take is a one-line error before any
+    compile, so it cannot turn the kernel off for the rest of the process."""
+    from moeco.fp8 import cuda_gemm
+
+    cuda_gemm.check_variant(128, False, 4, 1)
+    cuda_gemm.check_variant(128, True, 4, 2, rowwise=True)
+    with pytest.raises(ValueError, match=r"stages=6 needs \d+ bytes of shared memory at bn=128, fp32 out; use 2 to 4"):
+        cuda_gemm.check_variant(128, True, 6, 1, rowwise=True)
+    with pytest.raises(ValueError, match="bn=256; valid: 64, 128"):
+        cuda_gemm.check_variant(256, False, 4, 1)
+    with pytest.raises(ValueError, match="cluster=4; valid: 1, 2"):
+        cuda_gemm.check_variant(128, False, 4, 4)

@@ -33,7 +33,7 @@ moeco's own. The TMA descriptors are encoded on the host with the driver's
 Variants (compile-time, each compiled on first use):
     - B with one scale per row (Wgrad's 128x1 tiles, b_scale (N, KB)): the stage also brings the
       tile's BN column scales in by TMA and the promotion multiplies each column by its own. Measured
-      0.86-0.93x cuBLAS's speed for Wgrad, so `auto` keeps cuBLAS there.
+      0.69-0.97x cuBLAS's speed for Wgrad, so `auto` keeps cuBLAS there.
     - `cluster=2`: two CTAs side by side in M; each loads half of the B tile and multicasts it to
       both, and releases a stage in both. Level with one CTA on the H200 (the kernel is not L2-bound),
       so not the default. Its remote arrive must stay `.release.cta`: `.release.cluster` costs a
@@ -453,9 +453,24 @@ def _stages(bn: int, out_f32: bool = False) -> int:
     return min(4, (_SMEM_LIMIT - _smem(bn, out_f32, 0)) // ((BM + bn) * BK))
 
 
+def check_variant(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool = False) -> None:
+    """A one-line ValueError for a tile width, stage count or cluster size the kernel cannot take
+    (rather than a failed compile or launch, which would turn the kernel off for the process)."""
+    if bn not in (64, 128):
+        raise ValueError(f"fp8_gemm_nt: bn={bn}; valid: 64, 128 (a 128-row tile's accumulators fill the registers)")
+    if cluster not in (1, 2):
+        raise ValueError(f"fp8_gemm_nt: cluster={cluster}; valid: 1, 2")
+    need = _smem(bn, out_f32, stages, rowwise)
+    if stages < 2 or need > _SMEM_LIMIT:
+        most = max(s for s in range(1, 16) if _smem(bn, out_f32, s, rowwise) <= _SMEM_LIMIT)
+        raise ValueError(f"fp8_gemm_nt: stages={stages} needs {need} bytes of shared memory at bn={bn}, "
+                         f"{'fp32' if out_f32 else 'bf16'} out; use 2 to {most}")
+
+
 def _kernel(bn: int, out_f32: bool, stages: int | None = None, cluster: int = 1, rowwise: bool = False):
     global _broken
     stages = stages or _stages(bn, out_f32)
+    check_variant(bn, out_f32, stages, cluster, rowwise)
     key = (torch.cuda.current_device(), bn, out_f32, stages, cluster, rowwise)
     k = _cache.get(key)
     if k is not None or _broken is not None:
