@@ -54,6 +54,7 @@ import warnings
 import torch
 
 from moeco.errors import ConfigError
+from moeco.fp8 import cuda_kernels
 
 FP8_DTYPE = torch.float8_e4m3fn
 BM, BK = 128, 128
@@ -449,10 +450,10 @@ def _smem(bn: int, out_f32: bool, stages: int, rowwise: bool = False) -> int:
     return stages * ((BM + bn) * BK + (4 * bn if rowwise else 0)) + BM * bn * (4 if out_f32 else 2) + 16 * stages + 1024
 
 
-def _stages(bn: int, out_f32: bool = False) -> int:
-    """4 where it fits: on the H200 4 stages measured as fast as 6 or faster on 10 of the 12 issue shapes
-    (up to 6% at 16384 tokens; BENCHMARKS.md, eighth session)."""
-    return min(4, (_SMEM_LIMIT - _smem(bn, out_f32, 0)) // ((BM + bn) * BK))
+# Defaults. 4 stages: on the H200 the best stage count or within 2% of it at all 12 issue shapes (6 stages
+# up to 10% slower, 3 stages 5-18%; BENCHMARKS.md, eighth session); it fits every variant's shared memory.
+# 128-wide tiles: 64-wide ones were 0.69-1.07x BF16 where 128 gave 0.82-1.44x (same run, BENCHMARKS.md).
+STAGES, BN = 4, 128
 
 
 def check_variant(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool = False) -> None:
@@ -469,9 +470,8 @@ def check_variant(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bo
                          f"{'fp32' if out_f32 else 'bf16'} out; use 2 to {most}")
 
 
-def _kernel(bn: int, out_f32: bool, stages: int | None = None, cluster: int = 1, rowwise: bool = False):
+def _kernel(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool):
     global _broken
-    stages = stages or _stages(bn, out_f32)
     check_variant(bn, out_f32, stages, cluster, rowwise)
     key = (torch.cuda.current_device(), bn, out_f32, stages, cluster, rowwise)
     k = _cache.get(key)
@@ -489,7 +489,8 @@ def _kernel(bn: int, out_f32: bool, stages: int | None = None, cluster: int = 1,
                 rc = _lib().cuFuncSetAttribute(kern.func, 8, smem)  # max dynamic shared memory
                 if rc != 0:
                     raise RuntimeError(f"cuFuncSetAttribute({smem} bytes) failed with CUresult {rc}")
-                slots = _NUM_SMS_OF(torch.cuda.current_device()) // cluster
+                slots = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+                slots //= cluster
                 if cluster > 1:
                     slots = _max_clusters(kern.func, cluster, smem)
                 _cache[key] = (kern, smem, slots)
@@ -497,13 +498,6 @@ def _kernel(bn: int, out_f32: bool, stages: int | None = None, cluster: int = 1,
                 _broken = f"{type(exc).__name__}: {exc}"[:300]
                 warnings.warn(f"moeco: the NVRTC FP8 GEMM did not compile ({_broken}); using cuBLAS", stacklevel=3)
     return _cache.get(key)
-
-
-def _device_ok(device: torch.device) -> bool:
-    return (device.type == "cuda" and torch.version.cuda is not None
-            and torch.cuda.get_device_capability(device) == (9, 0)
-            and hasattr(torch.cuda, "_compile_kernel")
-            and hasattr(getattr(torch.cuda, "_utils", None), "_get_gpu_runtime_library"))
 
 
 def supported(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
@@ -526,20 +520,7 @@ def supported(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_sca
           and a_q.stride(1) == 1 and b_q.stride(1) == 1
           and a_q.stride(0) % 16 == 0 and b_q.stride(0) % 16 == 0
           and a_q.data_ptr() % 16 == 0 and b_q.data_ptr() % 16 == 0)
-    return ok and _device_ok(a_q.device)
-
-
-def _pick_bn(M: int, N: int) -> int:
-    return 128
-
-
-_NUM_SMS: dict[int, int] = {}
-
-
-def _NUM_SMS_OF(dev: int) -> int:
-    if dev not in _NUM_SMS:
-        _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    return _NUM_SMS[dev]
+    return ok and cuda_kernels._device_ok(a_q.device) and torch.cuda.get_device_capability(a_q.device) == (9, 0)
 
 
 class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: an id, padding to 8 bytes, a 64-byte value
@@ -575,8 +556,8 @@ def _max_clusters(func, cluster: int, smem: int) -> int:
     return n.value
 
 
-def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int | None = None,
-                stages: int | None = None, cluster: int = 1):
+def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int = BN, stages: int = STAGES,
+                cluster: int = 1):
     """C (M, N) = A (M, K) . B (N, K)^T with 1x128 / 128x128 scales; the caller checked `supported`.
     Returns None when the kernel cannot be compiled here (the caller then uses cuBLAS)."""
     if out_dtype not in (torch.bfloat16, torch.float32):
@@ -585,10 +566,7 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int
     N = b_q.shape[0]
     KB = -(-K // BK)
     rowwise = tuple(b_scale.shape) != (-(-N // 128), KB)  # else (N, KB): one scale per row (supported checked)
-    bn = bn or _pick_bn(M, N)
-    from moeco.fp8.cuda_kernels import _ensure_context
-
-    _ensure_context(a_q.device)
+    cuda_kernels._ensure_context(a_q.device)
     got = _kernel(bn, out_dtype == torch.float32, stages, cluster, rowwise)
     if got is None:
         return None

@@ -21,10 +21,11 @@ Backends:
     "triton"     moeco.fp8.triton_kernels.fp8_gemm_nt: any shape, CUDA or the interpreter (TMA loads
                  on Hopper).
     "wgmma"      moeco.fp8.cuda_gemm.fp8_gemm_nt: moeco's Hopper kernel (TMA, WGMMA, promotion in
-                 registers; NVRTC). 128x128 block scales for B, K % 16 == 0, N % 8 == 0.
-    "auto"       CUDA: the wgmma kernel where cuBLAS would need padding (N or K not a multiple of
-                 128: MLA's N = 576 and its Dgrad), where it measured faster on the H200; else
-                 scaled_mm where this torch/GPU accepts block-wise scales, else triton.
+                 registers; NVRTC). B scaled per 128x128 block or per row, K % 16 == 0, N % 8 == 0.
+    "auto"       CUDA: the wgmma kernel for 128x128-blocked B where cuBLAS would need padding (N or K
+                 not a multiple of 128: MLA's N = 576 and its Dgrad), where it measured faster on the
+                 H200 (per-row B, Wgrad's, measured slower: cuBLAS keeps it); else scaled_mm where
+                 this torch/GPU accepts block-wise scales, else triton.
                  MOECO_FP8_GEMM=wgmma uses the kernel wherever it applies, =cublas never.
                  CPU: reference.
 
@@ -166,7 +167,8 @@ def fp8_gemm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, backend: s
         from moeco.fp8 import cuda_gemm
 
         mode = cuda_gemm.mode()
-        prefer = mode == "wgmma" or (mode == "auto" and (N % BLOCK or K % BLOCK))
+        blocked_b = tuple(b_scale.shape) == (_ceil_div(N, BLOCK), _ceil_div(K, BLOCK))
+        prefer = mode == "wgmma" or (mode == "auto" and blocked_b and (N % BLOCK or K % BLOCK))
         if (backend == "wgmma" or prefer) and cuda_gemm.supported(a_q, a_scale, b_q, b_scale, out_dtype):
             out = cuda_gemm.fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype)
             if out is not None:
@@ -175,7 +177,8 @@ def fp8_gemm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, backend: s
             _check(a_q, a_scale, b_q)
             raise ValueError(f"the wgmma FP8 GEMM cannot take A {tuple(a_q.shape)}, B {tuple(b_q.shape)}, b_scale "
                              f"{tuple(b_scale.shape)} on {a_q.device} ({cuda_gemm.status()}); it needs Hopper, "
-                             "128x128 block scales for B, K % 16 == 0 and N % 8 == 0: use backend='auto'")
+                             "B scaled per 128x128 block or per row, K % 16 == 0 and N % 8 == 0: use "
+                             "backend='auto'")
     if backend == "auto":
         if not a_q.is_cuda:
             backend = "reference"
