@@ -489,10 +489,8 @@ def _kernel(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool):
                 rc = _lib().cuFuncSetAttribute(kern.func, 8, smem)  # max dynamic shared memory
                 if rc != 0:
                     raise RuntimeError(f"cuFuncSetAttribute({smem} bytes) failed with CUresult {rc}")
-                slots = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-                slots //= cluster
-                if cluster > 1:
-                    slots = _max_clusters(kern.func, cluster, smem)
+                slots = (_max_clusters(kern.func, cluster, smem) if cluster > 1  # co-resident clusters
+                         else torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
                 _cache[key] = (kern, smem, slots)
             except Exception as exc:  # no NVRTC, an old driver, a PyTorch without the helpers
                 _broken = f"{type(exc).__name__}: {exc}"[:300]
@@ -558,7 +556,8 @@ def _max_clusters(func, cluster: int, smem: int) -> int:
 
 def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int = BN, stages: int = STAGES,
                 cluster: int = 1):
-    """C (M, N) = A (M, K) . B (N, K)^T with 1x128 / 128x128 scales; the caller checked `supported`.
+    """C (M, N) = A (M, K) . B (N, K)^T, A's scales 1x128, B's 128x128 blocks (ceil(N / 128), KB) or one
+    per row (N, KB); the caller checked `supported`. bn / stages / cluster: see `check_variant`.
     Returns None when the kernel cannot be compiled here (the caller then uses cuBLAS)."""
     if out_dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"fp8_gemm_nt: out_dtype {out_dtype} not supported; use bfloat16 or float32")
