@@ -124,8 +124,15 @@ def test_wgmma_variant_errors_name_the_fix():
 
     cuda_gemm.check_variant(128, False, 4, 1)
     cuda_gemm.check_variant(128, True, 4, 2, rowwise=True)
-    with pytest.raises(ValueError, match=r"stages=6 needs \d+ bytes of shared memory at bn=128, fp32 out; use 2 to 4"):
+    with pytest.raises(ValueError, match=r"stages=6 needs \d+ bytes of shared memory at bn=128, fp32 out, bm=128; use 2 to 4"):
         cuda_gemm.check_variant(128, True, 6, 1, rowwise=True)
+    cuda_gemm.check_variant(128, False, 4, 1, bm=256)
+    with pytest.raises(ValueError, match=r"stages=4 needs \d+ bytes of shared memory at bn=128, fp32 out, bm=256; use 2 to 3"):
+        cuda_gemm.check_variant(128, True, 4, 1, bm=256)
+    with pytest.raises(ValueError, match="bm=256 takes B scaled per 128x128 block and cluster=1"):
+        cuda_gemm.check_variant(128, False, 3, 2, bm=256)
+    with pytest.raises(ValueError, match="bm=192; valid: 128, 256"):
+        cuda_gemm.check_variant(128, False, 3, 1, bm=192)
     with pytest.raises(ValueError, match="bn=256; valid: 64, 128"):
         cuda_gemm.check_variant(256, False, 4, 1)
     with pytest.raises(ValueError, match="cluster=4; valid: 1, 2"):

@@ -57,7 +57,7 @@ from moeco.errors import ConfigError
 from moeco.fp8 import cuda_kernels
 
 FP8_DTYPE = torch.float8_e4m3fn
-BM, BK = 128, 128
+BK = 128
 _THREADS = 384
 
 
@@ -80,7 +80,6 @@ typedef unsigned int u32;
 
 struct __align__(64) TmaDesc { u64 word[16]; };
 
-#define BM 128
 #define BK 128
 #define NACC (BN / 2)
 #define A_BYTES (BM * BK)
@@ -196,6 +195,14 @@ __device__ __forceinline__ void release(u32 bars, int it) {
 #endif
     }
 }
+// sum += acc x (f0 for the thread's first row, f1 for its second): the promotion proper.
+__device__ __forceinline__ void fold(float (&acc)[NACC], float (&sum)[NACC], float f0, float f1) {
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) keep(acc[i]);
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) sum[i] = __fmaf_rn(acc[i], (i & 2) ? f1 : f0, sum[i]);
+}
+
 __device__ __forceinline__ void promote(float (&acc)[NACC], float (&sum)[NACC], float f0, float f1, u32 bars, int it,
                                         u32 sb_tile) {
 #pragma unroll
@@ -214,9 +221,51 @@ __device__ __forceinline__ void promote(float (&acc)[NACC], float (&sum)[NACC], 
     release(bars, it);
 #else
     release(bars, it);
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) sum[i] = __fmaf_rn(acc[i], (i & 2) ? f1 : f0, sum[i]);
+    fold(acc, sum, f0, f1);
 #endif
+}
+
+// Epilogue of 64 rows x BN: this warp group's sums, rounded, into shared memory as SUB_COLS-wide column
+// slabs with the 128-byte swizzle (conflict-free: a store instruction's 8 rows land in 8 different 16-byte
+// chunks), then one TMA store per slab, which clips rows past M and columns past N and runs while the
+// warp group goes on. `my_c` is the warp group's buffer; its previous store must have read it first.
+__device__ __forceinline__ void store_rows(const float (&sum)[NACC], u32 my_c, const TmaDesc *c_desc, int row, int col,
+                                           int wg, int t) {
+    const int warp = t / 32, lane = t % 32;
+    if (t == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the last store has read it
+    asm volatile("bar.sync %0, 128;" :: "r"(wg) : "memory");
+#pragma unroll
+    for (int i = 0; i < NACC; i += 2) {  // element i: row 16 warp + lane / 4 + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 (lane % 4)
+        const int r = warp * 16 + lane / 4 + 8 * ((i >> 1) & 1), c = 8 * (i >> 2) + 2 * (lane % 4);
+        const int byte = (c % SUB_COLS) * OUT_BYTES;
+        const u32 addr = my_c + (c / SUB_COLS) * (64 * 128) + r * 128 + ((((byte >> 4) ^ (r & 7))) << 4) + (byte & 15);
+#if OUT_F32
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};" :: "r"(addr), "f"(sum[i]), "f"(sum[i + 1]) : "memory");
+#else
+        u32 packed;  // cvt puts its first source in the upper half: column c + 1
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(sum[i + 1]), "f"(sum[i]));
+        asm volatile("st.shared.u32 [%0], %1;" :: "r"(addr), "r"(packed) : "memory");
+#endif
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the TMA unit
+    asm volatile("bar.sync %0, 128;" :: "r"(wg) : "memory");
+    if (t == 0) {
+#pragma unroll
+        for (int j = 0; j < BN / SUB_COLS; ++j)
+            asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];"
+                         :: "l"((u64)c_desc), "r"(col + j * SUB_COLS), "r"(row), "r"(my_c + j * (64 * 128))
+                         : "memory");
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    }
+}
+
+// BM == 256: the two math warp groups issue their WGMMA groups in turn (named barriers 3 and 4), so the
+// Tensor Cores run them one after the other and each warp group promotes while the other's group runs.
+__device__ __forceinline__ void turn_wait(int wg) {
+    asm volatile("bar.sync %0, 256;" :: "r"(wg == 1 ? 3 : 4) : "memory");
+}
+__device__ __forceinline__ void turn_pass(int wg) {
+    asm volatile("bar.arrive %0, 256;" :: "r"(wg == 1 ? 4 : 3) : "memory");
 }
 
 __device__ __forceinline__ void tile_coords(int tile, int tiles_m, int tiles_n, int &tm, int &tn) {
@@ -298,9 +347,51 @@ extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
         const int t = threadIdx.x - 128 * wg;      // thread within its warp group
         const int warp = t / 32, lane = t % 32;
+        int it = 0;  // k-blocks consumed so far, over all tiles: stage it % STAGES, parity (it / STAGES) & 1
+        const u32 my_c = c_smem + (wg - 1) * C_HALF_BYTES;
+#if BM == 256
+        // 128 rows per math warp group, two 64-row halves taking turns in one accumulator (the registers
+        // hold one accumulator and two sums). The warp groups issue their WGMMA groups alternately, so
+        // the Tensor Cores run one warp group's half while the other promotes its last one.
+        const int row_in_tile = (wg - 1) * 128 + warp * 16 + lane / 4;  // and + 8; the second half + 64
+        const u32 a_off = (wg - 1) * 128 * BK;
+        float acc[NACC], sum0[NACC], sum1[NACC];
+        if (wg == 2) turn_pass(wg);  // warp group 1 goes first
+        for (int unit = first_unit; unit < units; unit += unit_step) {
+            int tm, tn;
+            tile_coords(unit, units_m, tiles_n, tm, tn);
+            const int r0 = tm * BM + row_in_tile;
+            const float *sa00 = sa + (long long)min(r0, M - 1) * sa_m, *sa01 = sa + (long long)min(r0 + 8, M - 1) * sa_m;
+            const float *sa10 = sa + (long long)min(r0 + 64, M - 1) * sa_m, *sa11 = sa + (long long)min(r0 + 72, M - 1) * sa_m;
+            const float *sb_col = sb + (long long)((tn * BN) / 128) * sb_n;
+#pragma unroll
+            for (int i = 0; i < NACC; ++i) { sum0[i] = 0.0f; sum1[i] = 0.0f; }
+            // This k-block's scales (raw) are loaded while the previous one's second half runs.
+            float x00 = __ldg(sa00), x01 = __ldg(sa01), x10 = __ldg(sa10), x11 = __ldg(sa11), xb = __ldg(sb_col);
+            for (int kb = 0; kb < KB; ++kb, ++it) {
+                turn_wait(wg);
+                issue(acc, base, bars, it, a_off);
+                turn_pass(wg);
+                wait_all();
+                fold(acc, sum0, x00 * xb, x01 * xb);
+                turn_wait(wg);
+                issue(acc, base, bars, it, a_off + 64 * BK);
+                turn_pass(wg);
+                const long long nk = min(kb + 1, KB - 1);
+                const float n00 = __ldg(sa00 + nk * sa_k), n01 = __ldg(sa01 + nk * sa_k), n10 = __ldg(sa10 + nk * sa_k),
+                            n11 = __ldg(sa11 + nk * sa_k), nb = __ldg(sb_col + nk * sb_k);
+                wait_all();
+                release(bars, it);
+                fold(acc, sum1, x10 * xb, x11 * xb);
+                x00 = n00; x01 = n01; x10 = n10; x11 = n11; xb = nb;
+            }
+            store_rows(sum0, my_c, &c_desc, tm * BM + (wg - 1) * 128, tn * BN, wg, t);
+            store_rows(sum1, my_c, &c_desc, tm * BM + (wg - 1) * 128 + 64, tn * BN, wg, t);
+        }
+        if (wg == 1) turn_wait(wg);  // warp group 2's last pass
+#else
         const int row_in_tile = (wg - 1) * 64 + warp * 16 + lane / 4;  // and row_in_tile + 8
         const u32 a_off = (wg - 1) * 64 * BK;
-        int it = 0;  // k-blocks consumed so far, over all tiles: stage it % STAGES, parity (it / STAGES) & 1
         float acc0[NACC], acc1[NACC], sum[NACC];
         for (int unit = first_unit; unit < units; unit += unit_step) {
             int um, tn;
@@ -340,38 +431,9 @@ extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
                 promote(acc0, sum, f0, f1, bars, it, sb_smem + ((it) % STAGES) * SB_STAGE_BYTES);
                 it += 1;
             }
-            // Epilogue: the 64 x BN sums of this warp group, rounded, into shared memory as SUB_COLS-wide
-            // column slabs with the 128-byte swizzle (conflict-free: a store instruction's 8 rows land
-            // in 8 different 16-byte chunks), then one TMA store per slab, which clips rows past M and
-            // columns past N and runs while this warp group starts its next tile.
-            const u32 my_c = c_smem + (wg - 1) * C_HALF_BYTES;
-            if (t == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // the last tile's store has read it
-            asm volatile("bar.sync %0, 128;" :: "r"(wg) : "memory");
-#pragma unroll
-            for (int i = 0; i < NACC; i += 2) {  // element i: row 16 warp + lane / 4 + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 (lane % 4)
-                const int r = warp * 16 + lane / 4 + 8 * ((i >> 1) & 1), c = 8 * (i >> 2) + 2 * (lane % 4);
-                const int byte = (c % SUB_COLS) * OUT_BYTES;
-                const u32 addr = my_c + (c / SUB_COLS) * (64 * 128) + r * 128 + ((((byte >> 4) ^ (r & 7))) << 4) + (byte & 15);
-#if OUT_F32
-                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" :: "r"(addr), "f"(sum[i]), "f"(sum[i + 1]) : "memory");
-#else
-                u32 packed;  // cvt puts its first source in the upper half: column c + 1
-                asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(sum[i + 1]), "f"(sum[i]));
-                asm volatile("st.shared.u32 [%0], %1;" :: "r"(addr), "r"(packed) : "memory");
-#endif
-            }
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the TMA unit
-            asm volatile("bar.sync %0, 128;" :: "r"(wg) : "memory");
-            if (t == 0) {
-                const int row = tm * BM + (wg - 1) * 64;
-#pragma unroll
-                for (int j = 0; j < BN / SUB_COLS; ++j)
-                    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];"
-                                 :: "l"((u64)&c_desc), "r"(tn * BN + j * SUB_COLS), "r"(row), "r"(my_c + j * (64 * 128))
-                                 : "memory");
-                asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-            }
+            store_rows(sum, my_c, &c_desc, tm * BM + (wg - 1) * 64, tn * BN, wg, t);
         }
+#endif
         if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     }  // math warp groups
 #if CLUSTER == 2
@@ -444,10 +506,10 @@ def tensor_map(t: torch.Tensor, box_rows: int, box_cols: int | None = None, swiz
     return desc
 
 
-def _smem(bn: int, out_f32: bool, stages: int, rowwise: bool = False) -> int:
-    """Dynamic shared memory: the stages (with B's row scales when rowwise), the output tile, the
-    barriers, 1024 bytes of alignment slack."""
-    return stages * ((BM + bn) * BK + (4 * bn if rowwise else 0)) + BM * bn * (4 if out_f32 else 2) + 16 * stages + 1024
+def _smem(bn: int, out_f32: bool, stages: int, rowwise: bool = False, bm: int = 128) -> int:
+    """Dynamic shared memory: the stages (with B's row scales when rowwise), the output buffers (64 rows
+    per math warp group), the barriers, 1024 bytes of alignment slack."""
+    return stages * ((bm + bn) * BK + (4 * bn if rowwise else 0)) + 128 * bn * (4 if out_f32 else 2) + 16 * stages + 1024
 
 
 # Defaults. 4 stages: on the H200 the best stage count or within 2% of it at all 12 issue shapes (6 stages
@@ -456,36 +518,40 @@ def _smem(bn: int, out_f32: bool, stages: int, rowwise: bool = False) -> int:
 STAGES, BN = 4, 128
 
 
-def check_variant(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool = False) -> None:
-    """A one-line ValueError for a tile width, stage count or cluster size the kernel cannot take
+def check_variant(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool = False, bm: int = 128) -> None:
+    """A one-line ValueError for a tile shape, stage count or cluster size the kernel cannot take
     (rather than a failed compile or launch, which would turn the kernel off for the process)."""
+    if bm not in (128, 256):
+        raise ValueError(f"fp8_gemm_nt: bm={bm}; valid: 128, 256")
+    if bm == 256 and (cluster != 1 or rowwise):
+        raise ValueError("fp8_gemm_nt: bm=256 takes B scaled per 128x128 block and cluster=1; use bm=128")
     if bn not in (64, 128):
         raise ValueError(f"fp8_gemm_nt: bn={bn}; valid: 64, 128 (a 128-row tile's accumulators fill the registers)")
     if cluster not in (1, 2):
         raise ValueError(f"fp8_gemm_nt: cluster={cluster}; valid: 1, 2")
-    need = _smem(bn, out_f32, stages, rowwise)
+    need = _smem(bn, out_f32, stages, rowwise, bm)
     if stages < 2 or need > _SMEM_LIMIT:
-        most = max(s for s in range(1, 16) if _smem(bn, out_f32, s, rowwise) <= _SMEM_LIMIT)
+        most = max(s for s in range(1, 16) if _smem(bn, out_f32, s, rowwise, bm) <= _SMEM_LIMIT)
         raise ValueError(f"fp8_gemm_nt: stages={stages} needs {need} bytes of shared memory at bn={bn}, "
-                         f"{'fp32' if out_f32 else 'bf16'} out; use 2 to {most}")
+                         f"{'fp32' if out_f32 else 'bf16'} out, bm={bm}; use 2 to {most}")
 
 
-def _kernel(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool):
+def _kernel(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool, bm: int = 128):
     global _broken
-    check_variant(bn, out_f32, stages, cluster, rowwise)
-    key = (torch.cuda.current_device(), bn, out_f32, stages, cluster, rowwise)
+    check_variant(bn, out_f32, stages, cluster, rowwise, bm)
+    key = (torch.cuda.current_device(), bn, out_f32, stages, cluster, rowwise, bm)
     k = _cache.get(key)
     if k is not None or _broken is not None:
         return k
     with _lock:
         if key not in _cache and _broken is None:
-            name = f"moeco_fp8_gemm_{bn}_{int(out_f32)}_{stages}_{cluster}_{int(rowwise)}"
+            name = f"moeco_fp8_gemm_{bm}_{bn}_{int(out_f32)}_{stages}_{cluster}_{int(rowwise)}"
             src = source(bn).replace("KNAME", name)
-            defs = [f"-DBN={bn}", f"-DSTAGES={stages}", f"-DOUT_F32={int(out_f32)}", f"-DCLUSTER={cluster}",
+            defs = [f"-DBM={bm}", f"-DBN={bn}", f"-DSTAGES={stages}", f"-DOUT_F32={int(out_f32)}", f"-DCLUSTER={cluster}",
                     f"-DROWWISE={int(rowwise)}"]
             try:
                 kern = torch.cuda._compile_kernel(src, name, compute_capability="90a", nvcc_options=defs)
-                smem = _smem(bn, out_f32, stages, rowwise)
+                smem = _smem(bn, out_f32, stages, rowwise, bm)
                 rc = _lib().cuFuncSetAttribute(kern.func, 8, smem)  # max dynamic shared memory
                 if rc != 0:
                     raise RuntimeError(f"cuFuncSetAttribute({smem} bytes) failed with CUresult {rc}")
@@ -555,7 +621,7 @@ def _max_clusters(func, cluster: int, smem: int) -> int:
 
 
 def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int = BN, stages: int = STAGES,
-                cluster: int = 1):
+                cluster: int = 1, bm: int = 128):
     """C (M, N) = A (M, K) . B (N, K)^T, A's scales 1x128, B's 128x128 blocks (ceil(N / 128), KB) or one
     per row (N, KB); the caller checked `supported`. bn / stages / cluster: see `check_variant`.
     Returns None when the kernel cannot be compiled here (the caller then uses cuBLAS)."""
@@ -566,14 +632,14 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int
     KB = -(-K // BK)
     rowwise = tuple(b_scale.shape) != (-(-N // 128), KB)  # else (N, KB): one scale per row (supported checked)
     cuda_kernels._ensure_context(a_q.device)
-    got = _kernel(bn, out_dtype == torch.float32, stages, cluster, rowwise)
+    got = _kernel(bn, out_dtype == torch.float32, stages, cluster, rowwise, bm)
     if got is None:
         return None
     kern, smem, slots = got
     out = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
-    units = -(-M // (BM * cluster)) * -(-N // bn)
+    units = -(-M // (bm * cluster)) * -(-N // bn)
     grid = cluster * min(units, slots)
-    da, db, dc = tensor_map(a_q, BM), tensor_map(b_q, bn // cluster), tensor_map(out, 64)
+    da, db, dc = tensor_map(a_q, bm), tensor_map(b_q, bn // cluster), tensor_map(out, 64)
     if rowwise:  # B's scales as (KB, N) rows, N contiguous: one TMA box of bn scales per stage
         sbt = b_scale.t() if b_scale.stride(0) == 1 and b_scale.stride(1) == N else b_scale.t().contiguous()
         ds = tensor_map(sbt, 1, bn, swizzle=False)
