@@ -80,6 +80,11 @@ def test_wgmma_gemm_matches_reference_and_cublas(M, N, K, out_dtype, bn, b_rows)
         assert _rel(out, cublas.float()) < (1e-5 if out_dtype == torch.float32 else 8e-3)
     if b_rows and bn == 128:  # the two-CTA variant: the same bits
         assert torch.equal(cuda_gemm.fp8_gemm_nt(aq, sa, bq, sb, out_dtype, cluster=2), out)
+    # A's scales in either layout (the kernel copies them with any strides): the same bits
+    assert torch.equal(cuda_gemm.fp8_gemm_nt(aq, sa.contiguous(), bq, sb, out_dtype, bn=bn), out)
+    assert torch.equal(cuda_gemm.fp8_gemm_nt(aq, sa.t().contiguous().t(), bq, sb, out_dtype, bn=bn), out)
+    if not b_rows:  # 256-row tiles: the same sums in the same order, so the same bits
+        assert torch.equal(cuda_gemm.fp8_gemm_nt(aq, sa, bq, sb, out_dtype, bn=bn, bm=256), out)
 
 
 @hopper

@@ -620,7 +620,7 @@ def _max_clusters(func, cluster: int, smem: int) -> int:
     return n.value
 
 
-def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int = BN, stages: int = STAGES,
+def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int = BN, stages: int | None = None,
                 cluster: int = 1, bm: int = 128):
     """C (M, N) = A (M, K) . B (N, K)^T, A's scales 1x128, B's 128x128 blocks (ceil(N / 128), KB) or one
     per row (N, KB); the caller checked `supported`. bn / stages / cluster: see `check_variant`.
@@ -631,6 +631,10 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int
     N = b_q.shape[0]
     KB = -(-K // BK)
     rowwise = tuple(b_scale.shape) != (-(-N // 128), KB)  # else (N, KB): one scale per row (supported checked)
+    if stages is None:  # the default, or as many as fit (256-row tiles with fp32 out take 3)
+        stages = STAGES
+        while stages > 2 and _smem(bn, out_dtype == torch.float32, stages, rowwise, bm) > _SMEM_LIMIT:
+            stages -= 1
     cuda_kernels._ensure_context(a_q.device)
     got = _kernel(bn, out_dtype == torch.float32, stages, cluster, rowwise, bm)
     if got is None:
