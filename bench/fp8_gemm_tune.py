@@ -245,7 +245,7 @@ def quant_rows(tokens):
                         t = gpu_ms(lambda: tk.quantize_act_1x128(x, block_m=bm, groups=g, num_warps=nw))
                         res.append((nbytes / t / 1e6, f"block_m={bm} groups={g} warps={nw}", t))
             best = max(res)
-            base = next(r for r in res if r[1] == "block_m=16 groups=2 warps=4")
+            base = next(r for r in res if r[1] == "block_m=8 groups=4 warps=4")
             rows.append(dict(kind="row", T=T, C=C, best=best[1], best_ms=best[2], best_gbs=best[0],
                              default_ms=base[2], default_gbs=base[0], copy_gbs=copy_gbs,
                              all={name: t for _, name, t in res}))

@@ -128,9 +128,11 @@ if _HAVE_TRITON:
     def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
                           BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr,
                           EMULATE_CAST: tl.constexpr, FAST_DIV: tl.constexpr):
-        # One program per BLOCK_M rows x GROUPS tiles of 128 channels.
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
+        # One program per BLOCK_M rows x GROUPS tiles of 128 channels; the channel blocks of a row band are
+        # consecutive programs, so concurrent programs read and write whole rows (a 1-D grid: no 65535 limit).
+        num_k = tl.cdiv(tl.cdiv(K, 128), GROUPS)
+        pid_k = tl.program_id(0) % num_k
+        pid_m = tl.program_id(0) // num_k
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_k * (128 * GROUPS) + tl.arange(0, 128 * GROUPS)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
@@ -317,16 +319,17 @@ if _HAVE_TRITON:
             c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
-def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: int = 16, groups: int = 2,
+def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: int = 8, groups: int = 4,
                        num_warps: int = 4):
     """Triton version of `moeco.fp8.quantize.quantize_act_1x128_reference`.
 
     The scale comes back as a (*, ceil(K/128)) view of a (ceil(K/128), rows) buffer
     ("outer-dim-major"), the layout `torch._scaled_mm` wants for a block-wise `scale_a`.
-    Each program quantizes block_m rows x `groups` tiles of 128 channels (groups a power of two).
-    Default tile 16 x 256, from a sweep on the H200 (bench/fp8_gemm_tune.py, GPU time): 82% of HBM
-    bandwidth at 16384 x 7168 and 71% at 4096 x 7168 in that run (48-69% at 4096 in other runs:
-    BENCHMARKS.md); the configurations tried were within ~5%.
+    Each program quantizes block_m rows x `groups` tiles of 128 channels (groups a power of two), the
+    programs ordered channel blocks first. Default tile 8 x 512 from a sweep on the H200 (GPU time,
+    BENCHMARKS.md, ninth session): 70-72% of HBM bandwidth at 4096 x 7168 and 84% at 16384 x 7168, where
+    the earlier 16 x 256 tile with row blocks first gave 68% and 81% in the same run; the configurations
+    tried were within ~5% of each other.
     """
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
@@ -338,7 +341,7 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
     s_t = torch.empty((kb, M), dtype=torch.float32, device=x.device)
     if interpreting():
         block_m = min(block_m, 4)
-    grid = (_ceil_div(M, block_m), _ceil_div(kb, groups))
+    grid = (_ceil_div(kb, groups) * _ceil_div(M, block_m),)
     _quant_act_kernel[grid](x2, q, s_t, M, K, x2.stride(0), q.stride(0), 1, M,
                             BLOCK_M=block_m, GROUPS=groups, POW2=pow2_scale, EMULATE_CAST=interpreting(),
                             FAST_DIV=_fast_div(), num_warps=num_warps if block_m >= 16 else 1)
