@@ -44,6 +44,16 @@ def test_triton_act_quant_is_bit_exact(shape, pow2):
     assert torch.equal(_bits(q), _bits(q_ref))
 
 
+def test_triton_act_quant_row_blocks_first_past_the_grid_limit(monkeypatch):
+    """More row blocks than the grid's y dimension takes: the kernel walks rows on x instead (the same bits)."""
+    monkeypatch.setattr(triton_kernels, "_MAX_GRID_Y", 2)
+    x = (torch.randn(37, 700, generator=torch.Generator().manual_seed(3)) * 5).to(DEVICE)
+    q, s = triton_kernels.quantize_act_1x128(x)
+    q_ref, s_ref = quantize_act_1x128_reference(x)
+    assert torch.equal(s.contiguous(), s_ref)
+    assert torch.equal(_bits(q), _bits(q_ref))
+
+
 @pytest.mark.parametrize("shape", [(200, 136), (2, 130, 256)])
 @pytest.mark.parametrize("pow2", [False, True])
 def test_triton_weight_quant_is_bit_exact(shape, pow2):

@@ -127,12 +127,15 @@ if _HAVE_TRITON:
     @triton.jit
     def _quant_act_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
                           BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr,
-                          EMULATE_CAST: tl.constexpr, FAST_DIV: tl.constexpr):
-        # One program per BLOCK_M rows x GROUPS tiles of 128 channels; the channel blocks of a row band are
-        # consecutive programs, so concurrent programs read and write whole rows (a 1-D grid: no 65535 limit).
-        num_k = tl.cdiv(tl.cdiv(K, 128), GROUPS)
-        pid_k = tl.program_id(0) % num_k
-        pid_m = tl.program_id(0) // num_k
+                          EMULATE_CAST: tl.constexpr, FAST_DIV: tl.constexpr, K_FAST: tl.constexpr):
+        # One program per BLOCK_M rows x GROUPS tiles of 128 channels. K_FAST: the grid's fast axis walks
+        # the channel blocks, so concurrent programs read and write whole rows.
+        if K_FAST:
+            pid_k = tl.program_id(0)
+            pid_m = tl.program_id(1)
+        else:  # more row blocks than a grid's y dimension takes
+            pid_m = tl.program_id(0)
+            pid_k = tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_k * (128 * GROUPS) + tl.arange(0, 128 * GROUPS)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
@@ -319,6 +322,9 @@ if _HAVE_TRITON:
             c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
+_MAX_GRID_Y = 65535
+
+
 def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: int = 8, groups: int = 4,
                        num_warps: int = 4):
     """Triton version of `moeco.fp8.quantize.quantize_act_1x128_reference`.
@@ -341,10 +347,11 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
     s_t = torch.empty((kb, M), dtype=torch.float32, device=x.device)
     if interpreting():
         block_m = min(block_m, 4)
-    grid = (_ceil_div(kb, groups) * _ceil_div(M, block_m),)
-    _quant_act_kernel[grid](x2, q, s_t, M, K, x2.stride(0), q.stride(0), 1, M,
-                            BLOCK_M=block_m, GROUPS=groups, POW2=pow2_scale, EMULATE_CAST=interpreting(),
-                            FAST_DIV=_fast_div(), num_warps=num_warps if block_m >= 16 else 1)
+    k_fast = _ceil_div(M, block_m) <= _MAX_GRID_Y
+    grid = (_ceil_div(kb, groups), _ceil_div(M, block_m))
+    _quant_act_kernel[grid if k_fast else grid[::-1]](
+        x2, q, s_t, M, K, x2.stride(0), q.stride(0), 1, M, BLOCK_M=block_m, GROUPS=groups, POW2=pow2_scale,
+        EMULATE_CAST=interpreting(), FAST_DIV=_fast_div(), K_FAST=k_fast, num_warps=num_warps)
     return q.reshape(*lead, K), s_t.t().reshape(*lead, kb)
 
 
