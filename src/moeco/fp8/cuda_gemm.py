@@ -34,6 +34,12 @@ Variants (compile-time, each compiled on first use):
     - B with one scale per row (Wgrad's 128x1 tiles, b_scale (N, KB)): the stage also brings the
       tile's BN column scales in by TMA and the promotion multiplies each column by its own. Measured
       0.69-0.97x cuBLAS's speed for Wgrad, so `auto` keeps cuBLAS there.
+    - `bm=256`: 256-row tiles; each math warp group owns 128 rows as two 64-row halves that share one
+      accumulator (the registers hold one accumulator and two sums), and the two warp groups issue
+      their WGMMA groups in turn (named barriers) so that one promotes while the other's group runs.
+      A quarter fewer bytes per FLOP from L2; measured -4% to +6% against 128-row tiles on most V3
+      shapes and 12-21% slower where the tile count leaves the last wave mostly empty, never clearly
+      ahead of cuBLAS, so not used by `auto` (BENCHMARKS.md, ninth session). Same bits as bm=128.
     - `cluster=2`: two CTAs side by side in M; each loads half of the B tile and multicasts it to
       both, and releases a stage in both. Level with one CTA on the H200 (the kernel is not L2-bound),
       so not the default. Its remote arrive must stay `.release.cta`: `.release.cluster` costs a
