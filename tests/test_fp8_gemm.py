@@ -117,6 +117,18 @@ def test_wgmma_source_has_one_operand_per_accumulator():
         assert src.count('"+f"(d[') == bn // 2
 
 
+def test_wgmma_tile_width_choice():
+    """192-wide tiles where they remove the padding of a 128-wide last tile (MLA's N = 576), 128 elsewhere."""
+    from moeco.fp8 import cuda_gemm
+
+    assert cuda_gemm.tile_width(576) == 192 and cuda_gemm.tile_width(192 * 7) == 192
+    assert cuda_gemm.tile_width(7168) == 128 and cuda_gemm.tile_width(768) == 128 and cuda_gemm.tile_width(288) == 128
+    assert cuda_gemm.tile_width(576, rowwise=True) == 128 and cuda_gemm.tile_width(576, bm=256) == 128
+    assert cuda_gemm.tile_width(576, cluster=2) == 128
+    for n in (576, 7168, 288):  # the chosen width is one the kernel takes
+        cuda_gemm.check_variant(cuda_gemm.tile_width(n), False, cuda_gemm.STAGES, 1)
+
+
 def test_wgmma_variant_errors_name_the_fix():
     """A stage count, tile width or cluster the kernel cannot take is a one-line error before any
     compile, so it cannot turn the kernel off for the rest of the process."""
@@ -133,7 +145,10 @@ def test_wgmma_variant_errors_name_the_fix():
         cuda_gemm.check_variant(128, False, 3, 2, bm=256)
     with pytest.raises(ValueError, match="bm=192; valid: 128, 256"):
         cuda_gemm.check_variant(128, False, 3, 1, bm=192)
-    with pytest.raises(ValueError, match="bn=256; valid: 64, 128"):
+    cuda_gemm.check_variant(192, False, 4, 1)
+    with pytest.raises(ValueError, match="bn=192 takes bm=128, cluster=1 and B scaled per 128x128 block"):
+        cuda_gemm.check_variant(192, False, 3, 1, bm=256)
+    with pytest.raises(ValueError, match="bn=256; valid: 64, 128, 192"):
         cuda_gemm.check_variant(256, False, 4, 1)
     with pytest.raises(ValueError, match="cluster=4; valid: 1, 2"):
         cuda_gemm.check_variant(128, False, 4, 4)

@@ -83,8 +83,10 @@ def test_wgmma_gemm_matches_reference_and_cublas(M, N, K, out_dtype, bn, b_rows)
     # A's scales in either layout (the kernel copies them with any strides): the same bits
     assert torch.equal(cuda_gemm.fp8_gemm_nt(aq, sa.contiguous(), bq, sb, out_dtype, bn=bn), out)
     assert torch.equal(cuda_gemm.fp8_gemm_nt(aq, sa.t().contiguous().t(), bq, sb, out_dtype, bn=bn), out)
-    if not b_rows:  # 256-row tiles: the same sums in the same order, so the same bits
+    if not b_rows:  # 256-row and 192-wide tiles: the same sums in the same order, so the same bits
         assert torch.equal(cuda_gemm.fp8_gemm_nt(aq, sa, bq, sb, out_dtype, bn=bn, bm=256), out)
+        if bn == 128:
+            assert torch.equal(cuda_gemm.fp8_gemm_nt(aq, sa, bq, sb, out_dtype, bn=192), out)
 
 
 @hopper

@@ -40,6 +40,11 @@ Variants (compile-time, each compiled on first use):
       A quarter fewer bytes per FLOP from L2; measured -4% to +6% against 128-row tiles on most V3
       shapes and 12-21% slower where the tile count leaves the last wave mostly empty, never clearly
       ahead of cuBLAS, so not used by `auto` (BENCHMARKS.md, ninth session). Same bits as bm=128.
+    - `bn=192`: 192-wide tiles, one accumulator per math warp group (96 registers, and 96 for the sum),
+      the WGMMA groups issued in turn as for bm=256; a tile spans two of B's 128-row scale blocks, so
+      the promotion picks each column's factor. The default where N % 192 == 0 but N % 128 != 0 (MLA's
+      N = 576: 1.09x / 1.43x BF16 at 4096 / 16384 tokens against 0.87x / 1.31x with 128-wide tiles);
+      0.85-0.98x the 128-wide tiles elsewhere (`tile_width`).
     - `cluster=2`: two CTAs side by side in M; each loads half of the B tile and multicasts it to
       both, and releases a stage in both. Level with one CTA on the H200 (the kernel is not L2-bound),
       so not the default. Its remote arrive must stay `.release.cta`: `.release.cluster` costs a
@@ -99,6 +104,8 @@ struct __align__(64) TmaDesc { u64 word[16]; };
 #endif
 #define SUB_COLS (128 / OUT_BYTES)              // output columns per 128-byte swizzled row
 #define C_HALF_BYTES (64 * BN * OUT_BYTES)      // one math warp group's 64 rows of the output tile
+#define SINGLE_ACC (BM == 256 || BN > 128)      // one accumulator per math warp group, groups issued in turn
+#define HALVES (BM / 128)                       // 64-row halves per math warp group
 #if ROWWISE
 #define SB_STAGE_BYTES (BN * 4)
 #else
@@ -208,6 +215,22 @@ __device__ __forceinline__ void fold(float (&acc)[NACC], float (&sum)[NACC], flo
 #pragma unroll
     for (int i = 0; i < NACC; ++i) sum[i] = __fmaf_rn(acc[i], (i & 2) ? f1 : f0, sum[i]);
 }
+// The same where the tile's columns from `split` on (a multiple of 8) belong to B's next scale block
+// and take g0 / g1. Element i's column is 8 (i / 4) + 2 (lane % 4) + (i % 2).
+__device__ __forceinline__ void fold2(float (&acc)[NACC], float (&sum)[NACC], float f0, float f1, float g0, float g1,
+                                      int split) {
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) keep(acc[i]);
+#pragma unroll
+    for (int i = 0; i < NACC; i += 4) {
+        const bool second = 8 * (i / 4) >= split;
+        const float e0 = second ? g0 : f0, e1 = second ? g1 : f1;
+        sum[i] = __fmaf_rn(acc[i], e0, sum[i]);
+        sum[i + 1] = __fmaf_rn(acc[i + 1], e0, sum[i + 1]);
+        sum[i + 2] = __fmaf_rn(acc[i + 2], e1, sum[i + 2]);
+        sum[i + 3] = __fmaf_rn(acc[i + 3], e1, sum[i + 3]);
+    }
+}
 
 __device__ __forceinline__ void promote(float (&acc)[NACC], float (&sum)[NACC], float f0, float f1, u32 bars, int it,
                                         u32 sb_tile) {
@@ -265,7 +288,7 @@ __device__ __forceinline__ void store_rows(const float (&sum)[NACC], u32 my_c, c
     }
 }
 
-// BM == 256: the two math warp groups issue their WGMMA groups in turn (named barriers 3 and 4), so the
+// SINGLE_ACC: the two math warp groups issue their WGMMA groups in turn (named barriers 3 and 4), so the
 // Tensor Cores run them one after the other and each warp group promotes while the other's group runs.
 __device__ __forceinline__ void turn_wait(int wg) {
     asm volatile("bar.sync %0, 256;" :: "r"(wg == 1 ? 3 : 4) : "memory");
@@ -355,44 +378,65 @@ extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
         const int warp = t / 32, lane = t % 32;
         int it = 0;  // k-blocks consumed so far, over all tiles: stage it % STAGES, parity (it / STAGES) & 1
         const u32 my_c = c_smem + (wg - 1) * C_HALF_BYTES;
-#if BM == 256
-        // 128 rows per math warp group, two 64-row halves taking turns in one accumulator (the registers
-        // hold one accumulator and two sums). The warp groups issue their WGMMA groups alternately, so
-        // the Tensor Cores run one warp group's half while the other promotes its last one.
-        const int row_in_tile = (wg - 1) * 128 + warp * 16 + lane / 4;  // and + 8; the second half + 64
-        const u32 a_off = (wg - 1) * 128 * BK;
-        float acc[NACC], sum0[NACC], sum1[NACC];
+#if SINGLE_ACC
+        // One accumulator per math warp group, taking turns between its HALVES 64-row halves (256-row
+        // tiles: two halves, so the registers hold one accumulator and two sums; 192-wide tiles: one
+        // half, the accumulator and the sum taking 96 registers each). The warp groups issue their WGMMA
+        // groups alternately, so the Tensor Cores run one warp group's group while the other promotes.
+        const int row_in_tile = (wg - 1) * 64 * HALVES + warp * 16 + lane / 4;  // and + 8; half h + 64 h
+        const u32 a_off = (wg - 1) * 64 * HALVES * BK;
+        const int NB = (N + 127) / 128;  // B's 128-row scale blocks
+        float acc[NACC], sum[HALVES][NACC];
         if (wg == 2) turn_pass(wg);  // warp group 1 goes first
         for (int unit = first_unit; unit < units; unit += unit_step) {
             int tm, tn;
             tile_coords(unit, units_m, tiles_n, tm, tn);
             const int r0 = tm * BM + row_in_tile;
-            const float *sa00 = sa + (long long)min(r0, M - 1) * sa_m, *sa01 = sa + (long long)min(r0 + 8, M - 1) * sa_m;
-            const float *sa10 = sa + (long long)min(r0 + 64, M - 1) * sa_m, *sa11 = sa + (long long)min(r0 + 72, M - 1) * sa_m;
-            const float *sb_col = sb + (long long)((tn * BN) / 128) * sb_n;
+            const float *sar[2 * HALVES];  // this thread's rows r0, r0 + 8 of each half
 #pragma unroll
-            for (int i = 0; i < NACC; ++i) { sum0[i] = 0.0f; sum1[i] = 0.0f; }
-            // This k-block's scales (raw) are loaded while the previous one's second half runs.
-            float x00 = __ldg(sa00), x01 = __ldg(sa01), x10 = __ldg(sa10), x11 = __ldg(sa11), xb = __ldg(sb_col);
+            for (int j = 0; j < 2 * HALVES; ++j) sar[j] = sa + (long long)min(r0 + 64 * (j / 2) + 8 * (j % 2), M - 1) * sa_m;
+            // A 192-wide tile spans two of B's 128-row scale blocks: columns from `split` on take the second.
+            const int nb = (tn * BN) / 128, split = 128 - (tn * BN) % 128;
+            (void)split;
+            const float *sb0 = sb + (long long)nb * sb_n, *sb1 = sb + (long long)min(nb + 1, NB - 1) * sb_n;
+#pragma unroll
+            for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+                for (int i = 0; i < NACC; ++i) sum[h][i] = 0.0f;
+            // A k-block's scales are loaded while the previous k-block's last WGMMA group runs.
+            float xa[2 * HALVES], xb0 = __ldg(sb0), xb1 = BN > 128 ? __ldg(sb1) : 0.0f;
+#pragma unroll
+            for (int j = 0; j < 2 * HALVES; ++j) xa[j] = __ldg(sar[j]);
             for (int kb = 0; kb < KB; ++kb, ++it) {
-                turn_wait(wg);
-                issue(acc, base, bars, it, a_off);
-                turn_pass(wg);
-                wait_all();
-                fold(acc, sum0, x00 * xb, x01 * xb);
-                turn_wait(wg);
-                issue(acc, base, bars, it, a_off + 64 * BK);
-                turn_pass(wg);
-                const long long nk = min(kb + 1, KB - 1);
-                const float n00 = __ldg(sa00 + nk * sa_k), n01 = __ldg(sa01 + nk * sa_k), n10 = __ldg(sa10 + nk * sa_k),
-                            n11 = __ldg(sa11 + nk * sa_k), nb = __ldg(sb_col + nk * sb_k);
-                wait_all();
-                release(bars, it);
-                fold(acc, sum1, x10 * xb, x11 * xb);
-                x00 = n00; x01 = n01; x10 = n10; x11 = n11; xb = nb;
+                float na[2 * HALVES], nb0, nb1;
+#pragma unroll
+                for (int h = 0; h < HALVES; ++h) {
+                    turn_wait(wg);
+                    issue(acc, base, bars, it, a_off + h * 64 * BK);
+                    turn_pass(wg);
+                    if (h == HALVES - 1) {
+                        const long long nk = min(kb + 1, KB - 1);
+#pragma unroll
+                        for (int j = 0; j < 2 * HALVES; ++j) na[j] = __ldg(sar[j] + nk * sa_k);
+                        nb0 = __ldg(sb0 + nk * sb_k);
+                        nb1 = BN > 128 ? __ldg(sb1 + nk * sb_k) : 0.0f;
+                    }
+                    wait_all();
+                    if (h == HALVES - 1) release(bars, it);
+#if BN > 128
+                    fold2(acc, sum[h], xa[2 * h] * xb0, xa[2 * h + 1] * xb0, xa[2 * h] * xb1, xa[2 * h + 1] * xb1, split);
+#else
+                    fold(acc, sum[h], xa[2 * h] * xb0, xa[2 * h + 1] * xb0);
+#endif
+                }
+#pragma unroll
+                for (int j = 0; j < 2 * HALVES; ++j) xa[j] = na[j];
+                xb0 = nb0;
+                xb1 = nb1;
             }
-            store_rows(sum0, my_c, &c_desc, tm * BM + (wg - 1) * 128, tn * BN, wg, t);
-            store_rows(sum1, my_c, &c_desc, tm * BM + (wg - 1) * 128 + 64, tn * BN, wg, t);
+#pragma unroll
+            for (int h = 0; h < HALVES; ++h)
+                store_rows(sum[h], my_c, &c_desc, tm * BM + (wg - 1) * 64 * HALVES + 64 * h, tn * BN, wg, t);
         }
         if (wg == 1) turn_wait(wg);  // warp group 2's last pass
 #else
@@ -531,8 +575,10 @@ def check_variant(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bo
         raise ValueError(f"fp8_gemm_nt: bm={bm}; valid: 128, 256")
     if bm == 256 and (cluster != 1 or rowwise):
         raise ValueError("fp8_gemm_nt: bm=256 takes B scaled per 128x128 block and cluster=1; use bm=128")
-    if bn not in (64, 128):
-        raise ValueError(f"fp8_gemm_nt: bn={bn}; valid: 64, 128 (a 128-row tile's accumulators fill the registers)")
+    if bn not in (64, 128, 192):
+        raise ValueError(f"fp8_gemm_nt: bn={bn}; valid: 64, 128, 192 (a tile's accumulators fill the registers)")
+    if bn == 192 and (bm != 128 or cluster != 1 or rowwise):
+        raise ValueError("fp8_gemm_nt: bn=192 takes bm=128, cluster=1 and B scaled per 128x128 block; use bn=128")
     if cluster not in (1, 2):
         raise ValueError(f"fp8_gemm_nt: cluster={cluster}; valid: 1, 2")
     need = _smem(bn, out_f32, stages, rowwise, bm)
@@ -626,17 +672,29 @@ def _max_clusters(func, cluster: int, smem: int) -> int:
     return n.value
 
 
-def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int = BN, stages: int | None = None,
-                cluster: int = 1, bm: int = 128):
+def tile_width(N: int, rowwise: bool = False, bm: int = 128, cluster: int = 1) -> int:
+    """The default tile width: 192 where N is a multiple of 192 but not of 128 (MLA's N = 576: three
+    tiles instead of 4.5; on the H200 0.043 vs 0.054 ms at 4096 x 7168 x 576, 0.129 vs 0.140 ms at 16384,
+    1.09x / 1.43x BF16), else 128 (192-wide tiles measured 0.85-0.98x the 128-wide ones where N % 128 == 0;
+    BENCHMARKS.md, ninth session)."""
+    if N % 192 == 0 and N % 128 and not rowwise and bm == 128 and cluster == 1:
+        return 192
+    return BN
+
+
+def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int | None = None,
+                stages: int | None = None, cluster: int = 1, bm: int = 128):
     """C (M, N) = A (M, K) . B (N, K)^T, A's scales 1x128, B's 128x128 blocks (ceil(N / 128), KB) or one
-    per row (N, KB); the caller checked `supported`. bn / stages / cluster: see `check_variant`.
-    Returns None when the kernel cannot be compiled here (the caller then uses cuBLAS)."""
+    per row (N, KB); the caller checked `supported`. bn / stages / cluster / bm: see `check_variant`;
+    bn None: `tile_width(N)`; stages None: 4, or as many as fit. Returns None when the kernel cannot be compiled here (the caller then uses cuBLAS)."""
     if out_dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"fp8_gemm_nt: out_dtype {out_dtype} not supported; use bfloat16 or float32")
     M, K = a_q.shape
     N = b_q.shape[0]
     KB = -(-K // BK)
     rowwise = tuple(b_scale.shape) != (-(-N // 128), KB)  # else (N, KB): one scale per row (supported checked)
+    if bn is None:
+        bn = tile_width(N, rowwise, bm, cluster)
     if stages is None:  # the default, or as many as fit (256-row tiles with fp32 out take 3)
         stages = STAGES
         while stages > 2 and _smem(bn, out_dtype == torch.float32, stages, rowwise, bm) > _SMEM_LIMIT:
