@@ -44,7 +44,7 @@ Variants (compile-time, each compiled on first use):
       the WGMMA groups issued in turn as for bm=256; a tile spans two of B's 128-row scale blocks, so
       the promotion picks each column's factor. The default where N % 192 == 0 but N % 128 != 0 (MLA's
       N = 576: 1.09x / 1.43x BF16 at 4096 / 16384 tokens against 0.87x / 1.31x with 128-wide tiles);
-      0.85-0.98x the 128-wide tiles elsewhere (`tile_width`).
+      0.84-0.98x the 128-wide tiles elsewhere (`tile_width`).
     - `cluster=2`: two CTAs side by side in M; each loads half of the B tile and multicasts it to
       both, and releases a stage in both. Level with one CTA on the H200 (the kernel is not L2-bound),
       so not the default. Its remote arrive must stay `.release.cta`: `.release.cluster` costs a
@@ -675,7 +675,7 @@ def _max_clusters(func, cluster: int, smem: int) -> int:
 def tile_width(N: int, rowwise: bool = False, bm: int = 128, cluster: int = 1) -> int:
     """The default tile width: 192 where N is a multiple of 192 but not of 128 (MLA's N = 576: three
     tiles instead of 4.5; on the H200 0.043 vs 0.054 ms at 4096 x 7168 x 576, 0.129 vs 0.140 ms at 16384,
-    1.09x / 1.43x BF16), else 128 (192-wide tiles measured 0.85-0.98x the 128-wide ones where N % 128 == 0;
+    1.09x / 1.43x BF16), else 128 (192-wide tiles measured 0.84-0.98x the 128-wide ones where N % 128 == 0;
     BENCHMARKS.md, ninth session)."""
     if N % 192 == 0 and N % 128 and not rowwise and bm == 128 and cluster == 1:
         return 192
