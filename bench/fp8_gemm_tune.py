@@ -549,7 +549,8 @@ def wgmma_rows(tokens):
     from moeco.fp8.quantize import quantize_act_1x128_t
 
     rows = []
-    variants = ((4, 1, 128), (6, 1, 128), (3, 1, 128), (4, 2, 128), (4, 1, 256))  # (stages, cluster, rows per tile)
+    # (stages, cluster, tile rows, tile columns)
+    variants = ((4, 1, 128, 128), (6, 1, 128, 128), (3, 1, 128, 128), (4, 2, 128, 128), (4, 1, 256, 128), (4, 1, 128, 192))
     for kind in ("fprop", "wgrad"):
         for T in tokens:
             for K, N in SHAPES:
@@ -569,16 +570,16 @@ def wgmma_rows(tokens):
                 r = dict(kind=kind, T=T, K=K, N=N, bf16_ms=t_bf, cublas_ms=t_cu)
                 line = (f"wgmma {kind} T={T:6d} K={K:6d} N={N:6d} | bf16 {t_bf:7.3f} ms | cuBLAS {t_cu:7.3f} ms "
                         f"{flop / t_cu / 1e9:5.0f} TF {t_bf / t_cu:4.2f}x")
-                for st, cl, bm in variants:
-                    name = f"s{st}c{cl}" + ("" if bm == 128 else f"m{bm}")
+                for st, cl, bm, bn in variants:
+                    name = f"s{st}c{cl}" + ("" if bm == 128 else f"m{bm}") + ("" if bn == 128 else f"n{bn}")
                     try:
-                        cg.check_variant(128, out_dtype == torch.float32, st, cl, kind == "wgrad", bm)
+                        cg.check_variant(bn, out_dtype == torch.float32, st, cl, kind == "wgrad", bm)
                     except ValueError as exc:
                         line += f" | {name} n/a ({exc})"[:60]
                         continue
-                    if cg.fp8_gemm_nt(*ops, out_dtype, stages=st, cluster=cl, bm=bm) is None:
+                    if cg.fp8_gemm_nt(*ops, out_dtype, bn=bn, stages=st, cluster=cl, bm=bm) is None:
                         raise RuntimeError(f"the wgmma kernel is unavailable here: {cg.status()}")
-                    t = gpu_ms(lambda: cg.fp8_gemm_nt(*ops, out_dtype, stages=st, cluster=cl, bm=bm))
+                    t = gpu_ms(lambda: cg.fp8_gemm_nt(*ops, out_dtype, bn=bn, stages=st, cluster=cl, bm=bm))
                     r[f"{name}_ms"] = t
                     line += f" | {name} {t:7.3f} {flop / t / 1e9:5.0f} TF {t_bf / t:4.2f}x"
                 rows.append(r)
