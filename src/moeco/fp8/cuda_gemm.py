@@ -21,9 +21,10 @@ The kernel (CUDA C, compiled at first use with NVRTC for sm_90a; `wgmma` needs t
       no bank conflicts) and one thread stores them with TMA, which clips the edges and overlaps the
       store with the warp group's next tile.
 
-Measured on the H200 (BENCHMARKS.md, eighth session): 927-1152 TFLOP/s at DeepSeek-V3's shapes where
-N % 128 == 0, 1.41-1.60x BF16 and 0.86-0.98x cuBLAS's block-scaled `_scaled_mm`; at N = 576 1.15-1.18x
-faster than cuBLAS, which has to pad N to 640. Its bf16 outputs equal cuBLAS's bit for bit.
+Measured on the H200 (BENCHMARKS.md, eighth and ninth sessions): 927-1166 TFLOP/s at DeepSeek-V3's
+shapes where N % 128 == 0, 1.36-1.61x BF16 and 0.85-0.99x cuBLAS's block-scaled `_scaled_mm`; at N = 576
+(192-wide tiles) 1.2-1.4x faster than cuBLAS, which has to pad N to 640. Its bf16 outputs equal cuBLAS's
+bit for bit. The GPU runs all of these at its 700 W power limit (SM clock ~1400-1750 MHz).
 
 This is the structure of DeepSeek's DeepGEMM (the promotion of the V3 report's section 3.3, N_C = 128); the code is
 moeco's own. The TMA descriptors are encoded on the host with the driver's
@@ -686,7 +687,8 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int
                 stages: int | None = None, cluster: int = 1, bm: int = 128):
     """C (M, N) = A (M, K) . B (N, K)^T, A's scales 1x128, B's 128x128 blocks (ceil(N / 128), KB) or one
     per row (N, KB); the caller checked `supported`. bn / stages / cluster / bm: see `check_variant`;
-    bn None: `tile_width(N)`; stages None: 4, or as many as fit. Returns None when the kernel cannot be compiled here (the caller then uses cuBLAS)."""
+    bn None: `tile_width(N)`; stages None: 4, or as many as fit. Returns None when the kernel cannot be
+    compiled here (the caller then uses cuBLAS)."""
     if out_dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"fp8_gemm_nt: out_dtype {out_dtype} not supported; use bfloat16 or float32")
     M, K = a_q.shape
