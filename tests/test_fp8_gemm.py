@@ -152,3 +152,24 @@ def test_wgmma_variant_errors_name_the_fix():
         cuda_gemm.check_variant(256, False, 4, 1)
     with pytest.raises(ValueError, match="cluster=4; valid: 1, 2"):
         cuda_gemm.check_variant(128, False, 4, 4)
+
+
+def test_compiled_variants_build_once_and_turn_off_on_failure():
+    """The compile-at-first-use cache both NVRTC kernel families use: one build per key; the first
+    failed build warns once, turns the family off (None from then on) and says why."""
+    from moeco.fp8.cuda_kernels import CompiledVariants
+
+    fam = CompiledVariants("test kernel", "the fallback")
+    builds = []
+    assert fam.get(("a",), lambda: builds.append("a") or "kernel a") == "kernel a"
+    assert fam.get(("a",), lambda: builds.append("again") or "other") == "kernel a" and builds == ["a"]
+
+    def fail():
+        raise RuntimeError("no NVRTC here")
+
+    with pytest.warns(UserWarning, match=r"the NVRTC test kernel did not compile \(RuntimeError: no NVRTC here\); "
+                                         r"using the fallback"):
+        assert fam.get(("b",), fail) is None
+    assert fam.broken == "RuntimeError: no NVRTC here"
+    assert fam.get(("c",), lambda: "never built") is None and ("c",) not in fam.cache
+    assert fam.get(("a",), lambda: "other") == "kernel a"  # built before the failure: still served

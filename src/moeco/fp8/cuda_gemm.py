@@ -60,8 +60,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
-import warnings
 
 import torch
 
@@ -502,9 +500,7 @@ def source(bn: int) -> str:
 # --------------------------------------------------------------------------------------------------
 # Host side: the driver's tensor-map encoder, the compiled variants, the launch.
 
-_lock = threading.Lock()
-_cache: dict[tuple, object] = {}
-_broken: str | None = None
+_variants = cuda_kernels.CompiledVariants("FP8 GEMM", "cuBLAS")
 _libcuda = None
 _SMEM_LIMIT = 227 * 1024
 
@@ -590,38 +586,32 @@ def check_variant(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bo
 
 
 def _kernel(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool, bm: int = 128):
-    global _broken
+    """(kernel, shared memory bytes, CTA slots) of a variant, or None (with one warning) when NVRTC or the
+    driver cannot build it here."""
     check_variant(bn, out_f32, stages, cluster, rowwise, bm)
-    key = (torch.cuda.current_device(), bn, out_f32, stages, cluster, rowwise, bm)
-    k = _cache.get(key)
-    if k is not None or _broken is not None:
-        return k
-    with _lock:
-        if key not in _cache and _broken is None:
-            name = f"moeco_fp8_gemm_{bm}_{bn}_{int(out_f32)}_{stages}_{cluster}_{int(rowwise)}"
-            src = source(bn).replace("KNAME", name)
-            defs = [f"-DBM={bm}", f"-DBN={bn}", f"-DSTAGES={stages}", f"-DOUT_F32={int(out_f32)}", f"-DCLUSTER={cluster}",
-                    f"-DROWWISE={int(rowwise)}"]
-            try:
-                kern = torch.cuda._compile_kernel(src, name, compute_capability="90a", nvcc_options=defs)
-                smem = _smem(bn, out_f32, stages, rowwise, bm)
-                rc = _lib().cuFuncSetAttribute(kern.func, 8, smem)  # max dynamic shared memory
-                if rc != 0:
-                    raise RuntimeError(f"cuFuncSetAttribute({smem} bytes) failed with CUresult {rc}")
-                slots = (_max_clusters(kern.func, cluster, smem) if cluster > 1  # co-resident clusters
-                         else torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
-                _cache[key] = (kern, smem, slots)
-            except Exception as exc:  # no NVRTC, an old driver, a PyTorch without the helpers
-                _broken = f"{type(exc).__name__}: {exc}"[:300]
-                warnings.warn(f"moeco: the NVRTC FP8 GEMM did not compile ({_broken}); using cuBLAS", stacklevel=3)
-    return _cache.get(key)
+
+    def build():
+        name = f"moeco_fp8_gemm_{bm}_{bn}_{int(out_f32)}_{stages}_{cluster}_{int(rowwise)}"
+        defs = [f"-DBM={bm}", f"-DBN={bn}", f"-DSTAGES={stages}", f"-DOUT_F32={int(out_f32)}", f"-DCLUSTER={cluster}",
+                f"-DROWWISE={int(rowwise)}"]
+        kern = torch.cuda._compile_kernel(source(bn).replace("KNAME", name), name, compute_capability="90a",
+                                          nvcc_options=defs)
+        smem = _smem(bn, out_f32, stages, rowwise, bm)
+        rc = _lib().cuFuncSetAttribute(kern.func, 8, smem)  # max dynamic shared memory
+        if rc != 0:
+            raise RuntimeError(f"cuFuncSetAttribute({smem} bytes) failed with CUresult {rc}")
+        slots = (_max_clusters(kern.func, cluster, smem) if cluster > 1  # co-resident clusters
+                 else torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
+        return kern, smem, slots
+
+    return _variants.get((torch.cuda.current_device(), bn, out_f32, stages, cluster, rowwise, bm), build)
 
 
 def supported(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
               out_dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether `fp8_gemm_nt` takes these operands (else the caller uses cuBLAS or Triton): b_scale
     either 128x128 blocks (ceil(N / 128), KB) or one scale per row of B (N, KB), Wgrad's 128x1 tiles."""
-    if _broken is not None or a_q.dim() != 2 or b_q.dim() != 2 or not a_q.is_cuda \
+    if _variants.broken is not None or a_q.dim() != 2 or b_q.dim() != 2 or not a_q.is_cuda \
             or out_dtype not in (torch.bfloat16, torch.float32):
         return False
     M, K = a_q.shape
@@ -733,6 +723,6 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int
 
 
 def status() -> str:
-    if _broken is not None:
-        return f"wgmma gemm off: {_broken}"
-    return f"wgmma gemm: MOECO_FP8_GEMM={mode()}, compiled {len(_cache)}"
+    if _variants.broken is not None:
+        return f"wgmma gemm off: {_variants.broken}"
+    return f"wgmma gemm: MOECO_FP8_GEMM={mode()}, compiled {len(_variants.cache)}"

@@ -209,9 +209,35 @@ extern "C" __global__ void __launch_bounds__(256) KNAME(
 """
 
 _IN_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, FP8_DTYPE: 3}
-_lock = threading.Lock()
-_cache: dict[tuple, object] = {}
-_broken: str | None = None  # why compiling failed, once
+
+
+class CompiledVariants:
+    """Kernels built at first use, one per key (thread-safe). The first failed build turns the family
+    off for the process, with one warning naming what is used instead: `get` then returns None and
+    `broken` says why."""
+
+    def __init__(self, what: str, instead: str):
+        self.what, self.instead = what, instead
+        self.cache: dict[tuple, object] = {}
+        self.broken: str | None = None
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, build):
+        k = self.cache.get(key)
+        if k is not None or self.broken is not None:
+            return k
+        with self._lock:
+            if key not in self.cache and self.broken is None:
+                try:
+                    self.cache[key] = build()
+                except Exception as exc:  # no NVRTC, an old driver, a PyTorch without the helpers
+                    self.broken = f"{type(exc).__name__}: {exc}"[:300]
+                    warnings.warn(f"moeco: the NVRTC {self.what} did not compile ({self.broken}); using "
+                                  f"{self.instead}", stacklevel=4)
+        return self.cache.get(key)
+
+
+_variants = CompiledVariants("token-wise FP8 kernel", "Triton's")
 _libcuda = None
 _MAX_GRID_Y = 65535
 
@@ -252,29 +278,16 @@ def _ensure_context(device: torch.device) -> None:
 
 def _kernel(in_kind: int, gather: bool, pow2: bool):
     """The compiled variant, or None (with one warning) when NVRTC cannot build it here."""
-    global _broken
-    key = (torch.cuda.current_device(), in_kind, gather, pow2)
-    k = _cache.get(key)
-    if k is not None or _broken is not None:
-        return k
-    with _lock:
-        if key not in _cache and _broken is None:
-            name = f"moeco_token_wise_{in_kind}{int(gather)}{int(pow2)}"
-            src = _SOURCE.replace("KNAME", name)
-            defs = [f"-DIN_KIND={in_kind}", f"-DGATHER={int(gather)}", f"-DPOW2={int(pow2)}"]
-            try:
-                _cache[key] = torch.cuda._compile_kernel(src, name, nvcc_options=defs)
-            except Exception as exc:  # no NVRTC, no CUDA_HOME, an old driver: Triton does it instead
-                _broken = f"{type(exc).__name__}: {exc}"[:300]
-                warnings.warn(f"moeco: the NVRTC token-wise FP8 kernel did not compile ({_broken}); using "
-                              "Triton's", stacklevel=3)
-    return _cache.get(key)
+    name = f"moeco_token_wise_{in_kind}{int(gather)}{int(pow2)}"
+    defs = [f"-DIN_KIND={in_kind}", f"-DGATHER={int(gather)}", f"-DPOW2={int(pow2)}"]
+    return _variants.get((torch.cuda.current_device(), in_kind, gather, pow2),
+                         lambda: torch.cuda._compile_kernel(_SOURCE.replace("KNAME", name), name, nvcc_options=defs))
 
 
 def token_wise_supported(x: torch.Tensor, x_scale: torch.Tensor | None) -> bool:
     """Whether `token_wise` takes this input (else the caller uses Triton): CUDA, sm_89+, a dtype it
     reads, C a multiple of 8 with 4-byte aligned rows, and no earlier compile failure."""
-    if _broken is not None or x.dim() != 2 or not x.is_cuda or x.dtype not in _IN_KIND:
+    if _variants.broken is not None or x.dim() != 2 or not x.is_cuda or x.dtype not in _IN_KIND:
         return False
     if (x.dtype == FP8_DTYPE) != (x_scale is not None):
         return False
@@ -315,6 +328,6 @@ def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_sca
 
 def status() -> str:
     """One line for logs and benches: whether the NVRTC kernels are in use, and why not."""
-    if _broken is not None:
-        return f"cuda kernels off: {_broken}"
-    return f"cuda kernels: MOECO_FP8_QUANT={mode()}, compiled {len(_cache)}"
+    if _variants.broken is not None:
+        return f"cuda kernels off: {_variants.broken}"
+    return f"cuda kernels: MOECO_FP8_QUANT={mode()}, compiled {len(_variants.cache)}"
