@@ -195,10 +195,7 @@ __device__ __forceinline__ void scales(const float *sa0, const float *sa1, const
     f1 = __ldg(sa1 + (long long)kb * sa_k) * f;
 }
 
-// k-block `it` is done (its WGMMA group has completed): free its stage, add acc x scales to sum.
-// ROWWISE: B has one scale per row (Wgrad's 128x1 tiles), staged in shared memory per k-block at
-// sb_tile; f0, f1 are then A's scales alone and each column multiplies in its own; the stage is
-// freed after its scales are read.
+// Free k-block `it`'s stage (its WGMMA group has completed): one arrival per math warp.
 __device__ __forceinline__ void release(u32 bars, int it) {
     if ((threadIdx.x & 31) == 0) {
         bar_arrive(bars + 8 * (STAGES + it % STAGES));
@@ -207,15 +204,9 @@ __device__ __forceinline__ void release(u32 bars, int it) {
 #endif
     }
 }
-// sum += acc x (f0 for the thread's first row, f1 for its second): the promotion proper.
-__device__ __forceinline__ void fold(float (&acc)[NACC], float (&sum)[NACC], float f0, float f1) {
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) keep(acc[i]);
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) sum[i] = __fmaf_rn(acc[i], (i & 2) ? f1 : f0, sum[i]);
-}
-// The same where the tile's columns from `split` on (a multiple of 8) belong to B's next scale block
-// and take g0 / g1. Element i's column is 8 (i / 4) + 2 (lane % 4) + (i % 2).
+// The promotion proper: sum += acc x (f0 for the thread's first row, f1 for its second), where the
+// tile's columns from `split` on (a multiple of 8) belong to B's next scale block and take g0 / g1.
+// Element i is in row r + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + (i % 2).
 __device__ __forceinline__ void fold2(float (&acc)[NACC], float (&sum)[NACC], float f0, float f1, float g0, float g1,
                                       int split) {
 #pragma unroll
@@ -230,6 +221,18 @@ __device__ __forceinline__ void fold2(float (&acc)[NACC], float (&sum)[NACC], fl
         sum[i + 3] = __fmaf_rn(acc[i + 3], e1, sum[i + 3]);
     }
 }
+// fold2 for a tile within one of B's scale blocks. Written out rather than as fold2(..., split = BN):
+// ptxas schedules that form differently (3 more instructions in the measured 128 x 128 kernel).
+__device__ __forceinline__ void fold(float (&acc)[NACC], float (&sum)[NACC], float f0, float f1) {
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) keep(acc[i]);
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) sum[i] = __fmaf_rn(acc[i], (i & 2) ? f1 : f0, sum[i]);
+}
+
+// k-block `it` is done: free its stage and add acc x its factors to sum. ROWWISE: B has one scale per
+// row (Wgrad's 128x1 tiles), staged in shared memory per k-block at sb_tile; f0, f1 are then A's
+// scales alone and each column multiplies in its own; the stage is freed after its scales are read.
 
 __device__ __forceinline__ void promote(float (&acc)[NACC], float (&sum)[NACC], float f0, float f1, u32 bars, int it,
                                         u32 sb_tile) {
@@ -493,7 +496,8 @@ extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
 
 
 def source(bn: int) -> str:
-    """The kernel's CUDA C for output tiles 128 x `bn` (defines BN, STAGES, OUT_F32 and KNAME set by the caller)."""
+    """The kernel's CUDA C with its m64n{bn}k32 WGMMA; the caller defines BM, BN, STAGES, OUT_F32, CLUSTER,
+    ROWWISE and replaces KNAME (`_kernel`)."""
     return _SOURCE.replace("WGMMA_ASM", _wgmma_asm(bn))
 
 

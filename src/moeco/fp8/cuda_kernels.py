@@ -239,7 +239,7 @@ class CompiledVariants:
 
 _variants = CompiledVariants("token-wise FP8 kernel", "Triton's")
 _libcuda = None
-_MAX_GRID_Y = 65535
+MAX_GRID_Y = 65535  # a CUDA grid's y (and z) dimension
 
 
 def mode() -> str:
@@ -307,12 +307,12 @@ def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_sca
     T, C = x.shape
     T_out = T if rows is None else rows.numel()
     tb = -(-T_out // 128)
+    if tb > MAX_GRID_Y:  # one grid row per 128 tokens: more than 8.4M tokens go to Triton
+        return None
     q = torch.empty((C, T_out), dtype=FP8_DTYPE, device=x.device)
     s = torch.empty((tb, C), dtype=torch.float32, device=x.device).t()
     if T_out == 0 or C == 0:
         return q, s
-    if tb > _MAX_GRID_Y:  # one grid row per 128 tokens: more than 8.4M tokens go to Triton
-        return None
     _ensure_context(x.device)
     k = _kernel(_IN_KIND[x.dtype], rows is not None, pow2_scale)
     if k is None:

@@ -39,6 +39,7 @@ import os
 import torch
 
 from moeco.fp8 import quantize as _quantize
+from moeco.fp8.cuda_kernels import MAX_GRID_Y as _MAX_GRID_Y
 from moeco.fp8.quantize import _ceil_div
 
 try:  # Triton is optional: every caller has a PyTorch path.
@@ -322,9 +323,6 @@ if _HAVE_TRITON:
             c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
-_MAX_GRID_Y = 65535
-
-
 def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: int = 8, groups: int = 4,
                        num_warps: int = 4):
     """Triton version of `moeco.fp8.quantize.quantize_act_1x128_reference`.
@@ -334,7 +332,7 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
     Each program quantizes block_m rows x `groups` tiles of 128 channels (groups a power of two), the
     programs ordered channel blocks first. Default tile 8 x 512 from a sweep on the H200 (GPU time,
     BENCHMARKS.md, ninth session): 69-71% of HBM bandwidth at 4096 x 7168 and 84% at 16384 x 7168 over
-    three machine starts, 1-3 points above the earlier 16 x 256 tile with row blocks first in the same
+    four machine starts, 1-3 points above the earlier 16 x 256 tile with row blocks first in the same
     runs; the configurations tried were within ~5% of each other.
     """
     lead, K = x.shape[:-1], x.shape[-1]
@@ -740,9 +738,6 @@ if _HAVE_TRITON:
             tl.store(c_ptr + rows[:, None] * stride_c + cols[None, :],
                      tl.zeros((BLOCK_R, BLOCK_C), c_ptr.dtype.element_ty), mask=mask)
 
-
-if _HAVE_TRITON:
-
     @triton.jit
     def _group_scales_kernel(s_ptr, offs_ptr, out_ptr, sizes_ptr, T, KB, E, stride_st, stride_skb,
                              BLOCK_T: tl.constexpr, STEPS: tl.constexpr):
@@ -784,7 +779,7 @@ def group_scales(a_scale: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tenso
     if offs.dtype != torch.int32:
         offs = offs.to(torch.int32)
     block_t = 16 if interpreting() else 256
-    steps = max(1, (E + 1 - 1).bit_length())  # halvings of [0, E] down to one index
+    steps = max(1, E.bit_length())  # halvings of the E + 1 candidates [0, E] down to one
     _group_scales_kernel[(max(1, _ceil_div(T, block_t)),)](a_scale, offs, out, sizes, T, KB, E, a_scale.stride(0),
                                                             a_scale.stride(1), BLOCK_T=block_t, STEPS=steps)
     return out, sizes
