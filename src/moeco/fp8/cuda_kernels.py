@@ -11,12 +11,16 @@ token_wise: the 128x1 quantization Wgrad needs. x (T, C) is quantized along T in
     maxima through shared memory) and the division; and passes the E4M3 words through shared
     memory (rows of 33 words) so that 8 threads write each channel's 128-byte row of q: a warp
     stores 4 full rows. Division: one reciprocal per channel and Markstein's correction
-    (x * r, then two fused multiply-adds), which gives the correctly rounded x / s.
+    (x * r, then two fused multiply-adds), which gives the correctly rounded x / s. Per-token values
+    the warp shares (the FP8 input's scale, the row map's source row) are loaded by one lane each
+    and passed by shuffles; the loads step a pointer by the row stride.
 
-    Measured on the H200 (BENCHMARKS.md, `bench/fp8_gemm_tune.py --only retile`): 0.110 ms for
-    16384 x 7168 from bf16 (67% of HBM bandwidth) against Triton's 0.137 ms (54%); from FP8 0.117
-    against 0.130 ms. Triton's kernel, at the best of its sweep over tile, warps and transposition
-    form, reached 32-54% (lowest from FP8 at 4096 tokens, highest from bf16 at 16384).
+    Measured on the H200 (BENCHMARKS.md, tenth session): 0.094 ms for 16384 x 7168 from bf16 (78%
+    of HBM bandwidth) and 0.096 ms from FP8 (51%; 2 + 1 and 1 + 1 bytes per element). The first
+    form of this kernel ran 0.110 and 0.117 ms (Triton's 0.137 and 0.130): it spent half its
+    instructions on 64-bit address arithmetic and a select per element, and ran 4 blocks per
+    multiprocessor where bf16 now runs 5 (MIN_BLOCKS). Triton's kernel, at the best of its sweep
+    over tile, warps and transposition form, reached 32-54% (lowest from FP8 at 4096 tokens).
     Two earlier forms of this kernel were no faster than Triton's: a shared-memory transposition
     with each thread storing 32 bytes of one channel row, and the same in registers with 16-byte
     stores per thread; in both a warp's store touched 32 rows. Coalescing the stores was the gain.
@@ -95,14 +99,20 @@ __device__ __forceinline__ void unpack(unsigned w, float *f) {
 }
 
 // x / s correctly rounded from r = 1/s (correctly rounded): Markstein's correction, two fused
-// multiply-adds; x == 0 returns x itself, so -0 stays -0 as in the division.
+// multiply-adds. The residual is taken as q*s - x and subtracted, which is the same number for
+// x != 0 and keeps the sign of a zero (x = -0: q = -0, e = +0, -e*r + q = -0), so no select.
 __device__ __forceinline__ float div_by(float x, float s, float r) {
-    float q = __fmul_rn(x, r);
-    q = __fmaf_rn(__fmaf_rn(-q, s, x), r, q);
-    return x == 0.0f ? x : q;
+    const float q = __fmul_rn(x, r);
+    const float e = __fmaf_rn(q, s, -x);
+    return __fmaf_rn(-e, r, q);
 }
 
-extern "C" __global__ void __launch_bounds__(256) KNAME(
+#ifdef MINB
+#define BOUNDS __launch_bounds__(256, MINB)
+#else
+#define BOUNDS __launch_bounds__(256)
+#endif
+extern "C" __global__ void BOUNDS KNAME(
     const unsigned *__restrict__ x, const float *__restrict__ xs, const int *__restrict__ rows,
     unsigned char *__restrict__ q, float *__restrict__ s,
     int T_out, int C, int stride_x, int xs_st, int xs_sc, int stride_q) {
@@ -115,26 +125,40 @@ extern "C" __global__ void __launch_bounds__(256) KNAME(
     const long long t0 = (long long)blockIdx.y * (WARPS * TOKW) + warp * TOKW;
     const bool c_ok = c < C;
     const long long wpr = (long long)stride_x / V;  // 32-bit words per row of x
+    // tokens of this warp that exist, and of this thread (0 past C): each load below needs one
+    // compare, and its address is a base plus j rows (pointer steps: row strides fit in 32 bits).
+    const int n_tok = (int)min((long long)TOKW, max(0LL, (long long)T_out - t0));
+    const int n_ok = c_ok ? n_tok : 0;
     unsigned w[TOKW];
-#if IN_KIND == 3
-    float xsv[TOKW];
+#if GATHER || IN_KIND == 3
+    // Per-token values the whole warp needs (the source row, the FP8 input's scale): lane j < 16
+    // loads token j's and the others take it by a shuffle, instead of 16 broadcast loads a thread.
+    int src_l = -1;
+#if GATHER
+    if (lane < n_tok) src_l = rows[t0 + lane];
+#else
+    if (lane < n_tok) src_l = (int)(t0 + lane);  // fits: at most 65535 blocks of 128 tokens
 #endif
+#endif
+#if IN_KIND == 3
+    // TC = 128: one scale column (c >> 7 == blockIdx.x) for the whole block
+    const float xs_l = src_l >= 0 ? xs[(long long)src_l * xs_st + (long long)blockIdx.x * xs_sc] : 0.0f;
+#define XSV(j) __shfl_sync(0xffffffffu, xs_l, (j))
+#endif
+#if GATHER
 #pragma unroll
     for (int j = 0; j < TOKW; ++j) {
-        const long long t = t0 + j;
-        long long src = t;
-        bool ok = c_ok && t < T_out;
-#if GATHER
-        if (ok) {
-            src = rows[t];
-            ok = src >= 0;
-        }
-#endif
-        w[j] = ok ? x[src * wpr + c / V] : 0u;
-#if IN_KIND == 3
-        xsv[j] = ok ? xs[src * xs_st + (long long)(c >> 7) * xs_sc] : 0.0f;
-#endif
+        const int src = __shfl_sync(0xffffffffu, src_l, j);
+        w[j] = (c_ok && src >= 0) ? x[(long long)src * wpr + c / V] : 0u;
     }
+#else
+    const unsigned *xp = x + t0 * wpr + c / V;
+#pragma unroll
+    for (int j = 0; j < TOKW; ++j) {
+        w[j] = j < n_ok ? *xp : 0u;
+        xp += (int)wpr;
+    }
+#endif
     float amax[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) amax[i] = 0.0f;
@@ -145,7 +169,7 @@ extern "C" __global__ void __launch_bounds__(256) KNAME(
 #pragma unroll
         for (int i = 0; i < V; ++i) {
 #if IN_KIND == 3
-            f[i] = __fmul_rn(f[i], xsv[j]);
+            f[i] = __fmul_rn(f[i], XSV(j));
 #endif
             amax[i] = fmaxf(amax[i], fabsf(f[i]));
         }
@@ -177,7 +201,7 @@ extern "C" __global__ void __launch_bounds__(256) KNAME(
             unpack(w[4 * k + j], f[j]);
 #if IN_KIND == 3
 #pragma unroll
-            for (int i = 0; i < V; ++i) f[j][i] = __fmul_rn(f[j][i], xsv[4 * k + j]);
+            for (int i = 0; i < V; ++i) f[j][i] = __fmul_rn(f[j][i], XSV(4 * k + j));
 #endif
         }
 #pragma unroll
@@ -276,11 +300,20 @@ def _ensure_context(device: torch.device) -> None:
             raise RuntimeError(f"cannot make the CUDA context of device {want} current for the NVRTC kernel")
 
 
+# Blocks per multiprocessor the compiler must fit (__launch_bounds__' second argument), by input
+# kind; None leaves the register count to the compiler. bf16 at 5 (48 registers instead of 59):
+# 1.05-1.06x at 4096-16384 x 7168 on the H200; 6 spills and is slower. The others already fit 4-6
+# blocks, and FP8 input measured the same at 4 and 5.
+MIN_BLOCKS: dict[int, int | None] = {0: 5, 1: None, 2: None, 3: None}
+
+
 def _kernel(in_kind: int, gather: bool, pow2: bool):
     """The compiled variant, or None (with one warning) when NVRTC cannot build it here."""
-    name = f"moeco_token_wise_{in_kind}{int(gather)}{int(pow2)}"
+    minb = MIN_BLOCKS[in_kind]
+    name = f"moeco_token_wise_{in_kind}{int(gather)}{int(pow2)}_{minb or 0}"
     defs = [f"-DIN_KIND={in_kind}", f"-DGATHER={int(gather)}", f"-DPOW2={int(pow2)}"]
-    return _variants.get((torch.cuda.current_device(), in_kind, gather, pow2),
+    defs += [f"-DMINB={minb}"] if minb else []
+    return _variants.get((torch.cuda.current_device(), in_kind, gather, pow2, minb),
                          lambda: torch.cuda._compile_kernel(_SOURCE.replace("KNAME", name), name, nvcc_options=defs))
 
 
