@@ -273,31 +273,79 @@ def mode() -> str:
     return m
 
 
+_contexts: dict[int, int] = {}  # device index -> its primary context (a CUcontext as int)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """torch.cuda.get_device_capability, asked once per device (it is on every launch's path)."""
+    idx = _index(device)
+    cap = _capabilities.get(idx)
+    if cap is None:
+        cap = _capabilities[idx] = torch.cuda.get_device_capability(idx)
+    return cap
+
+
 def _device_ok(device: torch.device) -> bool:
-    return (device.type == "cuda" and torch.version.cuda is not None
-            and torch.cuda.get_device_capability(device) >= (8, 9)
+    return (device.type == "cuda" and torch.version.cuda is not None and capability(device) >= (8, 9)
             and hasattr(torch.cuda, "_compile_kernel")  # private helpers: absent -> Triton
             and hasattr(getattr(torch.cuda, "_utils", None), "_get_gpu_runtime_library"))
+
+
+def _driver():
+    """libcuda as PyTorch loads it, opened once (PyTorch's own kernel wrapper opens it per launch)."""
+    global _libcuda
+    if _libcuda is None:
+        lib = torch.cuda._utils._get_gpu_runtime_library()
+        lib.cuLaunchKernel.restype = ctypes.c_int
+        _libcuda = lib
+    return _libcuda
 
 
 def _ensure_context(device: torch.device) -> None:
     """Make `device`'s primary context current on this thread, as Triton's launcher does: the kernel
     is loaded and launched through the driver API, and a thread that has made no runtime call yet
-    (autograd's backward worker, for one) has no current context ("invalid device context")."""
-    global _libcuda
-    if _libcuda is None:
-        _libcuda = torch.cuda._utils._get_gpu_runtime_library()  # libcuda, as PyTorch loads it
-    lib = _libcuda
-    ctx, dev = ctypes.c_void_p(), ctypes.c_int(-1)
+    (autograd's backward worker, for one) has no current context ("invalid device context").
+    One driver call when it is current already (the usual case)."""
+    lib = _driver()
+    want = _index(device)
+    ctx = ctypes.c_void_p()
     lib.cuCtxGetCurrent(ctypes.byref(ctx))
+    if ctx.value and _contexts.get(want) == ctx.value:
+        return
+    dev = ctypes.c_int(-1)
     if ctx.value:
         lib.cuCtxGetDevice(ctypes.byref(dev))
-    want = device.index if device.index is not None else torch.cuda.current_device()
     if not ctx.value or dev.value != want:
         cu_dev = ctypes.c_int()
         if lib.cuDeviceGet(ctypes.byref(cu_dev), want) or lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), cu_dev) \
                 or lib.cuCtxSetCurrent(ctx):
             raise RuntimeError(f"cannot make the CUDA context of device {want} current for the NVRTC kernel")
+    _contexts[want] = ctx.value
+
+
+def _raw_stream(device: torch.device) -> int:
+    """The current stream of `device` as a CUstream handle (what Triton's launcher reads)."""
+    try:
+        return torch._C._cuda_getCurrentRawStream(_index(device))
+    except AttributeError:  # a PyTorch without the private helper
+        return torch.cuda.current_stream(device).cuda_stream
+
+
+def launch(func, grid: tuple, block: tuple, params: list, device: torch.device, smem: int = 0) -> None:
+    """cuLaunchKernel of `func` (a CUfunction) on `device`'s current stream; `params` are ctypes
+    objects in the kernel's parameter order (pointers as c_void_p, 32-bit ints as c_int)."""
+    arr = (ctypes.c_void_p * len(params))(*[ctypes.addressof(p) for p in params])
+    rc = _driver().cuLaunchKernel(func, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem,
+                                  ctypes.c_void_p(_raw_stream(device)), arr, None)
+    if rc != 0:
+        raise RuntimeError(f"moeco NVRTC kernel launch failed with CUresult {rc}")
 
 
 # Blocks per multiprocessor the compiler must fit (__launch_bounds__' second argument), by input
@@ -354,8 +402,10 @@ def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_sca
         rows = rows.to(torch.int32)
     xs, (xs_st, xs_sc) = (x_scale, x_scale.stride()) if x_scale is not None else (s, (0, 0))  # s: a placeholder
     tc = 32 * (4 // x.element_size())  # channels per block: 32 threads x one 32-bit word
-    k(grid=(-(-C // tc), tb, 1), block=(256, 1, 1),
-      args=[x, xs, rows if rows is not None else s, q, s, T_out, C, x.stride(0), xs_st, xs_sc, q.stride(0)])
+    P, I = ctypes.c_void_p, ctypes.c_int
+    params = [P(x.data_ptr()), P(xs.data_ptr()), P((rows if rows is not None else s).data_ptr()), P(q.data_ptr()),
+              P(s.data_ptr()), I(T_out), I(C), I(x.stride(0)), I(xs_st), I(xs_sc), I(q.stride(0))]
+    launch(k.func, (-(-C // tc), tb, 1), (256, 1, 1), params, x.device)
     return q, s
 
 

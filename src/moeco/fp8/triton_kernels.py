@@ -39,6 +39,7 @@ import os
 import torch
 
 from moeco.fp8 import quantize as _quantize
+from moeco.fp8 import cuda_kernels
 from moeco.fp8.cuda_kernels import MAX_GRID_Y as _MAX_GRID_Y
 from moeco.fp8.quantize import _ceil_div
 
@@ -661,7 +662,7 @@ def use_tma(*operands: torch.Tensor, tma: bool | None = None) -> bool:
     if interpreting() or os.environ.get("MOECO_FP8_TMA", "1") == "0":
         return False
     t0 = operands[0]
-    if not t0.is_cuda or torch.cuda.get_device_capability(t0.device)[0] < 9:
+    if not t0.is_cuda or cuda_kernels.capability(t0.device)[0] < 9:
         return False
     return all(t.is_contiguous() and (t.shape[-1] * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
                for t in operands)
