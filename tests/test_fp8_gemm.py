@@ -152,9 +152,6 @@ def test_wgmma_variant_errors_name_the_fix():
         cuda_gemm.check_variant(256, False, 4, 1)
     with pytest.raises(ValueError, match="cluster=4; valid: 1, 2"):
         cuda_gemm.check_variant(128, False, 4, 4)
-    cuda_gemm.check_variant(64, True, 4, 1)
-    with pytest.raises(ValueError, match="bn=64 with B scaled per row is refused .*; use bn=128"):
-        cuda_gemm.check_variant(64, True, 4, 1, rowwise=True)
 
 
 def test_compiled_variants_build_once_and_turn_off_on_failure():
