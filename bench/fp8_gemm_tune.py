@@ -1,6 +1,6 @@
 """Sweeps for the FP8 fast paths on one GPU: which kernel and tile wins at DeepSeek-V3 shapes.
 
-    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,retile_moe,div,linear,fbgemm,wgmma] [--json F]
+    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,retile_moe,minb,div,linear,fbgemm,wgmma] [--json F]
 
 probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128 x 1x128 (Wgrad) and
         128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
@@ -11,6 +11,7 @@ quant   1x128 quantization over block_m x groups x warps (block_m rows x groups 
 grouped 32 experts x 512 tokens: the grouped Fprop / Dgrad / Wgrad kernels, pointer vs TMA, over tiles.
 retile  the 128x1 (token-wise, Wgrad) quantization over channel tile, warps and store form.
 retile_moe  the same at the `small` preset's grouped-Wgrad shapes, through the padded row map.
+minb    the NVRTC token-wise kernel over its register bound (`cuda_kernels.MIN_BLOCKS`).
 div     the quantization kernels with x / s by reciprocal + Markstein's correction vs div_rn.
 linear  Fp8Linear forward + backward under the profiler: GPU time per kernel family, per shape.
 n576    the N = 576 GEMM and its Dgrad by every route (transposed / padded cuBLAS, TMA Triton).
@@ -360,6 +361,37 @@ def retile_rows():
     return rows
 
 
+def minb_rows():
+    """The NVRTC token-wise kernel over its register bound (cuda_kernels.MIN_BLOCKS: blocks per
+    multiprocessor the compiler must fit; None = its own choice), bf16 and FP8 input, three repeats in
+    turn; every variant's output is checked equal to the first's."""
+    rows = []
+    shipped = dict(ck.MIN_BLOCKS)
+    try:
+        for T, C in ((4096, 7168), (16384, 7168), (16384, 2048)):
+            x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
+            xq, xs = tk.quantize_act_1x128(x)
+            xs = xs.t().contiguous().t()  # the forward's outer-dim-major scales, as Fp8Linear saves them
+            for src, args, kind, nbytes in (("bf16", (x,), 0, T * C * 3), ("fp8", (xq, xs), 3, T * C * 2)):
+                times, ref = {}, None
+                for _ in range(3):
+                    for minb in (None, 4, 5, 6):
+                        ck.MIN_BLOCKS[kind] = minb
+                        q, s = ck.token_wise(*args)
+                        if ref is None:
+                            ref = (q.view(torch.uint8).clone(), s.clone())
+                        assert torch.equal(q.view(torch.uint8), ref[0]) and torch.equal(s, ref[1]), minb
+                        times.setdefault(minb, []).append(gpu_ms(lambda: ck.token_wise(*args)))
+                best = {m: min(v) for m, v in times.items()}
+                rows.append(dict(T=T, C=C, src=src, ms=best))
+                print(f"minb T={T:6d} C={C:5d} {src:4s} | " + " | ".join(
+                    f"{m or 'free'}: {t * 1e3:6.1f} us ({nbytes / t / 4.8e9:.1%})" for m, t in best.items()), flush=True)
+            del x, xq, xs
+    finally:
+        ck.MIN_BLOCKS.update(shipped)
+    return rows
+
+
 FAMILIES = (("scaled_mm / cuBLAS", ("gemm", "sm90_xmma", "cutlass", "nvjet")), ("triton GEMM", ("fp8_gemm",)),
             ("quant rows", ("_quant_act_kernel",)), ("quant tokens", ("_quant_act_t_kernel",)),
 ("quant weight", ("_quant_weight",)))
@@ -589,7 +621,7 @@ def wgmma_rows(tokens):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,retile_moe,div,linear,fbgemm,wgmma")
+    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,retile_moe,minb,div,linear,fbgemm,wgmma")
     p.add_argument("--tokens", default="4096,16384")
     p.add_argument("--json")
     a = p.parse_args()
@@ -602,7 +634,7 @@ def main() -> int:
     tokens = [int(t) for t in a.tokens.split(",")]
     out = {}
     for sec, fn in (("probe", probe_rows), ("n576", lambda: n576_rows(tokens)), ("gemm", lambda: gemm_rows(tokens)), ("quant", lambda: quant_rows(tokens)),
-                    ("grouped", grouped_rows), ("retile", retile_rows), ("retile_moe", retile_moe_rows), ("div", lambda: div_rows(tokens)),
+                    ("grouped", grouped_rows), ("retile", retile_rows), ("retile_moe", retile_moe_rows), ("minb", minb_rows), ("div", lambda: div_rows(tokens)),
                     ("linear", lambda: linear_rows(tokens)), ("fbgemm", lambda: fbgemm_rows(tokens)),
                     ("wgmma", lambda: wgmma_rows(tokens))):
         if sec in a.only.split(","):
