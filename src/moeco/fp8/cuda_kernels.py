@@ -350,8 +350,8 @@ def launch(func, grid: tuple, block: tuple, params: list, device: torch.device, 
 
 # Blocks per multiprocessor the compiler must fit (__launch_bounds__' second argument), by input
 # kind; None leaves the register count to the compiler. bf16 at 5 (48 registers instead of 59):
-# 1.05-1.06x at 4096-16384 x 7168 on the H200; 6 spills and is slower. The others already fit 4-6
-# blocks, and FP8 input measured the same at 4 and 5.
+# 1.04-1.06x at 4096-16384 tokens on the H200 (`bench/fp8_gemm_tune.py --only minb`); 6 spills and is
+# slower. The others already fit 4-6 blocks, and FP8 input measured the same at 4 and 5.
 MIN_BLOCKS: dict[int, int | None] = {0: 5, 1: None, 2: None, 3: None}
 
 
