@@ -173,3 +173,22 @@ def test_compiled_variants_build_once_and_turn_off_on_failure():
     assert fam.broken == "RuntimeError: no NVRTC here"
     assert fam.get(("c",), lambda: "never built") is None and ("c",) not in fam.cache
     assert fam.get(("a",), lambda: "other") == "kernel a"  # built before the failure: still served
+
+
+def test_token_wise_register_bound_reaches_the_compiler(monkeypatch):
+    """MIN_BLOCKS[kind] becomes -DMINB (__launch_bounds__' second argument) and part of the kernel's
+    name and cache key, so a changed bound builds a new variant; None passes no bound."""
+    from moeco.fp8 import cuda_kernels
+
+    calls = []
+    monkeypatch.setattr(cuda_kernels, "_variants", cuda_kernels.CompiledVariants("token-wise FP8 kernel", "Triton's"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", lambda src, name, nvcc_options: calls.append(
+        (name, nvcc_options, "__launch_bounds__(256, MINB)" in src)) or name, raising=False)
+    monkeypatch.setitem(cuda_kernels.MIN_BLOCKS, 0, 5)
+    assert cuda_kernels._kernel(0, False, False) == "moeco_token_wise_000_5"
+    assert calls[-1] == ("moeco_token_wise_000_5", ["-DIN_KIND=0", "-DGATHER=0", "-DPOW2=0", "-DMINB=5"], True)
+    monkeypatch.setitem(cuda_kernels.MIN_BLOCKS, 0, None)
+    assert cuda_kernels._kernel(0, False, False) == "moeco_token_wise_000_0"
+    assert calls[-1][1] == ["-DIN_KIND=0", "-DGATHER=0", "-DPOW2=0"] and len(calls) == 2
+    assert cuda_kernels._kernel(0, False, False) == "moeco_token_wise_000_0" and len(calls) == 2  # cached
