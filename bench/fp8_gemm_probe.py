@@ -31,6 +31,7 @@ import torch
 
 from _timing import gpu_ms
 from moeco.fp8 import cuda_gemm as cg
+from moeco.fp8 import cuda_kernels
 from moeco.fp8 import triton_kernels as tk
 from moeco.fp8.gemm import fp8_gemm
 from moeco.fp8.quantize import quantize_act_1x128, quantize_weight_128x128
@@ -131,12 +132,8 @@ class Probe:
         descs = (cg.tensor_map(a_q, self.bm), cg.tensor_map(b_q, 128), cg.tensor_map(out, 64), cg._Desc())
         ints = [ctypes.c_int(v) for v in (M, N, K, *a_scale.stride(), *b_scale.stride())]
         ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (a_scale, b_scale, out, prof)]
-        params = [ctypes.byref(v) for v in (*descs, *ptrs[:3], *ints, ptrs[3])]
-        arr = (ctypes.c_void_p * len(params))(*[ctypes.cast(p, ctypes.c_void_p) for p in params])
-        rc = cg._lib().cuLaunchKernel(self.kern.func, self.grid(M, N), 1, 1, 384, 1, 1, self.smem,
-                                      ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), arr, None)
-        if rc != 0:
-            raise RuntimeError(f"launch failed with CUresult {rc}")
+        cuda_kernels.launch(self.kern.func, (self.grid(M, N), 1, 1), (384, 1, 1), [*descs, *ptrs[:3], *ints, ptrs[3]],
+                            a_q.device, self.smem)
         return out
 
 

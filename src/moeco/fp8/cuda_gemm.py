@@ -509,7 +509,7 @@ def source(bn: int) -> str:
 # Host side: the driver's tensor-map encoder, the compiled variants, the launch.
 
 _variants = cuda_kernels.CompiledVariants("FP8 GEMM", "cuBLAS")
-_libcuda = None
+_prototypes_set = False
 _SMEM_LIMIT = 227 * 1024
 
 
@@ -521,18 +521,18 @@ def mode() -> str:
 
 
 def _lib():
-    global _libcuda
-    if _libcuda is None:
-        lib = torch.cuda._utils._get_gpu_runtime_library()
+    """The driver handle `cuda_kernels` opened, with the prototypes this module's calls need."""
+    global _prototypes_set
+    lib = cuda_kernels._driver()
+    if not _prototypes_set:
         lib.cuTensorMapEncodeTiled.restype = ctypes.c_int
         lib.cuTensorMapEncodeTiled.argtypes = [
             ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
             ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.cuLaunchKernel.restype = ctypes.c_int
         lib.cuFuncSetAttribute.restype = ctypes.c_int
-        _libcuda = lib
-    return _libcuda
+        _prototypes_set = True
+    return lib
 
 
 class _Desc(ctypes.Structure):

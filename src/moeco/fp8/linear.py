@@ -108,56 +108,18 @@ def _linear_forward(x2, wq, ws, act_pow2: bool, backend: str, out_dtype: torch.d
     return y.contiguous(), xq.contiguous(), _outer_major(xs)
 
 
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def overlap_backward() -> bool:
-    """MOECO_FP8_OVERLAP=1 (default 0): Wgrad's chain on a second stream, beside Dgrad's. On the H200,
-    replayed: 1-4% less time at 4096 tokens, -3% to +2% at 16384, a `small` step level (212.7 vs 213.1
-    ms); the memory-bound quantizations mostly wait for SMs the GEMM holds (BENCHMARKS.md, tenth session)."""
-    return os.environ.get("MOECO_FP8_OVERLAP", "0") == "1"
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SIDE_STREAMS:
-        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
-    return _SIDE_STREAMS[idx]
-
-
-def _dgrad(gy, wtq, ws, x_dtype, act_pow2: bool, backend: str):
-    """Dgrad: dy (1x128 along N) . W  ==  dy . (W^T)^T."""
-    gq, gs = quantize_act_1x128(gy, pow2_scale=act_pow2)
-    return fp8_gemm(gq, gs, wtq, ws.t().contiguous(), x_dtype, backend=backend)
-
-
-def _wgrad(gy, xq, xs, w_dtype, act_pow2: bool, backend: str):
-    """Wgrad: dy^T . x, both operands 1x128 along the tokens (dy quantized, x re-tiled)."""
-    gtq, gts = quantize_act_1x128_t(gy, pow2_scale=act_pow2)
-    xtq, xts = quantize_act_1x128_t(xq, xs, pow2_scale=act_pow2)
-    return fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
-
-
 def _linear_backward_impl(gy, xq, xs, wtq, ws, x_dtype, w_dtype, act_pow2: bool, backend: str, need_dx: bool,
                           need_dw: bool):
-    """(dx, dW) of `_linear_forward` (None for one not asked for), from the saved FP8 tensors.
-
-    With `overlap_backward()` on CUDA, Wgrad's chain (two memory-bound token-wise quantizations and its
-    GEMM) runs on a side stream while Dgrad's runs on the current one, joined before returning; the
-    same kernels on the same inputs, so the same bits."""
+    """(dx, dW) of `_linear_forward` (None for one not asked for), from the saved FP8 tensors."""
     gy = gy.contiguous()
-    if need_dx and need_dw and gy.is_cuda and overlap_backward():
-        cur = torch.cuda.current_stream(gy.device)
-        side = _side_stream(gy.device)
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
-            dw = _wgrad(gy, xq, xs, w_dtype, act_pow2, backend)
-        dx = _dgrad(gy, wtq, ws, x_dtype, act_pow2, backend)
-        cur.wait_stream(side)
-        dw.record_stream(cur)  # made on the side stream, used and freed on this one
-        return dx, dw
-    dx = _dgrad(gy, wtq, ws, x_dtype, act_pow2, backend) if need_dx else None
-    dw = _wgrad(gy, xq, xs, w_dtype, act_pow2, backend) if need_dw else None
+    dx = dw = None
+    if need_dx:  # Dgrad: dy (1x128 along N) . W  ==  dy . (W^T)^T
+        gq, gs = quantize_act_1x128(gy, pow2_scale=act_pow2)
+        dx = fp8_gemm(gq, gs, wtq, ws.t().contiguous(), x_dtype, backend=backend)
+    if need_dw:  # Wgrad: dy^T . x, both operands 1x128 along the tokens
+        gtq, gts = quantize_act_1x128_t(gy, pow2_scale=act_pow2)
+        xtq, xts = quantize_act_1x128_t(xq, xs, pow2_scale=act_pow2)
+        dw = fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
     return dx, dw
 
 
