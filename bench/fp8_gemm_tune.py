@@ -1,6 +1,6 @@
 """Sweeps for the FP8 fast paths on one GPU: which kernel and tile wins at DeepSeek-V3 shapes.
 
-    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,retile_moe,minb,div,linear,fbgemm,wgmma] [--json F]
+    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,retile_moe,minb,dual,div,linear,fbgemm,wgmma] [--json F]
 
 probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128 x 1x128 (Wgrad) and
         128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
@@ -12,6 +12,7 @@ grouped 32 experts x 512 tokens: the grouped Fprop / Dgrad / Wgrad kernels, poin
 retile  the 128x1 (token-wise, Wgrad) quantization over channel tile, warps and store form.
 retile_moe  the same at the `small` preset's grouped-Wgrad shapes, through the padded row map.
 minb    the NVRTC token-wise kernel over its register bound (`cuda_kernels.MIN_BLOCKS`).
+dual    dy's 1x128 and 128x1 tilings from one read (`cuda_kernels.dual`) vs the two kernels.
 div     the quantization kernels with x / s by reciprocal + Markstein's correction vs div_rn.
 linear  Fp8Linear forward + backward under the profiler: GPU time per kernel family, per shape.
 n576    the N = 576 GEMM and its Dgrad by every route (transposed / padded cuBLAS, TMA Triton).
@@ -392,6 +393,42 @@ def minb_rows():
     return rows
 
 
+def dual_rows(tokens):
+    """dy's two tilings (Dgrad's 1x128, Wgrad's 128x1) from one read (`cuda_kernels.dual`) against the
+    two kernels Fp8Linear ran before (Triton's 1x128, the NVRTC token-wise), over the dual kernel's
+    register bound (`cuda_kernels.DUAL_MIN_BLOCKS`), and Triton's 1x128 kernel alone for scale. Three
+    repeats in turn, best kept; outputs checked equal. % of 4.8 TB/s; bytes: 2 read + 2 written per
+    element for both tilings, 2 + 1 for one (scales not counted)."""
+    rows = []
+    shipped = dict(ck.DUAL_MIN_BLOCKS)
+    try:
+        for T in tokens:
+            for C in sorted({n for _, n in SHAPES} | {7168}):
+                x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
+                (q0, s0), (qt0, st0) = tk.quantize_act_1x128(x), ck.token_wise(x)
+                times = {}
+                for _ in range(3):
+                    times.setdefault("separate", []).append(gpu_ms(lambda: (tk.quantize_act_1x128(x), ck.token_wise(x))))
+                    for minb in (None, 2, 3):
+                        ck.DUAL_MIN_BLOCKS[0] = minb
+                        (q, s), (qt, st) = ck.dual(x)
+                        assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
+                        assert torch.equal(qt.view(torch.uint8), qt0.view(torch.uint8)) and torch.equal(st, st0)
+                        times.setdefault(f"dual {minb or 'free'}", []).append(gpu_ms(lambda: ck.dual(x)))
+                    times.setdefault("triton 1x128", []).append(gpu_ms(lambda: tk.quantize_act_1x128(x)))
+                best = {k: min(v) for k, v in times.items()}
+                rows.append(dict(T=T, C=C, ms=best))
+                two, one = T * C * 4, T * C * 3
+                print(f"dual T={T:6d} C={C:5d} | " + " | ".join(
+                    f"{k}: {t * 1e3:6.1f} us ({(one if k.startswith('triton') else two) / t / 4.8e9:.1%})"
+                    for k, t in best.items()), flush=True)
+                ck.DUAL_MIN_BLOCKS.update(shipped)
+                del x
+    finally:
+        ck.DUAL_MIN_BLOCKS.update(shipped)
+    return rows
+
+
 FAMILIES = (("scaled_mm / cuBLAS", ("gemm", "sm90_xmma", "cutlass", "nvjet")), ("triton GEMM", ("fp8_gemm",)),
             ("quant rows", ("_quant_act_kernel",)), ("quant tokens", ("_quant_act_t_kernel",)),
 ("quant weight", ("_quant_weight",)))
@@ -621,7 +658,7 @@ def wgmma_rows(tokens):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,retile_moe,minb,div,linear,fbgemm,wgmma")
+    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,retile_moe,minb,dual,div,linear,fbgemm,wgmma")
     p.add_argument("--tokens", default="4096,16384")
     p.add_argument("--json")
     a = p.parse_args()
@@ -634,7 +671,7 @@ def main() -> int:
     tokens = [int(t) for t in a.tokens.split(",")]
     out = {}
     for sec, fn in (("probe", probe_rows), ("n576", lambda: n576_rows(tokens)), ("gemm", lambda: gemm_rows(tokens)), ("quant", lambda: quant_rows(tokens)),
-                    ("grouped", grouped_rows), ("retile", retile_rows), ("retile_moe", retile_moe_rows), ("minb", minb_rows), ("div", lambda: div_rows(tokens)),
+                    ("grouped", grouped_rows), ("retile", retile_rows), ("retile_moe", retile_moe_rows), ("minb", minb_rows), ("dual", lambda: dual_rows(tokens)), ("div", lambda: div_rows(tokens)),
                     ("linear", lambda: linear_rows(tokens)), ("fbgemm", lambda: fbgemm_rows(tokens)),
                     ("wgmma", lambda: wgmma_rows(tokens))):
         if sec in a.only.split(","):

@@ -222,6 +222,51 @@ def test_nvrtc_token_wise_quantization_equals_cpu_bit_for_bit(kind, T, C, gather
     assert torch.equal(q.cpu().view(torch.uint8), q_c.view(torch.uint8))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,C", [(4096 + 200, 7168 - 64), (300, 516), (129, 128), (16384, 2048)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_nvrtc_dual_quantization_equals_cpu_bit_for_bit(dtype, T, C, pow2):
+    """dy's two tilings from one kernel (`cuda_kernels.dual`) against the CPU reference of each: ragged
+    T (the byte-store tail, a partial 16-token warp) and C (a 4-channel tail of a 128-channel tile),
+    zero rows and columns, -0, values over many binades (within fp16's range), power-of-two scales."""
+    from moeco.fp8 import cuda_kernels
+    from moeco.fp8.quantize import quantize_act_1x128_dual, quantize_act_1x128_t
+
+    gen = torch.Generator().manual_seed(T * 7 + C)
+    x = torch.randn(T, C, generator=gen) * torch.exp2(torch.randint(-10, 10, (1, C), generator=gen).float())
+    x = x * torch.exp2(torch.randint(-6, 3, (T, 1), generator=gen).float())  # |x| < 2^15: finite in fp16
+    x[:, 3] = 0.0
+    x[5, :] = -0.0
+    x[7, 100:] = 0.0
+    x = x.to(dtype)
+    assert cuda_kernels.dual_supported(x.cuda())
+    (q, s), (qt, st) = quantize_act_1x128_dual(x.cuda(), pow2_scale=pow2)
+    q_c, s_c = quantize_act_1x128_reference(x, pow2_scale=pow2)
+    qt_c, st_c = quantize_act_1x128_t(x, pow2_scale=pow2)
+    assert s.stride() == (1, T) and st.stride() == (1, C) and q.shape == (T, C) and qt.shape == (C, T)
+    assert torch.equal(s.cpu(), s_c) and torch.equal(st.cpu(), st_c)
+    assert torch.equal(q.cpu().view(torch.uint8), q_c.view(torch.uint8))
+    assert torch.equal(qt.cpu().view(torch.uint8), qt_c.view(torch.uint8))
+
+
+def test_fp8_linear_backward_same_with_and_without_the_dual_kernel(monkeypatch):
+    """Fp8Linear's gradients with dy's tilings from the one-read kernel equal those from the two
+    separate kernels (MOECO_FP8_QUANT=triton turns the NVRTC kernels off)."""
+    from moeco.fp8 import Fp8Linear
+
+    torch.manual_seed(3)
+    lin = Fp8Linear(1024, 640).cuda()
+    x = torch.randn(700, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(700, 640, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for mode in ("auto", "triton"):
+        monkeypatch.setenv("MOECO_FP8_QUANT", mode)
+        x.grad = lin.weight.grad = None
+        lin(x).backward(gy)
+        grads.append((x.grad.clone(), lin.weight.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
 @pytest.mark.parametrize("pow2", [False, True])
 def test_cuda_quantization_equals_cpu_bit_for_bit(pow2):
     """The GPU kernels and the CPU reference are the same function, scales included.

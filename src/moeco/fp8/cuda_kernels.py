@@ -50,18 +50,7 @@ from moeco.errors import ConfigError
 
 FP8_DTYPE = torch.float8_e4m3fn
 
-_SOURCE = r"""
-#define WARPS 8
-#define TOKW 16  // tokens per warp: a block covers WARPS * TOKW = 128 tokens
-#if IN_KIND == 0 || IN_KIND == 1
-#define V 2      // channels per thread: one 32-bit word of input
-#elif IN_KIND == 2
-#define V 1
-#else
-#define V 4
-#endif
-#define TC (32 * V)  // channels per block
-
+_HELPERS = r"""
 __device__ __forceinline__ float f16_to_f32(unsigned short h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -82,6 +71,29 @@ __device__ __forceinline__ unsigned f32x4_to_e4m3x4(float a, float b, float c, f
     return (unsigned)lo | ((unsigned)hi << 16);
 }
 
+// x / s correctly rounded from r = 1/s (correctly rounded): Markstein's correction, two fused
+// multiply-adds. The residual is taken as q*s - x and subtracted, which is the same number for
+// x != 0 and keeps the sign of a zero (x = -0: q = -0, e = +0, -e*r + q = -0), so no select.
+__device__ __forceinline__ float div_by(float x, float s, float r) {
+    const float q = __fmul_rn(x, r);
+    const float e = __fmaf_rn(q, s, -x);
+    return __fmaf_rn(-e, r, q);
+}
+
+"""
+
+_SOURCE = _HELPERS + r"""
+#define WARPS 8
+#define TOKW 16  // tokens per warp: a block covers WARPS * TOKW = 128 tokens
+#if IN_KIND == 0 || IN_KIND == 1
+#define V 2      // channels per thread: one 32-bit word of input
+#elif IN_KIND == 2
+#define V 1
+#else
+#define V 4
+#endif
+#define TC (32 * V)  // channels per block
+
 // The V channels of one 32-bit input word, as float32.
 __device__ __forceinline__ void unpack(unsigned w, float *f) {
 #if IN_KIND == 0
@@ -96,15 +108,6 @@ __device__ __forceinline__ void unpack(unsigned w, float *f) {
     e4m3x2_to_f32((unsigned short)(w & 0xFFFFu), f[0], f[1]);
     e4m3x2_to_f32((unsigned short)(w >> 16), f[2], f[3]);
 #endif
-}
-
-// x / s correctly rounded from r = 1/s (correctly rounded): Markstein's correction, two fused
-// multiply-adds. The residual is taken as q*s - x and subtracted, which is the same number for
-// x != 0 and keeps the sign of a zero (x = -0: q = -0, e = +0, -e*r + q = -0), so no select.
-__device__ __forceinline__ float div_by(float x, float s, float r) {
-    const float q = __fmul_rn(x, r);
-    const float e = __fmaf_rn(q, s, -x);
-    return __fmaf_rn(-e, r, q);
 }
 
 #ifdef MINB
@@ -227,6 +230,162 @@ extern "C" __global__ void BOUNDS KNAME(
         } else {
             const unsigned wd[4] = {a0, a1, a2, a3};
             for (int j = 0; j < 16 && tt + j < T_out; ++j) dst[j] = (unsigned char)(wd[j >> 2] >> (8 * (j & 3)));
+        }
+    }
+}
+"""
+
+
+# Both quantizations of a 16-bit x (T, C) from one read: 1x128 tiles along C (q_row (T, C), s_row
+# (T, ceil(C/128)) stored (ceil(C/128), T)) and 128-token tiles along T written transposed (q_col
+# (C, T), s_col (C, ceil(T/128)) stored (ceil(T/128), C)). A block covers 128 tokens x 128 channels:
+# thread (warp w, lane l) loads the 8 bytes of channels 4l .. 4l + 3 of tokens 16w .. 16w + 15 (a warp
+# reads one 256-byte row segment per load). Row maxima: each thread's 16 per-token maxima are reduced
+# over the warp by a halving butterfly (8 + 4 + 2 + 1 + 1 shuffles), after which lane 2j holds token
+# j's; the scales go back to all lanes by shuffles. Column maxima and the transposed store are the
+# token-wise kernel's (V = 4). A row-only build of it took 0.86-1.08x the time of Triton's 1x128 kernel
+# on the H200 (faster only at 16384 x 576; eleventh session), so the forward keeps Triton's.
+_DUAL_SOURCE = _HELPERS + r"""
+#define TOKW 16
+
+// bf16 -> float32 through volatile asm: the compiler would otherwise keep all 64 unpacked values of a
+// thread alive between the three passes over them (137 registers, one block per multiprocessor) instead
+// of re-deriving them from the 32 loaded words (two integer instructions per pair).
+__device__ __forceinline__ void unpack4(uint2 w, float *f) {
+#if IN_KIND == 0
+    unsigned a, b, c, d;
+    asm volatile("shl.b32 %0, %1, 16;" : "=r"(a) : "r"(w.x));
+    asm volatile("and.b32 %0, %1, 0xFFFF0000;" : "=r"(b) : "r"(w.x));
+    asm volatile("shl.b32 %0, %1, 16;" : "=r"(c) : "r"(w.y));
+    asm volatile("and.b32 %0, %1, 0xFFFF0000;" : "=r"(d) : "r"(w.y));
+    f[0] = __uint_as_float(a);
+    f[1] = __uint_as_float(b);
+    f[2] = __uint_as_float(c);
+    f[3] = __uint_as_float(d);
+#else
+    f[0] = f16_to_f32((unsigned short)(w.x & 0xFFFFu));
+    f[1] = f16_to_f32((unsigned short)(w.x >> 16));
+    f[2] = f16_to_f32((unsigned short)(w.y & 0xFFFFu));
+    f[3] = f16_to_f32((unsigned short)(w.y >> 16));
+#endif
+}
+
+// One butterfly step: lanes with `bit` set keep values half .. 2 half - 1, the others 0 .. half - 1, each
+// maxed with the partner's copy of the same tokens; the kept values move to 0 .. half - 1.
+template <int HALF>
+__device__ __forceinline__ void halve(float *m, int lane, int bit) {
+    const bool hi = (lane & bit) != 0;
+#pragma unroll
+    for (int i = 0; i < HALF; ++i) {
+        const float give = hi ? m[i] : m[i + HALF];
+        const float keep = hi ? m[i + HALF] : m[i];
+        m[i] = fmaxf(keep, __shfl_xor_sync(0xffffffffu, give, bit));
+    }
+}
+
+__device__ __forceinline__ float scale_of(float amax) {
+    float v = __fdiv_rn(fmaxf(amax, 1e-4f), 448.0f);
+#if POW2
+    v = __uint_as_float((__float_as_uint(v) + 0x7FFFFFu) & 0x7F800000u);
+#endif
+    return v;
+}
+
+#ifdef MINB
+#define BOUNDS __launch_bounds__(256, MINB)
+#else
+#define BOUNDS __launch_bounds__(256)
+#endif
+extern "C" __global__ void BOUNDS KNAME(
+    const uint2 *__restrict__ x, unsigned char *__restrict__ q_row, float *__restrict__ s_row,
+    unsigned char *__restrict__ q_col, float *__restrict__ s_col, int T, int C, int stride_x, int stride_qc) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c = blockIdx.x * 128 + lane * 4;
+    const long long t0 = (long long)blockIdx.y * 128 + warp * TOKW;
+    const bool c_ok = c < C;  // C % 4 == 0: a thread's four channels are all in or all out
+    const int n_tok = (int)min((long long)TOKW, max(0LL, (long long)T - t0));
+    const int n_ok = c_ok ? n_tok : 0;
+    const int wpr = stride_x / 4;  // 8-byte words per row of x
+    uint2 w[TOKW];
+    const uint2 *xp = x + t0 * wpr + c / 4;
+#pragma unroll
+    for (int j = 0; j < TOKW; ++j) {
+        w[j] = j < n_ok ? *xp : make_uint2(0u, 0u);
+        xp += wpr;
+    }
+    // per-token maxima over this thread's 4 channels, then over the warp's 128 (a halving butterfly:
+    // at each step a lane keeps half its values, maxed with the other half of its partner's)
+    float m[TOKW];
+    float ca[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < TOKW; ++j) {
+        float f[4];
+        unpack4(w[j], f);
+        m[j] = fmaxf(fmaxf(fabsf(f[0]), fabsf(f[1])), fmaxf(fabsf(f[2]), fabsf(f[3])));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ca[i] = fmaxf(ca[i], fabsf(f[i]));
+    }
+    halve<8>(m, lane, 16);
+    halve<4>(m, lane, 8);
+    halve<2>(m, lane, 4);
+    halve<1>(m, lane, 2);
+    m[0] = fmaxf(m[0], __shfl_xor_sync(0xffffffffu, m[0], 1));  // lanes 2j and 2j + 1: token j
+    const float rs = scale_of(m[0]), rr = __frcp_rn(rs);
+    if ((lane & 1) == 0 && (lane >> 1) < n_tok)
+        s_row[(long long)blockIdx.x * T + t0 + (lane >> 1)] = rs;
+    unsigned *qr = reinterpret_cast<unsigned *>(q_row + t0 * C + c);
+#pragma unroll
+    for (int j = 0; j < TOKW; ++j) {
+        const float sj = __shfl_sync(0xffffffffu, rs, 2 * j), rj = __shfl_sync(0xffffffffu, rr, 2 * j);
+        float f[4];
+        unpack4(w[j], f);
+        const unsigned v = f32x4_to_e4m3x4(div_by(f[0], sj, rj), div_by(f[1], sj, rj), div_by(f[2], sj, rj),
+                                           div_by(f[3], sj, rj));
+        if (j < n_ok) *qr = v;
+        qr += C / 4;
+    }
+    __shared__ float red[8 * 128];
+    __shared__ unsigned qs[128 * 33];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp * 128 + lane * 4 + i] = ca[i];
+    __syncthreads();
+    float sc[4], rc[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float a = red[lane * 4 + i];
+#pragma unroll
+        for (int k = 1; k < 8; ++k) a = fmaxf(a, red[k * 128 + lane * 4 + i]);
+        sc[i] = scale_of(a);
+        rc[i] = __frcp_rn(sc[i]);
+        if (warp == 0 && c_ok) s_col[(long long)blockIdx.y * C + c + i] = sc[i];
+    }
+#pragma unroll
+    for (int k = 0; k < TOKW / 4; ++k) {
+        float f[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) unpack4(w[4 * k + j], f[j]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            qs[(lane * 4 + i) * 33 + warp * (TOKW / 4) + k] =
+                f32x4_to_e4m3x4(div_by(f[0][i], sc[i], rc[i]), div_by(f[1][i], sc[i], rc[i]),
+                                div_by(f[2][i], sc[i], rc[i]), div_by(f[3][i], sc[i], rc[i]));
+    }
+    __syncthreads();
+    const int tid = threadIdx.x, chunk = tid & 7;
+    const long long tt = (long long)blockIdx.y * 128 + 16 * chunk;
+#pragma unroll
+    for (int pass = 0; pass < 4; ++pass) {
+        const int row = pass * 32 + (tid >> 3);
+        const int cg = blockIdx.x * 128 + row;
+        if (cg >= C) continue;
+        const unsigned *src = qs + row * 33 + 4 * chunk;
+        const unsigned a0 = src[0], a1 = src[1], a2 = src[2], a3 = src[3];
+        unsigned char *dst = q_col + (long long)cg * stride_qc + tt;
+        if (tt + 16 <= T && (stride_qc & 15) == 0) {
+            *reinterpret_cast<uint4 *>(dst) = make_uint4(a0, a1, a2, a3);
+        } else {
+            const unsigned wd[4] = {a0, a1, a2, a3};
+            for (int j = 0; j < 16 && tt + j < T; ++j) dst[j] = (unsigned char)(wd[j >> 2] >> (8 * (j & 3)));
         }
     }
 }
@@ -409,8 +568,63 @@ def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_sca
     return q, s
 
 
+_dual_variants = CompiledVariants("dual FP8 quantization kernel", "the two separate kernels")
+
+
+# As MIN_BLOCKS, for `dual`, by input kind. None: bf16 takes 80 registers (3 blocks per multiprocessor);
+# a bound of 2 blocks (128 registers) measured 0-11% slower, of 3 (80 registers, more spilled) -1% to +4%,
+# on the H200 (`bench/fp8_gemm_tune.py --only dual`, eleventh session).
+DUAL_MIN_BLOCKS: dict[int, int | None] = {0: None, 1: None}
+
+
+def _dual_kernel(in_kind: int, pow2: bool):
+    minb = DUAL_MIN_BLOCKS[in_kind]
+    name = f"moeco_dual_quant_{in_kind}{int(pow2)}_{minb or 0}"
+    defs = [f"-DIN_KIND={in_kind}", f"-DPOW2={int(pow2)}"] + ([f"-DMINB={minb}"] if minb else [])
+    return _dual_variants.get((torch.cuda.current_device(), in_kind, pow2, minb),
+                              lambda: torch.cuda._compile_kernel(_DUAL_SOURCE.replace("KNAME", name), name,
+                                                                 nvcc_options=defs))
+
+
+def dual_supported(x: torch.Tensor) -> bool:
+    """Whether `dual` takes this input: 2-D bf16 / fp16 on CUDA sm_89+, C a multiple of 4, rows 8-byte
+    aligned (each thread loads 8 bytes of a row), at most 65535 blocks of 128 tokens, no failed build."""
+    if _dual_variants.broken is not None or x.dim() != 2 or not x.is_cuda:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    T, C = x.shape
+    return (C % 4 == 0 and x.stride(1) == 1 and x.stride(0) % 4 == 0 and x.data_ptr() % 8 == 0
+            and -(-T // 128) <= MAX_GRID_Y and _device_ok(x.device))
+
+
+def dual(x: torch.Tensor, *, pow2_scale: bool = False):
+    """x (T, C) 16-bit -> ((q (T, C), s (T, ceil(C/128))), (qt (C, T), st (C, ceil(T/128)))) from one read of x:
+    what `quantize_act_1x128(x)` and `quantize_act_1x128_t(x)` return, bit for bit, in the same layouts
+    (both scales outer-dim-major). None when the kernel cannot be compiled here; the caller checks
+    `dual_supported` first."""
+    T, C = x.shape
+    dev = x.device
+    q = torch.empty((T, C), dtype=FP8_DTYPE, device=dev)
+    s = torch.empty((-(-C // 128), T), dtype=torch.float32, device=dev).t()
+    tb = -(-T // 128)
+    qt = torch.empty((C, T), dtype=FP8_DTYPE, device=dev)
+    st = torch.empty((tb, C), dtype=torch.float32, device=dev).t()
+    if T == 0 or C == 0:
+        return (q, s), (qt, st)
+    _ensure_context(dev)
+    k = _dual_kernel(0 if x.dtype == torch.bfloat16 else 1, pow2_scale)
+    if k is None:
+        return None
+    P, I = ctypes.c_void_p, ctypes.c_int
+    params = [P(x.data_ptr()), P(q.data_ptr()), P(s.data_ptr()), P(qt.data_ptr()), P(st.data_ptr()), I(T), I(C),
+              I(x.stride(0)), I(T)]
+    launch(k.func, (-(-C // 128), tb, 1), (256, 1, 1), params, dev)
+    return (q, s), (qt, st)
+
+
 def status() -> str:
     """One line for logs and benches: whether the NVRTC kernels are in use, and why not."""
-    if _variants.broken is not None:
-        return f"cuda kernels off: {_variants.broken}"
+    if _variants.broken is not None or _dual_variants.broken is not None:
+        return f"cuda kernels off: {_variants.broken or _dual_variants.broken}"
     return f"cuda kernels: MOECO_FP8_QUANT={mode()}, compiled {len(_variants.cache)}"

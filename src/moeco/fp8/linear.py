@@ -42,6 +42,7 @@ from moeco.fp8.ops import _outer_major  # importing ops registers torch.ops.moec
 from moeco.fp8.quantize import (
     dequantize_weight_128x128,
     quantize_act_1x128,
+    quantize_act_1x128_dual,
     quantize_act_1x128_t,
     quantize_weight_128x128,
 )
@@ -113,11 +114,15 @@ def _linear_backward_impl(gy, xq, xs, wtq, ws, x_dtype, w_dtype, act_pow2: bool,
     """(dx, dW) of `_linear_forward` (None for one not asked for), from the saved FP8 tensors."""
     gy = gy.contiguous()
     dx = dw = None
-    if need_dx:  # Dgrad: dy (1x128 along N) . W  ==  dy . (W^T)^T
+    if need_dx and need_dw:  # dy's two tilings from one read of it (one kernel on CUDA)
+        (gq, gs), (gtq, gts) = quantize_act_1x128_dual(gy, pow2_scale=act_pow2)
+    elif need_dx:
         gq, gs = quantize_act_1x128(gy, pow2_scale=act_pow2)
+    elif need_dw:
+        gtq, gts = quantize_act_1x128_t(gy, pow2_scale=act_pow2)
+    if need_dx:  # Dgrad: dy (1x128 along N) . W  ==  dy . (W^T)^T
         dx = fp8_gemm(gq, gs, wtq, ws.t().contiguous(), x_dtype, backend=backend)
     if need_dw:  # Wgrad: dy^T . x, both operands 1x128 along the tokens
-        gtq, gts = quantize_act_1x128_t(gy, pow2_scale=act_pow2)
         xtq, xts = quantize_act_1x128_t(xq, xs, pow2_scale=act_pow2)
         dw = fp8_gemm(gtq, gts, xtq, xts, torch.float32, backend=backend).to(w_dtype)
     return dx, dw

@@ -125,6 +125,23 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     return quantize_act_1x128_reference(xf.t(), pow2_scale=pow2_scale)
 
 
+def quantize_act_1x128_dual(x: torch.Tensor, *, pow2_scale: bool = False):
+    """Both tilings of x (T, C): `(quantize_act_1x128(x), quantize_act_1x128_t(x))`, the same bits.
+
+    Backward needs both for the output gradient (Dgrad takes its 1x128 tiles, Wgrad its 128x1 tiles):
+    on CUDA, for bf16 / fp16 input, one NVRTC kernel reads x once and writes both (the fused cast and
+    transpose DeepSeek-V3's report asks hardware for); elsewhere the two functions run in turn.
+    """
+    if x.is_cuda:
+        from moeco.fp8 import cuda_kernels
+
+        if cuda_kernels.mode() != "triton" and cuda_kernels.dual_supported(x):
+            out = cuda_kernels.dual(x, pow2_scale=pow2_scale)
+            if out is not None:
+                return out
+    return quantize_act_1x128(x, pow2_scale=pow2_scale), quantize_act_1x128_t(x, pow2_scale=pow2_scale)
+
+
 def dequantize_act_1x128(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32):
     """Inverse of `quantize_act_1x128`: q (*, K), scale (*, ceil(K/128)) -> (*, K) in `dtype`."""
     K = q.shape[-1]
