@@ -192,3 +192,37 @@ def test_token_wise_register_bound_reaches_the_compiler(monkeypatch):
     assert cuda_kernels._kernel(0, False, False) == "moeco_token_wise_000_0"
     assert calls[-1][1] == ["-DIN_KIND=0", "-DGATHER=0", "-DPOW2=0"] and len(calls) == 2
     assert cuda_kernels._kernel(0, False, False) == "moeco_token_wise_000_0" and len(calls) == 2  # cached
+
+
+def test_dual_kernel_variants_reach_the_compiler(monkeypatch):
+    """`cuda_kernels.dual`'s variants: input kind, power-of-two scales and DUAL_MIN_BLOCKS become NVRTC
+    defines and part of the kernel's name and cache key; the source holds both outputs' stores."""
+    from moeco.fp8 import cuda_kernels
+
+    calls = []
+    monkeypatch.setattr(cuda_kernels, "_dual_variants", cuda_kernels.CompiledVariants("dual", "the two kernels"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", lambda src, name, nvcc_options: calls.append(
+        (name, nvcc_options, f"void BOUNDS {name}(" in src)) or name, raising=False)
+    assert cuda_kernels._dual_kernel(0, True) == "moeco_dual_quant_01_0"
+    assert calls[-1] == ("moeco_dual_quant_01_0", ["-DIN_KIND=0", "-DPOW2=1"], True)
+    monkeypatch.setitem(cuda_kernels.DUAL_MIN_BLOCKS, 1, 3)
+    assert cuda_kernels._dual_kernel(1, False) == "moeco_dual_quant_10_3"
+    assert calls[-1][1] == ["-DIN_KIND=1", "-DPOW2=0", "-DMINB=3"] and len(calls) == 2
+    assert cuda_kernels._dual_kernel(0, True) == "moeco_dual_quant_01_0" and len(calls) == 2  # cached
+
+
+def test_dual_quantization_off_cuda_is_the_two_functions():
+    """Without CUDA, `quantize_act_1x128_dual` is exactly the pair it stands for (the NVRTC kernel is
+    checked against the same pair bit for bit on the GPU, tests/test_fp8_gpu.py)."""
+    from moeco.fp8 import cuda_kernels
+    from moeco.fp8.quantize import quantize_act_1x128_dual, quantize_act_1x128_t
+
+    x = (torch.randn(300, 200) * 5).to(torch.bfloat16)
+    assert not cuda_kernels.dual_supported(x)
+    (q, s), (qt, st) = quantize_act_1x128_dual(x, pow2_scale=True)
+    q0, s0 = quantize_act_1x128(x, pow2_scale=True)
+    qt0, st0 = quantize_act_1x128_t(x, pow2_scale=True)
+    assert q.shape == (300, 200) and s.shape == (300, 2) and qt.shape == (200, 300) and st.shape == (200, 3)
+    assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
+    assert torch.equal(qt.view(torch.uint8), qt0.view(torch.uint8)) and torch.equal(st, st0)

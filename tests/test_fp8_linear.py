@@ -60,6 +60,25 @@ def test_fp8_linear_three_gemms_match_reference(shape_in, N, bias):
         torch.testing.assert_close(lin.bias.grad, gy.reshape(-1, N).sum(0))
 
 
+def test_fp8_linear_one_sided_backward_equals_full():
+    """Backward asked for only dx (frozen weight) or only dW (an input without grad) gives the same
+    numbers as the full backward, where dy's two tilings come from one call."""
+    torch.manual_seed(4)
+    lin = Fp8Linear(256, 192)
+    x = torch.randn(70, 256)
+    gy = torch.randn(70, 192)
+    xf = x.clone().requires_grad_()
+    lin(xf).backward(gy)
+    dx_full, dw_full = xf.grad.clone(), lin.weight.grad.clone()
+    lin.weight.grad = None
+    lin(x).backward(gy)  # x needs no grad: Wgrad alone
+    assert torch.equal(lin.weight.grad, dw_full)
+    lin.weight.requires_grad_(False)
+    xd = x.clone().requires_grad_()
+    lin(xd).backward(gy)  # frozen weight: Dgrad alone
+    assert torch.equal(xd.grad, dx_full)
+
+
 def test_fp8_linear_close_to_high_precision_and_trains_master_weights():
     torch.manual_seed(0)
     ref = nn.Linear(512, 256)

@@ -1,4 +1,7 @@
-"""A CUDA C kernel compiled at run time with NVRTC, where Triton's version is the slower one.
+"""CUDA C kernels compiled at run time with NVRTC, where Triton's versions are the slower ones.
+
+dual: both quantizations of a bf16 / fp16 output gradient dy (T, C) from one read of it, the 1x128
+    tiles Dgrad takes and the 128x1 tiles (written transposed) Wgrad takes; see `_DUAL_SOURCE`.
 
 token_wise: the 128x1 quantization Wgrad needs. x (T, C) is quantized along T in 128-token tiles
     and written transposed: q (C, T) E4M3 and s (C, ceil(T/128)) float32 with strides (1, C). It
