@@ -52,8 +52,8 @@ def _edit(src: str, old: str, new: str) -> str:
 def variant(*, instr=False, observe=False, nopromo=False, noload=False, noscale=False, group_m=None) -> str:
     """The kernel's source with a `prof` (int64) parameter and the requested edits."""
     s = cg.source(128)
-    s = _edit(s, "int M, int N, int K, int sa_m, int sa_k, int sb_n, int sb_k)",
-              "int M, int N, int K, int sa_m, int sa_k, int sb_n, int sb_k, unsigned long long *prof)")
+    s = _edit(s, "int sb_k, const long long *__restrict__ kstart, int E)",
+              "int sb_k, const long long *__restrict__ kstart, int E, unsigned long long *prof)")
     if instr:  # clock64 around each wait; per warp: [operand waits, WGMMA waits, total]; producer: [waits, ns, total]
         s = _edit(s, "u32 a_off) {\n    const int stage = it % STAGES;\n    bar_wait(bars + 8 * stage, (it / STAGES) & 1);",
                   "u32 a_off, long long &tf) {\n    const int stage = it % STAGES;\n"
@@ -132,8 +132,8 @@ class Probe:
         descs = (cg.tensor_map(a_q, self.bm), cg.tensor_map(b_q, 128), cg.tensor_map(out, 64), cg._Desc())
         ints = [ctypes.c_int(v) for v in (M, N, K, *a_scale.stride(), *b_scale.stride())]
         ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (a_scale, b_scale, out, prof)]
-        cuda_kernels.launch(self.kern.func, (self.grid(M, N), 1, 1), (384, 1, 1), [*descs, *ptrs[:3], *ints, ptrs[3]],
-                            a_q.device, self.smem)
+        params = [*descs, *ptrs[:3], *ints, ctypes.c_void_p(0), ctypes.c_int(1), ptrs[3]]  # dense: no kstart, one expert
+        cuda_kernels.launch(self.kern.func, (self.grid(M, N), 1, 1), (384, 1, 1), params, a_q.device, self.smem)
         return out
 
 

@@ -1,6 +1,6 @@
 """Sweeps for the FP8 fast paths on one GPU: which kernel and tile wins at DeepSeek-V3 shapes.
 
-    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,retile_moe,minb,dual,div,linear,fbgemm,wgmma] [--json F]
+    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,retile_moe,minb,dual,div,linear,fbgemm,wgmma,gwgrad] [--json F]
 
 probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128 x 1x128 (Wgrad) and
         128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
@@ -20,6 +20,7 @@ fbgemm  FBGEMM's CUTLASS groupwise FP8 GEMMs (pip fbgemm-gpu-genai, if installed
 wgmma   moeco's Hopper GEMM (moeco.fp8.cuda_gemm) over pipeline stages and one vs two-CTA clusters,
         against bf16 and cuBLAS: Fprop-like (128x128 weight blocks, bf16 out) at every shape, and
         Wgrad (dy^T . x, both 128x1-quantized, per-row scales for B, fp32 out).
+gwgrad  the routed experts' Wgrad: moeco's Hopper kernel vs Triton's grouped kernel vs BF16 _grouped_mm.
 GPU times come from CUDA-graph replays with the L2 flushed before each call (bench/_timing.py: no
 host cost); `eager` columns are triton's do_bench on the Python call. Ratios are against the bf16
 row of the same run.
@@ -511,7 +512,7 @@ def grouped_rows():
                     ed = rel(tk.fp8_grouped_gemm_nt(gq, gs, wtq, wst, offs, torch.float32, tma=tma, **kw), ref_d)
                     tf_ = gpu_ms(lambda: tk.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs, torch.bfloat16, tma=tma, **kw))
                     td = gpu_ms(lambda: tk.fp8_grouped_gemm_nt(gq, gs, wtq, wst, offs, torch.bfloat16, tma=tma, **kw))
-                    tw = gpu_ms(lambda: tk.fp8_grouped_wgrad(gy, xq, xs, offs, E, tma=tma, **kw))
+                    tw = gpu_ms(lambda: tk.fp8_grouped_wgrad(gy, xq, xs, offs, E, tma=tma, gemm="triton", **kw))
                 except Exception as exc:
                     r[key] = f"failed: {exc!r:.200}"
                     print(f"grouped {name} {key}: failed {exc!r:.200}", flush=True)
@@ -524,6 +525,55 @@ def grouped_rows():
               flush=True)
         rows.append(r)
         del x, w, gy, xq, xs, gq, gs, wq, ws, wtq, gyt, xt
+    return rows
+
+
+def gwgrad_rows():
+    """The routed experts' Wgrad: moeco's Hopper kernel (`cuda_gemm.fp8_grouped_wgrad_nt`) against Triton's
+    grouped kernel, each GEMM alone on the same quantized operands and with the quantization
+    (`fp8_grouped_wgrad`), vs BF16 `torch._grouped_mm` (dy^T . x, offsets along the tokens). Shapes: V3's
+    experts (32 x 512 tokens, 2048 x 7168 and 7168 x 2048) and the `small` preset's (64 experts, 16384
+    tokens x top-6, 1536 x 1536 and 1536 x 768), with even and with skewed token counts."""
+    from moeco.fp8 import cuda_gemm as cg
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    cases = [("V3 gate/up", 32, 16384, 2048, 7168, False), ("V3 down", 32, 16384, 7168, 2048, False),
+             ("small gate/up", 64, 98304, 1536, 1536, False), ("small down", 64, 98304, 1536, 768, False),
+             ("small gate/up skewed", 64, 98304, 1536, 1536, True), ("small down skewed", 64, 98304, 1536, 768, True)]
+    for name, E, T, N, K, skew in cases:
+        if skew:  # token counts from a Zipf-like routing skew; some experts nearly empty
+            w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 0.8
+            counts = torch.distributions.Multinomial(T, probs=w / w.sum()).sample().to(torch.int64)
+            counts = counts // 8 * 8  # BF16 _grouped_mm wants 16-byte aligned group boundaries
+            T = int(counts.sum())
+        else:
+            counts = torch.full((E,), T // E, dtype=torch.int64)
+        offs = counts.cumsum(0).to(torch.int32).cuda()
+        gy = torch.randn(T, N, generator=gen).to(device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(T, K, generator=gen).to(device="cuda", dtype=torch.bfloat16)
+        xq, xs = quantize_act_1x128(x)
+        flop = 2 * T * N * K
+        gyt, xt = gy.t().contiguous(), x.t().contiguous()
+        t_bf = gpu_ms(lambda: torch._grouped_mm(gyt, xt.t(), offs=offs))
+        ops = tk.grouped_wgrad_operands(gy, xq, xs, offs)
+        assert cg.grouped_supported(*ops[:4]), name
+        ref = tk.grouped_wgrad_gemm(*ops, E, gemm="triton")
+        got = tk.grouped_wgrad_gemm(*ops, E, gemm="wgmma")
+        err = rel(got, ref)
+        t_tri = gpu_ms(lambda: tk.grouped_wgrad_gemm(*ops, E, gemm="triton"))
+        t_wg = gpu_ms(lambda: tk.grouped_wgrad_gemm(*ops, E, gemm="wgmma"))
+        t_tri_q = gpu_ms(lambda: tk.fp8_grouped_wgrad(gy, xq, xs, offs, E, gemm="triton"))
+        t_wg_q = gpu_ms(lambda: tk.fp8_grouped_wgrad(gy, xq, xs, offs, E, gemm="wgmma"))
+        r = dict(shape=name, E=E, T=T, N=N, K=K, skew=skew, bf16_ms=t_bf, triton_ms=t_tri, wgmma_ms=t_wg,
+                 triton_incl_quant_ms=t_tri_q, wgmma_incl_quant_ms=t_wg_q, rel_err=err)
+        rows.append(r)
+        tf = lambda t: flop / t / 1e9  # noqa: E731
+        print(f"gwgrad {name:22s} E={E:3d} T={T:6d} {N:5d} x {K:5d} | bf16 {t_bf:.3f} ms {tf(t_bf):4.0f} TF | "
+              f"triton {t_tri:.3f} {tf(t_tri):4.0f} TF {t_bf / t_tri:.2f}x | wgmma {t_wg:.3f} {tf(t_wg):4.0f} TF "
+              f"{t_bf / t_wg:.2f}x ({t_tri / t_wg:.2f}x triton) | incl. quant: triton {t_tri_q:.3f} "
+              f"{t_bf / t_tri_q:.2f}x, wgmma {t_wg_q:.3f} {t_bf / t_wg_q:.2f}x | diff {err:.1e}", flush=True)
+        del gy, x, xq, xs, gyt, xt, ops, ref, got
     return rows
 
 
@@ -658,7 +708,7 @@ def wgmma_rows(tokens):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,retile_moe,minb,dual,div,linear,fbgemm,wgmma")
+    p.add_argument("--only", default="probe,n576,gemm,quant,grouped,retile,retile_moe,minb,dual,div,linear,fbgemm,wgmma,gwgrad")
     p.add_argument("--tokens", default="4096,16384")
     p.add_argument("--json")
     a = p.parse_args()
@@ -673,7 +723,7 @@ def main() -> int:
     for sec, fn in (("probe", probe_rows), ("n576", lambda: n576_rows(tokens)), ("gemm", lambda: gemm_rows(tokens)), ("quant", lambda: quant_rows(tokens)),
                     ("grouped", grouped_rows), ("retile", retile_rows), ("retile_moe", retile_moe_rows), ("minb", minb_rows), ("dual", lambda: dual_rows(tokens)), ("div", lambda: div_rows(tokens)),
                     ("linear", lambda: linear_rows(tokens)), ("fbgemm", lambda: fbgemm_rows(tokens)),
-                    ("wgmma", lambda: wgmma_rows(tokens))):
+                    ("wgmma", lambda: wgmma_rows(tokens)), ("gwgrad", gwgrad_rows)):
         if sec in a.only.split(","):
             try:
                 out[sec] = fn()

@@ -152,6 +152,29 @@ def test_wgmma_variant_errors_name_the_fix():
         cuda_gemm.check_variant(256, False, 4, 1)
     with pytest.raises(ValueError, match="cluster=4; valid: 1, 2"):
         cuda_gemm.check_variant(128, False, 4, 4)
+    cuda_gemm.check_variant(128, True, 4, 1, rowwise=True, grouped=True)  # the experts' Wgrad
+    for bad in (dict(rowwise=False), dict(rowwise=True, bm=256), dict(rowwise=True, cluster=2)):
+        kw = {"cluster": 1, **bad}
+        with pytest.raises(ValueError, match="fp8_grouped_wgrad_nt: takes B scaled per row, bm=128"):
+            cuda_gemm.check_variant(128, True, 3, kw.pop("cluster"), grouped=True, **kw)
+
+
+def test_grouped_wgrad_variant_and_fallback_on_cpu(monkeypatch):
+    """The experts' Wgrad variant compiles with -DGROUPED=1 under its own name and cache key (the dense
+    variants keep theirs); CPU operands never reach it."""
+    from moeco.fp8 import cuda_gemm, cuda_kernels
+
+    calls = []
+    monkeypatch.setattr(cuda_gemm, "_variants", cuda_kernels.CompiledVariants("FP8 GEMM", "cuBLAS"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", lambda src, name, **kw: calls.append((name, kw["nvcc_options"]))
+                        or (_ for _ in ()).throw(RuntimeError("no GPU here")), raising=False)
+    with pytest.warns(UserWarning):
+        assert cuda_gemm._kernel(128, True, 4, 1, True, 128, grouped=True) is None
+    assert calls == [("moeco_fp8_gemm_128_128_1_4_1_1_grouped", ["-DBM=128", "-DBN=128", "-DSTAGES=4", "-DOUT_F32=1",
+                                                                 "-DCLUSTER=1", "-DROWWISE=1", "-DGROUPED=1"])]
+    q = torch.zeros(256, 1024, dtype=torch.float8_e4m3fn)
+    assert not cuda_gemm.grouped_supported(q, torch.ones(256, 8), q, torch.ones(256, 8))
 
 
 def test_compiled_variants_build_once_and_turn_off_on_failure():

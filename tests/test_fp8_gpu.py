@@ -149,6 +149,58 @@ def test_wgmma_gemm_auto_choice_and_cuda_graph(monkeypatch):
 
 
 @hopper
+@pytest.mark.parametrize("counts,tail,M,N", [([5, 0, 300, 3, 129], 7, 256, 200), ([0, 0], 0, 128, 136),
+                                             ([700, 1, 0, 260, 511, 64, 0, 900], 3, 384, 768)])
+def test_wgmma_grouped_wgrad_matches_reference_and_triton(counts, tail, M, N):
+    """The experts' Wgrad as moeco's Hopper kernel (`cuda_gemm.fp8_grouped_wgrad_nt`, through
+    `fp8_grouped_wgrad(gemm="wgmma")`) against the per-expert CPU reference and Triton's grouped kernel:
+    empty experts (zeros), experts over several 128-token blocks, rows past the last expert, a partial
+    last column tile; the same bits on repeated calls; and Triton's where the kernel cannot take the
+    shape (rows not a multiple of 128)."""
+    from moeco.fp8 import cuda_gemm, triton_kernels
+    from moeco.fp8.quantize import quantize_act_1x128_t
+
+    gen = torch.Generator().manual_seed(sum(counts) + M + N)
+    E, T = len(counts), sum(counts) + tail
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    gy = torch.randn(T, M, generator=gen).to(torch.bfloat16)
+    x = torch.randn(T, N, generator=gen) * torch.exp2(torch.randint(-4, 4, (T, 1), generator=gen).float())
+    xq, xs = quantize_act_1x128(x)
+    args = (gy.cuda(), xq.cuda(), xs.cuda(), offs.cuda(), E)
+    got = triton_kernels.fp8_grouped_wgrad(*args, gemm="wgmma")
+    tri = triton_kernels.fp8_grouped_wgrad(*args, gemm="triton")
+
+    def one(a, b):
+        gtq, gts = quantize_act_1x128_t(gy[a:b])
+        xtq, xts = quantize_act_1x128_t(xq[a:b], xs[a:b])
+        return fp8_gemm_reference(gtq, gts, xtq, xts)
+
+    ends = offs.tolist()
+    ref = torch.stack([one(a, b) if b > a else torch.zeros(M, N) for a, b in zip([0] + ends[:-1], ends)])
+    assert got.shape == (E, M, N) and got.dtype == torch.float32
+    scale = max(ref.abs().max().item(), 1e-30)
+    assert (got.cpu() - ref).abs().max().item() / scale < 5e-4
+    assert (got - tri).abs().max().item() / scale < 2e-6
+    for e, n in enumerate(counts):
+        if n == 0:
+            assert torch.equal(got[e].cpu(), torch.zeros(M, N))
+    for _ in range(20):
+        assert torch.equal(triton_kernels.fp8_grouped_wgrad(*args, gemm="wgmma"), got)
+    # the kernel itself took these shapes (not the Triton fallback)
+    dest, pstart, Tp = triton_kernels.grouped_padded_rows(offs.cuda(), T)
+    src = torch.full((Tp,), -1, dtype=torch.int32, device="cuda")
+    src.scatter_(0, dest, torch.arange(T, dtype=torch.int32, device="cuda"))
+    gq, gs = quantize_act_1x128_t(args[0], rows=src)
+    xtq, xts = quantize_act_1x128_t(args[1], args[2], rows=src)
+    assert cuda_gemm.grouped_supported(gq, gs, xtq, xts)
+    assert torch.equal(cuda_gemm.fp8_grouped_wgrad_nt(gq, gs, xtq, xts, pstart, E), got)
+    # rows not a multiple of 128: Triton's kernel, same numbers as asking for it
+    args2 = (gy[:, :200].contiguous().cuda(), *args[1:])
+    assert torch.equal(triton_kernels.fp8_grouped_wgrad(*args2, gemm="wgmma"),
+                       triton_kernels.fp8_grouped_wgrad(*args2, gemm="triton"))
+
+
+@hopper
 def test_wgmma_gemm_cluster_of_two_matches():
     """The two-CTA cluster variant (B half-tiles multicast) gives the same numbers, odd m-tile counts included."""
     from moeco.fp8 import cuda_gemm

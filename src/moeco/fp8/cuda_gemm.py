@@ -46,6 +46,12 @@ Variants (compile-time, each compiled on first use):
       the promotion picks each column's factor. The default where N % 192 == 0 but N % 128 != 0 (MLA's
       N = 576: 1.09x / 1.43x BF16 at 4096 / 16384 tokens against 0.87x / 1.31x with 128-wide tiles);
       0.84-0.98x the 128-wide tiles elsewhere (`tile_width`).
+    - `grouped` (`fp8_grouped_wgrad_nt`): the routed experts' Wgrad in one launch. The per-row form over
+      E experts that share the token dimension: expert e reduces over its own 128-token blocks (each
+      expert's tokens start on a 128-token boundary, `triton_kernels.grouped_wgrad_operands`), read
+      from a device array, so no host sync; work units are (expert, output tile), the output is
+      (E M, N) rows. On the H200 the GEMM alone ran 1.16-1.52x Triton's grouped kernel and 1.02-1.16x
+      BF16 `_grouped_mm` (BENCHMARKS.md, eleventh session), so it is the default on Hopper.
     - `cluster=2`: two CTAs side by side in M; each loads half of the B tile and multicasts it to
       both, and releases a stage in both. Level with one CTA on the H200 (the kernel is not L2-bound),
       so not the default. Its remote arrive must stay `.release.cta`: `.release.cluster` costs a
@@ -91,6 +97,9 @@ typedef unsigned int u32;
 struct __align__(64) TmaDesc { u64 word[16]; };
 
 #define BK 128
+#ifndef GROUPED
+#define GROUPED 0
+#endif
 #define NACC (BN / 2)
 #define A_BYTES (BM * BK)
 #define B_BYTES (BN * BK)
@@ -313,11 +322,31 @@ __device__ __forceinline__ void tile_coords(int tile, int tiles_m, int tiles_n, 
     tn = in_group / rows;
 }
 
+// A work unit's place: `u` its index among its expert's units, `e` the expert and [kb_lo, kb_hi) its
+// k-blocks. Dense: one expert and all of K. GROUPED (the experts' Wgrad): E experts share the reduction
+// dimension, expert e owning the 128-token blocks kstart[e] / 128 .. kstart[e + 1] / 128 (each expert's
+// tokens start on a 128-token boundary), and its output is rows e M .. e M + M - 1 of C (E M, N).
+__device__ __forceinline__ void unit_place(int unit, int per_e, const long long *kstart, int KB, int &u, int &e,
+                                           int &kb_lo, int &kb_hi) {
+#if GROUPED
+    e = unit / per_e;
+    u = unit - e * per_e;
+    kb_lo = (int)(kstart[e] / BK);
+    kb_hi = (int)(kstart[e + 1] / BK);
+#else
+    (void)per_e; (void)kstart;
+    e = 0;
+    u = unit;
+    kb_lo = 0;
+    kb_hi = KB;
+#endif
+}
+
 extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
     const __grid_constant__ TmaDesc a_desc, const __grid_constant__ TmaDesc b_desc,
     const __grid_constant__ TmaDesc c_desc, const __grid_constant__ TmaDesc s_desc,
     const float *__restrict__ sa, const float *__restrict__ sb, void *__restrict__ out,
-    int M, int N, int K, int sa_m, int sa_k, int sb_n, int sb_k) {
+    int M, int N, int K, int sa_m, int sa_k, int sb_n, int sb_k, const long long *__restrict__ kstart, int E) {
     extern __shared__ unsigned char smem_raw[];
     const u32 base = (smem_addr(smem_raw) + 1023) & ~1023u;
     const u32 c_smem = base + STAGES * STAGE_BYTES;  // the output tile, 64 rows per math warp group
@@ -327,7 +356,8 @@ extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
     // CLUSTER == 2 each CTA loads half of the unit's B tile and multicasts it to both.
     const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
     const int units_m = (tiles_m + CLUSTER - 1) / CLUSTER;
-    const int units = units_m * tiles_n, KB = (K + BK - 1) / BK;
+    const int per_e = units_m * tiles_n, KB = (K + BK - 1) / BK;
+    const int units = (GROUPED ? E : 1) * per_e;
     const int first_unit = blockIdx.x / CLUSTER, unit_step = gridDim.x / CLUSTER;
 #if CLUSTER == 2
     const int rank = (int)cluster_rank();
@@ -355,10 +385,11 @@ extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
             int stage = 0;
             u32 phase = 0;
             for (int unit = first_unit; unit < units; unit += unit_step) {
-                int um, tn;
-                tile_coords(unit, units_m, tiles_n, um, tn);
+                int u, e, kb_lo, kb_hi, um, tn;
+                unit_place(unit, per_e, kstart, KB, u, e, kb_lo, kb_hi);
+                tile_coords(u, units_m, tiles_n, um, tn);
                 const int tm = um * CLUSTER + rank;
-                for (int kb = 0; kb < KB; ++kb) {
+                for (int kb = kb_lo; kb < kb_hi; ++kb) {
                     const u32 full = bars + 8 * stage, empty = bars + 8 * (STAGES + stage);
                     bar_wait(empty, phase ^ 1);
                     bar_expect(full, STAGE_BYTES + SB_STAGE_BYTES);
@@ -450,32 +481,40 @@ extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
         const u32 a_off = (wg - 1) * 64 * BK;
         float acc0[NACC], acc1[NACC], sum[NACC];
         for (int unit = first_unit; unit < units; unit += unit_step) {
-            int um, tn;
-            tile_coords(unit, units_m, tiles_n, um, tn);
+            int u, e, kb_lo, kb_hi, um, tn;
+            unit_place(unit, per_e, kstart, KB, u, e, kb_lo, kb_hi);
+            tile_coords(u, units_m, tiles_n, um, tn);
             const int tm = um * CLUSTER + rank;  // past the last m-tile when tiles_m is odd: zeros in, nothing out
+            const int nkb = kb_hi - kb_lo;
             const int r0 = tm * BM + row_in_tile;
             const float *sa0 = sa + (long long)min(r0, M - 1) * sa_m, *sa1 = sa + (long long)min(r0 + 8, M - 1) * sa_m;
             const float *sb_col = sb + (long long)((tn * BN) / 128) * sb_n;
 #pragma unroll
             for (int i = 0; i < NACC; ++i) sum[i] = 0.0f;
+#if GROUPED
+            if (nkb == 0) {  // an expert without tokens: its gradient is zero
+                store_rows(sum, my_c, &c_desc, e * M + tm * BM + (wg - 1) * 64, tn * BN, wg, t);
+                continue;
+            }
+#endif
             // Two accumulators in turn: k-block kb + 1's WGMMAs run while kb's partial sum is promoted.
             // The scales of a k-block are loaded one step before the step that promotes it.
             float f0, f1, g0, g1;
-            scales(sa0, sa1, sb_col, sa_k, sb_k, 0, f0, f1);
+            scales(sa0, sa1, sb_col, sa_k, sb_k, kb_lo, f0, f1);
             issue(acc0, base, bars, it, a_off);
             int kb = 0;
-            for (; kb + 2 < KB; kb += 2, it += 2) {  // k-block kb is in flight in acc0, its factors in f
-                scales(sa0, sa1, sb_col, sa_k, sb_k, kb + 1, g0, g1);
+            for (; kb + 2 < nkb; kb += 2, it += 2) {  // k-block kb is in flight in acc0, its factors in f
+                scales(sa0, sa1, sb_col, sa_k, sb_k, kb_lo + kb + 1, g0, g1);
                 issue(acc1, base, bars, it + 1, a_off);
                 wait_one();
                 promote(acc0, sum, f0, f1, bars, it, sb_smem + ((it) % STAGES) * SB_STAGE_BYTES);
-                scales(sa0, sa1, sb_col, sa_k, sb_k, kb + 2, f0, f1);
+                scales(sa0, sa1, sb_col, sa_k, sb_k, kb_lo + kb + 2, f0, f1);
                 issue(acc0, base, bars, it + 2, a_off);
                 wait_one();
                 promote(acc1, sum, g0, g1, bars, it + 1, sb_smem + ((it + 1) % STAGES) * SB_STAGE_BYTES);
             }
-            if (kb + 1 < KB) {  // the last two k-blocks
-                scales(sa0, sa1, sb_col, sa_k, sb_k, kb + 1, g0, g1);
+            if (kb + 1 < nkb) {  // the last two k-blocks
+                scales(sa0, sa1, sb_col, sa_k, sb_k, kb_lo + kb + 1, g0, g1);
                 issue(acc1, base, bars, it + 1, a_off);
                 wait_one();
                 promote(acc0, sum, f0, f1, bars, it, sb_smem + ((it) % STAGES) * SB_STAGE_BYTES);
@@ -487,7 +526,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) KNAME(
                 promote(acc0, sum, f0, f1, bars, it, sb_smem + ((it) % STAGES) * SB_STAGE_BYTES);
                 it += 1;
             }
-            store_rows(sum, my_c, &c_desc, tm * BM + (wg - 1) * 64, tn * BN, wg, t);
+            store_rows(sum, my_c, &c_desc, e * M + tm * BM + (wg - 1) * 64, tn * BN, wg, t);
         }
 #endif
         if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
@@ -573,9 +612,12 @@ def _smem(bn: int, out_f32: bool, stages: int, rowwise: bool = False, bm: int = 
 STAGES, BN = 4, 128
 
 
-def check_variant(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool = False, bm: int = 128) -> None:
+def check_variant(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool = False, bm: int = 128,
+                  grouped: bool = False) -> None:
     """A one-line ValueError for a tile shape, stage count or cluster size the kernel cannot take
     (rather than a failed compile or launch, which would turn the kernel off for the process)."""
+    if grouped and not (rowwise and bm == 128 and bn in (64, 128) and cluster == 1):
+        raise ValueError("fp8_grouped_wgrad_nt: takes B scaled per row, bm=128, bn 64 or 128 and cluster=1")
     if bm not in (128, 256):
         raise ValueError(f"fp8_gemm_nt: bm={bm}; valid: 128, 256")
     if bm == 256 and (cluster != 1 or rowwise):
@@ -593,15 +635,15 @@ def check_variant(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bo
                          f"{'fp32' if out_f32 else 'bf16'} out, bm={bm}; use 2 to {most}")
 
 
-def _kernel(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool, bm: int = 128):
+def _kernel(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool, bm: int = 128, grouped: bool = False):
     """(kernel, shared memory bytes, CTA slots) of a variant, or None (with one warning) when NVRTC or the
     driver cannot build it here."""
-    check_variant(bn, out_f32, stages, cluster, rowwise, bm)
+    check_variant(bn, out_f32, stages, cluster, rowwise, bm, grouped)
 
     def build():
-        name = f"moeco_fp8_gemm_{bm}_{bn}_{int(out_f32)}_{stages}_{cluster}_{int(rowwise)}"
+        name = f"moeco_fp8_gemm_{bm}_{bn}_{int(out_f32)}_{stages}_{cluster}_{int(rowwise)}" + ("_grouped" if grouped else "")
         defs = [f"-DBM={bm}", f"-DBN={bn}", f"-DSTAGES={stages}", f"-DOUT_F32={int(out_f32)}", f"-DCLUSTER={cluster}",
-                f"-DROWWISE={int(rowwise)}"]
+                f"-DROWWISE={int(rowwise)}", f"-DGROUPED={int(grouped)}"]
         kern = torch.cuda._compile_kernel(source(bn).replace("KNAME", name), name, compute_capability="90a",
                                           nvcc_options=defs)
         smem = _smem(bn, out_f32, stages, rowwise, bm)
@@ -612,7 +654,7 @@ def _kernel(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool, bm
                  else torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
         return kern, smem, slots
 
-    return _variants.get((torch.cuda.current_device(), bn, out_f32, stages, cluster, rowwise, bm), build)
+    return _variants.get((torch.cuda.current_device(), bn, out_f32, stages, cluster, rowwise, bm, grouped), build)
 
 
 def supported(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
@@ -716,7 +758,7 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int
     ints = [ctypes.c_int(v) for v in (M, N, K, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0),
                                        b_scale.stride(1))]
     ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (a_scale, b_scale, out)]
-    params = [da, db, dc, ds, *ptrs, *ints]  # the kernel's parameters, in order
+    params = [da, db, dc, ds, *ptrs, *ints, ctypes.c_void_p(0), ctypes.c_int(1)]  # the kernel's parameters, in order
     if cluster == 1:
         cuda_kernels.launch(kern.func, (grid, 1, 1), (_THREADS, 1, 1), params, a_q.device, smem)
     else:
@@ -725,6 +767,55 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int
         rc = _lib().cuLaunchKernelEx(ctypes.byref(cfg), kern.func, arr, None)
         if rc != 0:
             raise RuntimeError(f"moeco FP8 GEMM launch failed with CUresult {rc}")
+    return out
+
+
+def grouped_supported(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor) -> bool:
+    """Whether `fp8_grouped_wgrad_nt` takes these operands: A (M, Tp) and B (N, Tp) E4M3 with one float32 scale
+    per row and 128-token block ((M, Tp / 128), (N, Tp / 128)), M a multiple of 128 (a tile's rows never
+    cross into the next expert's output), N a multiple of 4 (16-byte fp32 output rows), Tp of 128."""
+    if _variants.broken is not None or a_q.dim() != 2 or b_q.dim() != 2 or not a_q.is_cuda:
+        return False
+    M, Tp = a_q.shape
+    N = b_q.shape[0]
+    if b_q.shape[1] != Tp or Tp % BK or M % 128 or N % 4 or M == 0 or N == 0:
+        return False
+    if tuple(a_scale.shape) != (M, Tp // BK) or tuple(b_scale.shape) != (N, Tp // BK):
+        return False
+    if a_q.dtype != FP8_DTYPE or b_q.dtype != FP8_DTYPE or a_scale.dtype != torch.float32 \
+            or b_scale.dtype != torch.float32:
+        return False
+    ok = (a_q.is_contiguous() and b_q.is_contiguous() and a_q.data_ptr() % 16 == 0 and b_q.data_ptr() % 16 == 0)
+    return ok and cuda_kernels._device_ok(a_q.device) and cuda_kernels.capability(a_q.device) == (9, 0)
+
+
+def fp8_grouped_wgrad_nt(a_q, a_scale, b_q, b_scale, kstart: torch.Tensor, E: int, *, bn: int = BN,
+                         stages: int = STAGES) -> torch.Tensor | None:
+    """The routed experts' Wgrad in one launch: out[e] (M, N) fp32 = sum over expert e's 128-token blocks kb of
+    (A_kb . B_kb^T) * a_scale[:, kb] * b_scale[:, kb]^T, A (M, Tp) and B (N, Tp) both quantized along the
+    tokens, expert e owning tokens kstart[e] .. kstart[e + 1] (int64 on the device, multiples of 128, E + 1
+    entries; no host sync); an expert without tokens gets zeros. The caller checked `grouped_supported`.
+    None when the kernel cannot be compiled here (the caller then uses Triton's)."""
+    M, Tp = a_q.shape
+    N = b_q.shape[0]
+    cuda_kernels._ensure_context(a_q.device)
+    got = _kernel(bn, True, stages, 1, True, 128, grouped=True)
+    if got is None:
+        return None
+    kern, smem, slots = got
+    out = torch.empty((E, M, N), dtype=torch.float32, device=a_q.device)
+    if E == 0:
+        return out
+    units = E * (M // 128) * -(-N // bn)
+    sbt = b_scale.t() if b_scale.stride(0) == 1 and b_scale.stride(1) == N else b_scale.t().contiguous()
+    descs = [tensor_map(a_q, 128), tensor_map(b_q, bn), tensor_map(out.view(E * M, N), 64),
+             tensor_map(sbt, 1, bn, swizzle=False)]
+    kstart = kstart.to(device=a_q.device, dtype=torch.int64).contiguous()
+    ints = [ctypes.c_int(v) for v in (M, N, Tp, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0),
+                                       b_scale.stride(1))]
+    ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (a_scale, b_scale, out)]
+    params = [*descs, *ptrs, *ints, ctypes.c_void_p(kstart.data_ptr()), ctypes.c_int(E)]
+    cuda_kernels.launch(kern.func, (min(units, slots), 1, 1), (_THREADS, 1, 1), params, a_q.device, smem)
     return out
 
 

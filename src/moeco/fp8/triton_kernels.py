@@ -822,30 +822,61 @@ def grouped_padded_rows(offs: torch.Tensor, T: int):
 
 
 def fp8_grouped_wgrad(gy, xq, xs, offs, E: int, *, pow2_scale=False, out_dtype=torch.float32, block_m=128,
-                      block_n=128, num_warps=8, num_stages=4, tma: bool | None = None):
+                      block_n=128, num_warps=8, num_stages=4, tma: bool | None = None, gemm: str | None = None):
     """dW[e] (N, K) = gy[rows of e]^T . x[rows of e] for all experts: Wgrad of the grouped GEMM.
 
     gy (T, N) high precision; x given as its forward FP8 copy xq (T, K) with 1x128 scales xs.
-    Both are quantized 128x1 along the tokens (`quantize_act_1x128_t`, dequantizing x's 1x128
-    tiles first) into a layout where every expert starts on a 128-token boundary (zero rows in
-    between), so each 128-token tile belongs to one expert, exactly as the per-expert loop tiles
-    them; the quantization kernel reads the rows through a row map, so the padded copy is never
-    written. Then one launch computes all experts (grid: output tiles x experts, each looping over
-    its own token blocks).
+    Both are quantized 128x1 along the tokens (`grouped_wgrad_operands`) into a layout where every
+    expert starts on a 128-token boundary, then one launch computes all experts (`grouped_wgrad_gemm`).
     """
     T, N = gy.shape
     K = xq.shape[1]
     if E == 0 or N == 0 or K == 0:
         return torch.zeros((E, N, K), dtype=out_dtype, device=gy.device)
+    ops = grouped_wgrad_operands(gy, xq, xs, offs, pow2_scale=pow2_scale)
+    return grouped_wgrad_gemm(*ops, E, out_dtype=out_dtype, block_m=block_m, block_n=block_n, num_warps=num_warps,
+                              num_stages=num_stages, tma=tma, gemm=gemm)
+
+
+def grouped_wgrad_operands(gy, xq, xs, offs, *, pow2_scale=False):
+    """(gq (N, Tp), gs (N, Tp/128), xtq (K, Tp), xts (K, Tp/128), pstart (E + 1,) int64): gy and x (its FP8
+    copy, dequantized first) quantized 128x1 along the tokens with each expert's tokens starting on a
+    128-token boundary (zero tokens in between), so each 128-token tile belongs to one expert, exactly as
+    the per-expert loop tiles them. The quantization kernel reads the rows through a row map, so the
+    padded copy is never written. No host sync."""
+    T = gy.shape[0]
     dest, pstart, Tp = grouped_padded_rows(offs, T)
     # padded row -> source row (-1: padding). Rows past offs[-1] all land on row Tp - 1, in a spare
-    # block the kernel below never reads.
+    # block the GEMM never reads.
     src = torch.full((Tp,), -1, dtype=torch.int32, device=gy.device)
     src.scatter_(0, dest, torch.arange(T, dtype=torch.int32, device=gy.device))
     # through the dispatcher: the NVRTC token-wise kernel where it applies, else this module's
     gq, gs = _quantize.quantize_act_1x128_t(gy, pow2_scale=pow2_scale, rows=src)  # (N, Tp), (N, Tp/128)
     xtq, xts = _quantize.quantize_act_1x128_t(xq, xs, pow2_scale=pow2_scale, rows=src)  # (K, Tp), (K, Tp/128)
-    c = torch.empty((E, N, K), dtype=out_dtype, device=gy.device)
+    return gq, gs, xtq, xts, pstart
+
+
+def grouped_wgrad_gemm(gq, gs, xtq, xts, pstart, E: int, *, out_dtype=torch.float32, block_m=128, block_n=128,
+                       num_warps=8, num_stages=4, tma: bool | None = None, gemm: str | None = None):
+    """(E, N, K): out[e] = the sum over expert e's 128-token blocks (pstart[e] .. pstart[e + 1]) of the
+    promoted products of `grouped_wgrad_operands`' tiles. `gemm="wgmma"`: moeco's Hopper kernel
+    (`cuda_gemm.fp8_grouped_wgrad_nt`, persistent TMA + WGMMA over all experts' tiles; fp32 out, N a
+    multiple of 128), `"triton"`: this module's kernel (grid: output tiles x experts); None: MOECO_FP8_GEMM's
+    choice (`cublas` never takes moeco's wgmma kernel, otherwise it runs wherever it applies). Triton's
+    kernel runs wherever the wgmma one cannot."""
+    N, K = gq.shape[0], xtq.shape[0]
+    if gemm is None:
+        from moeco.fp8 import cuda_gemm
+
+        gemm = "triton" if cuda_gemm.mode() == "cublas" else "wgmma"
+    if gemm == "wgmma" and out_dtype == torch.float32 and not interpreting():
+        from moeco.fp8 import cuda_gemm
+
+        if cuda_gemm.grouped_supported(gq, gs, xtq, xts):
+            c = cuda_gemm.fp8_grouped_wgrad_nt(gq, gs, xtq, xts, pstart, E)
+            if c is not None:
+                return c
+    c = torch.empty((E, N, K), dtype=out_dtype, device=gq.device)
     block_m, block_n, num_warps, num_stages = _grouped_config(block_m, block_n, num_warps, num_stages)
     grid = (_ceil_div(N, block_m) * _ceil_div(K, block_n), E)
     if use_tma(gq, xtq, tma=tma):
