@@ -83,6 +83,31 @@ __device__ __forceinline__ float div_by(float x, float s, float r) {
     return __fmaf_rn(-e, r, q);
 }
 
+// The transposed store both kernels end with: the block's E4M3 tile is in shared memory as rows of 33
+// words (row = channel: 32 words of 4 tokens, 1 pad word); 8 threads write each channel's 128 bytes of
+// q (16 tokens each), so a warp stores 4 whole rows. ROWS channels from c0, 128 tokens from t0; 256 threads.
+template <int ROWS>
+__device__ __forceinline__ void store_transposed(const unsigned *qs, unsigned char *q, unsigned c0, int C, long long t0,
+                                                 int T, int stride_q) {
+    const int tid = threadIdx.x, chunk = tid & 7;
+    const long long tt = t0 + 16 * chunk;
+#pragma unroll
+    for (int pass = 0; pass < ROWS / 32; ++pass) {
+        const int row = pass * 32 + (tid >> 3);
+        const int cg = c0 + row;
+        if (cg >= C) continue;
+        const unsigned *src = qs + row * 33 + 4 * chunk;
+        const unsigned a0 = src[0], a1 = src[1], a2 = src[2], a3 = src[3];
+        unsigned char *dst = q + (long long)cg * stride_q + tt;
+        if (tt + 16 <= T && (stride_q & 15) == 0) {
+            *reinterpret_cast<uint4 *>(dst) = make_uint4(a0, a1, a2, a3);
+        } else {
+            const unsigned wd[4] = {a0, a1, a2, a3};
+            for (int j = 0; j < 16 && tt + j < T; ++j) dst[j] = (unsigned char)(wd[j >> 2] >> (8 * (j & 3)));
+        }
+    }
+}
+
 """
 
 _SOURCE = _HELPERS + r"""
@@ -217,24 +242,7 @@ extern "C" __global__ void BOUNDS KNAME(
                                 div_by(f[2][i], sc[i], rc[i]), div_by(f[3][i], sc[i], rc[i]));
     }
     __syncthreads();
-    // store: 8 threads per channel row, 16 bytes (16 tokens) each: a warp writes 4 rows x 128 bytes
-    const int tid = threadIdx.x, chunk = tid & 7;
-    const long long tt = (long long)blockIdx.y * (WARPS * TOKW) + 16 * chunk;
-#pragma unroll
-    for (int pass = 0; pass < TC / (4 * WARPS); ++pass) {
-        const int row = pass * (4 * WARPS) + (tid >> 3);
-        const int cg = blockIdx.x * TC + row;
-        if (cg >= C) continue;
-        const unsigned *src = qs + row * 33 + 4 * chunk;
-        const unsigned a0 = src[0], a1 = src[1], a2 = src[2], a3 = src[3];
-        unsigned char *dst = q + (long long)cg * stride_q + tt;
-        if (tt + 16 <= T_out && (stride_q & 15) == 0) {
-            *reinterpret_cast<uint4 *>(dst) = make_uint4(a0, a1, a2, a3);
-        } else {
-            const unsigned wd[4] = {a0, a1, a2, a3};
-            for (int j = 0; j < 16 && tt + j < T_out; ++j) dst[j] = (unsigned char)(wd[j >> 2] >> (8 * (j & 3)));
-        }
-    }
+    store_transposed<TC>(qs, q, blockIdx.x * TC, C, (long long)blockIdx.y * (WARPS * TOKW), T_out, stride_q);
 }
 """
 
@@ -374,23 +382,7 @@ extern "C" __global__ void BOUNDS KNAME(
                                 div_by(f[2][i], sc[i], rc[i]), div_by(f[3][i], sc[i], rc[i]));
     }
     __syncthreads();
-    const int tid = threadIdx.x, chunk = tid & 7;
-    const long long tt = (long long)blockIdx.y * 128 + 16 * chunk;
-#pragma unroll
-    for (int pass = 0; pass < 4; ++pass) {
-        const int row = pass * 32 + (tid >> 3);
-        const int cg = blockIdx.x * 128 + row;
-        if (cg >= C) continue;
-        const unsigned *src = qs + row * 33 + 4 * chunk;
-        const unsigned a0 = src[0], a1 = src[1], a2 = src[2], a3 = src[3];
-        unsigned char *dst = q_col + (long long)cg * stride_qc + tt;
-        if (tt + 16 <= T && (stride_qc & 15) == 0) {
-            *reinterpret_cast<uint4 *>(dst) = make_uint4(a0, a1, a2, a3);
-        } else {
-            const unsigned wd[4] = {a0, a1, a2, a3};
-            for (int j = 0; j < 16 && tt + j < T; ++j) dst[j] = (unsigned char)(wd[j >> 2] >> (8 * (j & 3)));
-        }
-    }
+    store_transposed<128>(qs, q_col, blockIdx.x * 128, C, (long long)blockIdx.y * 128, T, stride_qc);
 }
 """
 
