@@ -409,7 +409,8 @@ def dual_rows(tokens):
                 (q0, s0), (qt0, st0) = tk.quantize_act_1x128(x), ck.token_wise(x)
                 times = {}
                 for _ in range(3):
-                    times.setdefault("separate", []).append(gpu_ms(lambda: (tk.quantize_act_1x128(x), ck.token_wise(x))))
+                    two_kernels = lambda: (tk.quantize_act_1x128(x), ck.token_wise(x))  # noqa: E731
+                    times.setdefault("separate", []).append(gpu_ms(two_kernels))
                     for minb in (None, 2, 3):
                         ck.DUAL_MIN_BLOCKS[0] = minb
                         (q, s), (qt, st) = ck.dual(x)
@@ -721,7 +722,8 @@ def main() -> int:
     tokens = [int(t) for t in a.tokens.split(",")]
     out = {}
     for sec, fn in (("probe", probe_rows), ("n576", lambda: n576_rows(tokens)), ("gemm", lambda: gemm_rows(tokens)), ("quant", lambda: quant_rows(tokens)),
-                    ("grouped", grouped_rows), ("retile", retile_rows), ("retile_moe", retile_moe_rows), ("minb", minb_rows), ("dual", lambda: dual_rows(tokens)), ("div", lambda: div_rows(tokens)),
+                    ("grouped", grouped_rows), ("retile", retile_rows), ("retile_moe", retile_moe_rows), ("minb", minb_rows),
+                    ("dual", lambda: dual_rows(tokens)), ("div", lambda: div_rows(tokens)),
                     ("linear", lambda: linear_rows(tokens)), ("fbgemm", lambda: fbgemm_rows(tokens)),
                     ("wgmma", lambda: wgmma_rows(tokens)), ("gwgrad", gwgrad_rows)):
         if sec in a.only.split(","):

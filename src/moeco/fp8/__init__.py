@@ -23,6 +23,6 @@ from moeco.fp8.recipe import Fp8Recipe, HighPrecisionRecipe, recipe_by_name
 __all__ = [
     "Fp8InferenceLinear", "Fp8Linear", "Fp8Recipe", "HighPrecisionRecipe", "dequantize_act_1x128",
     "dequantize_weight_128x128", "emulate_hopper_accumulation", "fp8_gemm", "fp8_gemm_reference",
-    "fp8_grouped_mm", "quantize_act_1x128", "quantize_act_1x128_dual", "quantize_act_1x128_t", "quantize_weight_128x128", "recipe_by_name",
-    "weight_cache",
+    "fp8_grouped_mm", "quantize_act_1x128", "quantize_act_1x128_dual", "quantize_act_1x128_t",
+    "quantize_weight_128x128", "recipe_by_name", "weight_cache",
 ]

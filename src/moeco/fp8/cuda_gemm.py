@@ -641,7 +641,7 @@ def _kernel(bn: int, out_f32: bool, stages: int, cluster: int, rowwise: bool, bm
     check_variant(bn, out_f32, stages, cluster, rowwise, bm, grouped)
 
     def build():
-        name = f"moeco_fp8_gemm_{bm}_{bn}_{int(out_f32)}_{stages}_{cluster}_{int(rowwise)}" + ("_grouped" if grouped else "")
+        name = f"moeco_fp8_gemm_{bm}_{bn}_{int(out_f32)}_{stages}_{cluster}_{int(rowwise)}{'_grouped' if grouped else ''}"
         defs = [f"-DBM={bm}", f"-DBN={bn}", f"-DSTAGES={stages}", f"-DOUT_F32={int(out_f32)}", f"-DCLUSTER={cluster}",
                 f"-DROWWISE={int(rowwise)}", f"-DGROUPED={int(grouped)}"]
         kern = torch.cuda._compile_kernel(source(bn).replace("KNAME", name), name, compute_capability="90a",

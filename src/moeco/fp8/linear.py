@@ -209,10 +209,11 @@ def grouped_impl(device: torch.device, backend: str, *, wgrad: bool = False) -> 
     Environment: MOECO_FP8_GROUPED=auto|triton|loop|fbgemm (Fprop and Dgrad, and Wgrad unless
     MOECO_FP8_GROUPED_WGRAD says otherwise; the Wgrad has no FBGEMM form and takes "triton" for
     "fbgemm"; its "triton" form quantizes with moeco's kernels and runs the GEMM as moeco's Hopper
-    kernel where it applies, `triton_kernels.grouped_wgrad_gemm`). "auto" takes FBGEMM's kernel on Hopper when `fbgemm-gpu-genai` is importable, else
-    moeco's grouped kernels on CUDA, and the loop on CPU; "triton" forces moeco's kernels (CPU needs
-    TRITON_INTERPRET=1); "fbgemm" requires FBGEMM; "loop" forces the loop. "fbgemm" calls whose
-    shapes it cannot take (N or K not a multiple of 128, output not bf16) run moeco's kernel.
+    kernel where it applies, `triton_kernels.grouped_wgrad_gemm`). "auto" takes FBGEMM's kernel on Hopper
+    when `fbgemm-gpu-genai` is importable, else moeco's grouped kernels on CUDA, and the loop on CPU;
+    "triton" forces moeco's kernels (CPU needs TRITON_INTERPRET=1); "fbgemm" requires FBGEMM; "loop" forces
+    the loop. "fbgemm" calls whose shapes it cannot take (N or K not a multiple of 128, output not bf16) run
+    moeco's kernel.
     """
     mode = os.environ.get("MOECO_FP8_GROUPED", "auto") or "auto"
     if wgrad:
