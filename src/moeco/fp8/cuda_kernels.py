@@ -622,4 +622,4 @@ def status() -> str:
     """One line for logs and benches: whether the NVRTC kernels are in use, and why not."""
     if _variants.broken is not None or _dual_variants.broken is not None:
         return f"cuda kernels off: {_variants.broken or _dual_variants.broken}"
-    return f"cuda kernels: MOECO_FP8_QUANT={mode()}, compiled {len(_variants.cache)}"
+    return f"cuda kernels: MOECO_FP8_QUANT={mode()}, compiled {len(_variants.cache) + len(_dual_variants.cache)}"
