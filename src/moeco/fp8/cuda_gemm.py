@@ -242,7 +242,6 @@ __device__ __forceinline__ void fold(float (&acc)[NACC], float (&sum)[NACC], flo
 // k-block `it` is done: free its stage and add acc x its factors to sum. ROWWISE: B has one scale per
 // row (Wgrad's 128x1 tiles), staged in shared memory per k-block at sb_tile; f0, f1 are then A's
 // scales alone and each column multiplies in its own; the stage is freed after its scales are read.
-
 __device__ __forceinline__ void promote(float (&acc)[NACC], float (&sum)[NACC], float f0, float f1, u32 bars, int it,
                                         u32 sb_tile) {
 #pragma unroll
@@ -600,6 +599,14 @@ def tensor_map(t: torch.Tensor, box_rows: int, box_cols: int | None = None, swiz
     return desc
 
 
+def _row_scales_map(b_scale: torch.Tensor, bn: int) -> _Desc:
+    """B's per-row scales (N, KB) as a TMA map of their (KB, N) transpose, N contiguous: one box of bn
+    scales per stage (no copy when b_scale is already outer-dim-major, as the quantizers write it)."""
+    N = b_scale.shape[0]
+    sbt = b_scale.t() if b_scale.stride(0) == 1 and b_scale.stride(1) == N else b_scale.t().contiguous()
+    return tensor_map(sbt, 1, bn, swizzle=False)
+
+
 def _smem(bn: int, out_f32: bool, stages: int, rowwise: bool = False, bm: int = 128) -> int:
     """Dynamic shared memory: the stages (with B's row scales when rowwise), the output buffers (64 rows
     per math warp group), the barriers, 1024 bytes of alignment slack."""
@@ -751,8 +758,7 @@ def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, bn: int
     grid = cluster * min(units, slots)
     da, db, dc = tensor_map(a_q, bm), tensor_map(b_q, bn // cluster), tensor_map(out, 64)
     if rowwise:  # B's scales as (KB, N) rows, N contiguous: one TMA box of bn scales per stage
-        sbt = b_scale.t() if b_scale.stride(0) == 1 and b_scale.stride(1) == N else b_scale.t().contiguous()
-        ds = tensor_map(sbt, 1, bn, swizzle=False)
+        ds = _row_scales_map(b_scale, bn)
     else:
         ds = _Desc()  # unused
     ints = [ctypes.c_int(v) for v in (M, N, K, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0),
@@ -807,9 +813,8 @@ def fp8_grouped_wgrad_nt(a_q, a_scale, b_q, b_scale, kstart: torch.Tensor, E: in
     if E == 0:
         return out
     units = E * (M // 128) * -(-N // bn)
-    sbt = b_scale.t() if b_scale.stride(0) == 1 and b_scale.stride(1) == N else b_scale.t().contiguous()
     descs = [tensor_map(a_q, 128), tensor_map(b_q, bn), tensor_map(out.view(E * M, N), 64),
-             tensor_map(sbt, 1, bn, swizzle=False)]
+             _row_scales_map(b_scale, bn)]
     kstart = kstart.to(device=a_q.device, dtype=torch.int64).contiguous()
     ints = [ctypes.c_int(v) for v in (M, N, Tp, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0),
                                        b_scale.stride(1))]

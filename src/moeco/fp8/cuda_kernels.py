@@ -74,6 +74,23 @@ __device__ __forceinline__ unsigned f32x4_to_e4m3x4(float a, float b, float c, f
     return (unsigned)lo | ((unsigned)hi << 16);
 }
 
+// 256 threads a block; MINB (if defined): blocks per multiprocessor the compiler must fit.
+#ifdef MINB
+#define BOUNDS __launch_bounds__(256, MINB)
+#else
+#define BOUNDS __launch_bounds__(256)
+#endif
+
+// The scale of a tile from its max-abs: max(amax, 1e-4) / 448 correctly rounded, or (POW2) rounded up to
+// a power of two on the bits.
+__device__ __forceinline__ float scale_of(float amax) {
+    float v = __fdiv_rn(fmaxf(amax, 1e-4f), 448.0f);
+#if POW2
+    v = __uint_as_float((__float_as_uint(v) + 0x7FFFFFu) & 0x7F800000u);
+#endif
+    return v;
+}
+
 // x / s correctly rounded from r = 1/s (correctly rounded): Markstein's correction, two fused
 // multiply-adds. The residual is taken as q*s - x and subtracted, which is the same number for
 // x != 0 and keeps the sign of a zero (x = -0: q = -0, e = +0, -e*r + q = -0), so no select.
@@ -138,11 +155,6 @@ __device__ __forceinline__ void unpack(unsigned w, float *f) {
 #endif
 }
 
-#ifdef MINB
-#define BOUNDS __launch_bounds__(256, MINB)
-#else
-#define BOUNDS __launch_bounds__(256)
-#endif
 extern "C" __global__ void BOUNDS KNAME(
     const unsigned *__restrict__ x, const float *__restrict__ xs, const int *__restrict__ rows,
     unsigned char *__restrict__ q, float *__restrict__ s,
@@ -214,13 +226,9 @@ extern "C" __global__ void BOUNDS KNAME(
         float a = red[lane * V + i];
 #pragma unroll
         for (int k = 1; k < WARPS; ++k) a = fmaxf(a, red[k * TC + lane * V + i]);
-        float v = __fdiv_rn(fmaxf(a, 1e-4f), 448.0f);
-#if POW2
-        v = __uint_as_float((__float_as_uint(v) + 0x7FFFFFu) & 0x7F800000u);
-#endif
-        sc[i] = v;
-        rc[i] = __frcp_rn(v);
-        if (warp == 0 && c_ok) s[(long long)blockIdx.y * C + c + i] = v;
+        sc[i] = scale_of(a);
+        rc[i] = __frcp_rn(sc[i]);
+        if (warp == 0 && c_ok) s[(long long)blockIdx.y * C + c + i] = sc[i];
     }
     // quantize this thread's 16 tokens of each channel into 4 words, then hand them to the store
     // layout through shared memory (row = channel, 32 words of 4 tokens + 1 pad word)
@@ -294,19 +302,6 @@ __device__ __forceinline__ void halve(float *m, int lane, int bit) {
     }
 }
 
-__device__ __forceinline__ float scale_of(float amax) {
-    float v = __fdiv_rn(fmaxf(amax, 1e-4f), 448.0f);
-#if POW2
-    v = __uint_as_float((__float_as_uint(v) + 0x7FFFFFu) & 0x7F800000u);
-#endif
-    return v;
-}
-
-#ifdef MINB
-#define BOUNDS __launch_bounds__(256, MINB)
-#else
-#define BOUNDS __launch_bounds__(256)
-#endif
 extern "C" __global__ void BOUNDS KNAME(
     const uint2 *__restrict__ x, unsigned char *__restrict__ q_row, float *__restrict__ s_row,
     unsigned char *__restrict__ q_col, float *__restrict__ s_col, int T, int C, int stride_x, int stride_qc) {

@@ -39,7 +39,7 @@ import os
 import torch
 
 from moeco.fp8 import quantize as _quantize
-from moeco.fp8 import cuda_kernels
+from moeco.fp8 import cuda_gemm, cuda_kernels
 from moeco.fp8.cuda_kernels import MAX_GRID_Y as _MAX_GRID_Y
 from moeco.fp8.quantize import _ceil_div
 
@@ -866,12 +866,8 @@ def grouped_wgrad_gemm(gq, gs, xtq, xts, pstart, E: int, *, out_dtype=torch.floa
     kernel runs wherever the wgmma one cannot."""
     N, K = gq.shape[0], xtq.shape[0]
     if gemm is None:
-        from moeco.fp8 import cuda_gemm
-
         gemm = "triton" if cuda_gemm.mode() == "cublas" else "wgmma"
     if gemm == "wgmma" and out_dtype == torch.float32 and not interpreting():
-        from moeco.fp8 import cuda_gemm
-
         if cuda_gemm.grouped_supported(gq, gs, xtq, xts):
             c = cuda_gemm.fp8_grouped_wgrad_nt(gq, gs, xtq, xts, pstart, E)
             if c is not None:
