@@ -73,14 +73,14 @@ def main() -> None:
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt))
     with torch.no_grad():
-        err = (model(ids[:1, :32]) - hf(ids[:1, :32]).logits).abs().max().item()
+        err = (model(ids[:1, :32]).logits - hf(ids[:1, :32]).logits).abs().max().item()
 
     prefill_tokens = args.batch * args.prompt
     with torch.no_grad():
         t_moeco = best_of(lambda: model(ids, last_only=True), args.repeats)
         t_hf = best_of(lambda: hf(ids, logits_to_keep=1), args.repeats)
     prompt = ids[:, :args.prompt]
-    decode_moeco = best_of(lambda: model.generate(prompt, args.new), 1)
+    decode_moeco = best_of(lambda: generate(model, prompt, args.new), 1)
     decode_hf = best_of(lambda: hf.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new,
                                             do_sample=False, eos_token_id=None, pad_token_id=0,
                                             attention_mask=torch.ones_like(prompt)), 1)

@@ -14,3 +14,21 @@ def micro_config(**overrides) -> ModelConfig:
     )
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def sharp_attention(model, std: float = 0.5, seed: int = 0):
+    """Redraw every attention projection with a large std so attention rows are peaked (mean entropy
+    well below uniform's): with small random weights attention is near uniform and hides RoPE,
+    mask and softmax-scale errors. Returns the model."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            attn = getattr(module, "self_attn", None)
+            if attn is None:
+                continue
+            for p in attn.parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model

@@ -1,11 +1,13 @@
 """Sampling rules, stopping at eos, and the generate/demo command lines."""
 
+import pytest
 import torch
 
 import moeco
+from moeco.generate import generate
 from helpers import micro_config
 from moeco.cli import main
-from moeco.model.sampling import sample_next
+from moeco.sampling import sample_next
 
 
 def test_sampling_filters():
@@ -26,9 +28,9 @@ def test_generate_stops_at_eos_and_pads_finished_rows():
     torch.manual_seed(11)
     model = moeco.Transformer(cfg)
     prompt = torch.randint(0, cfg.vocab_size, (2, 4))
-    free = model.generate(prompt, 6)
+    free = generate(model, prompt, 6)
     eos = int(free[0, 5])  # row 0's second new token
-    out = model.generate(prompt, 6, eos_token_id=eos)
+    out = generate(model, prompt, 6, eos_token_id=eos)
     assert out.shape[1] <= 10 and (out[0, 5:] == eos).all()
     assert model.training  # generate restores the mode it found
 
@@ -56,8 +58,8 @@ def test_vocab_limit_keeps_sampling_inside_the_tokenizer():
         model.lm_head.weight[cfg.vocab_size - 8:] *= 50
     ids = torch.randint(0, cfg.vocab_size - 8, (2, 3))
     gen = torch.Generator().manual_seed(0)
-    free = model.generate(ids, 12, temperature=1.0, generator=gen)
-    limited = model.generate(ids, 12, temperature=1.0, generator=torch.Generator().manual_seed(0),
+    free = generate(model, ids, 12, temperature=1.0, generator=gen)
+    limited = generate(model, ids, 12, temperature=1.0, generator=torch.Generator().manual_seed(0),
                              vocab_limit=cfg.vocab_size - 8)
     assert (free[:, 3:] >= cfg.vocab_size - 8).any()  # the check can fail: without the limit they appear
     assert (limited[:, 3:] < cfg.vocab_size - 8).all()
@@ -67,3 +69,31 @@ def test_trainer_pads_vocab_to_128():
     from moeco.train.run_dir import padded_vocab
 
     assert [padded_vocab(n) for n in (1, 128, 129, 16899, 129280)] == [128, 128, 256, 16896 + 128, 129280]
+
+
+def test_prompts_of_different_lengths_generate_what_each_generates_alone():
+    from helpers import sharp_attention
+
+    cfg = micro_config()
+    torch.manual_seed(12)
+    model = sharp_attention(moeco.Transformer(cfg), seed=12)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (1, 5, 11, 4)]
+    together = generate(model, prompts, 9)
+    alone = [generate(model, torch.tensor([p]), 9)[0].tolist() for p in prompts]
+    assert together == alone
+    assert [len(t) for t in together] == [10, 14, 20, 13]
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
+    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"), (dict(prompts=[[1, 999]]), "token id 999"),
+    (dict(max_new_tokens=300), "max_position_embeddings"), (dict(prompts=torch.zeros(3)), "shape"),
+])
+def test_generate_rejects_bad_arguments_with_one_line(kwargs, field):
+    model = moeco.Transformer(micro_config())
+    args = dict(prompts=[[1, 2, 3]], max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(moeco.ConfigError) as err:
+        generate(model, args.pop("prompts"), args.pop("max_new_tokens"), **args)
+    assert field in str(err.value) and "\n" not in str(err.value)

@@ -32,12 +32,13 @@ def test_bf16_cuda_model_tracks_fp32_cpu_model_and_absorbed_decode():
     gpu = gpu.to("cuda", torch.bfloat16)
     ids = torch.randint(0, cfg.vocab_size, (2, 64))
     with torch.no_grad():
-        want = ref(ids)
-        got = gpu(ids.cuda()).float().cpu()
+        want = ref(ids).logits
+        got = gpu(ids.cuda()).logits.float().cpu()
         cache = gpu.new_cache(2, 64)
-        steps = [gpu(ids[:, :32].cuda(), cache=cache)]
+        steps = [gpu(ids[:, :32].cuda(), cache=cache).logits]
         for t in range(32, 64):
-            steps.append(gpu(ids[:, t:t + 1].cuda(), cache=cache, start_pos=t))
+            pos = torch.full((2, 1), t, device="cuda")
+            steps.append(gpu(ids[:, t:t + 1].cuda(), pos, cache=cache).logits)
         decoded = torch.cat(steps, 1).float().cpu()
     for out in (got, decoded):
         cos = torch.nn.functional.cosine_similarity(out.flatten(), want.flatten(), dim=0)
@@ -61,7 +62,7 @@ def test_keep_fp8_on_cuda_matches_the_cpu_emulation(tmp_path):
             m.backend = "reference"
     ids = torch.randint(0, cfg.vocab_size, (2, 48))
     with torch.no_grad():
-        a, b = kept(ids.cuda()).float().cpu(), emul(ids).float()
+        a, b = kept(ids.cuda()).logits.float().cpu(), emul(ids).logits.float()
     cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
     assert cos > 0.97, cos
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import moeco
+from moeco.generate import generate
 from helpers import micro_config
 
 transformers = pytest.importorskip("transformers")
@@ -41,7 +42,7 @@ def test_transformers_checkpoint_loads_in_moeco(variant, tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         ref = hf(ids).logits
-        got = model(ids)
+        got = model(ids).logits
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
@@ -56,9 +57,9 @@ def test_moeco_checkpoint_loads_in_transformers_and_generates_the_same(variant, 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 20))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
     prompt = ids[:1, :8]
-    ours = model.generate(prompt, max_new_tokens=16)
+    ours = generate(model, prompt, max_new_tokens=16)
     theirs = hf.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0,
                          attention_mask=torch.ones_like(prompt))
     assert ours.tolist() == theirs.tolist()
@@ -96,4 +97,4 @@ def test_deepseek_v2_routing_matches_transformers_v2(routing, tmp_path):
     model = moeco.load_pretrained(tmp_path, dtype=torch.float32)
     ids = torch.randint(0, cfg.vocab_size, (2, 20))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from moeco.generate import generate
+
 from moeco.errors import ConfigError, LoadError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": None}
@@ -74,7 +76,7 @@ def run_generate(args) -> int:
     ids = torch.tensor([prompt], device=args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     start = time.perf_counter()
-    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          top_k=args.top_k, eos_token_id=model.config.eos_token_id if tokenizer else None,
                          generator=gen, vocab_limit=tokenizer.get_vocab_size() if tokenizer else None)
     seconds = time.perf_counter() - start
@@ -97,7 +99,7 @@ def run_demo(args) -> int:
     model.save_pretrained(out)
     reloaded = load_pretrained(out)
     prompt = torch.tensor([[config.bos_token_id or 0, 5, 6, 7]])
-    tokens = reloaded.generate(prompt, max_new_tokens=16)
+    tokens = generate(reloaded, prompt, max_new_tokens=16)
     cache = reloaded.new_cache(1, 1)
     print(f"built '{args.preset}': {model.num_params() / 1e6:.2f}M parameters "
           f"({config.num_hidden_layers} layers, {config.n_routed_experts} routed experts, "

@@ -79,25 +79,36 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Produces cos/sin tables (S, R/2) for given positions; holds no learned state."""
+    """Produces cos/sin tables (..., R/2) for positions of any shape; holds no learned state.
+
+    inv_freq stays float32 whatever dtype the model is cast to: in bf16 it is 0.37% off, and the
+    angles pos * theta drift with position (routing decisions flip a few thousand tokens in).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         inv_freq, self.attention_factor = rope_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._inv_freq_exact = inv_freq  # a plain attribute: Module.to() leaves it alone
+        self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:  # restore, not upcast: the cast already rounded
+            self.inv_freq = self._inv_freq_exact.to(self.inv_freq.device)
+        return self
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        angles = positions.float()[..., None] * self.inv_freq.float()
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim of x (..., S, [H,] R) by cos/sin of shape (S, R/2).
+    """Rotate interleaved pairs of the last dim of x (B, S, [H,] R) by cos/sin of shape ([B,] S, R/2).
 
-    cos/sin broadcast over batch and heads: x is (B, S, H, R) or (B, S, R).
+    cos/sin broadcast over heads, and over batch when they are per position only.
     """
     if x.dim() == 4:
-        cos, sin = cos[:, None, :], sin[:, None, :]
+        cos, sin = cos[..., None, :], sin[..., None, :]
     dtype = x.dtype
     x = x.float()
     x_even, x_odd = x[..., 0::2], x[..., 1::2]

@@ -22,36 +22,30 @@ are one (`kv_b_proj`, output per head [k^C ; v]); names follow the HF layout.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moeco.config import ModelConfig
+from moeco.model.cache import CacheLayer, LatentCache, visible
 from moeco.model.layers import RMSNorm, apply_rope_interleaved
 
 
-class LatentCache:
-    """Per-sequence MLA cache: for every layer, [c_t ; kr_t] of kv_lora_rank + qk_rope_head_dim values.
+@dataclass
+class AttnInputs:
+    """What every layer's attention needs for one forward, built once by the Transformer.
 
-    `latent` is one (L, B, T_max, d_c + dr) tensor; `length` counts the tokens written so far.
+    positions None means the plain training case: every row holds positions 0..S-1 and there is
+    no cache, so attention is causal over the S new tokens (SDPA's is_causal kernel).
     """
 
-    def __init__(self, config: ModelConfig, batch: int, max_len: int, *, num_layers: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        self.kv_lora_rank = config.kv_lora_rank
-        layers = config.num_hidden_layers if num_layers is None else num_layers
-        self.latent = torch.zeros(layers, batch, max_len, config.latent_dim, dtype=dtype, device=device)
-        self.length = 0
-
-    def layer(self, layer_id: int) -> torch.Tensor:
-        return self.latent[layer_id]
-
-    def bytes_per_token(self) -> int:
-        """Bytes one token occupies across all layers (equals ModelConfig.kv_cache_bytes_per_token)."""
-        layers, _, _, dim = self.latent.shape
-        return layers * dim * self.latent.element_size()
-
-
+    cos: torch.Tensor  # (S, R/2) or (B, S, R/2)
+    sin: torch.Tensor
+    positions: torch.Tensor | None = None  # (B, S) per-token positions; negative = padding
+    cache: LatentCache | None = None
+    absorb: bool = False  # attend over the latents with W_UK / W_UV folded (decode), or materialise K, V
 
 
 class MLA(nn.Module):
@@ -92,39 +86,31 @@ class MLA(nn.Module):
             self._kv_b_dense = (key, dequantize(dtype))
         return self._kv_b_dense[1]
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache_BTC: torch.Tensor | None = None, start_pos: int = 0, absorb: bool = False) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, inp: AttnInputs, cache: CacheLayer | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x_BSD)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
         q_nope, q_rot = q.view(B, S, self.n_heads, self.dn + self.dr).split([self.dn, self.dr], dim=-1)
-        q_rot = apply_rope_interleaved(q_rot, cos, sin)
+        q_rot = apply_rope_interleaved(q_rot, inp.cos, inp.sin)
 
         latent, k_rot = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, self.dr], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        k_rot = apply_rope_interleaved(k_rot, cos, sin)  # (B, S, dr), shared by all heads
+        k_rot = apply_rope_interleaved(k_rot, inp.cos, inp.sin)  # (B, S, dr), shared by all heads
 
-        if cache_BTC is not None:
-            end = start_pos + S
-            cache_BTC[:B, start_pos:end, : self.kv_lora_rank] = latent
-            cache_BTC[:B, start_pos:end, self.kv_lora_rank:] = k_rot
-            latent, k_rot = cache_BTC[:B, :end, : self.kv_lora_rank], cache_BTC[:B, :end, self.kv_lora_rank:]
-            latent, k_rot = latent.to(x_BSD.dtype), k_rot.to(x_BSD.dtype)
-        attend = self._absorbed if absorb else self._plain
-        o_BSHV = attend(q_nope, q_rot, latent, k_rot, start_pos)
+        mask = None  # None: causal over the S new tokens
+        if cache is not None:
+            rows, key_pos = cache.update(torch.cat([latent, k_rot], dim=-1), inp.positions)
+            latent, k_rot = rows.to(x_BSD.dtype).split([self.kv_lora_rank, self.dr], dim=-1)
+            mask = visible(inp.positions, key_pos)
+        elif inp.positions is not None:
+            mask = visible(inp.positions, inp.positions)
+        attend = self._absorbed if inp.absorb else self._plain
+        o_BSHV = attend(q_nope, q_rot, latent, k_rot, mask)
         return self.o_proj(o_BSHV.flatten(2))
 
-    @staticmethod
-    def _mask(S: int, T: int, start_pos: int, device) -> torch.Tensor | None:
-        """Boolean (S, T) mask, True where query i (position start_pos+i) may see key j; None if all may."""
-        if S == 1:
-            return None
-        q_pos = torch.arange(S, device=device)[:, None] + start_pos
-        return torch.arange(T, device=device)[None, :] <= q_pos
-
-    def _plain(self, q_nope, q_rot, latent_BTC, k_rot_BTR, start_pos):
+    def _plain(self, q_nope, q_rot, latent_BTC, k_rot_BTR, mask_BST):
         B, S, H, _ = q_nope.shape
         T = latent_BTC.shape[1]
         kv = self.kv_b_proj(latent_BTC).view(B, T, H, self.dn + self.dv)
@@ -132,26 +118,26 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rot_BTR[:, :, None, :].expand(B, T, H, self.dr)], dim=-1)
         q = torch.cat([q_nope, q_rot], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S|T, .)
-        if S == T and start_pos == 0:
+        if mask_BST is None:
             # q/k (96 wide in `small`) and v (64) differ, which rules out the flash kernel; on the
             # H200 SDPA then takes cuDNN's, faster than flash over a zero-padded v
             # (bench/attention_gpu.py: 272 vs 231 TFLOP/s fwd+bwd).
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(S, T, start_pos, q.device),
-                                               scale=self.scale)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BST[:, None], scale=self.scale)
         return o.transpose(1, 2)  # (B, S, H, dv)
 
-    def _absorbed(self, q_nope, q_rot, latent_BTC, k_rot_BTR, start_pos):
+    def _absorbed(self, q_nope, q_rot, latent_BTC, k_rot_BTR, mask_BST):
         S, T = q_nope.shape[1], latent_BTC.shape[1]
         w = self.kv_b_weight(q_nope.dtype).view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK folded into the query
         scores = (torch.einsum("bshc,btc->bsht", q_latent, latent_BTC)
                   + torch.einsum("bshr,btr->bsht", q_rot, k_rot_BTR)) * self.scale
-        mask = self._mask(S, T, start_pos, scores.device)
-        if mask is not None:
-            scores = scores.masked_fill(~mask[None, :, None, :], float("-inf"))
+        if mask_BST is None and S > 1:
+            mask_BST = torch.ones(S, T, dtype=torch.bool, device=scores.device).tril()[None]
+        if mask_BST is not None:
+            scores = scores.masked_fill(~mask_BST[:, :, None, :], float("-inf"))
         probs = scores.float().softmax(dim=-1).to(q_nope.dtype)
         o_latent = torch.einsum("bsht,btc->bshc", probs, latent_BTC)
         return torch.einsum("bshc,hdc->bshd", o_latent, w_uv)  # W_UV applied after the weighted sum

@@ -12,10 +12,11 @@ Router (float32, as DeepSeek keeps it):
     idx    = topk(choice, K)                       within the kept groups
     g      = s[idx] (/ sum s[idx] if norm_topk_prob) * routed_scaling_factor
 
-Stages: route -> dispatch -> experts -> combine. `LocalDispatcher` sorts token copies by expert in
-one process; an expert-parallel dispatcher with the same two methods (`dispatch` returns the
-sorted copies, per-expert counts and a handle; `combine` consumes the handle) replaces it from
-outside, so the model never calls torch.distributed.
+Stages: route -> dispatch -> experts -> combine. The MoE is given a dispatcher (the `Dispatcher`
+protocol): `dispatch` returns the token copies sorted by local expert, the per-expert counts and a
+handle; `combine(y, handle)` needs nothing but the handle to return each token's weighted sum.
+`LocalDispatcher` does it in one process and is the reference; moeco.parallel's all-to-all
+dispatchers implement the same protocol, so the model never calls torch.distributed.
 
 Balance bookkeeping: in training mode the router adds each forward's routed-token counts to its `tokens_per_expert`
 buffer; the trainer reads them to move the bias (aux-loss-free balancing) and then zeroes them.
@@ -26,6 +27,7 @@ P_i = mean_t s_i,t / sum_j s_j,t  is returned when asked for (the trainer multip
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +91,7 @@ class Router(nn.Module):
             choice = grouped.masked_fill(group_mask[..., None], float("-inf")).view(-1, self.n_experts)
         indices = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, indices)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:  # with one expert too: its weight becomes 1 (DeepSeek's reference does so)
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.routed_scaling_factor
         if self.training:  # loads for the balance hook; inference leaves the counts alone
@@ -135,48 +137,79 @@ class _GatherRows(torch.autograd.Function):
         return g, None, None, None
 
 
+class Dispatcher(Protocol):
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, n_experts: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(copies x_CD sorted by local expert, tokens_per_expert (E_local,), handle)."""
+        ...
+
+    def combine(self, y_CD: torch.Tensor, handle: Any) -> torch.Tensor:
+        """y_TD: each token's K expert outputs summed with its gate weights."""
+        ...
+
+
+@dataclass
+class LocalHandle:
+    order: torch.Tensor  # (T*K,) copy c (sorted by expert) is (token, slot) = divmod(order[c], K)
+    inverse: torch.Tensor  # (T*K,) where (token, slot) went among the copies
+    weights_TK: torch.Tensor
+    num_tokens: int
+
+
+def weighted_combine(y_CD: torch.Tensor, weights_TK: torch.Tensor, order: torch.Tensor,
+                     inverse: torch.Tensor) -> torch.Tensor:
+    """y_TD[t] = sum_k w[t, k] * y_CD[inverse[t*K + k]], with `order` its inverse permutation.
+
+    Any dispatcher that ends with a token's K copies in one tensor calls this; on CUDA it is one
+    gather-and-weighted-sum kernel each way (moe_kernels) instead of three passes and two (T, K, D)
+    copies.
+    """
+    if y_CD.is_cuda and not torch.compiler.is_compiling():
+        from moeco.model import moe_kernels
+
+        if moe_kernels.available(y_CD.device):
+            return moe_kernels.fused(y_CD, weights_TK, order, inverse)
+    T, K = weights_TK.shape
+    y_TKD = _GatherRows.apply(y_CD, inverse, order, 1).view(T, K, y_CD.shape[-1])
+    # Weighted sum over the K copies, element-wise (memory-bound; torch.compile fuses it): a
+    # batched (1 x K) @ (K x D) product took 2.3 ms per layer on the H200 in a slow wmma kernel.
+    return (y_TKD * weights_TK.to(y_CD.dtype).unsqueeze(-1)).sum(dim=1)
+
+
 class LocalDispatcher:
     """Single-process dispatch: sort token copies by expert; combine gathers them back and sums, weighted.
 
     Both directions are row gathers (see _GatherRows), deterministic and free of atomics and of
-    host syncs; combine then sums each token's K copies, weighted.
+    host syncs.
     """
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, n_experts: int):
         T, K = routing.indices_TK.shape
         flat = routing.indices_TK.flatten()
-        order = flat.argsort(stable=True)  # copy c (sorted by expert) is (token, slot) = divmod(order[c], K)
+        order = flat.argsort(stable=True)
         inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)  # where (token, slot) went
+        inverse[order] = torch.arange(order.numel(), device=order.device)
         tokens_per_expert = expert_counts(flat, n_experts)
         x_CD = _GatherRows.apply(x_TD, order // K, inverse, K)
-        return x_CD, tokens_per_expert, (order, inverse)
+        return x_CD, tokens_per_expert, LocalHandle(order, inverse, routing.weights_TK, T)
 
-    def combine(self, y_CD: torch.Tensor, routing: Routing, handle, num_tokens: int) -> torch.Tensor:
-        order, inverse = handle
-        if y_CD.is_cuda and not torch.compiler.is_compiling():
-            # one gather-and-weighted-sum kernel each way (moe_kernels), instead of the three passes
-            # and two (T, K, D) copies below
-            from moeco.model import moe_kernels
-
-            if moe_kernels.available(y_CD.device):
-                return moe_kernels.fused(y_CD, routing.weights_TK, order, inverse)
-        K = routing.indices_TK.shape[1]
-        y_TKD = _GatherRows.apply(y_CD, inverse, order, 1).view(num_tokens, K, y_CD.shape[-1])
-        # Weighted sum over the K copies, element-wise (memory-bound; torch.compile fuses it): a
-        # batched (1 x K) @ (K x D) product took 2.3 ms per layer on the H200 in a slow wmma kernel.
-        return (y_TKD * routing.weights_TK.to(y_CD.dtype).unsqueeze(-1)).sum(dim=1)
+    def combine(self, y_CD: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
+        return weighted_combine(y_CD, handle.weights_TK, handle.order, handle.inverse)
 
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as 3-D weights, two grouped GEMMs per forward.
 
+    An expert-parallel rank holds a contiguous range of the layer's experts: local expert e is the
+    layer's expert first_expert + e (checkpoint names use the layer's ids).
+
     w13_E2FD (E, 2F, D): each expert's gate rows [0, F) then up rows [F, 2F), one GEMM for both
     (transformers 5 fuses them the same way, as `gate_up_proj`); w2_EDF (E, D, F): the down projection.
     """
 
-    def __init__(self, n_experts: int, dim: int, hidden: int, recipe):
+    def __init__(self, n_experts: int, dim: int, hidden: int, recipe, first_expert: int = 0):
         super().__init__()
+        self.first_expert = first_expert  # holds experts [first_expert, first_expert + n_experts) of the layer
         self.w13_E2FD = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         self.w2_EDF = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.grouped_mm = recipe.grouped_mm
@@ -200,7 +233,7 @@ class GroupedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, recipe):
+    def __init__(self, config: ModelConfig, recipe, dispatcher: Dispatcher | None = None):
         super().__init__()
         c = config
         self.n_experts = c.n_routed_experts
@@ -210,7 +243,7 @@ class MoE(nn.Module):
                         else GroupedExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, recipe))
         self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, recipe,
                                    role="shared_expert") if c.n_shared_experts else None)
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
 
     # The four stages, so a scheduler (or an expert-parallel dispatcher) can interleave them.
     def route(self, x_TD: torch.Tensor) -> Routing:
@@ -222,15 +255,15 @@ class MoE(nn.Module):
     def run_experts(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         return self.experts(x_CD, tokens_per_expert)
 
-    def combine(self, y_CD: torch.Tensor, routing: Routing, handle, num_tokens: int) -> torch.Tensor:
-        return self.dispatcher.combine(y_CD, routing, handle, num_tokens)
+    def combine(self, y_CD: torch.Tensor, handle) -> torch.Tensor:
+        return self.dispatcher.combine(y_CD, handle)
 
     def forward(self, x_BSD: torch.Tensor, return_aux: bool = False):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.route(x_TD)
         x_CD, tokens_per_expert, handle = self.dispatch(x_TD, routing)
-        y_TD = self.combine(self.run_experts(x_CD, tokens_per_expert), routing, handle, B * S)
+        y_TD = self.combine(self.run_experts(x_CD, tokens_per_expert), handle)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         y = y_TD.view(B, S, D)

@@ -2,7 +2,7 @@
 
     out[t] = sum_k w[t, k] * y[inverse[t K + k]]          y (C, D): expert outputs, sorted by expert
 
-`LocalDispatcher.combine` in plain PyTorch gathers y back to token order as a (T, K, D) copy,
+`moe.weighted_combine` in plain PyTorch gathers y back to token order as a (T, K, D) copy,
 multiplies it by the weights (a broadcast, so a non-vectorized kernel) and sums over K: three passes
 over T K D values and two (T, K, D) intermediates. The kernels here read y once and write (T, D);
 the backward writes grad_y (C, D) and the weights' gradient in one pass over grad_out and y.
@@ -94,7 +94,7 @@ class _CombineFn(torch.autograd.Function):
 
 def fused(y_CD: torch.Tensor, weights_TK: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """out (T, D) = sum_k weights[t, k] * y[inverse[t K + k]] by the Triton kernels (autograd included), on
-    any device Triton runs on; `order` is inverse's inverse permutation. `LocalDispatcher.combine` takes
+    any device Triton runs on; `order` is inverse's inverse permutation. `moe.weighted_combine` takes
     it on CUDA outside torch.compile (where Inductor fuses the PyTorch combine itself)."""
     return _CombineFn.apply(y_CD, weights_TK, order, inverse)
 

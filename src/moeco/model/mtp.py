@@ -37,8 +37,11 @@ def build_mtp_module(config: ModelConfig, layer_id: int, recipe, block_cls) -> n
     return block
 
 
-def mtp_forward(module: nn.Module, h_BSD: torch.Tensor, next_emb_BSD: torch.Tensor, cos, sin,
+def mtp_forward(module: nn.Module, h_BSD: torch.Tensor, next_emb_BSD: torch.Tensor, inp,
                 return_aux: bool = False):
-    """One MTP depth: combine h^{k-1} with the embedding of the token k ahead, run the block."""
+    """One MTP depth: combine h^{k-1} with the embedding of the token k ahead, run the block.
+
+    `inp` is the block's AttnInputs (rotary tables, positions, and a cache when drafting).
+    """
     x = module.eh_proj(torch.cat([module.enorm(next_emb_BSD), module.hnorm(h_BSD)], dim=-1))
-    return module(x, cos, sin, return_aux=return_aux)
+    return module(x, inp, return_aux=return_aux)

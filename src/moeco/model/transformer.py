@@ -16,13 +16,18 @@ from torch import nn
 from moeco.config import ModelConfig
 from moeco.errors import ConfigError
 from moeco.model.layers import DEFAULT_RECIPE, MLP, RMSNorm, RotaryEmbedding
-from moeco.model.mla import MLA, LatentCache
+from moeco.model.cache import DenseLatentCache, LatentCache
+from moeco.model.mla import MLA, AttnInputs
 from moeco.model.moe import GroupedExperts, MoE, Router
 from moeco.model.mtp import build_mtp_module, mtp_forward
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer: x + MLA(norm(x)), then x + FFN(norm(x)) with FFN a dense MLP or the MoE."""
+    """Pre-norm decoder layer: x + MLA(norm(x)), then x + FFN(norm(x)) with FFN a dense MLP or the MoE.
+
+    The two halves are separate stages (`attention`, `ffn`) so that a scheduler can interleave two
+    micro-batches, one's attention running while the other's experts communicate.
+    """
 
     def __init__(self, config: ModelConfig, layer_id: int, recipe):
         super().__init__()
@@ -35,8 +40,12 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, recipe)
 
-    def forward(self, x, cos, sin, cache_BTC=None, start_pos=0, absorb=False, return_aux=False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_BTC, start_pos, absorb)
+    def attention(self, x: torch.Tensor, inp: AttnInputs) -> torch.Tensor:
+        cache = None if inp.cache is None else inp.cache.layer(self.layer_id)
+        return x + self.self_attn(self.input_layernorm(x), inp, cache)
+
+    def ffn(self, x: torch.Tensor, return_aux: bool = False):
+        """x + FFN(norm(x)); with return_aux, also the MoE's balance term (None for a dense layer)."""
         h = self.post_attention_layernorm(x)
         aux = None
         if isinstance(self.mlp, MoE):
@@ -45,8 +54,10 @@ class Block(nn.Module):
                 out, aux = out
         else:
             out = self.mlp(h)
-        x = x + out
-        return (x, aux) if return_aux else x
+        return (x + out, aux) if return_aux else x + out
+
+    def forward(self, x: torch.Tensor, inp: AttnInputs, return_aux: bool = False):
+        return self.ffn(self.attention(x, inp), return_aux)
 
 
 class Backbone(nn.Module):
@@ -61,7 +72,8 @@ class Backbone(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, S, V)
+    logits: torch.Tensor  # (B, S, V), or (B, 1, V) with last_only
+    hidden: torch.Tensor  # (B, S, D) final normed hidden state h^0 (what the MTP modules and the head read)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, S-k, V), i predicts i+k+1
     balance_loss: torch.Tensor | None = None  # sum over MoE layers of sum_i f_i P_i (not times alpha)
 
@@ -120,92 +132,72 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
     # ---- forward ------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, *, cache: LatentCache | None = None, start_pos: int = 0,
-                return_mtp: bool = False, return_aux: bool = False,
-                attn_impl: str = "auto", last_only: bool = False):
-        """Logits (B, S, V); a ModelOutput when MTP logits or the balance term are asked for.
-
-        With a `cache`, the new tokens' latents are written at `start_pos` and attention covers
-        the cached prefix. attn_impl: "plain" (materialised K/V), "absorbed" (over the latent
-        cache), or "auto" = absorbed when decoding after a prefix, plain otherwise.
-        """
+    def attn_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor | None, cache: LatentCache | None,
+                    attn_impl: str = "auto") -> AttnInputs:
+        """Rotary tables and the attention mode for one forward (see Transformer.forward)."""
         B, S = input_ids.shape
-        if start_pos + S > self.config.max_position_embeddings:
-            raise ConfigError(f"sequence end {start_pos + S} exceeds max_position_embeddings = "
-                              f"{self.config.max_position_embeddings}; shorten the input")
-        absorb = {"auto": cache is not None and start_pos > 0, "plain": False, "absorbed": True}[attn_impl]
-        positions = torch.arange(start_pos, start_pos + S, device=input_ids.device)
-        cos, sin = self.rotary(positions)
+        if positions is None:
+            if S > self.config.max_position_embeddings:
+                raise ConfigError(f"sequence length {S} exceeds max_position_embeddings = "
+                                  f"{self.config.max_position_embeddings}; shorten the input")
+            if cache is not None:
+                positions = torch.arange(S, device=input_ids.device).expand(B, S)
+        if attn_impl not in ("auto", "plain", "absorbed"):
+            raise ConfigError(f"attn_impl = {attn_impl!r}; use 'auto', 'plain' or 'absorbed'")
+        absorb = attn_impl == "absorbed" or (attn_impl == "auto" and cache is not None and S == 1)
+        cos, sin = self.rotary(torch.arange(S, device=input_ids.device) if positions is None else positions)
+        return AttnInputs(cos, sin, positions, cache, absorb)
+
+    def hidden_states(self, input_ids: torch.Tensor, inp: AttnInputs, return_aux: bool = False):
+        """Final normed hidden state (B, S, D) (and the embeddings and per-layer balance terms)."""
         emb = self.model.embed_tokens(input_ids)
         h, balance = emb, []
-        for i, layer in enumerate(self.model.layers):
-            out = layer(h, cos, sin, None if cache is None else cache.layer(i), start_pos, absorb, return_aux)
+        for layer in self.model.layers:
+            out = layer(h, inp, return_aux)
             h, aux = out if return_aux else (out, None)
             if aux is not None:
                 balance.append(aux)
-        if cache is not None:
-            cache.length = start_pos + S
-        h = self.model.norm(h)
+        return self.model.norm(h), emb, balance
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *,
+                cache: LatentCache | None = None, return_mtp: bool = False, return_aux: bool = False,
+                attn_impl: str = "auto", last_only: bool = False) -> ModelOutput:
+        """One forward over (B, S) token ids; always a ModelOutput.
+
+        positions (B, S): where each token sits in its sequence, so one batch mixes sequences of
+        different lengths (negative = padding: nothing written, output ignored). Without them every
+        row holds positions 0..S-1. With a `cache` the new tokens' latents are written through it
+        and attention covers what it holds at positions up to each query's. attn_impl: "plain"
+        (materialised K/V), "absorbed" (over the latents), or "auto" = absorbed for one-token
+        decode steps over a cache, plain otherwise.
+        """
+        inp = self.attn_inputs(input_ids, positions, cache, attn_impl)
+        h, emb, balance = self.hidden_states(input_ids, inp, return_aux)
         logits = self.lm_head(h[:, -1:] if last_only else h)
-        if not (return_mtp or return_aux):
-            return logits
 
         mtp_logits, prev = [], h
         if return_mtp:
+            S = input_ids.shape[1]
             for k, module in enumerate(self.mtp, start=1):
                 n = S - k
                 if n <= 0:
                     break
-                out = mtp_forward(module, prev[:, :n], emb[:, k:k + n], cos[:n], sin[:n], return_aux)
+                mtp_inp = AttnInputs(inp.cos[..., :n, :], inp.sin[..., :n, :],
+                                     None if inp.positions is None else inp.positions[:, :n])
+                out = mtp_forward(module, prev[:, :n], emb[:, k:k + n], mtp_inp, return_aux)
                 prev, aux = out if return_aux else (out, None)
                 if aux is not None:
                     balance.append(aux)
                 mtp_logits.append(self.lm_head(module.shared_head.norm(prev)))
         balance_loss = torch.stack(balance).sum() if balance else (h.new_zeros(()) if return_aux else None)
-        return ModelOutput(logits, mtp_logits, balance_loss)
+        return ModelOutput(logits, h, mtp_logits, balance_loss)
 
-    # ---- decoding -------------------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                  num_layers: int | None = None) -> DenseLatentCache:
+        """A dense latent cache for `batch` rows of up to `max_len` positions (see moeco.model.cache)."""
         weight = self.model.embed_tokens.weight
-        return LatentCache(self.config, batch, max_len, dtype=dtype or weight.dtype, device=weight.device)
-
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None, vocab_limit: int | None = None) -> torch.Tensor:
-        """Prefill with the plain path, then decode token by token with absorbed MLA over the latent cache.
-
-        Returns the prompt followed by the new tokens, (B, P + n); finished rows repeat eos.
-        `vocab_limit`: sample only ids below it (a tokenizer smaller than the padded output head).
-        """
-        from moeco.model.sampling import sample_next
-
-        B, P = input_ids.shape
-        if P == 0:
-            raise ConfigError("generate needs a non-empty prompt (input_ids has 0 columns)")
-        total = P + max_new_tokens
-        if total > self.config.max_position_embeddings:
-            raise ConfigError(f"prompt {P} + max_new_tokens {max_new_tokens} = {total} exceeds "
-                              f"max_position_embeddings = {self.config.max_position_embeddings}")
-        was_training = self.training
-        self.eval()
-        cache = self.new_cache(B, total)
-        logits = self(input_ids, cache=cache, start_pos=0, last_only=True)
-        tokens, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for step in range(max_new_tokens):
-            last = logits[:, -1].float()
-            if vocab_limit is not None and vocab_limit < last.shape[-1]:
-                last[:, vocab_limit:] = float("-inf")
-            nxt = sample_next(last, temperature, top_p, top_k, generator)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            tokens.append(nxt[:, None])
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            logits = self(nxt[:, None], cache=cache, start_pos=P + step, last_only=True)
-        self.train(was_training)
-        return torch.cat(tokens, dim=1)
+        return DenseLatentCache(self.config, batch, max_len, num_layers=num_layers,
+                                dtype=dtype or weight.dtype, device=weight.device)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, **kwargs) -> Path:

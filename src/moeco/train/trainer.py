@@ -353,7 +353,7 @@ class Trainer:
         for start in range(0, len(mine), self.micro):
             seqs = self.data.sequences(mine[start:start + self.micro]).to(d.device)
             with self._autocast_ctx():
-                logits = self.model(seqs[:, :-1])
+                logits = self.model(seqs[:, :-1]).logits
             V = logits.shape[-1]
             totals[0] += F.cross_entropy(logits.float().reshape(-1, V), seqs[:, 1:].reshape(-1),
                                          reduction="sum").double()
