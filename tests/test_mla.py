@@ -125,7 +125,8 @@ def test_cache_bytes_per_token(dtype, nbytes):
     cache = DenseLatentCache(cfg, batch=2, max_len=8, dtype=dtype)
     expected = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * nbytes
     assert cache.bytes_per_token() == expected == cfg.kv_cache_bytes_per_token(nbytes)
-    rows, key_pos = cache.layer(0).update(torch.ones(2, 1, cfg.latent_dim), torch.tensor([[0], [-1]]))
+    cache.layer(0).write(torch.ones(2, 1, cfg.latent_dim), torch.tensor([[0], [-1]]))
+    rows, key_pos = cache.layer(0).read()
     assert rows.shape == (2, 8, cfg.latent_dim) and key_pos.tolist() == list(range(8))
     assert rows[0, 0].eq(1).all() and rows[1].eq(0).all()  # padding (position -1) writes nothing visible
 

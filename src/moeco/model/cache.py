@@ -4,11 +4,14 @@ MLA caches one row per token and layer, [c_t ; kr_t] of d_c + dr values (`ModelC
 Where those rows live is the cache's business: a dense (batch, max_len) buffer here, fixed-size
 blocks of a shared pool in the serving engine (moeco.serve.cache). MLA only calls
 
-    latent_BTC, key_pos = cache.layer(i).update(new_BSC, positions_BS)
+    layer = cache.layer(i)
+    layer.write(new_BSC, positions_BS)        # store the new tokens' rows at their positions
+    latent_BTC, key_pos = layer.read()        # for each of the B rows: the rows to attend over
 
-which stores the new tokens' rows at their positions and returns, for each of the B rows, the rows
-to attend over and the position of each (`key_pos` (T,) or (B, T); a negative position marks a
-slot that holds nothing). A query at position p sees the keys whose position k satisfies
+with `key_pos` (T,) or (B, T) the position each row holds (negative: a slot that holds nothing).
+A cache may also offer `attend_absorbed(q_latent, q_rot, positions, scale)`, a kernel that runs
+absorbed attention over its own layout without gathering the rows first; MLA uses it for decode
+when present, and `read()` (the reference) otherwise. A query at position p sees the keys whose position k satisfies
 0 <= k <= p (`visible`). A negative query position marks padding: it writes nothing and its
 output is ignored by the caller.
 """
@@ -23,8 +26,12 @@ from moeco.config import ModelConfig
 
 
 class CacheLayer(Protocol):
-    def update(self, new_BSC: torch.Tensor, positions_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new rows at their positions; return (rows to attend over (B, T, C), key positions)."""
+    def write(self, new_BSC: torch.Tensor, positions_BS: torch.Tensor) -> None:
+        """Store the new rows (B, S, d_c + dr) at their positions."""
+        ...
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows to attend over (B, T, d_c + dr), their positions (T,) or (B, T)) for the rows last written."""
         ...
 
 
@@ -48,13 +55,16 @@ class _DenseLayer:
     def __init__(self, cache: "DenseLatentCache", layer_id: int):
         self.cache, self.layer_id = cache, layer_id
 
-    def update(self, new_BSC, positions_BS):
+    def write(self, new_BSC, positions_BS):
         c = self.cache
-        B = new_BSC.shape[0]
+        self.batch = B = new_BSC.shape[0]
         buf = c.latent[self.layer_id, :B]  # (B, T_max + 1, C): the last slot takes padding writes
         slot = torch.where(positions_BS >= 0, positions_BS, c.max_len)
         buf.scatter_(1, slot[..., None].expand(-1, -1, buf.shape[-1]), new_BSC.to(buf.dtype))
-        return buf[:, : c.max_len], c.key_positions
+
+    def read(self):
+        c = self.cache
+        return c.latent[self.layer_id, : self.batch, : c.max_len], c.key_positions
 
 
 class DenseLatentCache:

@@ -101,7 +101,14 @@ class MLA(nn.Module):
 
         mask = None  # None: causal over the S new tokens
         if cache is not None:
-            rows, key_pos = cache.update(torch.cat([latent, k_rot], dim=-1), inp.positions)
+            cache.write(torch.cat([latent, k_rot], dim=-1), inp.positions)
+            kernel = getattr(cache, "attend_absorbed", None) if inp.absorb else None
+            if kernel is not None:  # the cache's own kernel over its layout (paged decode)
+                q_latent = torch.einsum("bshd,hdc->bshc", q_nope, self._w_uk_uv(q_nope.dtype)[0])
+                o_latent = kernel(q_latent, q_rot, inp.positions, self.scale)
+                o = torch.einsum("bshc,hdc->bshd", o_latent.to(q_nope.dtype), self._w_uk_uv(q_nope.dtype)[1])
+                return self.o_proj(o.flatten(2))
+            rows, key_pos = cache.read()
             latent, k_rot = rows.to(x_BSD.dtype).split([self.kv_lora_rank, self.dr], dim=-1)
             mask = visible(inp.positions, key_pos)
         elif inp.positions is not None:
@@ -109,6 +116,11 @@ class MLA(nn.Module):
         attend = self._absorbed if inp.absorb else self._plain
         o_BSHV = attend(q_nope, q_rot, latent, k_rot, mask)
         return self.o_proj(o_BSHV.flatten(2))
+
+    def _w_uk_uv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (H, dn, d_c) and W_UV (H, dv, d_c), views of kv_b_proj's weight."""
+        w = self.kv_b_weight(dtype).view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
+        return w[:, : self.dn], w[:, self.dn:]
 
     def _plain(self, q_nope, q_rot, latent_BTC, k_rot_BTR, mask_BST):
         B, S, H, _ = q_nope.shape
@@ -129,8 +141,7 @@ class MLA(nn.Module):
 
     def _absorbed(self, q_nope, q_rot, latent_BTC, k_rot_BTR, mask_BST):
         S, T = q_nope.shape[1], latent_BTC.shape[1]
-        w = self.kv_b_weight(q_nope.dtype).view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.dn], w[:, self.dn:]
+        w_uk, w_uv = self._w_uk_uv(q_nope.dtype)
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK folded into the query
         scores = (torch.einsum("bshc,btc->bsht", q_latent, latent_BTC)
                   + torch.einsum("bshr,btr->bsht", q_rot, k_rot_BTR)) * self.scale

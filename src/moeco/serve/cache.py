@@ -1,0 +1,73 @@
+"""The paged latent pool: every layer's [c ; kr] rows in fixed-size blocks shared by all sequences.
+
+    pool  (L, (num_blocks + 1) * block_size, d_c + dr)   the last block is scratch: padding writes land there
+    a sequence's token at position p:  slot = block_table[p // block_size] * block_size + p % block_size
+
+Before each forward the model runner sets the step's `slot_mapping` (B, S) (where each new token
+goes; scratch for padding) and `block_tables` (B, max_blocks) (each row's blocks, padded with any
+block: positions past a row's own are masked out by `visible`). MLA then writes and reads through
+`layer(i)` as through the dense cache; `read()` gathers a row's blocks, the plain-PyTorch reference.
+On CUDA, decode uses `attend_absorbed`, a Triton kernel that reads the blocks in place
+(moeco.serve.kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeco.config import ModelConfig
+
+
+class _PagedLayer:
+    def __init__(self, cache: "PagedLatentCache", layer_id: int):
+        self.cache, self.pool = cache, cache.pool[layer_id]  # (slots + scratch, C)
+
+    def write(self, new_BSC, positions_BS):
+        c = self.cache
+        self.pool.index_copy_(0, c.slot_mapping.flatten(), new_BSC.flatten(0, 1).to(self.pool.dtype))
+
+    def read(self):
+        c = self.cache
+        B, nb = c.block_tables.shape
+        blocks = self.pool.view(-1, c.block_size, self.pool.shape[-1])
+        rows = blocks[c.block_tables].view(B, nb * c.block_size, -1)
+        return rows, c.key_positions[: nb * c.block_size]
+
+    @property
+    def attend_absorbed(self):
+        if not self.cache.use_kernel:
+            return None
+        return self._kernel
+
+    def _kernel(self, q_latent_BSHC, q_rot_BSHR, positions_BS, scale):
+        from moeco.serve.kernels import paged_mla_decode
+
+        c = self.cache
+        return paged_mla_decode(q_latent_BSHC, q_rot_BSHR, self.pool, c.block_tables, positions_BS, scale,
+                                c.block_size)
+
+
+class PagedLatentCache:
+    def __init__(self, config: ModelConfig, num_layers: int, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device | str, use_kernel: bool = False):
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.pool = torch.zeros(num_layers, (num_blocks + 1) * block_size, config.latent_dim, dtype=dtype,
+                                device=device)
+        self.scratch_slot = num_blocks * block_size
+        self.key_positions = torch.arange((num_blocks + 1) * block_size, device=device)
+        self.use_kernel = use_kernel
+        self.slot_mapping: torch.Tensor | None = None
+        self.block_tables: torch.Tensor | None = None
+        self._layers = [_PagedLayer(self, i) for i in range(num_layers)]
+
+    def layer(self, layer_id: int) -> _PagedLayer:
+        return self._layers[layer_id]
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies across all layers: exactly the latent, (d_c + dr) x layers x dtype."""
+        layers, _, dim = self.pool.shape
+        return layers * dim * self.pool.element_size()
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, num_layers: int, block_size: int, dtype: torch.dtype) -> int:
+        return num_layers * block_size * config.latent_dim * torch.empty(0, dtype=dtype).element_size()

@@ -1,0 +1,279 @@
+"""The serving engine: requests in, tokens out, one scheduler step at a time.
+
+    engine = LLMEngine(EngineConfig(model_dir="runs/tiny/model"))
+    rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=64))
+    while engine.has_unfinished():
+        for out in engine.step(): ...          # RequestOutput: new tokens, finished, finish_reason
+
+A request that can never run (prompt past the context, a cache too small for it, bad parameters)
+is refused by add_request with a RequestError and takes nothing; one that fails later ends with
+`error` set and its blocks returned. The HTTP server and `LLM` are thin layers over this class.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeco.errors import ConfigError
+from moeco.sampling import sample_rows
+from moeco.serve.block_manager import BlockManager
+from moeco.serve.cache import PagedLatentCache
+from moeco.serve.model_runner import ModelRunner
+from moeco.serve.sampling_params import RequestError, SamplingParams
+from moeco.serve.scheduler import Scheduler
+from moeco.serve.sequence import Sequence, Status
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model_dir: str | None = None
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    block_size: int = 64
+    cache_bytes: int | None = None  # latent pool size; default: gpu_memory_utilization on CUDA, 1 GiB on CPU
+    gpu_memory_utilization: float = 0.9
+    keep_fp8: bool = False
+    speculative: str | None = None  # "mtp": draft with the model's MTP module
+    cuda_graphs: bool = True
+    seed: int = 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    error: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model=None, tokenizer=None):
+        self.config = c = config
+        device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if c.device == "auto" else c.device))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device = {c.device!r} but this PyTorch build sees no CUDA device; use cpu")
+        dtype = _DTYPES.get(c.dtype) if c.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if dtype is None:
+            raise ConfigError(f"dtype = {c.dtype!r}; use auto, bfloat16, float16 or float32")
+        if model is None:
+            if c.model_dir is None:
+                raise ConfigError("EngineConfig.model_dir is not set; pass a checkpoint directory")
+            from moeco.checkpoint import load_pretrained
+
+            model = load_pretrained(c.model_dir, dtype=dtype, device=device, keep_fp8=c.keep_fp8)
+            tokenizer = tokenizer or _load_tokenizer(Path(c.model_dir))
+        self.model, self.tokenizer = model.eval(), tokenizer
+        mcfg = model.config
+        self.device = model.model.embed_tokens.weight.device
+        self.max_model_len = c.max_model_len or mcfg.max_position_embeddings
+        if not 0 < self.max_model_len <= mcfg.max_position_embeddings:
+            raise ConfigError(f"max_model_len = {self.max_model_len}; use 1..{mcfg.max_position_embeddings} "
+                              "(the model's max_position_embeddings)")
+        self.eos_token_id = mcfg.eos_token_id
+        self.vocab_limit = tokenizer.get_vocab_size() if tokenizer is not None else mcfg.vocab_size
+        self.spec = None
+        num_layers = mcfg.num_hidden_layers
+        if c.speculative is not None:
+            if c.speculative != "mtp":
+                raise ConfigError(f"speculative = {c.speculative!r}; the only method is 'mtp'")
+            if not mcfg.num_nextn_predict_layers:
+                raise ConfigError("speculative = 'mtp' needs a checkpoint with an MTP layer "
+                                  "(num_nextn_predict_layers = 0 here)")
+            num_layers += 1
+        cache_dtype = model.model.embed_tokens.weight.dtype
+        block_bytes = PagedLatentCache.bytes_per_block(mcfg, num_layers, c.block_size, cache_dtype)
+        num_blocks = self._num_blocks(block_bytes)
+        if num_blocks < 1:
+            raise ConfigError(f"the latent cache gets {num_blocks} blocks of {block_bytes:,} bytes; "
+                              "raise cache_bytes or gpu_memory_utilization")
+        self.cache = PagedLatentCache(mcfg, num_layers, num_blocks, c.block_size, cache_dtype, self.device,
+                                      use_kernel=self.device.type == "cuda")
+        self.blocks = BlockManager(num_blocks, c.block_size)
+        self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache, c.max_num_seqs, self.max_model_len,
+                                  cuda_graphs=c.cuda_graphs and self.device.type == "cuda")
+        if c.speculative == "mtp":
+            from moeco.serve.spec import MTPDrafter
+
+            self.spec = MTPDrafter(model, self.runner)
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self.generator = torch.Generator(device=self.device).manual_seed(c.seed)
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0}
+
+    def _num_blocks(self, block_bytes: int) -> int:
+        c = self.config
+        if c.cache_bytes is not None:
+            return c.cache_bytes // block_bytes
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_by_others = total - free
+            budget = c.gpu_memory_utilization * total - used_by_others - 2 * 1024**3  # room for activations
+            return int(budget // block_bytes)
+        return (1 << 30) // block_bytes
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.blocks.num_blocks * self.config.block_size
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        params.validate(self.model.config.vocab_size)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise RequestError("request_id", f"request_id {rid!r} is already in use")
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise RequestError("prompt", "the prompt is empty; send at least one token")
+        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_limit]
+        if bad:
+            raise RequestError("prompt", f"token id {bad[0]!r} is outside [0, {self.vocab_limit})")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError("prompt", f"the prompt has {len(prompt)} tokens; max_model_len is "
+                                         f"{self.max_model_len}, leaving no room for output: shorten it")
+        longest = min(len(prompt) + params.max_tokens, self.max_model_len)
+        if self.blocks.blocks_for(longest + 1) > self.blocks.num_blocks:
+            raise RequestError("max_tokens", f"prompt + max_tokens = {longest} tokens cannot fit the latent cache "
+                                             f"({self.capacity_tokens} tokens); lower max_tokens or the prompt")
+        seq = Sequence(rid, prompt, len(prompt), params, next(self._arrivals))
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.requests[rid] = seq
+        self.scheduler.add(seq)
+        self.counters["prompt_tokens"] += len(prompt)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and not seq.finished:
+            self.scheduler.remove(seq)
+            seq.status, seq.finish_reason = Status.FINISHED, "abort"
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # ---- stepping -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        sampled: list[tuple[Sequence, list[int]]] = []
+        if batch.prefills:
+            sampled += self._run_prefill(batch.prefills)
+        if batch.decodes:
+            sampled += self._run_decode(batch.decodes)
+        outputs = []
+        for seq, new in sampled:
+            outputs.append(self._append(seq, new))
+        return [o for o in outputs if o is not None]
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
+        if self.vocab_limit < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, self.vocab_limit:] = float("-inf")
+        p = [s.params for s in seqs]
+        greedy = all(x.temperature == 0 for x in p)
+        t = torch.tensor([x.temperature for x in p], device=self.device)
+        top_p = torch.tensor([x.top_p for x in p], device=self.device)
+        top_k = torch.tensor([x.top_k for x in p], device=self.device)
+        return sample_rows(logits, t, top_p, top_k, [s.generator for s in seqs], all_greedy=greedy)
+
+    def _run_prefill(self, items):
+        h, logits = self.runner.prefill(items)
+        done = [(i, seq) for i, (seq, n) in enumerate(items) if seq.num_computed + n == len(seq.token_ids)]
+        for seq, n in items:
+            seq.num_computed += n
+            self.blocks.register_full_blocks(seq)
+        if not done:
+            return []
+        rows = torch.tensor([i for i, _ in done], device=self.device)
+        seqs = [s for _, s in done]
+        tokens, _ = self._sample(seqs, logits[rows])
+        if self.spec is not None:
+            self.spec.after_prefill(items, h, tokens, done)
+        return list(zip(seqs, [[t] for t in tokens.tolist()]))
+
+    def _run_decode(self, seqs):
+        if self.spec is not None:
+            return self.spec.decode_step(self, seqs)
+        h, logits = self.runner.decode(seqs)
+        tokens, _ = self._sample(seqs, logits[:, 0])
+        for s in seqs:
+            s.num_computed += 1
+            s.steps += 1
+            self.blocks.register_full_blocks(s)
+        return list(zip(seqs, [[t] for t in tokens.tolist()]))
+
+    def _append(self, seq: Sequence, new: list[int]) -> RequestOutput | None:
+        """Add sampled tokens to a sequence and finish it where a stop condition holds."""
+        if seq.finished:
+            return None
+        p, emitted = seq.params, []
+        for tok in new:
+            seq.token_ids.append(tok)
+            emitted.append(tok)
+            reason = self._stop_reason(seq, tok)
+            if reason:
+                self._finish(seq, reason)
+                break
+        self.counters["generation_tokens"] += len(emitted)
+        return RequestOutput(seq.request_id, emitted, seq.finished, seq.finish_reason, seq.error,
+                             seq.num_prompt_tokens, seq.num_output_tokens)
+
+    def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        if (tok == self.eos_token_id and not p.ignore_eos) or tok in p.stop_token_ids:
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            tail = self.tokenizer.decode(seq.output_ids[-(max(map(len, p.stop)) + 8):])
+            if any(s in tail for s in p.stop):
+                return "stop"
+        if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        self.scheduler.remove(seq)
+        seq.status, seq.finish_reason, seq.error = Status.FINISHED, reason, error
+        self.requests.pop(seq.request_id, None)
+        self.counters["finished"] += 1
+
+    # ---- reporting ------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        b = self.blocks
+        return {
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "free_blocks": b.num_free, "total_blocks": b.num_blocks,
+            "cache_usage": 1 - b.num_free / b.num_blocks, "capacity_tokens": self.capacity_tokens,
+            "prefix_cache_hit_rate": b.hit_rate, "num_preemptions": self.scheduler.num_preemptions,
+            "spec_acceptance_rate": (self.spec.accepted / self.spec.proposed
+                                     if self.spec and self.spec.proposed else None),
+            **self.counters,
+        }
+
+
+def _load_tokenizer(model_dir: Path):
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # a corrupt file is the user's to fix
+        raise ConfigError(f"{path} is not a valid tokenizer.json ({exc}); replace it") from None
