@@ -15,6 +15,7 @@ from moeco.errors import MoecoError
 
 # module path -> provides register(subparsers); a missing optional module is skipped.
 _SUBCOMMANDS = (
+    "moeco.bench_cli",
     "moeco.generate_cli",
     "moeco.plan.cli",
     "moeco.train.cli",

@@ -1,0 +1,11 @@
+"""`moeco bench ...`: benchmarks users run against their own models and servers."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: serving engine throughput, HTTP server load")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    from moeco.serve import bench_throughput
+
+    bench_throughput.add_parser(bench_sub)
