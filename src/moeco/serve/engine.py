@@ -104,8 +104,10 @@ class LLMEngine:
                                       use_kernel=self.device.type == "cuda")
         self.blocks = BlockManager(num_blocks, c.block_size)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache, c.max_num_seqs, self.max_model_len,
-                                  cuda_graphs=c.cuda_graphs and self.device.type == "cuda")
+        # graphs need a decode step without host syncs: on CUDA the grouped expert GEMM is one kernel
+        # in bf16 only (other dtypes loop over experts on the host), so fp32/fp16 models run eager
+        graphs = c.cuda_graphs and self.device.type == "cuda" and cache_dtype == torch.bfloat16
+        self.runner = ModelRunner(model, self.cache, c.max_num_seqs, self.max_model_len, cuda_graphs=graphs)
         if c.speculative == "mtp":
             from moeco.serve.spec import MTPDrafter
 
@@ -122,8 +124,9 @@ class LLMEngine:
             return c.cache_bytes // block_bytes
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            used_by_others = total - free
-            budget = c.gpu_memory_utilization * total - used_by_others - 2 * 1024**3  # room for activations
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            in_use = total - free - cached  # weights and whatever else holds memory now
+            budget = c.gpu_memory_utilization * total - in_use - 2 * 1024**3  # 2 GiB for activations
             return int(budget // block_bytes)
         return (1 << 30) // block_bytes
 
