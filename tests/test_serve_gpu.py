@@ -21,10 +21,10 @@ def test_graph_replay_equals_eager_and_generate():
     model = sharp_attention(moeco.Transformer(cfg), std=0.3).to("cuda", torch.bfloat16).eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, cfg.vocab_size, (int(n),), generator=g).tolist()
-               for n in torch.randint(1, 150, (12,), generator=g)]
+               for n in torch.randint(1, 150, (16,), generator=g)]  # 16: a captured size, so eager runs the same shapes
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     graphed = LLM(model=model, block_size=16, cache_bytes=64 << 20).generate(prompts, params)
     eager = LLM(model=model, block_size=16, cache_bytes=64 << 20, cuda_graphs=False).generate(prompts, params)
     want = [generate(model, [p], 24)[0][len(p):] for p in prompts]
     assert [c.token_ids for c in graphed] == [c.token_ids for c in eager]
-    assert sum(c.token_ids[:4] == w[:4] for c, w in zip(graphed, want)) >= 10
+    assert sum(c.token_ids[:4] == w[:4] for c, w in zip(graphed, want)) >= 13

@@ -208,7 +208,7 @@ class LLMEngine:
         seqs = [s for _, s in done]
         tokens, _ = self._sample(seqs, logits[rows])
         if self.spec is not None:
-            self.spec.after_prefill(items, h, tokens, done)
+            self.spec.after_prefill(self, items, h, tokens, done)
         return list(zip(seqs, [[t] for t in tokens.tolist()]))
 
     def _run_decode(self, seqs):

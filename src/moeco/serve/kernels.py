@@ -98,7 +98,8 @@ def _num_splits(tokens: int, head_blocks: int, max_keys: int, block_n: int) -> i
 
 
 def paged_mla_decode(q_latent, q_rot, pool, block_tables, positions, scale, block_size, num_splits=None,
-                     block_h: int = 16, block_n: int | None = None, num_warps: int = 4, num_stages: int = 2):
+                     block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int = 2):
     """o_latent (B, S, H, d_c) in float32; the Triton kernel where it runs, else the reference."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not _HAVE_TRITON or not (pool.is_cuda or interpret):
@@ -106,8 +107,11 @@ def paged_mla_decode(q_latent, q_rot, pool, block_tables, positions, scale, bloc
     B, S, H, C = q_latent.shape
     R = q_rot.shape[-1]
     T = B * S
-    BLOCK_H = block_h
-    BLOCK_N = block_n or (min(64, block_size) if block_size >= 16 else 16)
+    # tile sizes from a sweep at V3's shapes on an H200 (bench/serve_profile.py): 64 heads x 32 keys
+    # with 8 warps when there are that many heads, else 16 heads with 4 warps
+    BLOCK_H = block_h or (64 if H >= 64 else 16)
+    BLOCK_N = block_n or (32 if block_size >= 32 else 16)
+    num_warps = num_warps or (8 if BLOCK_H >= 64 else 4)
     head_blocks = -(-H // BLOCK_H)
     if num_splits is None:
         num_splits = _num_splits(T, head_blocks, block_tables.shape[1] * block_size, BLOCK_N)
