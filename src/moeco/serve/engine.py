@@ -45,6 +45,7 @@ class EngineConfig:
     keep_fp8: bool = False
     speculative: str | None = None  # "mtp": draft with the model's MTP module
     cuda_graphs: bool = True
+    compile: bool = False  # torch.compile the decode step (a one-off compile of ~1 min; CUDA: see BENCHMARKS)
     seed: int = 0
 
 
@@ -107,7 +108,8 @@ class LLMEngine:
         # graphs need a decode step without host syncs: on CUDA the grouped expert GEMM is one kernel
         # in bf16 only (other dtypes loop over experts on the host), so fp32/fp16 models run eager
         graphs = c.cuda_graphs and self.device.type == "cuda" and cache_dtype == torch.bfloat16
-        self.runner = ModelRunner(model, self.cache, c.max_num_seqs, self.max_model_len, cuda_graphs=graphs)
+        self.runner = ModelRunner(model, self.cache, c.max_num_seqs, self.max_model_len, cuda_graphs=graphs,
+                                  compile=c.compile)
         if c.speculative == "mtp":
             from moeco.serve.spec import MTPDrafter
 
