@@ -12,7 +12,7 @@ from moeco.model.mla import MLA, LatentCache
 def test_absorbed_equals_plain_on_random_inputs(q_lora_rank):
     cfg = micro_config(q_lora_rank=q_lora_rank)
     torch.manual_seed(3)
-    attn = MLA(cfg, moeco.model.layers.DEFAULT_RECIPE)
+    attn = MLA(cfg, moeco.precision.DEFAULT_RECIPE)
     for p in attn.parameters():
         torch.nn.init.normal_(p, std=0.2)
     rope = moeco.model.layers.RotaryEmbedding(cfg)

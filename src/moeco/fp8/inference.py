@@ -22,7 +22,7 @@ from torch import nn
 
 from moeco.fp8.linear import Fp8InferenceLinear, _rows, fp8_grouped_gemm_loop
 from moeco.fp8.quantize import FP8_DTYPE, dequantize_weight_128x128, quantize_act_1x128
-from moeco.model.layers import HighPrecision
+from moeco.precision import HighPrecision
 
 FP8_ROLES = frozenset({"attn_proj", "mlp", "shared_expert"})  # what the release ships in FP8
 

@@ -32,7 +32,7 @@ from torch import nn
 from moeco.errors import ConfigError
 from moeco.fp8.gemm import BACKENDS
 from moeco.fp8.linear import Fp8Linear, fp8_grouped_mm
-from moeco.model.layers import HighPrecision
+from moeco.precision import HighPrecision
 
 ROLES = ("attn_proj", "mlp", "shared_expert", "head", "mtp_proj")
 SCALE_FORMATS = ("fp32", "ue8m0")
