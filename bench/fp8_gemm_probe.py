@@ -208,7 +208,7 @@ def ablate():
         print(line + " TFLOP/s", flush=True)
 
 
-if tk._HAVE_TRITON:
+if tk.HAVE_TRITON:
     import triton
     import triton.language as tl
 

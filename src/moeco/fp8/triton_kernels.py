@@ -43,19 +43,13 @@ from moeco.fp8 import cuda_gemm, cuda_kernels
 from moeco.fp8.cuda_kernels import MAX_GRID_Y as _MAX_GRID_Y
 from moeco.fp8.quantize import _ceil_div
 
-try:  # Triton is optional: every caller has a PyTorch path.
+from moeco.triton_support import HAVE_TRITON, available, interpreting
+
+if HAVE_TRITON:  # Triton is optional: every caller has a PyTorch path.
     import triton
     import triton.language as tl
 
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    _HAVE_TRITON = False
-
 FP8_DTYPE = torch.float8_e4m3fn
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # The 1x128 and weight quantization kernels divide by the scale through its reciprocal and
@@ -69,16 +63,7 @@ def _fast_div() -> bool:
     return FAST_DIV and not interpreting()
 
 
-def available(device: torch.device | str | None = None) -> bool:
-    """Triton can run here: on CUDA tensors, or on CPU tensors under the interpreter."""
-    if not _HAVE_TRITON:
-        return False
-    if device is not None and torch.device(device).type == "cpu":
-        return interpreting()
-    return True
-
-
-if _HAVE_TRITON:
+if HAVE_TRITON:
 
     @triton.jit
     def _round_to_e4m3_grid(v):
@@ -501,7 +486,7 @@ def fp8_gemm_nt_tma(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, blo
 # end rows, int32, torch._grouped_mm's convention). No host sync: the tile -> expert map is built on
 # the device from offs, over an upper bound of the number of M tiles.
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
 
     @triton.jit
     def _fp8_grouped_gemm_nt_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, map_ptr, N, K, E, num_tiles,
@@ -726,7 +711,7 @@ def fp8_grouped_gemm_nt(a_q, a_scale, b_q, b_scale, offs, out_dtype=torch.bfloat
     return c
 
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
 
     @triton.jit
     def _zero_rows_past_kernel(c_ptr, offs_ptr, E, T, N, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
