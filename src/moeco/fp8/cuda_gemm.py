@@ -66,14 +66,11 @@ or per row. Anything else goes to cuBLAS / Triton through `moeco.fp8.gemm.fp8_ge
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
-from moeco.errors import ConfigError
 from moeco.fp8 import cuda_kernels
-
-FP8_DTYPE = torch.float8_e4m3fn
+from moeco.fp8.format import FP8_DTYPE
 BK = 128
 _THREADS = 384
 
@@ -106,13 +103,6 @@ def source(bn: int) -> str:
 _variants = cuda_kernels.CompiledVariants("FP8 GEMM", "cuBLAS")
 _prototypes_set = False
 _SMEM_LIMIT = 227 * 1024
-
-
-def mode() -> str:
-    m = os.environ.get("MOECO_FP8_GEMM", "auto").strip().lower()
-    if m not in ("auto", "wgmma", "cublas"):
-        raise ConfigError(f"MOECO_FP8_GEMM={m!r}: expected auto, wgmma or cublas")
-    return m
 
 
 def _lib():
@@ -384,4 +374,4 @@ def fp8_grouped_wgrad_nt(a_q, a_scale, b_q, b_scale, kstart: torch.Tensor, E: in
 def status() -> str:
     if _variants.broken is not None:
         return f"wgmma gemm off: {_variants.broken}"
-    return f"wgmma gemm: MOECO_FP8_GEMM={mode()}, compiled {len(_variants.cache)}"
+    return f"wgmma gemm: compiled {len(_variants.cache)}"

@@ -37,23 +37,21 @@ The sources are csrc/quant_helpers.cuh (shared by both kernels), csrc/token_wise
 csrc/dual_quant.cu, compiled per variant on first use with `torch.cuda._compile_kernel` (NVRTC,
 which ships with PyTorch's CUDA builds; PyTorch looks for CUDA's headers under CUDA_HOME, though this source
 includes none). Needs compute capability 8.9+ (the E4M3 conversion instructions). When anything
-is missing the callers use the Triton kernel; MOECO_FP8_QUANT=triton forces that, =cuda requires
-this one.
+is missing the callers use the Triton kernel; a recipe's quant_kernel="triton" forces that, "cuda"
+requires this one.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.resources
-import os
 import threading
 import warnings
+from types import MappingProxyType
 
 import torch
 
-from moeco.errors import ConfigError
-
-FP8_DTYPE = torch.float8_e4m3fn
+from moeco.fp8.format import FP8_DTYPE
 
 
 def _cuda_source(name: str) -> str:
@@ -111,13 +109,6 @@ class CompiledVariants:
 _variants = CompiledVariants("token-wise FP8 kernel", "Triton's")
 _libcuda = None
 MAX_GRID_Y = 65535  # a CUDA grid's y (and z) dimension
-
-
-def mode() -> str:
-    m = os.environ.get("MOECO_FP8_QUANT", "auto").strip().lower()
-    if m not in ("auto", "cuda", "triton"):
-        raise ConfigError(f"MOECO_FP8_QUANT={m!r}: expected auto, cuda or triton")
-    return m
 
 
 _contexts: dict[int, int] = {}  # device index -> its primary context (a CUcontext as int)
@@ -199,12 +190,14 @@ def launch(func, grid: tuple, block: tuple, params: list, device: torch.device, 
 # kind; None leaves the register count to the compiler. bf16 at 5 (48 registers instead of 59):
 # 1.04-1.06x at 4096-16384 tokens on the H200 (`bench/fp8_gemm_tune.py --only minb`); 6 spills and is
 # slower. The others already fit 4-6 blocks, and FP8 input measured the same at 4 and 5.
-MIN_BLOCKS: dict[int, int | None] = {0: 5, 1: None, 2: None, 3: None}
+# Read-only: a bench that sweeps the bound passes `min_blocks` to `token_wise`.
+MIN_BLOCKS = MappingProxyType({0: 5, 1: None, 2: None, 3: None})
 
 
-def _kernel(in_kind: int, gather: bool, pow2: bool):
-    """The compiled variant, or None (with one warning) when NVRTC cannot build it here."""
-    minb = MIN_BLOCKS[in_kind]
+def _kernel(in_kind: int, gather: bool, pow2: bool, minb: int | None = None):
+    """The compiled variant, or None (with one warning) when NVRTC cannot build it here. `minb`: the
+    register bound (blocks per multiprocessor); None takes MIN_BLOCKS[in_kind]."""
+    minb = MIN_BLOCKS[in_kind] if minb is None else minb or None
     name = f"moeco_token_wise_{in_kind}{int(gather)}{int(pow2)}_{minb or 0}"
     defs = [f"-DIN_KIND={in_kind}", f"-DGATHER={int(gather)}", f"-DPOW2={int(pow2)}"]
     defs += [f"-DMINB={minb}"] if minb else []
@@ -225,12 +218,13 @@ def token_wise_supported(x: torch.Tensor, x_scale: torch.Tensor | None) -> bool:
 
 
 def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
-               rows: torch.Tensor | None = None):
+               rows: torch.Tensor | None = None, min_blocks: int | None = None):
     """x (T, C) -> q (C, T') E4M3, s (C, ceil(T'/128)) with strides (1, C); see the module docstring.
 
     `x_scale` (T, ceil(C/128)), any strides: x is FP8 with 1x128 scales and is dequantized first.
     `rows` (T',) int32: output token t is x's row rows[t], a zero row where rows[t] < 0.
-    The caller checks `token_wise_supported` first; None when the kernel cannot be compiled here.
+    `min_blocks`: the register bound, 0 for none (None: MIN_BLOCKS). The caller checks
+    `token_wise_supported` first; None when the kernel cannot be compiled here.
     """
     T, C = x.shape
     T_out = T if rows is None else rows.numel()
@@ -242,7 +236,7 @@ def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_sca
     if T_out == 0 or C == 0:
         return q, s
     _ensure_context(x.device)
-    k = _kernel(_IN_KIND[x.dtype], rows is not None, pow2_scale)
+    k = _kernel(_IN_KIND[x.dtype], rows is not None, pow2_scale, min_blocks)
     if k is None:
         return None
     if rows is not None and rows.dtype != torch.int32:
@@ -262,11 +256,11 @@ _dual_variants = CompiledVariants("dual FP8 quantization kernel", "the two separ
 # As MIN_BLOCKS, for `dual`, by input kind. None: bf16 takes 80 registers (3 blocks per multiprocessor);
 # a bound of 2 blocks (128 registers) measured 0-11% slower, of 3 (80 registers, more spilled) -1% to +4%,
 # on the H200 (`bench/fp8_gemm_tune.py --only dual`, eleventh session).
-DUAL_MIN_BLOCKS: dict[int, int | None] = {0: None, 1: None}
+DUAL_MIN_BLOCKS = MappingProxyType({0: None, 1: None})
 
 
-def _dual_kernel(in_kind: int, pow2: bool):
-    minb = DUAL_MIN_BLOCKS[in_kind]
+def _dual_kernel(in_kind: int, pow2: bool, minb: int | None = None):
+    minb = DUAL_MIN_BLOCKS[in_kind] if minb is None else minb or None
     name = f"moeco_dual_quant_{in_kind}{int(pow2)}_{minb or 0}"
     defs = [f"-DIN_KIND={in_kind}", f"-DPOW2={int(pow2)}"] + ([f"-DMINB={minb}"] if minb else [])
     return _dual_variants.get((torch.cuda.current_device(), in_kind, pow2, minb),
@@ -286,11 +280,11 @@ def dual_supported(x: torch.Tensor) -> bool:
             and -(-T // 128) <= MAX_GRID_Y and _device_ok(x.device))
 
 
-def dual(x: torch.Tensor, *, pow2_scale: bool = False):
+def dual(x: torch.Tensor, *, pow2_scale: bool = False, min_blocks: int | None = None):
     """x (T, C) 16-bit -> ((q (T, C), s (T, ceil(C/128))), (qt (C, T), st (C, ceil(T/128)))) from one read of x:
     what `quantize_act_1x128(x)` and `quantize_act_1x128_t(x)` return, bit for bit, in the same layouts
-    (both scales outer-dim-major). None when the kernel cannot be compiled here; the caller checks
-    `dual_supported` first."""
+    (both scales outer-dim-major). `min_blocks` as for `token_wise` (None: DUAL_MIN_BLOCKS). None when
+    the kernel cannot be compiled here; the caller checks `dual_supported` first."""
     T, C = x.shape
     dev = x.device
     q = torch.empty((T, C), dtype=FP8_DTYPE, device=dev)
@@ -301,7 +295,7 @@ def dual(x: torch.Tensor, *, pow2_scale: bool = False):
     if T == 0 or C == 0:
         return (q, s), (qt, st)
     _ensure_context(dev)
-    k = _dual_kernel(0 if x.dtype == torch.bfloat16 else 1, pow2_scale)
+    k = _dual_kernel(0 if x.dtype == torch.bfloat16 else 1, pow2_scale, min_blocks)
     if k is None:
         return None
     P, I = ctypes.c_void_p, ctypes.c_int
@@ -315,4 +309,4 @@ def status() -> str:
     """One line for logs and benches: whether the NVRTC kernels are in use, and why not."""
     if _variants.broken is not None or _dual_variants.broken is not None:
         return f"cuda kernels off: {_variants.broken or _dual_variants.broken}"
-    return f"cuda kernels: MOECO_FP8_QUANT={mode()}, compiled {len(_variants.cache) + len(_dual_variants.cache)}"
+    return f"cuda kernels: compiled {len(_variants.cache) + len(_dual_variants.cache)}"
