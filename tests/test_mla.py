@@ -13,7 +13,7 @@ from helpers import micro_config, sharp_attention
 from moeco.model.cache import DenseLatentCache, visible
 from moeco.model.layers import RotaryEmbedding
 from moeco.model.mla import MLA, AttnInputs
-from moeco.model.layers import DEFAULT_RECIPE
+from moeco.precision import DEFAULT_RECIPE
 
 
 def _sharp_model(seed=4, **overrides):

@@ -5,8 +5,8 @@ import torch
 
 import moeco
 from helpers import micro_config
-from moeco.model.layers import grouped_mm, grouped_mm_reference
 from moeco.model.moe import MoE, Router, sequence_balance_loss
+from moeco.precision import grouped_mm, grouped_mm_reference
 
 
 def _router(**overrides):
@@ -73,7 +73,7 @@ def test_grouped_gemm_matches_reference_with_empty_groups():
 def test_moe_stages_match_a_per_token_loop_and_gradients_flow():
     cfg = micro_config()
     torch.manual_seed(8)
-    moe = MoE(cfg, moeco.model.layers.DEFAULT_RECIPE)
+    moe = MoE(cfg, moeco.precision.DEFAULT_RECIPE)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
     x = torch.randn(2, 9, cfg.hidden_size, requires_grad=True)
