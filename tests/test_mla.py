@@ -5,6 +5,8 @@ Attention weights are drawn large (helpers.sharp_attention) so attention is shar
 uniform and an error in RoPE, the mask or the softmax scale changes almost nothing.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -142,3 +144,49 @@ def test_yarn_softmax_scale_uses_mscale_all_dim():
     assert cfg.softmax_scale() == pytest.approx(192 ** -0.5 * m * m)
     assert MLA(micro_config(rope_scaling=cfg.rope_scaling), DEFAULT_RECIPE).scale == pytest.approx(
         micro_config(rope_scaling=cfg.rope_scaling).softmax_scale())
+
+
+def _reference_attention(attn, x, cos, sin, scale):
+    """Causal MLA written out from the module's weights, softmax scale given explicitly."""
+    B, S, _ = x.shape
+    q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x))).view(B, S, attn.n_heads, -1)
+    q_nope, q_rot = q.split([attn.dn, attn.dr], -1)
+    q_rot = moeco.model.layers.apply_rope_interleaved(q_rot, cos, sin)
+    lat, kr = attn.kv_a_proj_with_mqa(x).split([attn.kv_lora_rank, attn.dr], -1)
+    kr = moeco.model.layers.apply_rope_interleaved(kr, cos, sin)
+    kv = attn.kv_b_proj(attn.kv_a_layernorm(lat)).view(B, S, attn.n_heads, -1)
+    k_nope, v = kv.split([attn.dn, attn.dv], -1)
+    s = (torch.einsum("bshd,bthd->bhst", q_nope, k_nope) + torch.einsum("bshr,btr->bhst", q_rot, kr)) * scale
+    s = s.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+    o = torch.einsum("bhst,bthd->bshd", s.softmax(-1), v)
+    return attn.o_proj(o.flatten(2))
+
+
+def test_mla_attends_with_the_yarn_softmax_scale_on_every_path():
+    """The module's attention (plain, absorbed, over a cache) uses qk_head_dim^-0.5 * mscale(s, mscale_all_dim)^2,
+    not 1/sqrt(qk_head_dim): with V3's YaRN (s = 40) the two differ by 1.87x, plain to see when attention is sharp."""
+    yarn = moeco.ModelConfig.preset("deepseek-v3").rope_scaling
+    cfg = micro_config(rope_scaling={**yarn, "original_max_position_embeddings": 16})
+    torch.manual_seed(6)
+    attn = MLA(cfg, DEFAULT_RECIPE)
+    for p in attn.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.5)
+    S = 12
+    cos, sin = RotaryEmbedding(cfg)(torch.arange(S))
+    x = torch.randn(2, S, cfg.hidden_size)
+    yarn_scale = cfg.qk_head_dim ** -0.5 * (0.1 * math.log(40) + 1) ** 2
+    with torch.no_grad():
+        want = _reference_attention(attn, x, cos, sin, yarn_scale)
+        unscaled = _reference_attention(attn, x, cos, sin, cfg.qk_head_dim ** -0.5)
+        assert (want - unscaled).abs().max() > 100 * 1e-4  # the test can see the difference
+        positions = torch.arange(S).expand(2, S)
+        cache = DenseLatentCache(cfg, 2, S, num_layers=1)
+        got = {
+            "plain": attn(x, AttnInputs(cos, sin)),
+            "plain_masked": attn(x, AttnInputs(cos, sin, positions)),
+            "absorbed": attn(x, AttnInputs(cos, sin, absorb=True)),
+            "absorbed_cache": attn(x, AttnInputs(cos, sin, positions, cache, absorb=True), cache.layer(0)),
+        }
+    for name, out in got.items():
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=0, msg=lambda m: f"{name}: {m}")
