@@ -190,3 +190,30 @@ def test_mla_attends_with_the_yarn_softmax_scale_on_every_path():
         }
     for name, out in got.items():
         torch.testing.assert_close(out, want, atol=1e-4, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_fp8_absorbed_decode_sees_kv_b_weights_changed_in_place(tmp_path):
+    """keep_fp8 (CPU): the absorbed path reuses a dense copy of the FP8 kv_b_proj; after the weights change in
+    place (load_state_dict of another checkpoint, or only the block scales) it must use the new ones."""
+    cfg = micro_config()
+    for seed, name in ((31, "a"), (32, "b")):
+        torch.manual_seed(seed)
+        sharp_attention(moeco.Transformer(cfg), seed=seed).save_pretrained(tmp_path / name, fp8=True)
+    kept = moeco.load_pretrained(tmp_path / "a", keep_fp8=True)
+    other = moeco.load_pretrained(tmp_path / "b", keep_fp8=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+
+    def last_step(model):  # plain prefill of 8 tokens, then one absorbed decode step over the cache
+        cache = model.new_cache(2, 9)
+        model(ids[:, :8], cache=cache)
+        return model(ids[:, 8:], torch.full((2, 1), 8), cache=cache, attn_impl="absorbed").logits
+
+    with torch.no_grad():
+        before = last_step(kept)  # builds the dense kv_b copies
+        kept.load_state_dict(other.state_dict())
+        torch.testing.assert_close(last_step(kept), last_step(other), atol=1e-5, rtol=0)
+        assert (last_step(kept) - before).abs().max() > 1e-2
+        for layer in kept.model.layers:  # only the scales change: weight bytes untouched
+            layer.self_attn.kv_b_proj.weight_scale_inv.mul_(2.0)
+        full = kept(ids, attn_impl="plain").logits[:, 8:]  # the plain path dequantizes on use
+        torch.testing.assert_close(last_step(kept), full, atol=1e-4, rtol=0)
