@@ -111,3 +111,125 @@ def test_yarn_model_matches_transformers_with_sharp_attention(variant, tmp_path)
     ids = torch.randint(0, cfg.vocab_size, (2, 40))  # past original_max_position_embeddings = 32
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
+
+
+# ---- rope_interleave: false (half-split rotary rows in the checkpoint) ---------------------
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _hf_half_split_checkpoint(path, cfg, seed):
+    """A checkpoint written by transformers with rope_interleave=false: its rotary rows are half-split."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    hf = transformers.DeepseekV3ForCausalLM(_hf_config(cfg)).float().eval()
+    sharp_attention(hf, seed=seed)
+    with torch.no_grad():  # biases (attention_bias) start at zero, where a wrong row order would not show
+        for name, p in hf.named_parameters():
+            if ".self_attn." in name and name.endswith(".bias"):
+                p.normal_(std=0.5)
+    hf.save_pretrained(path)
+    return hf
+
+
+@pytest.mark.parametrize("q_lora_rank, bias", [(None, False), (32, True)])
+def test_half_split_checkpoint_from_transformers_loads_and_saves_back(q_lora_rank, bias, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = micro_config(rope_interleave=False, q_lora_rank=q_lora_rank, attention_bias=bias, num_nextn_predict_layers=0)
+    hf = _hf_half_split_checkpoint(tmp_path / "hf", cfg, seed=41)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    want = _logits(hf, ids)
+    model = moeco.load_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert model.config.rope_interleave is False
+    torch.testing.assert_close(_logits(model, ids), want, atol=1e-4, rtol=0)
+    # moeco writes the flag back and the rows in the checkpoint's layout: transformers reads it as before
+    model.save_pretrained(tmp_path / "moeco")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moeco", dtype=torch.float32).eval()
+    assert again.config.rope_interleave is False
+    torch.testing.assert_close(_logits(again, ids), want, atol=1e-4, rtol=0)
+    # the other way: the same model saved interleaved is read by transformers' interleaved RoPE
+    model.config = model.config.replace(rope_interleave=True)
+    model.save_pretrained(tmp_path / "interleaved")
+    inter = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "interleaved", dtype=torch.float32).eval()
+    assert inter.config.rope_interleave is True
+    torch.testing.assert_close(_logits(inter, ids), want, atol=1e-4, rtol=0)
+
+
+def test_the_flag_decides_the_attention_transformers_computes(tmp_path):
+    """The layouts differ visibly: a half-split checkpoint read as interleaved gives other logits."""
+    cfg = micro_config(rope_interleave=False, num_nextn_predict_layers=0)
+    _hf_half_split_checkpoint(tmp_path, cfg, seed=42)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    right = _logits(moeco.load_pretrained(tmp_path, dtype=torch.float32), ids)
+    import json
+
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["rope_interleave"] = True
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    wrong = _logits(moeco.load_pretrained(tmp_path, dtype=torch.float32), ids)
+    assert (right - wrong).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_moeco_round_trip_keeps_the_model_and_writes_the_layout(interleave, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = micro_config(rope_interleave=interleave)
+    torch.manual_seed(43)
+    model = sharp_attention(moeco.Transformer(cfg).eval(), seed=43)
+    model.save_pretrained(tmp_path / "ck")
+    loaded = moeco.load_pretrained(tmp_path / "ck", dtype=torch.float32)
+    assert loaded.config.rope_interleave is interleave
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    stored = load_file(str(tmp_path / "ck/model.safetensors"))
+    L, dn, dr, qk, C = cfg.num_hidden_layers, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.qk_head_dim, cfg.kv_lora_rank
+    for layer, module in [(i, model.model.layers[i]) for i in range(L)] + [(L, model.mtp[0])]:
+        attn = module.self_attn
+        q_b = stored[f"model.layers.{layer}.self_attn.q_b_proj.weight"].view(cfg.num_attention_heads, qk, -1)
+        kv_a = stored[f"model.layers.{layer}.self_attn.kv_a_proj_with_mqa.weight"]
+        q_rows = attn.q_b_proj.weight.view(cfg.num_attention_heads, qk, -1)[:, dn:]
+        kv_rows = attn.kv_a_proj_with_mqa.weight[C:]
+        if not interleave:  # stored half-split: the even rotary rows first, then the odd ones
+            q_rows = torch.cat([q_rows[:, 0::2], q_rows[:, 1::2]], dim=1)
+            kv_rows = torch.cat([kv_rows[0::2], kv_rows[1::2]])
+        assert torch.equal(q_b[:, dn:], q_rows) and torch.equal(q_b[:, :dn], attn.q_b_proj.weight.view(
+            cfg.num_attention_heads, qk, -1)[:, :dn])
+        assert torch.equal(kv_a[C:], kv_rows) and torch.equal(kv_a[:C], attn.kv_a_proj_with_mqa.weight[:C])
+
+
+def test_half_split_fp8_checkpoint_keeps_its_scales_and_loads_either_way(tmp_path):
+    """An FP8 checkpoint with half-split rotary rows (V3's 128-row blocks hold whole rotary segments):
+    keep_fp8 reorders FP8 rows inside their scale blocks, equals the dequantized load, saves back byte-exact."""
+    from safetensors.torch import load_file
+
+    cfg = micro_config(rope_interleave=False, hidden_size=160, q_lora_rank=96, intermediate_size=200,
+                       moe_intermediate_size=72)
+    torch.manual_seed(44)
+    sharp_attention(moeco.Transformer(cfg), std=0.2, seed=44).save_pretrained(tmp_path / "fp8", fp8=True)
+    deq = moeco.load_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    kept = moeco.load_pretrained(tmp_path / "fp8", dtype=torch.float32, keep_fp8=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    torch.testing.assert_close(_logits(kept, ids), _logits(deq, ids), atol=1e-4, rtol=0)
+    kept.save_pretrained(tmp_path / "again")
+    a, b = load_file(str(tmp_path / "fp8/model.safetensors")), load_file(str(tmp_path / "again/model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
+                           b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k]), k
+
+
+def test_fp8_rotary_rows_that_would_cross_a_scale_block_are_refused_in_one_line(tmp_path):
+    # head 0's rotary rows are 124..131 of q_b_proj: half-split to interleaved moves rows across row 128
+    cfg = micro_config(rope_interleave=False, qk_nope_head_dim=124, qk_rope_head_dim=8, num_nextn_predict_layers=0)
+    torch.manual_seed(45)
+    moeco.Transformer(cfg).save_pretrained(tmp_path / "fp8", fp8=True)
+    moeco.load_pretrained(tmp_path / "fp8")  # dequantized first: any row order is fine
+    with pytest.raises(moeco.LoadError, match=r"rope_interleave=false: .*q_b_proj\.weight.*scale block") as err:
+        moeco.load_pretrained(tmp_path / "fp8", keep_fp8=True)
+    assert "\n" not in str(err.value)
+
+
+def test_rope_interleave_must_be_a_bool():
+    with pytest.raises(moeco.ConfigError, match="rope_interleave"):
+        micro_config(rope_interleave="false")
