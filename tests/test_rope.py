@@ -233,3 +233,22 @@ def test_fp8_rotary_rows_that_would_cross_a_scale_block_are_refused_in_one_line(
 def test_rope_interleave_must_be_a_bool():
     with pytest.raises(moeco.ConfigError, match="rope_interleave"):
         micro_config(rope_interleave="false")
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3", "deepseek-v2-lite", "deepseek-v2"])
+def test_release_shapes_reorder_rotary_rows_within_their_fp8_blocks(preset):
+    """DeepSeek's shapes (qk_head_dim 192, rotary segments of 64 rows starting at multiples of 64):
+    a half-split FP8 release would reorder within blocks only, so its scales stay valid."""
+    from moeco.checkpoint import rope_rows_permutation
+
+    cfg = moeco.ModelConfig.preset(preset).replace(rope_interleave=False)
+    q_name = "q_proj" if cfg.q_lora_rank is None else "q_b_proj"
+    for name, rows in ((f"model.layers.0.self_attn.{q_name}.weight", cfg.num_attention_heads * cfg.qk_head_dim),
+                       ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", cfg.latent_dim)):
+        perm = rope_rows_permutation(cfg, name, rows)
+        assert sorted(perm.tolist()) == list(range(rows)) and not torch.equal(perm, torch.arange(rows))
+        assert torch.equal(perm // 128, torch.arange(rows) // 128)
+        back = rope_rows_permutation(cfg, name, rows, to_interleaved=False)
+        assert torch.equal(perm[back], torch.arange(rows))
+    assert rope_rows_permutation(cfg.replace(rope_interleave=True), "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+                                 cfg.latent_dim) is None
