@@ -4,7 +4,8 @@ Shape legend: B batch, S sequence, D hidden, H heads, R rotary dims (qk_rope_hea
 E routed experts, F expert hidden size, T tokens (B*S flattened), K reduction dim, N output dim.
 
 Rotary layout. DeepSeek checkpoints rotate *interleaved* pairs (x0, x1), (x2, x3), ... of the R
-rotary dims, each pair by one frequency theta_j = base^(-2j/R) (HF: `rope_interleave=True`):
+rotary dims, each pair by one frequency theta_j = base^(-2j/R) (HF: `rope_interleave=True`; a
+checkpoint stored half-split, `rope_interleave=False`, is reordered on load, see moeco.checkpoint):
     (x_{2j} + i x_{2j+1}) * exp(i * pos * theta_j) * attention_factor
 YaRN (long-context extension) changes theta_j per dimension between interpolation (theta/factor)
 and extrapolation (theta) with a linear ramp over the correction range set by beta_fast/beta_slow,
