@@ -227,6 +227,9 @@ def _bad(name: str, value: Any, valid: str) -> ConfigError:
     return ConfigError(f"ModelConfig.{name} = {value!r} is invalid: {valid}")
 
 
+_BOOL_FIELDS = ("norm_topk_prob", "seq_aux", "rope_interleave", "attention_bias", "tie_word_embeddings")
+
+
 def _validate(c: ModelConfig) -> None:
     positive = (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
@@ -266,6 +269,12 @@ def _validate(c: ModelConfig) -> None:
         raise _bad("routed_scaling_factor", c.routed_scaling_factor, "must be a positive number")
     if not (isinstance(c.rope_theta, (int, float)) and c.rope_theta > 0):
         raise _bad("rope_theta", c.rope_theta, "must be a positive number")
+    if not (isinstance(c.initializer_range, (int, float)) and math.isfinite(c.initializer_range)
+            and c.initializer_range >= 0):
+        raise _bad("initializer_range", c.initializer_range, "must be a finite number >= 0 (e.g. 0.02)")
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(c, name), bool):
+            raise _bad(name, getattr(c, name), "must be true or false")
     if c.n_routed_experts > 0:
         _validate_routing(c)
     _validate_rope_scaling(c)

@@ -145,7 +145,7 @@ class TrainConfig:
             if not sep or not key.strip():
                 raise ConfigError(f"--set {item!r} is not KEY=VALUE; e.g. --set train.lr=3e-4")
             name, is_model_field = _resolve(key.strip())
-            value = parse_value(text.strip())
+            value = _strict_bool(key.strip(), name, is_model_field, parse_value(text.strip()))
             if is_model_field:
                 model[name] = _model_value(value)
             else:
@@ -221,6 +221,24 @@ def parse_value(text: str) -> Any:
         except tomllib.TOMLDecodeError:
             pass
     return text
+
+
+_BOOL_WORDS = {"true": True, "false": False}
+
+
+def _strict_bool(key: str, name: str, is_model_field: bool, value: Any) -> Any:
+    """A boolean option given as text: "true"/"false" in any case, else a one-line error.
+
+    TOML spells booleans in lower case only, so `--set model.norm_topk_prob=False` arrives as the
+    string "False", which Python would count as true.
+    """
+    fields = dataclasses.fields(ModelConfig) if is_model_field else dataclasses.fields(TrainConfig)
+    f = next((f for f in fields if f.name == name), None)
+    if f is None or not isinstance(f.default, bool) or not isinstance(value, str):
+        return value
+    if value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise ConfigError(f"{key} = {value!r} is invalid: expected true or false")
 
 
 def _model_value(value: Any) -> Any:
