@@ -42,3 +42,165 @@ def test_json_file_of_jsonl_records_is_read_as_records(tmp_path):
         load_documents(str(tmp_path / "other.json"))
     (tmp_path / "prose.txt").write_text("{ not json } but prose\n")
     assert load_documents(str(tmp_path / "prose.txt"))[0] == ["{ not json } but prose\n"]
+
+
+# ---- the run directory ----------------------------------------------------------------------
+import errno  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+
+import torch  # noqa: E402
+
+from moeco.cli import main  # noqa: E402
+from moeco.errors import StorageError, TrainingError  # noqa: E402
+from moeco.train import checkpointing  # noqa: E402
+from moeco.train.trainer import Trainer, train  # noqa: E402
+
+from test_train_cli import snapshot  # noqa: E402
+from test_train_run import small_cfg  # noqa: E402
+
+
+def quick(tmp_path, *extra):
+    return small_cfg(tmp_path, "train.steps=2", "checkpoint.every=0", "log.eval_interval=0", *extra)
+
+
+def test_overwrite_removes_only_what_moeco_wrote(tmp_path):
+    out = tmp_path / "run"
+    train(quick(tmp_path), out, verbose=False)
+    (out / "data" / "corpus.txt").write_text("the user's own corpus")
+    (out / "notes.txt").write_text("mine")
+    (out / "model" / "README.md").write_text("model card")
+    (out / "plots" / "mine.png").write_bytes(b"png")
+    train(quick(tmp_path, "train.steps=3"), out, overwrite=True, verbose=False)
+    assert (out / "data" / "corpus.txt").read_text() == "the user's own corpus"
+    assert (out / "notes.txt").read_text() == "mine" and (out / "plots" / "mine.png").is_file()
+    assert (out / "model" / "README.md").read_text() == "model card"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
+    assert (out / "data" / "tokens.bin").is_file() and (out / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_moeco_did_not_make_is_refused_not_cleaned(tmp_path, overwrite):
+    out = tmp_path / "project"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "corpus.txt").write_text("text")
+    (out / "model").mkdir()
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match=r"holds model/, data/ that moeco train did not write") as info:
+        train(quick(tmp_path), out, overwrite=overwrite, verbose=False)
+    assert "\n" not in str(info.value) and snapshot(out) == before
+
+
+def test_second_trainer_on_one_out_gets_the_holders_pid(tmp_path):
+    out = tmp_path / "run"
+    first = Trainer(quick(tmp_path), out, verbose=False)
+    try:
+        with pytest.raises(ConfigError, match=rf"is in use by another moeco train \(pid {os.getpid()},"):
+            Trainer(quick(tmp_path), out, overwrite=True, verbose=False)
+        first.run()
+        with pytest.raises(ConfigError, match=r"in use by another moeco train"):
+            Trainer(quick(tmp_path, "train.steps=4"), out, resume=True, verbose=False)
+    finally:
+        first.close()
+    train(quick(tmp_path, "train.steps=3"), out, overwrite=True, verbose=False)  # free again
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    out = tmp_path / "run"
+    cfg = small_cfg(tmp_path, "train.steps=8", "checkpoint.every=4", "log.eval_interval=0")
+    train(cfg, out, verbose=False)
+    weights = out / "checkpoints" / "step-00000008" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    with caplog.at_level(logging.WARNING):
+        train(cfg.replace(steps=9), out, resume=True, verbose=False)
+    assert "step-00000008' is damaged" in caplog.text and "resuming from the previous complete one, step-00000004" \
+        in caplog.text
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == [".corrupt-step-00000008", "step-00000004", "step-00000008", "step-00000009"][-len(names):]
+    assert checkpointing.CheckpointManager(out / "checkpoints", 3).problem(out / "checkpoints" / "step-00000009") \
+        is None
+
+
+def test_disk_full_is_one_line_and_keeps_the_latest(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = small_cfg(tmp_path, "train.steps=8", "checkpoint.every=4", "log.eval_interval=0")
+    real_save = torch.save
+
+    def full_at_8(obj, path, *a, **k):
+        if "step-00000008" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(checkpointing.torch, "save", full_at_8)
+    with pytest.raises(StorageError, match=r"no space left on the device writing '.*trainer.pt' \(checkpoint step 8\)"
+                                           r": it needs about .*B, .*B is free.*step-00000004 is intact") as info:
+        train(cfg, out, verbose=False)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004"]
+    assert checkpointing.CheckpointManager(out / "checkpoints", 2).problem(out / "checkpoints" / "step-00000004") \
+        is None
+
+
+@pytest.mark.parametrize("limit, stops_at", [(1, 6), (3, 8)])
+def test_nan_loss_stops_without_publishing_and_keeps_the_last_good_checkpoint(tmp_path, limit, stops_at):
+    out = tmp_path / "run"
+    cfg = small_cfg(tmp_path, "train.steps=10", "checkpoint.every=2", "log.eval_interval=0",
+                    f"train.max_nonfinite_steps={limit}")
+    trainer = Trainer(cfg, out, verbose=False)
+
+    def poison(step, record):
+        if step == 5:
+            with torch.no_grad():
+                trainer.model.lm_head.weight[0, 0] = math.nan
+
+    trainer.on_step = poison
+    try:
+        with pytest.raises(TrainingError, match=rf"the loss was nan .* from step 6; no model was written and the "
+                                                rf"latest good checkpoint is '.*step-00000004'") as info:
+            trainer.run()
+    finally:
+        trainer.close()
+    assert "\n" not in str(info.value) and f"for {limit} step(s)" in str(info.value)
+    assert trainer.step == stops_at
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert not (out / "model").exists()
+
+
+def test_nan_weights_are_never_checkpointed(tmp_path):
+    trainer = Trainer(quick(tmp_path), tmp_path / "run", verbose=False)
+    try:
+        with torch.no_grad():
+            next(trainer.model.parameters())[0] = math.inf
+        with pytest.raises(TrainingError, match=r"weight 'model.embed_tokens.weight' holds NaN or infinite"):
+            trainer.save_checkpoint()
+    finally:
+        trainer.close()
+
+
+def test_too_small_vocab_is_refused_and_a_changed_vocab_is_said(tmp_path, caplog):
+    with pytest.raises(ConfigError, match=r"model.vocab_size = 10 is too small .* at least 258"):
+        train(quick(tmp_path, "model.vocab_size=10"), tmp_path / "a", verbose=False)
+    assert not (tmp_path / "a").exists()
+    with caplog.at_level(logging.WARNING):
+        train(quick(tmp_path, "model.vocab_size=100000"), tmp_path / "b", verbose=False)
+    assert "model.vocab_size = 100000 became" in caplog.text
+
+
+def test_out_that_cannot_be_written_fails_before_tokenizing(tmp_path, capsys, monkeypatch):
+    from moeco.train import run_dir
+
+    monkeypatch.setattr(run_dir, "_read_and_tokenize", lambda cfg: pytest.fail("tokenized before checking --out"))
+    (tmp_path / "file.txt").write_text("x")
+    cfg = quick(tmp_path)
+    (tmp_path / "c.toml").write_text(cfg.to_toml())
+    assert main(["train", "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "file.txt" / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot be created: " in err and "file.txt' is a file, not a folder" in err
+
+
+def test_model_too_large_for_memory_is_refused_before_allocating(tmp_path, capsys):
+    assert main(["train", "--preset", "deepseek-v3", "--out", str(tmp_path / "big")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model.preset = 'deepseek-v3'" in err and " TB but cpu has only" in err
+    assert not (tmp_path / "big").exists()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -267,7 +268,10 @@ def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = DEFAULT_S
     """Write config.json + safetensors (sharded above max_shard_bytes) to `path`, atomically.
 
     extra_files: name -> source path or bytes, written into the same directory (e.g. tokenizer.json).
-    An existing `path` is replaced only if it is a checkpoint directory (has config.json) or empty.
+    An existing `path` is updated only if it is a checkpoint directory (has config.json) or empty, and
+    only the files moeco writes are replaced: its other files (a tokenizer, README.md,
+    generation_config.json) are linked into the new directory, which then replaces the old one with
+    one rename. Weights are written 0644, as the other files are.
     """
     target = Path(path)
     if target.exists() and not (target.is_dir() and ((target / "config.json").exists() or not any(target.iterdir()))):
@@ -310,9 +314,44 @@ def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = DEFAULT_S
                 dst.write_bytes(src)
             else:
                 shutil.copyfile(src, dst)
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~_umask())
+        if target.is_dir():
+            _keep_other_files(target, tmp, written={p.name for p in tmp.iterdir()})
         fsync_tree(tmp)
         publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+_MOECO_FILES = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json"
+                          r"|model-\d{5}-of-\d{5}\.safetensors)$")
+
+
+def _keep_other_files(target: Path, tmp: Path, written: set[str]) -> None:
+    """Hard-link (or copy) what `target` holds besides moeco's own files into `tmp`."""
+    for src in target.iterdir():
+        if src.name in written or _MOECO_FILES.match(src.name):
+            continue
+        dst = tmp / src.name
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        elif src.is_symlink():
+            dst.symlink_to(src.readlink())
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

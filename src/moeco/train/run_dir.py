@@ -112,6 +112,8 @@ def remove_run_files(out: Path) -> None:
         where = out / folder
         if not where.is_dir():
             continue
+        if folder == "model" and not all(owned.match(p.name) for p in where.iterdir()):
+            continue  # also holds the user's files: the new model replaces only moeco's (save_pretrained)
         for path in where.iterdir():
             if owned.match(path.name):
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
