@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moeco.config import ModelConfig
+from moeco.config import ModelConfig, read_config_json
 from moeco.errors import LoadError
 from moeco.fsutil import fsync_tree, publish_dir
 
@@ -107,6 +107,9 @@ class _Reader:
         """
         used.add(key)
         t = self.handles[self.where[key]].get_tensor(key)
+        if not t.is_floating_point():
+            raise LoadError(f"tensor {key!r} is stored as {t.dtype}, a floating-point tensor is expected; the "
+                            f"checkpoint is damaged or not a model checkpoint")
         if dtype is None:
             return t
         if t.dtype in _FP8_DTYPES:
@@ -121,7 +124,26 @@ class _Reader:
                 t = dequantize_weight_128x128(t, scale.float(), dtype=torch.float32)
             except ValueError as exc:
                 raise LoadError(f"{scale_key!r}: {exc}") from None
-        return t.to(dtype)
+        t = t.to(dtype)
+        if not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise LoadError(f"tensor {key!r} holds {n:,} NaN or infinite value(s) of {t.numel():,}; the checkpoint "
+                            f"is damaged or the run that wrote it diverged: use an earlier checkpoint")
+        return t
+
+
+def _check_memory(expected: dict, dtype: torch.dtype, device, directory: Path) -> None:
+    """The weights are read into host memory, then moved: both must hold them (before anything is read)."""
+    from moeco.resources import check_fits
+
+    n = sum(t.numel() for t in expected.values())
+    nbytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() and t.dtype not in _FP8_DTYPES
+                              else t.element_size()) for t in expected.values())
+    what = f"the weights of {str(directory)!r} ({n / 1e6:,.1f}M parameters in {str(dtype).removeprefix('torch.')})"
+    fix = "load it on a machine with more memory, in a smaller dtype (bfloat16), or keep_fp8 for an FP8 checkpoint"
+    check_fits(nbytes, "cpu", what, fix)
+    if torch.device(device).type == "cuda":
+        check_fits(nbytes, device, what, fix)
 
 
 def _gather_experts(reader: _Reader, prefix: str, which: str, n_experts: int, dtype, used: set,
@@ -158,7 +180,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise LoadError(f"{str(directory)!r} has no config.json; pass the checkpoint directory")
-    raw = json.loads((directory / "config.json").read_text())
+    raw, _ = read_config_json(directory)
     config = ModelConfig.from_hf(raw)
     if dtype is None:
         dtype = _DTYPES.get(raw.get("torch_dtype") or raw.get("dtype"), torch.float32)
@@ -178,6 +200,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     with torch.device("meta"):
         model = Transformer(config, recipe=recipe)
     expected = model.state_dict()
+    _check_memory(expected, dtype, device, directory)
     state, used = {}, set()
     for name, meta in expected.items():
         ckpt_name = _to_ckpt_prefix(name, L)
