@@ -122,18 +122,32 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
         is None
 
 
-def test_disk_full_is_one_line_and_keeps_the_latest(tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", ["trainer.pt", "model.safetensors"])
+def test_disk_full_is_one_line_and_keeps_the_latest(tmp_path, monkeypatch, writer):
+    from safetensors import SafetensorError
+
+    from moeco import checkpoint
+
     out = tmp_path / "run"
     cfg = small_cfg(tmp_path, "train.steps=8", "checkpoint.every=4", "log.eval_interval=0")
-    real_save = torch.save
+    real_save, real_save_file = torch.save, checkpoint.save_file
 
     def full_at_8(obj, path, *a, **k):
         if "step-00000008" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(checkpointing.torch, "save", full_at_8)
-    with pytest.raises(StorageError, match=r"no space left on the device writing '.*trainer.pt' \(checkpoint step 8\)"
+    def safetensors_full_at_8(tensors, path, *a, **k):
+        if "step-00000008" in str(path):
+            raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at '
+                                  f'path "{path}"')
+        return real_save_file(tensors, path, *a, **k)
+
+    if writer == "trainer.pt":
+        monkeypatch.setattr(checkpointing.torch, "save", full_at_8)
+    else:
+        monkeypatch.setattr(checkpoint, "save_file", safetensors_full_at_8)
+    with pytest.raises(StorageError, match=rf"no space left on the device writing '.*{writer}' \(checkpoint step 8\)"
                                            r": it needs about .*B, .*B is free.*step-00000004 is intact") as info:
         train(cfg, out, verbose=False)
     assert "\n" not in str(info.value)

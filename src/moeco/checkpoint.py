@@ -314,12 +314,12 @@ def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = DEFAULT_S
             current[name], size = t, size + nbytes
         shards.append(current)
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            _save_file(shards[0], tmp / "model.safetensors")
         else:
             weight_map = {}
             for i, shard in enumerate(shards, start=1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                _save_file(shard, tmp / fname)
                 weight_map.update({name: fname for name in shard})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / "model.safetensors.index.json").write_text(
@@ -347,6 +347,19 @@ def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = DEFAULT_S
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _save_file(tensors: dict, path: Path) -> None:
+    """safetensors' save_file, its I/O failures raised as OSError (a full disk is then ENOSPC, with the path)."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 _MOECO_FILES = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json"
