@@ -419,3 +419,15 @@ def test_a_collapsing_expert_load_is_warned_about_once(caplog):
     assert [s for s, text in enumerate(said, 1) if text] == [7]
     assert "stayed above 2 for 5 steps (layer 2: 3.90 at step 7)" in caplog.text
     assert "raise train.bias_update_speed (now 0.001)" in caplog.text
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"rope_scaling": 5}, "rope_scaling = 5"),
+    ({"rope_parameters": [1]}, "rope_parameters = [1]"),
+    ({"aux_loss_alpha": "x"}, "aux_loss_alpha = 'x'"),
+    ({"initializer_range": -0.02}, "initializer_range = -0.02"),
+    ({"norm_topk_prob": "False"}, "norm_topk_prob = 'False'"),
+])
+def test_config_json_with_a_wrong_type_is_one_line(change, field):
+    with pytest.raises(ConfigError, match=rf"ModelConfig.{field.replace('[', '.').replace(']', '.')} is invalid"):
+        ModelConfig.from_hf({**ModelConfig.preset("tiny").to_hf_dict(), **change})

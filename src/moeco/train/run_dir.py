@@ -235,7 +235,7 @@ def prepare_run(cfg: TrainConfig, out: Path, *, resume: bool, overwrite: bool, d
         lock = RunLock(out)
         if overwrite:
             remove_run_files(out)
-        (out / MARKER).write_text(json.dumps({"written_by": "moeco train", "contents": list(_RUN_ARTIFACTS)}) + "\n")
+        _write_marker(out)
         save_tokenizer(tok, out / "tokenizer", tok_source)
         save_stream(stream, out / "data", {"source": source})
         _write_config(cfg, out)
@@ -295,6 +295,11 @@ def _share_outcome(dist_info, failure: MoecoError | None) -> None:
         raise failure
 
 
+def _write_marker(out: Path) -> None:
+    if not (out / MARKER).is_file():
+        (out / MARKER).write_text(json.dumps({"written_by": "moeco train", "contents": list(_RUN_ARTIFACTS)}) + "\n")
+
+
 def _write_config(cfg: TrainConfig, out: Path) -> None:
     tmp = out / f".train_config.toml.{os.getpid()}"
     tmp.write_text("# written by moeco train; `moeco train --resume OUT` reads it back\n" + cfg.to_toml())
@@ -344,6 +349,7 @@ def _prepare_resume(cfg: TrainConfig, out: Path, dist_info) -> RunDir:
             log.warning(f"warning: checkpoint {str(path)!r} is damaged ({problem}); resuming from the previous "
                         f"complete one, {latest.name}; the damaged one is kept as {aside.name}")
         ckpt.remove_partial()
+        _write_marker(out)  # a run started before the marker existed gets one
         _write_config(cfg, out)
     dist_info.barrier()
     return RunDir(out, cfg, mcfg, data, meta.get("source", ""), latest, lock)
