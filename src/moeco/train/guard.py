@@ -47,8 +47,11 @@ class NonFiniteGuard:
 
     def check_weights(self, model: torch.nn.Module, step: int) -> None:
         """Before a checkpoint or the model is written: refuse NaN/inf weights."""
-        bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
-        if bad is not None:
+        named = list(model.named_parameters())
+        with torch.no_grad():
+            finite = torch.stack([torch.isfinite(p).all() for _, p in named]).cpu()  # one host sync
+        if not bool(finite.all()):
+            bad = named[int((~finite).nonzero()[0])][0]
             raise TrainingError(self._stopped(f"weight {bad!r} holds NaN or infinite values at step {step}"))
 
     def _stopped(self, what: str) -> str:
