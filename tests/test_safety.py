@@ -1,13 +1,28 @@
-"""Data safety and bad input (issue 18, part 4): each case a user hit, with the one-line answer it gets now."""
+"""Data safety, bad input and defaults (issue 18, parts 4 and 5): each case a user hit, with what it gets now."""
 
+import errno
 import json
+import logging
+import math
+import os
+import stat
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
+import moeco
+from helpers import micro_config
 from moeco import ConfigError, ModelConfig
-from moeco.errors import DataError
+from moeco.cli import main
+from moeco.errors import DataError, LoadError, StorageError, TrainingError
+from moeco.train import checkpointing
 from moeco.train.config import TrainConfig
 from moeco.train.corpus import load_documents
+from moeco.train.trainer import Trainer, train
+
+from test_train_cli import snapshot  # pytest puts tests/ on sys.path
+from test_train_run import small_cfg
 
 
 # ---- --set values ---------------------------------------------------------------------------
@@ -45,20 +60,6 @@ def test_json_file_of_jsonl_records_is_read_as_records(tmp_path):
 
 
 # ---- the run directory ----------------------------------------------------------------------
-import errno  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-
-import torch  # noqa: E402
-
-from moeco.cli import main  # noqa: E402
-from moeco.errors import StorageError, TrainingError  # noqa: E402
-from moeco.train import checkpointing  # noqa: E402
-from moeco.train.trainer import Trainer, train  # noqa: E402
-
-from test_train_cli import snapshot  # noqa: E402
-from test_train_run import small_cfg  # noqa: E402
 
 
 def quick(tmp_path, *extra):
@@ -221,13 +222,6 @@ def test_model_too_large_for_memory_is_refused_before_allocating(tmp_path, capsy
 
 
 # ---- checkpoints in and out -----------------------------------------------------------------
-import stat  # noqa: E402
-
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-import moeco  # noqa: E402
-from helpers import micro_config  # noqa: E402
-from moeco.errors import LoadError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
