@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -40,7 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moeco.config import ModelConfig
+from moeco.config import ModelConfig, read_config_json
 from moeco.errors import LoadError
 from moeco.fsutil import fsync_tree, publish_dir
 
@@ -156,6 +157,9 @@ class _Reader:
         """
         used.add(key)
         t = self.handles[self.where[key]].get_tensor(key)
+        if not t.is_floating_point():
+            raise LoadError(f"tensor {key!r} is stored as {t.dtype}, a floating-point tensor is expected; the "
+                            f"checkpoint is damaged or not a model checkpoint")
         if dtype is None:
             return t
         if t.dtype in _FP8_DTYPES:
@@ -170,7 +174,26 @@ class _Reader:
                 t = dequantize_weight_128x128(t, scale.float(), dtype=torch.float32)
             except ValueError as exc:
                 raise LoadError(f"{scale_key!r}: {exc}") from None
-        return t.to(dtype)
+        t = t.to(dtype)
+        if not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise LoadError(f"tensor {key!r} holds {n:,} NaN or infinite value(s) of {t.numel():,}; the checkpoint "
+                            f"is damaged or the run that wrote it diverged: use an earlier checkpoint")
+        return t
+
+
+def _check_memory(expected: dict, dtype: torch.dtype, device, directory: Path) -> None:
+    """The weights are read into host memory, then moved: both must hold them (before anything is read)."""
+    from moeco.resources import check_fits
+
+    n = sum(t.numel() for t in expected.values())
+    nbytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() and t.dtype not in _FP8_DTYPES
+                              else t.element_size()) for t in expected.values())
+    what = f"the weights of {str(directory)!r} ({n / 1e6:,.1f}M parameters in {str(dtype).removeprefix('torch.')})"
+    fix = "load it on a machine with more memory, in a smaller dtype (bfloat16), or keep_fp8 for an FP8 checkpoint"
+    check_fits(nbytes, "cpu", what, fix)
+    if torch.device(device).type == "cuda":
+        check_fits(nbytes, device, what, fix)
 
 
 def _gather_experts(reader: _Reader, prefix: str, which: str, n_experts: int, dtype, used: set,
@@ -207,7 +230,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise LoadError(f"{str(directory)!r} has no config.json; pass the checkpoint directory")
-    raw = json.loads((directory / "config.json").read_text())
+    raw, _ = read_config_json(directory)
     config = ModelConfig.from_hf(raw)
     if dtype is None:
         dtype = _DTYPES.get(raw.get("torch_dtype") or raw.get("dtype"), torch.float32)
@@ -227,6 +250,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     with torch.device("meta"):
         model = Transformer(config, recipe=recipe)
     expected = model.state_dict()
+    _check_memory(expected, dtype, device, directory)
     state, used = {}, set()
     for name, meta in expected.items():
         ckpt_name = _to_ckpt_prefix(name, L)
@@ -318,7 +342,10 @@ def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = DEFAULT_S
     """Write config.json + safetensors (sharded above max_shard_bytes) to `path`, atomically.
 
     extra_files: name -> source path or bytes, written into the same directory (e.g. tokenizer.json).
-    An existing `path` is replaced only if it is a checkpoint directory (has config.json) or empty.
+    An existing `path` is updated only if it is a checkpoint directory (has config.json) or empty, and
+    only the files moeco writes are replaced: its other files (a tokenizer, README.md,
+    generation_config.json) are linked into the new directory, which then replaces the old one with
+    one rename. Weights are written 0644, as the other files are.
     """
     target = Path(path)
     if target.exists() and not (target.is_dir() and ((target / "config.json").exists() or not any(target.iterdir()))):
@@ -338,12 +365,12 @@ def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = DEFAULT_S
             current[name], size = t, size + nbytes
         shards.append(current)
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            _save_file(shards[0], tmp / "model.safetensors")
         else:
             weight_map = {}
             for i, shard in enumerate(shards, start=1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                _save_file(shard, tmp / fname)
                 weight_map.update({name: fname for name in shard})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / "model.safetensors.index.json").write_text(
@@ -361,9 +388,57 @@ def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = DEFAULT_S
                 dst.write_bytes(src)
             else:
                 shutil.copyfile(src, dst)
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~_umask())
+        if target.is_dir():
+            _keep_other_files(target, tmp, written={p.name for p in tmp.iterdir()})
         fsync_tree(tmp)
         publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _save_file(tensors: dict, path: Path) -> None:
+    """safetensors' save_file, its I/O failures raised as OSError (a full disk is then ENOSPC, with the path)."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+_MOECO_FILES = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json"
+                          r"|model-\d{5}-of-\d{5}\.safetensors)$")
+
+
+def _keep_other_files(target: Path, tmp: Path, written: set[str]) -> None:
+    """Hard-link (or copy) what `target` holds besides moeco's own files into `tmp`."""
+    for src in target.iterdir():
+        if src.name in written or _MOECO_FILES.match(src.name):
+            continue
+        dst = tmp / src.name
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        elif src.is_symlink():
+            dst.symlink_to(src.readlink())
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -62,9 +62,13 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "train", "clip the global gradient norm to this; 0 = off")
     mtp_lambda: float = _opt(0.3, "train", "weight of the multi-token-prediction loss (DeepSeek-V3: 0.3, "
                                            "later 0.1); depth is model.num_nextn_predict_layers")
-    bias_update_speed: float = _opt(0.001, "train", "gamma of auxiliary-loss-free balancing: the routing bias "
-                                                    "moves by this per step; 0 = off. The sequence-wise "
-                                                    "balance loss weight is model.aux_loss_alpha")
+    bias_update_speed: float | str = _opt("auto", "train", "gamma of auxiliary-loss-free balancing: the routing "
+                                                         "bias moves by this per step; 0 = off; auto = "
+                                                         "clamp(3 / steps, 0.001, 0.01). The sequence-wise "
+                                                         "balance loss weight is model.aux_loss_alpha")
+    max_nonfinite_steps: int = _opt(1, "train", "stop the run after this many steps in a row whose loss or gradient "
+                                                "norm is NaN or infinite (no checkpoint or model is written from "
+                                                "such weights)")
     precision: str = _opt("auto", "train", "auto (bf16 autocast on a GPU that has it, else fp32) | fp32 | bf16 "
                                            "| fp8 (needs moeco.fp8)")
     optimizer_moments: str = _opt("auto", "train", "AdamW moment dtype: auto (bf16 with fp8 precision, as "
@@ -91,6 +95,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    def balance_gamma(self) -> float:
+        """`bias_update_speed` with "auto" resolved for this run's length (moeco.train.balance.auto_gamma)."""
+        if self.bias_update_speed == "auto":
+            from moeco.train.balance import auto_gamma
+
+            return auto_gamma(self.steps)
+        return float(self.bias_update_speed)
 
     def moment_dtype(self) -> str:
         """AdamW's moment dtype, "fp32" or "bf16": `optimizer_moments` with "auto" resolved (bf16 for FP8)."""
@@ -145,7 +157,7 @@ class TrainConfig:
             if not sep or not key.strip():
                 raise ConfigError(f"--set {item!r} is not KEY=VALUE; e.g. --set train.lr=3e-4")
             name, is_model_field = _resolve(key.strip())
-            value = parse_value(text.strip())
+            value = _strict_bool(key.strip(), name, is_model_field, parse_value(text.strip()))
             if is_model_field:
                 model[name] = _model_value(value)
             else:
@@ -223,6 +235,24 @@ def parse_value(text: str) -> Any:
     return text
 
 
+_BOOL_WORDS = {"true": True, "false": False}
+
+
+def _strict_bool(key: str, name: str, is_model_field: bool, value: Any) -> Any:
+    """A boolean option given as text: "true"/"false" in any case, else a one-line error.
+
+    TOML spells booleans in lower case only, so `--set model.norm_topk_prob=False` arrives as the
+    string "False", which Python would count as true.
+    """
+    fields = dataclasses.fields(ModelConfig) if is_model_field else dataclasses.fields(TrainConfig)
+    f = next((f for f in fields if f.name == name), None)
+    if f is None or not isinstance(f.default, bool) or not isinstance(value, str):
+        return value
+    if value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise ConfigError(f"{key} = {value!r} is invalid: expected true or false")
+
+
 def _model_value(value: Any) -> Any:
     # TOML has no null: "none" stands for None in [model] (e.g. q_lora_rank = "none").
     return None if isinstance(value, str) and value.lower() in ("none", "null") else value
@@ -235,6 +265,10 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "model_overrides":
         return dict(value)
     want = type(f.default)
+    if name == "bias_update_speed":  # a number, or "auto"
+        if value == "auto":
+            return value
+        want = float
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want is bool and not isinstance(value, bool) or want is not bool and isinstance(value, bool) \
@@ -255,10 +289,12 @@ def _validate(c: TrainConfig) -> None:
         if getattr(c, name) < 1:
             raise _bad(name, getattr(c, name), "must be at least 1")
     for name in ("micro_batch_size", "warmup_steps", "checkpoint_every", "eval_interval", "weight_decay",
-                 "grad_clip", "mtp_lambda", "bias_update_speed", "peak_tflops", "seed"):
+                 "grad_clip", "mtp_lambda", "peak_tflops", "seed"):
         if getattr(c, name) < 0:
             raise _bad(name, getattr(c, name), "must be >= 0")
-    for name in ("keep_checkpoints", "log_interval", "eval_batches"):
+    if c.bias_update_speed != "auto" and not (c.bias_update_speed >= 0 and math.isfinite(c.bias_update_speed)):
+        raise _bad("bias_update_speed", c.bias_update_speed, 'must be a number >= 0, or "auto"')
+    for name in ("keep_checkpoints", "log_interval", "eval_batches", "max_nonfinite_steps"):
         if getattr(c, name) < 1:
             raise _bad(name, getattr(c, name), "must be at least 1")
     if not (c.lr > 0 and math.isfinite(c.lr)):

@@ -37,11 +37,12 @@ import torch.nn.functional as F
 from moeco.config import ModelConfig
 from moeco.errors import ConfigError, DataError
 from moeco.train import metrics as M
-from moeco.train.balance import BalanceHook
+from moeco.train.balance import BalanceHook, ImbalanceWatch
 from moeco.train.checkpointing import CheckpointManager
 from moeco.train.config import TrainConfig
 from moeco.train.cuda_graph import GraphedStep, portable_state_dict, set_lr
 from moeco.train.data import BatchLoader, PackedData, rank_slice
+from moeco.train.guard import NonFiniteGuard
 from moeco.train.run_dir import RunDir, prepare_run
 
 
@@ -139,6 +140,8 @@ class Trainer:
         try:
             self._setup(cfg, Path(out), resume, overwrite, verbose)
         except BaseException:
+            if hasattr(self, "run_dir"):
+                self.run_dir.release()
             self.dist.close()
             raise
         self.on_step = on_step
@@ -181,7 +184,9 @@ class Trainer:
         model.train()
         self.model = model
         self.optimizer = self._optimizer(model)
-        self.balance = BalanceHook(model, cfg.bias_update_speed)
+        self.balance = BalanceHook(model, cfg.balance_gamma())
+        self.imbalance = ImbalanceWatch(cfg.balance_gamma())
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps, self.ckpt.latest)
         if latest is not None:
             self._load_trainer_state(CheckpointManager.load_trainer_state(latest))
         else:
@@ -258,6 +263,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         path = None
+        if not self.guard.ok:  # the weights took a NaN/inf update: keep the last good checkpoint as latest
+            return None
+        self.guard.check_weights(self.model, self.step)
         if self.dist.main:
             tok = self.run_dir.tokenizer_files()
             path = self.ckpt.save(self.step, lambda p: self.model.save_pretrained(p, extra_files=tok),
@@ -389,10 +397,13 @@ class Trainer:
                 self.progress.update(record)
                 if self.step % cfg.log_interval == 0 or last or self.step == start + 1 or "val_loss" in record:
                     self.progress.print(M.format_line(record))
+                self.guard.update(record)
+                self.imbalance.update(record)
                 if self.on_step is not None:
                     self.on_step(self.step, record)
                 if not last and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+            self.guard.before_publishing()
             if self.step not in self.ckpt.steps() and self.step > 0:
                 self.save_checkpoint()
             summary = self._finish(record, val_loss, time.perf_counter() - t_start, self.step - start)
@@ -436,6 +447,7 @@ class Trainer:
         self.progress.print(text)
 
     def close(self) -> None:
+        self.run_dir.release()
         self.dist.close()
 
 
