@@ -122,5 +122,5 @@ def run(args) -> dict:
     ax.set_title(f"FP8 GEMM accumulation error (emulated 14-bit accumulator, {M}x{M} outputs)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
-    return common.finish(out, NAME, "FP8 GEMM accumulation error vs K", columns, rows,
+    return common.finish(out, NAME, [("FP8 GEMM accumulation error vs K", columns, rows)],
                          {"results": results, "mn": M, "seeds": args.seeds}, fig)

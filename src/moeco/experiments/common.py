@@ -167,7 +167,10 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
         table.add_column(c, justify="right" if c != columns[0] else "left")
     for row in rows:
         table.add_row(*[_fmt(v) for v in row])
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)  # a log file: no wrapping at 80 columns
+    console.print(table)
 
 
 def _fmt(v) -> str:
@@ -189,13 +192,14 @@ def pyplot():
     return plt
 
 
-def finish(out: Path, name: str, title: str, columns: list[str], rows: list[list], payload: dict, fig) -> dict:
-    """Print the table, write NAME.json and NAME.png; returns the paths and the payload."""
-    print_table(title, columns, rows)
-    js = write_json(out, name, {"columns": columns, "rows": rows, **payload})
+def finish(out: Path, name: str, tables: list[tuple[str, list[str], list[list]]], payload: dict, fig) -> dict:
+    """Print the tables (title, columns, rows), write NAME.json and NAME.png; returns paths and payload."""
+    for title, columns, rows in tables:
+        print_table(title, columns, rows)
+    js = write_json(out, name, {"tables": [{"title": t, "columns": c, "rows": r} for t, c, r in tables], **payload})
     png = out / f"{name}.png"
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     pyplot().close(fig)
     print(f"written: {js}, {png}")
-    return {"json": str(js), "png": str(png), "rows": rows, **payload}
+    return {"json": str(js), "png": str(png), "tables": tables, **payload}
