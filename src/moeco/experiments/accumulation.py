@@ -27,7 +27,7 @@ KS = (512, 1024, 2048, 4096, 8192, 16384)
 
 
 def add_args(p) -> None:
-    common.add_common_args(p, steps=150)
+    common.add_common_args(p, steps=80)
     common.add_run_arg(p)
     p.add_argument("--k", type=int, nargs="+", default=list(KS), help="inner dimensions K (multiples of 128)")
     p.add_argument("--mn", type=int, default=32, help="M = N, outputs per side (default 32)")

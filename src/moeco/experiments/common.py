@@ -28,7 +28,7 @@ import torch
 from moeco.errors import ConfigError
 
 
-def add_common_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int = 8, seq_len: int = 128) -> None:
+def add_common_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int = 8, seq_len: int = 64) -> None:
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/experiments/NAME)")
     p.add_argument("--preset", default="tiny", help="model preset of the training runs (default tiny)")
     p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps per training run (default {steps})")

@@ -27,15 +27,20 @@ import torch
 
 from moeco.comm import CodecDispatcher, get_codec
 from moeco.experiments import common
+from moeco.train.metrics import read_metrics
 
 NAME = "logfmt"
 CODECS = ("none", "bf16", "e4m3", "e5m2", "logfmt8", "logfmt10")
+TRAIN_CODECS = ("none", "e4m3", "e5m2", "logfmt8", "logfmt10")  # bf16 rounding of a float32 model ~ none
 
 
 def add_args(p) -> None:
-    common.add_common_args(p, steps=120)
+    common.add_common_args(p, steps=80)
     common.add_run_arg(p)
-    p.add_argument("--codecs", nargs="+", default=list(CODECS), help=f"codecs to compare (default {' '.join(CODECS)})")
+    p.add_argument("--codecs", nargs="+", default=list(CODECS),
+                   help=f"codecs of the error and speed parts (default {' '.join(CODECS)})")
+    p.add_argument("--train-codecs", nargs="+", default=list(TRAIN_CODECS),
+                   help=f"codecs of the training runs (default {' '.join(TRAIN_CODECS)}; none = the base run)")
     p.add_argument("--where", choices=("both", "combine", "dispatch"), default="both",
                    help="which wire point the training runs code (default both)")
     p.add_argument("--skip", nargs="*", default=[], choices=("error", "training", "speed"), help="parts to leave out")
@@ -106,18 +111,23 @@ def error_table(run_dir, codecs) -> dict:
     return out
 
 
-def training(args, out, codecs) -> dict:
+def training(args, out, codecs, base: Path | None) -> dict:
     results, tok = {}, None
     for name in codecs:
-        sets = []
-        if args.where in ("both", "dispatch"):
-            sets.append(f'parallel.dispatch_codec="{name}"')
-        if args.where in ("both", "combine"):
-            sets.append(f'parallel.combine_codec="{name}"')
-        r = common.train_run(args, out, f"train-{name}", *sets, tokenizer=tok)
+        if name == "none" and base is not None and not getattr(args, "run", None):
+            r = {"val_loss": None, "dir": str(base), "wall_s": None,
+                 "records": read_metrics(base / "metrics.jsonl")}  # the base run is this run
+            r["val_loss"] = [x["val_loss"] for x in r["records"] if "val_loss" in x][-1]
+        else:
+            sets = []
+            if args.where in ("both", "dispatch"):
+                sets.append(f'parallel.dispatch_codec="{name}"')
+            if args.where in ("both", "combine"):
+                sets.append(f'parallel.combine_codec="{name}"')
+            r = common.train_run(args, out, f"train-{name}", *sets, tokenizer=tok)
         tok = tok or Path(r["dir"]) / "tokenizer"
         curve = [(rec["step"], rec["val_loss"]) for rec in r["records"] if "val_loss" in rec]
-        results[name] = {"val_loss": r["val_loss"], "curve": curve, "wall_s": r["wall_s"],
+        results[name] = {"val_loss": r["val_loss"], "curve": curve, "wall_s": r["wall_s"], "dir": r["dir"],
                          "train_loss": [(rec["step"], rec["lm_loss"]) for rec in r["records"]]}
     ref = results.get("none", results.get("bf16"))
     for r in results.values():
@@ -160,10 +170,13 @@ def run(args) -> dict:
     common.check_positive(args, "steps", "batch_size", "seq_len")
     for name in args.codecs:
         get_codec(name, "--codecs")
+    for name in args.train_codecs:
+        get_codec(name, "--train-codecs")
     out = common.out_dir(args, NAME)
     payload, tables = {}, []
+    base = common.base_run(args, out) if ("error" not in args.skip or "training" not in args.skip) else None
     if "error" not in args.skip:
-        err = payload["error"] = error_table(common.base_run(args, out), args.codecs)
+        err = payload["error"] = error_table(base, args.codecs)
         rows = [[point, name, r["bytes_per_element"], 100 * r["rel_rms"], 100 * r["max"], 100 * r["bias"],
                  err["val_loss_coded"][name]]
                 for point, p in err["points"].items() for name, r in p["codecs"].items()]
@@ -172,7 +185,7 @@ def run(args) -> dict:
                        ["wire point", "codec", "bytes/elem", "rel. RMS %", "max %", "bias %",
                         "held-out loss, coded"], rows))
     if "training" not in args.skip:
-        tr = payload["training"] = training(args, out, args.codecs)
+        tr = payload["training"] = training(args, out, args.train_codecs, base)
         rows = [[name, get_codec(name).bytes_per_element if get_codec(name) else None, r["val_loss"], r["gap_pct"]]
                 for name, r in tr.items()]
         tables.append((f"(b) training {args.preset}, {args.steps} steps, codec at {args.where}",
