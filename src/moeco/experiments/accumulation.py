@@ -27,7 +27,7 @@ KS = (512, 1024, 2048, 4096, 8192, 16384)
 
 
 def add_args(p) -> None:
-    common.add_common_args(p, steps=80)
+    common.add_common_args(p, steps=40)
     common.add_run_arg(p)
     p.add_argument("--k", type=int, nargs="+", default=list(KS), help="inner dimensions K (multiples of 128)")
     p.add_argument("--mn", type=int, default=32, help="M = N, outputs per side (default 32)")
@@ -72,9 +72,9 @@ def real_pools(run_dir, n_tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _from_pool(pool: torch.Tensor, rows: int, K: int, gen: torch.Generator) -> torch.Tensor:
-    need = rows * K // pool.shape[1]
+    need = -(-rows * K // pool.shape[1])
     idx = torch.randint(0, pool.shape[0], (need,), generator=gen)
-    return pool[idx].reshape(rows, K)
+    return pool[idx].reshape(-1)[:rows * K].reshape(rows, K)
 
 
 def run(args) -> dict:

@@ -26,7 +26,7 @@ NAME = "balance"
 
 
 def add_args(p) -> None:
-    common.add_common_args(p, steps=80)
+    common.add_common_args(p, steps=40)
     p.add_argument("--gamma", type=float, default=0.01, help="bias update speed of the aux-loss-free run (default 0.01)")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.001, 0.01],
                    help="sequence-wise aux-loss weights to compare (default 0.001 0.01)")

@@ -35,7 +35,7 @@ TRAIN_CODECS = ("none", "e4m3", "e5m2", "logfmt8", "logfmt10")  # bf16 rounding 
 
 
 def add_args(p) -> None:
-    common.add_common_args(p, steps=80)
+    common.add_common_args(p, steps=40)
     common.add_run_arg(p)
     p.add_argument("--codecs", nargs="+", default=list(CODECS),
                    help=f"codecs of the error and speed parts (default {' '.join(CODECS)})")

@@ -30,7 +30,7 @@ NAME = "mtp"
 
 
 def add_args(p) -> None:
-    common.add_common_args(p, steps=80)
+    common.add_common_args(p, steps=40)
     common.add_run_arg(p)
     p.add_argument("--prompts", type=int, default=16, help="held-out prefixes to continue (default 16)")
     p.add_argument("--prefix", type=int, default=32, help="tokens of each prefix (default 32)")

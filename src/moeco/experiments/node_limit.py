@@ -32,7 +32,7 @@ NAME = "node-limit"
 
 
 def add_args(p) -> None:
-    common.add_common_args(p, steps=80)
+    common.add_common_args(p, steps=40)
     common.add_run_arg(p)
     p.add_argument("--nodes", type=int, default=8, help="nodes the experts are spread over (default 8, as V3)")
     p.add_argument("--max-seqs", type=int, default=32, help="held-out sequences to route (default 32)")
