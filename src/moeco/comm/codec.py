@@ -22,14 +22,13 @@ the gradient unchanged (the backward all-to-all carries gradients in its own for
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from moeco.comm import logfmt
-from moeco.errors import ConfigError
+from moeco.comm.names import NAMES, parse_codec_name
 from moeco.fp8.quantize import BLOCK, _pad_last, dequantize_act_1x128, quantize_act_1x128
 
 E5M2_MAX = 57344.0
@@ -112,22 +111,16 @@ class LogFMTCodec:
         return logfmt.decode(p)
 
 
-NAMES = ("bf16", "e4m3", "e5m2", "logfmt8", "logfmt10", "logfmtN (N = 3..16)", "none")
-
-
 def get_codec(name: str | None, field: str = "codec") -> Codec | None:
     """A codec by name (bf16, e4m3, e5m2, logfmt8, logfmt10, logfmtN); "none" or None gives None."""
-    key = (name or "none").strip().lower().replace("-", "").replace("_", "")
-    if key in ("none", ""):
+    kind, bits = parse_codec_name(name, field)
+    if kind == "none":
         return None
-    if key == "bf16":
+    if kind == "bf16":
         return BF16Codec()
-    if key in ("e4m3", "e5m2"):
-        return FP8Codec(key)
-    m = re.fullmatch(r"logfmt(\d+)", key)
-    if m and 3 <= int(m.group(1)) <= 16:
-        return LogFMTCodec(int(m.group(1)))
-    raise ConfigError(f"{field} = {name!r} is invalid: choose one of {', '.join(NAMES)}")
+    if kind in ("e4m3", "e5m2"):
+        return FP8Codec(kind)
+    return LogFMTCodec(bits)
 
 
 class _StraightThrough(torch.autograd.Function):

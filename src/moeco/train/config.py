@@ -284,10 +284,10 @@ def _validate(c: TrainConfig) -> None:
         raise _bad("optimizer_moments", c.optimizer_moments, "choose auto, fp32 or bf16")
     if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
         raise _bad("device", c.device, "choose auto, cpu, cuda or cuda:N")
-    from moeco.comm.codec import get_codec
+    from moeco.comm.names import parse_codec_name
 
     for name in ("dispatch_codec", "combine_codec"):
-        get_codec(getattr(c, name), f"parallel.{name}")  # raises a one-line ConfigError
+        parse_codec_name(getattr(c, name), f"parallel.{name}")  # raises a one-line ConfigError
 
 
 def _toml_value(value: Any) -> str:
