@@ -110,6 +110,16 @@ def base_run(args, out: Path) -> Path:
     return run
 
 
+def planned_model_config(args):
+    """The ModelConfig of `--run`, or of the base run `base_run` would train (checked before any work)."""
+    from moeco.config import ModelConfig
+    from moeco.train.config import TrainConfig
+
+    if getattr(args, "run", None) and (Path(args.run) / "model" / "config.json").is_file():
+        return ModelConfig.from_hf(Path(args.run) / "model" / "config.json")
+    return TrainConfig().with_overrides(train_sets(args)).model_config()
+
+
 @dataclass
 class TrainedRun:
     model: torch.nn.Module

@@ -76,9 +76,7 @@ def traffic(indices: list[torch.Tensor], experts_per_node: int, nodes: int, seed
 
 def run(args) -> dict:
     common.check_positive(args, "nodes", "max_seqs")
-    out = common.out_dir(args, NAME)
-    trained = common.load_run(common.base_run(args, out), max_val=args.max_seqs)
-    model, cfg = trained.model, trained.model.config
+    cfg = common.planned_model_config(args)
     E = cfg.n_routed_experts
     if E % args.nodes:
         raise ConfigError(f"--nodes {args.nodes} is invalid: it must divide the {E} routed experts "
@@ -87,6 +85,9 @@ def run(args) -> dict:
     if per_node < 2 and cfg.topk_method == "noaux_tc":
         raise ConfigError(f"--nodes {args.nodes} is invalid: a node needs at least 2 of the {E} experts "
                           f"(its score is the sum of its top 2); use --nodes {E // 2} or fewer")
+    out = common.out_dir(args, NAME)
+    trained = common.load_run(common.base_run(args, out), max_val=args.max_seqs)
+    model, cfg = trained.model, trained.model.config
     m_min = -(-K // per_node)  # M nodes must hold at least K experts
     n_moe = sum(1 for _ in model.moe_layers())
     tokens_per_step = args.batch_size * args.seq_len
