@@ -92,7 +92,8 @@ def test_range_clamp():
     assert y[0, 0] == 1.0
 
 
-@pytest.mark.parametrize("bits,dtype", [(8, torch.bfloat16), (10, torch.bfloat16), (10, torch.float32), (4, torch.float32)])
+@pytest.mark.parametrize("bits,dtype", [(8, torch.bfloat16), (10, torch.bfloat16), (10, torch.float32),
+                                        (4, torch.float32)])
 def test_triton_equals_reference_bit_for_bit(bits, dtype):
     from moeco.comm import logfmt_triton
 

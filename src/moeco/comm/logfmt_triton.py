@@ -184,7 +184,8 @@ def encode(x: torch.Tensor, bits: int) -> LogFMTPayload:
     tmin = torch.empty_like(tmax)
     if n_tiles:
         _encode_kernel[(triton.cdiv(n_tiles, BT),)](
-            x2.view(torch.int16) if bf16_bits else x2, mag, signs, tmax, tmin, n_tiles, KMAX=2 ** (bits - 1) - 1, KSTEPS=float(2 ** (bits - 1) - 2),
+            x2.view(torch.int16) if bf16_bits else x2, mag, signs, tmax, tmin, n_tiles,
+            KMAX=2 ** (bits - 1) - 1, KSTEPS=float(2 ** (bits - 1) - 2),
             IEEE=not interpreting(), BT=BT, TILE=TILE, BF16_BITS=bf16_bits,
             **_launch_opts(x.device))
     return LogFMTPayload(mag.reshape(*lead, Dp), signs.reshape(*lead, Dp // 8),

@@ -27,7 +27,8 @@ NAME = "balance"
 
 def add_args(p) -> None:
     common.add_common_args(p, steps=40)
-    p.add_argument("--gamma", type=float, default=0.01, help="bias update speed of the aux-loss-free run (default 0.01)")
+    p.add_argument("--gamma", type=float, default=0.01,
+                   help="bias update speed of the aux-loss-free run (default 0.01)")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.001, 0.01],
                    help="sequence-wise aux-loss weights to compare (default 0.001 0.01)")
 
@@ -60,7 +61,8 @@ def run(args) -> dict:
         curve = _load_curve(r["records"])
         tail = curve[-max(1, len(curve) // 5):]
         results[label] = {
-            "val_loss": r["val_loss"], "val_curve": [(x["step"], x["val_loss"]) for x in r["records"] if "val_loss" in x],
+            "val_loss": r["val_loss"],
+            "val_curve": [(x["step"], x["val_loss"]) for x in r["records"] if "val_loss" in x],
             "load_curve": curve, "late_load": sum(v for _, v in tail) / len(tail),
             "final_balance_loss": r["records"][-1]["balance_loss"], "sets": sets}
     rows = [[label, r["val_loss"], r["late_load"], r["final_balance_loss"]] for label, r in results.items()]
