@@ -7,8 +7,8 @@ K = 8), for a small loss in the choice of experts (V3: M = 4 of 8 nodes).
 
 Setup: the trained model's E routed experts laid out contiguously on N nodes (E/N per node, one
 router group per node); M = ceil(K / (E/N)) .. N (M nodes must hold K experts) by setting every
-router's (n_group, topk_group) = (N, M), M = N being unrestricted top-K. The router is the model's own (DeepSeek's rule: a node scores the sum of
-its top-2 selection scores s + b). Each held-out token starts on a random node (seeded). Per token
+router's (n_group, topk_group) = (N, M), M = N being unrestricted top-K. The router is the model's
+own (DeepSeek's rule: a node scores the sum of its top-2 selection scores s + b). Each held-out token starts on a random node (seeded). Per token
 and MoE layer:
 
     IB copies        = distinct target nodes other than its own      (NVLink forwarding, as DeepEP)
