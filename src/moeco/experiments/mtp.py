@@ -13,6 +13,8 @@ Offline accept/reject simulation with greedy decoding (the serving engine is not
     acceptance  = mean over the generated positions; per position bucket as well
     teacher-forced: the same comparison on the held-out text itself (draft vs the main model's
                 argmax at i+1), without generation
+    context     the share of distinct tokens in the generated text (a model that repeats itself
+                makes every draft easy) and the main model's top-1 accuracy on the held-out text
 
 Speed-up with one draft token per step: each step yields 1 + a tokens (a = acceptance) for the
 cost of the main model plus the MTP module, c = FLOPs of the module / FLOPs of the main model
@@ -90,6 +92,11 @@ def run(args) -> dict:
     bucket = max(1, acc_BG.shape[1] // 4)
     per_position = [(f"{i}-{min(i + bucket, acc_BG.shape[1]) - 1}", acc_BG[:, i:i + bucket].mean().item())
                     for i in range(0, acc_BG.shape[1], bucket)]
+    gen = seqs[:, prefix.shape[1]:]
+    distinct = sum(len(set(row)) for row in gen.tolist()) / gen.numel()
+    with torch.no_grad():
+        logits = model(trained.val_BS[:, :-1])
+    top1 = (logits.argmax(-1) == trained.val_BS[:, 1:]).float().mean().item()
     main_cost = _active_params(model.model, cfg) + model.lm_head.weight.numel()
     mtp_cost = _active_params(model.mtp, cfg) + model.lm_head.weight.numel()
     c = mtp_cost / main_cost
@@ -97,11 +104,14 @@ def run(args) -> dict:
     result = {"acceptance_generated": a, "acceptance_teacher_forced": tf.mean().item(),
               "per_position": per_position, "per_prompt": acc_BG.mean(1).tolist(), "mtp_cost_ratio": c,
               "tokens_per_step": 1 + a, "speedup_estimate": (1 + a) / (1 + c),
-              "prompts": prefix.shape[0], "prefix": prefix.shape[1], "generated": args.generate}
+              "distinct_generated": distinct, "main_top1_held_out": top1, "prompts": prefix.shape[0], "prefix": prefix.shape[1], "generated": args.generate}
     rows = [["generated (greedy)", a, 1 + a, c, (1 + a) / (1 + c)],
             ["teacher-forced (held-out text)", tf.mean().item(), 1 + tf.mean().item(), c,
              (1 + tf.mean().item()) / (1 + c)]]
     rows += [[f"generated, positions {name}", v, None, None, None] for name, v in per_position]
+    # A model that repeats itself makes every draft easy: these two say how much text it really predicts.
+    rows += [["distinct tokens / generated tokens", distinct, None, None, None],
+             ["main model top-1 accuracy on held-out text", top1, None, None, None]]
     plt = common.pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     ax[0].bar([n for n, _ in per_position], [100 * v for _, v in per_position])
