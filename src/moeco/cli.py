@@ -20,6 +20,7 @@ _SUBCOMMANDS = (
     "moeco.generate_cli",
     "moeco.plan.cli",
     "moeco.train.cli",
+    "moeco.experiments.cli",
 )
 
 

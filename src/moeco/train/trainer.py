@@ -182,6 +182,9 @@ class Trainer:
             with torch.device(d.device):  # initialise on the device: seconds, not minutes, for a 3B model
                 model = Transformer(self.mcfg, recipe=recipe)
         model.train()
+        from moeco.comm import apply_codecs
+
+        apply_codecs(model, cfg.dispatch_codec, cfg.combine_codec)  # the wire formats, in one process
         self.model = model
         self.optimizer = self._optimizer(model)
         self.balance = BalanceHook(model, cfg.balance_gamma())
