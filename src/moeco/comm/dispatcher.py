@@ -23,7 +23,7 @@ from moeco.comm.codec import Codec, get_codec, roundtrip
 
 
 class CodecDispatcher:
-    """Wraps a dispatcher (`dispatch(x_TD, routing, n_experts)`, `combine(y_CD, ...)`)."""
+    """Wraps a dispatcher (`dispatch(x_TD, routing, n_experts)`, `combine(y_CD, handle)`)."""
 
     def __init__(self, inner, dispatch_codec: Codec | str | None = None, combine_codec: Codec | str | None = None):
         self.inner = inner
@@ -35,9 +35,8 @@ class CodecDispatcher:
     def dispatch(self, x_TD: torch.Tensor, routing, n_experts: int):
         return self.inner.dispatch(roundtrip(self.dispatch_codec, x_TD), routing, n_experts)
 
-    def combine(self, y_CD: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # *args: (handle,) or (routing, handle, num_tokens), whichever the inner dispatcher takes
-        return self.inner.combine(roundtrip(self.combine_codec, y_CD), *args, **kwargs)
+    def combine(self, y_CD: torch.Tensor, handle) -> torch.Tensor:
+        return self.inner.combine(roundtrip(self.combine_codec, y_CD), handle)
 
 
 def apply_codecs(model: torch.nn.Module, dispatch_codec: str | None, combine_codec: str | None) -> int:

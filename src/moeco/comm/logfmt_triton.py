@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from moeco.comm.logfmt import EXP2_COEF, LOG2_COEF, RANGE_LOG2, TILE, LogFMTPayload, check_bits
+from moeco.comm.logfmt_ref import EXP2_COEF, LOG2_COEF, RANGE_LOG2, TILE, LogFMTPayload, check_bits
 
 try:
     import triton

@@ -147,7 +147,7 @@ def val_loss(model, val_BS: torch.Tensor, batch: int = 8) -> float:
     total, count = 0.0, 0
     for i in range(0, len(val_BS), batch):
         seqs = val_BS[i:i + batch]
-        logits = model(seqs[:, :-1])
+        logits = model(seqs[:, :-1]).logits
         total += F.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(), reduction="sum").item()
         count += seqs[:, 1:].numel()
     return total / count

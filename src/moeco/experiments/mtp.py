@@ -55,7 +55,7 @@ def _active_params(module: torch.nn.Module, config) -> float:
 def greedy_continue(model, prefix_BP: torch.Tensor, n: int) -> torch.Tensor:
     seqs = prefix_BP
     for _ in range(n):
-        logits = model(seqs, last_only=True)
+        logits = model(seqs, last_only=True).logits
         seqs = torch.cat([seqs, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return seqs
 
@@ -95,7 +95,7 @@ def run(args) -> dict:
     gen = seqs[:, prefix.shape[1]:]
     distinct = sum(len(set(row)) for row in gen.tolist()) / gen.numel()
     with torch.no_grad():
-        logits = model(trained.val_BS[:, :-1])
+        logits = model(trained.val_BS[:, :-1]).logits
     top1 = (logits.argmax(-1) == trained.val_BS[:, 1:]).float().mean().item()
     main_cost = _active_params(model.model, cfg) + model.lm_head.weight.numel()
     mtp_cost = _active_params(model.mtp, cfg) + model.lm_head.weight.numel()
