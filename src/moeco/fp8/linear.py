@@ -265,10 +265,11 @@ def fp8_grouped_gemm_loop(xq, xs, wq, ws, rows: list[tuple[int, int]], out_dtype
 
 
 def _grouped_forward(x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str, out_dtype: torch.dtype,
-                     step_cache: bool = False):
+                     step_cache: bool = False, x_fp8=None):
     """The grouped Fprop: (y, xq, xs, W^T q (E, K, N), W scales (E, NB, KB)); see `ops.grouped`.
-    `step_cache`: take the FP8 weight from `weight_cache()` (eager calls; not the custom operator)."""
-    xq, xs = quantize_act_1x128(x, pow2_scale=act_pow2)
+    `step_cache`: take the FP8 weight from `weight_cache()` (eager calls; not the custom operator).
+    `x_fp8`: x already quantized 1x128, (xq, xs) (an FP8 dispatch payload), used as it is."""
+    xq, xs = x_fp8 if x_fp8 is not None else quantize_act_1x128(x, pow2_scale=act_pow2)
     wq, ws, wtq = _grouped_weight(w, weight_pow2, step_cache)
     impl = grouped_impl(x.device, backend)
     if impl != "loop":
@@ -320,8 +321,9 @@ class _Fp8GroupedFn(torch.autograd.Function):
     """The eager path of fp8_grouped_mm (the custom operator `moeco_fp8::grouped` is the compiled one)."""
 
     @staticmethod
-    def forward(ctx, x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str, out_dtype: torch.dtype):
-        y, xq, xs, wtq, ws = _grouped_forward(x, w, offs, act_pow2, weight_pow2, backend, out_dtype, True)
+    def forward(ctx, x, w, offs, act_pow2: bool, weight_pow2: bool, backend: str, out_dtype: torch.dtype,
+                x_fp8=None):
+        y, xq, xs, wtq, ws = _grouped_forward(x, w, offs, act_pow2, weight_pow2, backend, out_dtype, True, x_fp8)
         ctx.save_for_backward(xq, xs, wtq, ws, offs)
         ctx.meta = (tuple(w.shape), act_pow2, backend, x.dtype, w.dtype)
         return y
@@ -331,7 +333,7 @@ class _Fp8GroupedFn(torch.autograd.Function):
         w_shape, act_pow2, backend, x_dtype, w_dtype = ctx.meta
         dx, dw = _grouped_backward_impl(gy.contiguous(), *ctx.saved_tensors, w_shape, act_pow2, backend, x_dtype,
                                         w_dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 # Under torch.compile (`train.compile`) the FP8 GEMMs run as custom operators (`moeco.fp8.ops`): each
@@ -339,16 +341,20 @@ class _Fp8GroupedFn(torch.autograd.Function):
 # tries to lower block-scaled `_scaled_mm` (torch 2.11 cannot: "Inductor Triton does not support
 # scale_a.shape = ...", seen on the H200). Eager calls take the autograd.Functions above, which run the
 # same helpers with less dispatch cost (a custom operator call costs ~20 us more on the host).
-def fp8_grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor, *, recipe=None) -> torch.Tensor:
-    """y[rows of e] = x[rows of e] . w[e]^T in FP8; offs (E,) int cumulative end rows; y (T, N)."""
+def fp8_grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor, *, recipe=None,
+                   x_fp8: tuple | None = None) -> torch.Tensor:
+    """y[rows of e] = x[rows of e] . w[e]^T in FP8; offs (E,) int cumulative end rows; y (T, N).
+
+    x_fp8: (xq, xs), x already quantized 1x128 (an FP8 dispatch payload): the GEMM takes it as it is,
+    and x only carries the gradient (dx is computed from dy and W, as without it)."""
     if recipe is None:
         from moeco.fp8.recipe import Fp8Recipe
 
         recipe = Fp8Recipe()
     args = (recipe.act_pow2, recipe.weight_pow2, recipe.backend, _out_dtype(x_TK))
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and x_fp8 is None:
         return torch.ops.moeco_fp8.grouped(x_TK, w_ENK, offs, *args)[0]
-    return _Fp8GroupedFn.apply(x_TK, w_ENK, offs, *args)
+    return _Fp8GroupedFn.apply(x_TK, w_ENK, offs, *args, x_fp8)
 
 
 class Fp8InferenceLinear(nn.Module):

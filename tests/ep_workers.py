@@ -1,0 +1,114 @@
+"""Worker functions of the expert-parallel tests (each runs on every rank of a gloo group)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from helpers import micro_config
+
+
+def _mesh(ep, gpus_per_node):
+    from moeco.parallel.mesh import Mesh, MeshSpec
+
+    spec = MeshSpec.from_env(ep=ep, gpus_per_node=gpus_per_node)
+    return Mesh(spec)
+
+
+def dispatch_layer(rank, T, D, E, K, gpus_per_node, idx_all, fp8=False):
+    """Both dispatchers on one rank's slice of a given routing: x_CD, counts, output, grads, bytes."""
+    from moeco.model.moe import Routing
+    from moeco.parallel.dispatch import AllToAllDispatcher, TwoHopDispatcher
+
+    W = torch.distributed.get_world_size()
+    mesh = _mesh(W, gpus_per_node)
+    g = torch.Generator().manual_seed(1)
+    x_all = torch.randn(W * T, D, generator=g)
+    w_all = torch.rand(W * T, K, generator=g)
+    out = {}
+    for name, cls in (("direct", AllToAllDispatcher), ("two_hop", TwoHopDispatcher)):
+        x = x_all[rank * T:(rank + 1) * T].clone().requires_grad_()
+        w = w_all[rank * T:(rank + 1) * T].clone().requires_grad_()
+        idx = idx_all[rank * T:(rank + 1) * T]
+        d = cls(mesh, fp8=fp8)
+        x_CD, tpe, h = d.dispatch(x, Routing(w, idx, None), E)
+        L = E // W
+        scale = torch.arange(1, L + 1, dtype=torch.float32).repeat_interleave(tpe)[:, None]
+        y = d.combine(x_CD * scale, h)  # expert e of this rank multiplies by (e + 1)
+        y.pow(2).sum().backward()
+        out[name] = {"x_CD": x_CD.detach(), "tpe": tpe, "y": y.detach(), "gx": x.grad, "gw": w.grad,
+                     "bytes": dict(d.counter.bytes)}
+    return out
+
+
+def build_model(config, seed=0, precision="fp32"):
+    from moeco import Transformer
+
+    recipe = None
+    if precision == "fp8":
+        from moeco.fp8.recipe import Fp8Recipe
+
+        recipe = Fp8Recipe(backend="reference")
+    torch.manual_seed(seed)
+    return Transformer(config, recipe=recipe)
+
+
+def batch(config, B=4, S=9, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (B, S), generator=g)
+
+
+def step_loss(model, seqs):
+    from moeco.train.trainer import lm_losses
+
+    out = model(seqs[:, :-1], return_mtp=True, return_aux=True)
+    lm, mtp = lm_losses(out, seqs[:, 1:])
+    return out, lm + 0.3 * mtp + 0.01 * out.balance_loss
+
+
+def reference_step(config, precision="fp32", clip=0.5, lr=1e-3):
+    """Single process, whole batch: logits, loss, grads, grad norm and parameters after one AdamW step."""
+    model = build_model(config, precision=precision)
+    seqs = batch(config)
+    out, loss = step_loss(model, seqs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    torch.optim.AdamW(model.parameters(), lr=lr).step()
+    return {"logits": out.logits.detach(), "loss": loss.detach(), "grads": grads, "norm": norm,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def ep_step(rank, config, dispatchers, gpus_per_node, precision="fp32", fp8_dispatch=False, clip=0.5, lr=1e-3):
+    """Each rank: its row of the batch, EP over all ranks, DDP for the rest; the same quantities."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from moeco.parallel.expert_parallel import (apply_expert_parallel, clip_grad_norm_sharded,
+                                                expert_param_names, reduce_expert_grads)
+
+    W = torch.distributed.get_world_size()
+    mesh = _mesh(W, gpus_per_node)
+    results = {}
+    for name in dispatchers:
+        model = build_model(config, precision=precision)
+        counter = apply_expert_parallel(model, mesh, name, fp8=fp8_dispatch)
+        DDP._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
+        ddp = DDP(model, broadcast_buffers=False)
+        seqs = batch(config)[rank:rank + 1]
+        out, loss = step_loss(ddp, seqs)
+        loss.backward()
+        reduce_expert_grads(model, mesh)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        norm = clip_grad_norm_sharded(model, mesh, clip)
+        torch.optim.AdamW(model.parameters(), lr=lr).step()
+        losses = torch.stack([loss.detach()])
+        torch.distributed.all_reduce(losses)
+        first = {n: m.experts.first_expert for n, m in
+                 ((f"model.layers.{i}.mlp" if i < config.num_hidden_layers else
+                   f"mtp.{i - config.num_hidden_layers}.mlp", m) for i, m in model.moe_layers())}
+        results[name] = {"logits": out.logits.detach(), "loss": losses / W, "grads": grads, "norm": norm,
+                         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                         "first": first, "bytes": dict(counter.bytes), "tokens": counter.tokens}
+    return results
