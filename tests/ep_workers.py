@@ -112,3 +112,15 @@ def ep_step(rank, config, dispatchers, gpus_per_node, precision="fp32", fp8_disp
                          "params": {n: p.detach().clone() for n, p in model.named_parameters()},
                          "first": first, "bytes": dict(counter.bytes), "tokens": counter.tokens}
     return results
+
+
+def train_run(rank, overrides, out, resume=False):
+    """moeco's trainer on every rank (the process group is already up, as under torchrun)."""
+    from moeco.train.config import TrainConfig
+    from moeco.train.trainer import train
+
+    losses = {}
+    cfg = TrainConfig().with_overrides(overrides)
+    summary = train(cfg, out, resume=resume, verbose=False,
+                    on_step=lambda step, rec: losses.__setitem__(step, (rec["loss"], rec.get("ep_inter_bytes_per_token"))))
+    return {"losses": losses, "summary": summary}
