@@ -120,7 +120,56 @@ def train_run(rank, overrides, out, resume=False):
     from moeco.train.trainer import train
 
     losses = {}
-    cfg = TrainConfig().with_overrides(overrides)
+    if resume:  # the run's own config, with the overrides on top (as `moeco train --resume OUT --set ...`)
+        from moeco.train.run_dir import resume_config
+
+        cfg = resume_config(out, [o for o in overrides if o.startswith(("parallel.", "train.steps"))])
+    else:
+        cfg = TrainConfig().with_overrides(overrides)
     summary = train(cfg, out, resume=resume, verbose=False,
                     on_step=lambda step, rec: losses.__setitem__(step, (rec["loss"], rec.get("ep_inter_bytes_per_token"))))
     return {"losses": losses, "summary": summary}
+
+
+def node_limit(rank, config):
+    """4 nodes x 1 GPU: nodes each token's experts reach under the two-hop dispatcher, through a model forward."""
+    from moeco.parallel.dispatch import TwoHopDispatcher
+    from moeco.parallel.expert_parallel import apply_expert_parallel
+
+    mesh = _mesh(4, 1)
+    model = build_model(config)
+    apply_expert_parallel(model, mesh, "two_hop")
+    reached = []
+    for _, moe in model.moe_layers():
+        orig = moe.dispatcher.dispatch
+
+        def spy(x, routing, n, orig=orig):
+            x_CD, tpe, h = orig(x, routing, n)
+            reached.append(torch.bincount(h.token_of_item1, minlength=x.shape[0]))
+            return x_CD, tpe, h
+        moe.dispatcher.dispatch = spy
+        assert isinstance(moe.dispatcher, TwoHopDispatcher)
+    with torch.no_grad():
+        model(batch(config)[rank:rank + 1, :-1])
+    return torch.cat(reached)
+
+
+def dead_rank(rank, timeout_s):
+    """Rank 3 dies before the first dispatch; the others must fail with PeerLost, quickly."""
+    import os
+    import time
+
+    from moeco.model.moe import Routing
+    from moeco.parallel.dispatch import TwoHopDispatcher
+
+    mesh = _mesh(4, 2)
+    torch.distributed.barrier()
+    if rank == 3:
+        os._exit(1)
+    t0 = time.monotonic()
+    idx = torch.tensor([[0, 3, 6]])
+    try:
+        TwoHopDispatcher(mesh).dispatch(torch.randn(1, 8), Routing(torch.rand(1, 3), idx, None), 8)
+    except Exception as exc:  # noqa: BLE001
+        return {"type": type(exc).__name__, "msg": str(exc), "s": time.monotonic() - t0}
+    return {"type": None, "s": time.monotonic() - t0}

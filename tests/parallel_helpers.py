@@ -43,6 +43,7 @@ def _entry(rank, world, local_world, port, fn, args, out_dir, timeout_s):
 def run_ranks(fn, world: int, *args, out_dir, local_world: int | None = None, timeout_s: float = 60,
               join_s: float = 120, raise_errors: bool = True) -> list:
     """fn(rank, *args) on `world` processes; returns each rank's return value (or {'error': ...})."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("fork")
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, local_world or world, port, fn, args, str(out_dir),

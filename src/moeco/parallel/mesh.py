@@ -53,6 +53,8 @@ class MeshSpec:
         if gpus_per_node < 0:
             raise ConfigError(f"parallel.gpus_per_node = {gpus_per_node} is invalid: use 0 (torchrun's "
                               "--nproc-per-node) or a positive number")
+        if ep == 1 and gpus_per_node and local_world % gpus_per_node:
+            gpus_per_node = 0  # no expert parallelism: the node layout plays no part
         if gpus_per_node and local_world % gpus_per_node:
             raise ConfigError(f"parallel.gpus_per_node = {gpus_per_node} does not divide torchrun's "
                               f"--nproc-per-node = {local_world}; choose a divisor of it (or 0)")

@@ -27,6 +27,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from moeco.errors import MoecoError
+
+
+class PeerLost(MoecoError):
+    """A collective of the expert-parallel exchange failed: a peer rank died, hung or disagreed."""
+
+
+def _collective(fn, what: str, group):
+    try:
+        return fn()
+    except (RuntimeError, dist.DistError) as exc:  # gloo: connection closed / timed out; NCCL: watchdog
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise PeerLost(f"rank {dist.get_rank()}: the expert-parallel {what} failed, so a peer rank died or stopped "
+                       f"answering within parallel.timeout_s (see that rank's error); stopping ({first})") from None
+
 
 @dataclass
 class TrafficCounter:
@@ -81,7 +96,7 @@ def all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int], group) ->
     out = x.new_empty((sum(recv), *x.shape[1:]))
     if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise TypeError("send FP8 rows as uint8 (gloo has no FP8); see Fp8Rows")
-    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    _collective(lambda: dist.all_to_all_single(out, x.contiguous(), recv, send, group=group), "all-to-all", group)
     return out
 
 
@@ -182,5 +197,5 @@ class AllToAllFn(torch.autograd.Function):
 def exchange_counts(send_counts: torch.Tensor, group, per_peer: int = 1) -> torch.Tensor:
     """All-to-all of int64 counts, `per_peer` values to each group member; (P * per_peer,) received."""
     out = torch.empty_like(send_counts)
-    dist.all_to_all_single(out, send_counts.contiguous(), group=group)
+    _collective(lambda: dist.all_to_all_single(out, send_counts.contiguous(), group=group), "count exchange", group)
     return out
