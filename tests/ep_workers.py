@@ -68,12 +68,30 @@ def step_loss(model, seqs):
     return out, lm + 0.3 * mtp + 0.01 * out.balance_loss
 
 
-def reference_step(config, precision="fp32", clip=0.5, lr=1e-3):
-    """Single process, whole batch: logits, loss, grads, grad norm and parameters after one AdamW step."""
+def reference_step(config, precision="fp32", clip=0.5, lr=1e-3, per_row=False):
+    """Single process: logits, loss, grads, grad norm and parameters after one AdamW step.
+
+    per_row: one micro-step per row (gradient accumulation), so that FP8's 128x1 Wgrad tiles along the
+    tokens cover what each data-parallel rank sees; otherwise the whole batch in one forward."""
     model = build_model(config, precision=precision)
     seqs = batch(config)
-    out, loss = step_loss(model, seqs)
-    loss.backward()
+    if per_row:
+        outs = []
+        for r in range(seqs.shape[0]):
+            out_r, loss_r = step_loss(model, seqs[r:r + 1])
+            loss_r.backward()  # summed, then divided, as DDP does (FP8 tiles see the same gradient values)
+            outs.append((out_r.logits.detach(), loss_r.detach()))
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad /= seqs.shape[0]
+        out = type("Out", (), {"logits": torch.cat([o[0] for o in outs])})()
+        loss = torch.stack([o[1] for o in outs]).mean()
+    else:  # the gradient of B x the mean, divided by B after: the values a rank's backward sees (see above)
+        out, loss = step_loss(model, seqs)
+        (loss * seqs.shape[0]).backward()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad /= seqs.shape[0]
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     torch.optim.AdamW(model.parameters(), lr=lr).step()

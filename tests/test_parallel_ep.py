@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ep_workers import dispatch_layer
@@ -108,9 +109,11 @@ def test_fp8_payload_halves_bytes_and_matches_local_quantization(tmp_path):
     for out in res:
         assert torch.equal(out["direct"]["x_CD"], out["two_hop"]["x_CD"])
         assert all(tuple(r.tolist()) in rows for r in out["direct"]["x_CD"])
-        per_row = out["direct"]["bytes"].get(("dispatch", "inter"), 0) / max(
-            1, out["direct"]["bytes"].get(("combine", "inter"), 0)) * (D * 4)
-        assert per_row == D + 4 * (D // 128)  # dispatch bytes per row; combine stays 4 D (fp32)
+    for name in ("direct", "two_hop"):
+        for link in ("intra", "inter"):  # the combine sends back as many rows as the dispatch sent out
+            sent = sum(out[name]["bytes"].get(("dispatch", link), 0) for out in res)
+            back = sum(out[name]["bytes"].get(("combine", link), 0) for out in res)
+            assert sent * (D * 4) == back * (D + 4 * (D // 128))  # FP8 + scales out, fp32 back
 
 
 def test_node_limited_placement(tmp_path):
@@ -124,15 +127,37 @@ def test_node_limited_placement(tmp_path):
     assert reached.max() <= config.topk_group and reached.max() == 2  # the limit binds and holds
 
 
+@pytest.mark.slow
 def test_fp8_dispatch_equals_single_process_fp8(tmp_path):
-    """The FP8 recipe with FP8 dispatch (experts fed the received E4M3 as is) vs the single-process FP8 model."""
+    """The FP8 recipe with FP8 dispatch (experts fed the received E4M3 as is) vs the single-process FP8 model.
+
+    FP8's Wgrad scales 128x1 tiles along the tokens, so a weight gradient depends on which tokens one
+    GEMM sees: a replicated layer on a data-parallel rank sees that rank's row (the reference: one
+    micro-step per row), an expert sees every row's copies (the reference: the whole batch at once).
+    Forward values and activation gradients are row-wise and match either way: logits and loss to 1e-5.
+    Gradients: with the direct dispatcher the replicated ones match to 1e-4; the experts' Wgrad (tiles
+    over all rows' copies, whose gradients arrive summed in another order) and everything under the
+    two-hop dispatcher (a token's K terms summed node partials first) can differ in a last bit, which
+    flips a quantized value by an E4M3 step (6%): those are held to FP8's resolution."""
     from ep_workers import ep_step, reference_step
     from helpers import micro_config
 
+    from moeco.parallel.expert_parallel import EXPERT_TAG
+
     config = micro_config(hidden_size=128)
-    res = run_ranks(ep_step, 4, config, ("two_hop",), 2, "fp8", True, out_dir=tmp_path)
-    ref = reference_step(config, precision="fp8")
-    _check_against_reference([r["two_hop"] for r in res], ref, config, rtol=1e-4, atol=1e-5)
+    res = run_ranks(ep_step, 4, config, ("direct", "two_hop"), 2, "fp8", True, out_dir=tmp_path)
+    per_row = reference_step(config, precision="fp8", per_row=True)
+    whole = reference_step(config, precision="fp8")
+    L = config.n_routed_experts // 4
+    for name in ("direct", "two_hop"):
+        for r, out in enumerate(r[name] for r in res):
+            torch.testing.assert_close(out["logits"], per_row["logits"][r:r + 1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out["loss"][0], per_row["loss"], rtol=1e-5, atol=1e-5)
+            for n, g in out["grads"].items():
+                want = whole["grads"][n][r * L:(r + 1) * L] if EXPERT_TAG in n else per_row["grads"][n]
+                strict = name == "direct" and EXPERT_TAG not in n
+                tol = dict(rtol=1e-4, atol=1e-6) if strict else dict(rtol=0, atol=0.07 * want.abs().max())
+                torch.testing.assert_close(g, want, **tol, msg=lambda m: f"{name} rank {r} {n}: {m}")
 
 
 def test_dead_rank_stops_the_others(tmp_path):
