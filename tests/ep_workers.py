@@ -191,3 +191,15 @@ def dead_rank(rank, timeout_s):
     except Exception as exc:  # noqa: BLE001
         return {"type": type(exc).__name__, "msg": str(exc), "s": time.monotonic() - t0}
     return {"type": None, "s": time.monotonic() - t0}
+
+
+def ep_generate(rank, path, dispatcher):
+    """Greedy generation with this rank's experts only (every rank the same prompt)."""
+    from moeco.generate import generate
+    from moeco.parallel.expert_parallel import load_expert_parallel
+
+    model, mesh, _ = load_expert_parallel(path, 4, 2, dispatcher=dispatcher)
+    assert model.moe_layers().__next__()[1].experts.w13_E2FD.shape[0] == model.config.n_routed_experts // 4
+    prompt = torch.tensor([[1, 5, 9, 13], [2, 4, 6, 8]])
+    with torch.no_grad():
+        return generate(model, prompt, 6)

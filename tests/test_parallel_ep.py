@@ -90,6 +90,13 @@ def test_byte_counters_match_hand_counts(tmp_path):
         assert total("direct", kind, "inter") == 12 * row and total("direct", kind, "intra") == 6 * row
         assert total("two_hop", kind, "inter") == 8 * row and total("two_hop", kind, "intra") == 8 * row
     assert total("direct", "meta", "inter") == 0
+    # the counters' formula (moeco.parallel.traffic, what bench/ep_bytes.py uses) gives the same rows
+    from moeco.parallel.traffic import rows_per_token
+
+    rows = rows_per_token(idx, torch.arange(W * T) // T, E, 2, 2)
+    for name in ("direct", "two_hop"):
+        for link in ("inter", "intra"):
+            assert int(rows[f"{name}_{link}"].sum()) * row == total(name, "dispatch", link)
     assert total("two_hop", "meta", "inter") == 8 * meta_row and total("two_hop", "meta", "intra") == 8 * meta_row
 
 
@@ -167,3 +174,19 @@ def test_dead_rank_stops_the_others(tmp_path):
     for r in range(3):
         out = res[r]["ok"]
         assert out["type"] == "PeerLost" and "peer rank died" in out["msg"] and out["s"] < 25, out
+
+
+def test_ep_generation_equals_single_process(tmp_path):
+    """Offline generation under EP 4 (each rank reads only its experts) gives the single process's tokens."""
+    from ep_workers import build_model, ep_generate
+    from helpers import micro_config
+
+    from moeco.generate import generate
+
+    model = build_model(micro_config()).eval()
+    model.save_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        want = generate(model, torch.tensor([[1, 5, 9, 13], [2, 4, 6, 8]]), 6)
+    res = run_ranks(ep_generate, 4, str(tmp_path / "model"), "two_hop", out_dir=tmp_path / "r")
+    for out in res:
+        assert torch.equal(out, want)

@@ -125,3 +125,26 @@ def clip_grad_norm_sharded(model, mesh: Mesh, max_norm: float) -> torch.Tensor:
             if p.grad is not None:
                 p.grad.mul_(coef.to(p.grad.dtype))
     return total
+
+
+def load_expert_parallel(path, ep: int, gpus_per_node: int = 0, dispatcher: str = "two_hop", fp8: bool = False,
+                         device: str = "cpu", timeout_s: float = 600.0, **load_kwargs):
+    """Under torchrun: (model holding this rank's experts with an EP dispatcher, Mesh, Dist) for inference.
+
+    Every rank must then run the same forwards (e.g. generate the same prompts with the same seed);
+    each reads only its experts from the checkpoint. Errors in the arguments or the checkpoint's
+    expert count are raised on every rank before any collective.
+    """
+    from pathlib import Path
+
+    from moeco.checkpoint import load_pretrained
+    from moeco.config import ModelConfig, read_config_json
+    from moeco.parallel.dist import Dist
+
+    spec = MeshSpec.from_env(ep, gpus_per_node)
+    spec.check_model(ModelConfig.from_hf(read_config_json(Path(path))[0]))
+    d = Dist(device, timeout_s=timeout_s)
+    model = load_pretrained(path, device=d.device, ep_rank=spec.ep_rank, ep_size=spec.ep, **load_kwargs)
+    mesh = Mesh(spec)
+    apply_expert_parallel(model, mesh, dispatcher, fp8=fp8)
+    return model, mesh, d
