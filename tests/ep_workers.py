@@ -203,3 +203,18 @@ def ep_generate(rank, path, dispatcher):
     prompt = torch.tensor([[1, 5, 9, 13], [2, 4, 6, 8]])
     with torch.no_grad():
         return generate(model, prompt, 6)
+
+
+def ep_load_error(rank, path):
+    """load_expert_parallel on a checkpoint missing one rank's experts: every rank must raise, promptly."""
+    import time
+
+    from moeco.errors import MoecoError
+    from moeco.parallel.expert_parallel import load_expert_parallel
+
+    t0 = time.monotonic()
+    try:
+        load_expert_parallel(path, 4, 2, timeout_s=30)
+    except MoecoError as exc:
+        return {"type": type(exc).__name__, "msg": str(exc), "s": time.monotonic() - t0}
+    return {"type": None}

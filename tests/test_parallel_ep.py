@@ -190,3 +190,18 @@ def test_ep_generation_equals_single_process(tmp_path):
     res = run_ranks(ep_generate, 4, str(tmp_path / "model"), "two_hop", out_dir=tmp_path / "r")
     for out in res:
         assert torch.equal(out, want)
+
+
+def test_checkpoint_missing_one_ranks_experts_fails_on_every_rank(tmp_path):
+    from ep_workers import build_model, ep_load_error
+    from helpers import micro_config
+    from safetensors.torch import load_file, save_file
+
+    build_model(micro_config()).save_pretrained(tmp_path / "model")
+    f = tmp_path / "model" / "model.safetensors"
+    tensors = {k: v for k, v in load_file(str(f)).items() if ".mlp.experts.7." not in k}  # rank 3's expert
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    res = run_ranks(ep_load_error, 4, str(tmp_path / "model"), out_dir=tmp_path / "r")
+    for out in res:
+        assert out["type"] == "LoadError" and "experts.7." in out["msg"] and out["s"] < 30, out
+        assert "\n" not in out["msg"]

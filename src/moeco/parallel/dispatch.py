@@ -64,10 +64,11 @@ class TwoHopHandle:
 
 
 class _EPBase:
-    def __init__(self, mesh: Mesh, fp8: bool = False, counter: TrafficCounter | None = None):
+    def __init__(self, mesh: Mesh, fp8: bool = False, counter: TrafficCounter | None = None,
+                 pow2_scale: bool = False):
         s = mesh.spec
         self.mesh, self.P, self.me = mesh, s.ep, s.ep_rank
-        self.codec = Fp8Rows if fp8 else None
+        self.codec = Fp8Rows(pow2_scale) if fp8 else None
         self.counter = counter if counter is not None else TrafficCounter(s.gpus_per_node, s.rank)
 
     def _local_experts(self, n_experts: int) -> int:

@@ -65,3 +65,30 @@ class Dist:
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def agree(fn, world: int):
+    """fn() on every rank; if it raised a MoecoError on any, every rank raises it (one line, naming the rank).
+
+    For steps that can fail on some ranks only (each reads its own experts from a checkpoint), so that
+    the others do not wait in the next collective until the timeout.
+    """
+    from moeco.errors import MoecoError
+
+    result, failure = None, None
+    try:
+        result = fn()
+    except MoecoError as exc:
+        failure = exc
+    if world > 1:
+        outcomes = [None] * world
+        dist.all_gather_object(outcomes, None if failure is None else (type(failure).__name__, str(failure)))
+        bad = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+        if bad and failure is None:
+            from moeco.errors import ConfigError, LoadError
+
+            r, (kind, msg) = bad[0]
+            raise {"LoadError": LoadError}.get(kind, ConfigError)(f"rank {r}: {msg}")
+    if failure is not None:
+        raise failure
+    return result

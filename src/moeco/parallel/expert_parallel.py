@@ -68,8 +68,9 @@ def apply_expert_parallel(model, mesh: Mesh, dispatcher: str = "two_hop", fp8: b
     if spec.ep == 1:
         return counter
     shard_experts(model, spec)
+    pow2 = bool(getattr(model.recipe, "act_pow2", False))  # the FP8 recipe's activation scale format
     for _, moe in model.moe_layers():
-        moe.dispatcher = DISPATCHERS[dispatcher](mesh, fp8=fp8, counter=counter)
+        moe.dispatcher = DISPATCHERS[dispatcher](mesh, fp8=fp8, counter=counter, pow2_scale=pow2)
     return counter
 
 
@@ -139,12 +140,13 @@ def load_expert_parallel(path, ep: int, gpus_per_node: int = 0, dispatcher: str 
 
     from moeco.checkpoint import load_pretrained
     from moeco.config import ModelConfig, read_config_json
-    from moeco.parallel.dist import Dist
+    from moeco.parallel.dist import Dist, agree
 
     spec = MeshSpec.from_env(ep, gpus_per_node)
     spec.check_model(ModelConfig.from_hf(read_config_json(Path(path))[0]))
     d = Dist(device, timeout_s=timeout_s)
-    model = load_pretrained(path, device=d.device, ep_rank=spec.ep_rank, ep_size=spec.ep, **load_kwargs)
+    model = agree(lambda: load_pretrained(path, device=d.device, ep_rank=spec.ep_rank, ep_size=spec.ep, **load_kwargs),
+                  d.world)
     mesh = Mesh(spec)
     apply_expert_parallel(model, mesh, dispatcher, fp8=fp8)
     return model, mesh, d

@@ -136,13 +136,18 @@ def run_route(route: list, x: torch.Tensor, counter=None, kind: str = "meta") ->
 
 
 class Fp8Rows:
-    """Codec: a row of D values -> D bytes of E4M3 + ceil(D/128) float32 scales as bytes (1x128 tiles)."""
+    """Codec: a row of D values -> D bytes of E4M3 + ceil(D/128) float32 scales as bytes (1x128 tiles).
 
-    @staticmethod
-    def encode(x_TD: torch.Tensor) -> torch.Tensor:
+    pow2_scale: power-of-two scales ("ue8m0"), as the recipe's activations use, so that experts can
+    take the payload as their own quantization of the input."""
+
+    def __init__(self, pow2_scale: bool = False):
+        self.pow2_scale = pow2_scale
+
+    def encode(self, x_TD: torch.Tensor) -> torch.Tensor:
         from moeco.fp8.quantize import quantize_act_1x128
 
-        q, s = quantize_act_1x128(x_TD)
+        q, s = quantize_act_1x128(x_TD, pow2_scale=self.pow2_scale)
         return torch.cat([q.view(torch.uint8), s.float().contiguous().view(torch.uint8)], dim=1)
 
     @staticmethod

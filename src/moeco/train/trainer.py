@@ -129,8 +129,10 @@ class Trainer:
         ep = self.mesh_spec.ep
         if latest is not None:
             self.mesh_spec.check_model(self.mcfg)
-            model = load_pretrained(latest / "model", dtype=torch.float32, device=d.device, recipe=recipe,
-                                    ep_rank=self.mesh_spec.ep_rank, ep_size=ep)
+            from moeco.parallel.dist import agree
+
+            model = agree(lambda: load_pretrained(latest / "model", dtype=torch.float32, device=d.device,
+                                                  recipe=recipe, ep_rank=self.mesh_spec.ep_rank, ep_size=ep), d.world)
         else:
             torch.manual_seed(cfg.seed)
             with torch.device(d.device):  # initialise on the device: seconds, not minutes, for a 3B model
