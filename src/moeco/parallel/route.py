@@ -51,6 +51,7 @@ class TrafficCounter:
     rank: int = 0
     bytes: dict = field(default_factory=dict)  # (kind, "intra" | "inter" | "self") -> int
     tokens: int = 0  # tokens routed by this rank (per MoE layer call)
+    rows: dict = field(default_factory=dict)  # (kind, link) -> rows
     enabled: bool = True
 
     def add(self, kind: str, peers: list[int], rows: list[int], row_bytes: int) -> None:
@@ -61,18 +62,21 @@ class TrafficCounter:
             link = "self" if peer == self.rank else ("intra" if peer // self.gpus_per_node == me else "inter")
             key = (kind, link)
             self.bytes[key] = self.bytes.get(key, 0) + n * row_bytes
+            self.rows[key] = self.rows.get(key, 0) + n
 
     def get(self, kind: str, link: str) -> int:
         return self.bytes.get((kind, link), 0)
 
     def reset(self) -> None:
-        self.bytes, self.tokens = {}, 0
+        self.bytes, self.rows, self.tokens = {}, {}, 0
 
     def as_vector(self) -> torch.Tensor:
-        """(8,) float64: dispatch, combine, meta bytes (intra, inter) then self bytes, tokens; for all_reduce."""
+        """(10,) float64: dispatch, combine, meta bytes (intra, inter), self bytes, tokens, dispatch rows
+        (intra, inter); for all_reduce."""
         keys = [(k, l) for k in ("dispatch", "combine", "meta") for l in ("intra", "inter")]
         selfb = sum(v for (k, l), v in self.bytes.items() if l == "self")
-        return torch.tensor([self.get(*k) for k in keys] + [selfb, self.tokens], dtype=torch.float64)
+        rows = [self.rows.get(("dispatch", l), 0) for l in ("intra", "inter")]
+        return torch.tensor([self.get(*k) for k in keys] + [selfb, self.tokens] + rows, dtype=torch.float64)
 
     @staticmethod
     def summary(vec: torch.Tensor) -> dict:
@@ -84,6 +88,8 @@ class TrafficCounter:
         if v[7]:
             out["ep_inter_bytes_per_token"] = (v[1] + v[3]) / v[7]
             out["ep_intra_bytes_per_token"] = (v[0] + v[2]) / v[7]
+            out["ep_inter_rows_per_token"] = v[9] / v[7]
+            out["ep_intra_rows_per_token"] = v[8] / v[7]
         return out
 
 

@@ -38,3 +38,21 @@ def rows_per_token(indices_TK: torch.Tensor, src_rank_T: torch.Tensor, n_experts
     hop2 = (ranks_TP & (gpu_P[None, :] != (src % gpus_per_node))).sum(1)
     return {"direct_inter": direct_inter, "direct_intra": direct_intra, "two_hop_inter": hop1,
             "two_hop_intra": hop2, "nodes_reached": reach_TN.sum(1)}
+
+
+def planner_rows(config, nodes: int, gpus_per_node: int, dispatcher: str, samples: int = 4096) -> float | None:
+    """The planner's inter-node rows per token for this layout under balanced random routing: remote
+    nodes (two-hop) or remote expert copies (direct); None where the planner cannot model it."""
+    from moeco.errors import ConfigError
+    from moeco.plan.routing import sample_node_limited
+
+    E, K = config.n_routed_experts, config.num_experts_per_tok
+    grouped = config.topk_method != "greedy" and config.n_group > 1
+    if grouped and config.n_group != nodes:
+        return None  # the planner models one routing group per node
+    max_nodes = config.topk_group if grouped else nodes
+    try:
+        s = sample_node_limited(E, K, nodes, gpus_per_node, max(1, max_nodes), samples)
+    except ConfigError:
+        return None
+    return s["remote_nodes"] if dispatcher == "two_hop" else s["remote_expert_copies"]

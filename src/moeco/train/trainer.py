@@ -440,6 +440,15 @@ class Trainer:
             self._say(f"  metrics:     {out / 'metrics.jsonl'}")
             self._say(f"  plots:       {', '.join(str(p) for p in plots)}")
             self._say(f"  config:      {out / 'train_config.toml'}")
+            if self.traffic is not None and "ep_inter_rows_per_token" in record:
+                from moeco.parallel.traffic import planner_rows
+
+                s = self.mesh_spec
+                want = planner_rows(self.mcfg, s.ep_nodes, s.ep_gpus_per_node, self.cfg.dispatcher)
+                self._say(f"  experts:     {self.cfg.dispatcher} dispatch over {s.ep_nodes} node(s) x "
+                          f"{s.ep_gpus_per_node}: {record['ep_inter_rows_per_token']:.2f} copies/token between "
+                          f"nodes, {record['ep_inter_bytes_per_token']:,.0f} bytes/token/layer (last step)"
+                          + (f"; planner {want:.2f} copies for balanced routing" if want is not None else ""))
         self.dist.barrier()
         return summary
 
