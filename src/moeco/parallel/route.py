@@ -94,7 +94,7 @@ class TrafficCounter:
 
 
 def _row_bytes(x: torch.Tensor) -> int:
-    return x[0].numel() * x.element_size() if x.shape[0] else int(torch.Size(x.shape[1:]).numel()) * x.element_size()
+    return x.shape[1:].numel() * x.element_size()
 
 
 def all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
@@ -205,8 +205,8 @@ class AllToAllFn(torch.autograd.Function):
         return ctx.step.backward(g.contiguous()), None, None, None
 
 
-def exchange_counts(send_counts: torch.Tensor, group, per_peer: int = 1) -> torch.Tensor:
-    """All-to-all of int64 counts, `per_peer` values to each group member; (P * per_peer,) received."""
+def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
+    """All-to-all of int64 counts, an equal share of `send_counts` to each group member, in member order."""
     out = torch.empty_like(send_counts)
     _collective(lambda: dist.all_to_all_single(out, send_counts.contiguous(), group=group), "count exchange", group)
     return out
