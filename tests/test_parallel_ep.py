@@ -58,6 +58,7 @@ def _check_against_reference(res, ref, config, rtol, atol):
                 torch.testing.assert_close(t, want, rtol=rtol, atol=atol, msg=lambda m: f"rank {r} {kind} {n}: {m}")
 
 
+@pytest.mark.slow
 def test_ep_step_equals_single_process(tmp_path):
     """2 nodes x 2 GPUs, EP 4: logits, loss, every gradient, the norm and one AdamW step (fp32, 1e-5)."""
     from ep_workers import ep_step, reference_step

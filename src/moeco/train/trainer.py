@@ -14,8 +14,10 @@ One optimizer step over a global batch of B sequences of S tokens (inputs t[:, :
 Data parallelism is torch DDP over torchrun's process group (gloo on CPU, NCCL on GPU) with
 `broadcast_buffers=False`: each rank keeps its own expert counts until the hook sums them, and the
 routing bias stays identical on every rank because every rank applies the same summed update. The
-model itself never calls torch.distributed, so an expert-parallel dispatcher can be swapped into
-its MoE layers before wrapping without touching this loop.
+model itself never calls torch.distributed. With `parallel.ep > 1` (moeco.parallel) each rank keeps
+only its range of the routed experts and an all-to-all dispatcher in each MoE layer; DDP skips the
+expert parameters, whose gradients are reduced over their replicas, the clipping norm counts every
+shard once, and checkpoints are written by every rank for its own experts.
 """
 
 from __future__ import annotations
