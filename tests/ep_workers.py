@@ -218,3 +218,22 @@ def ep_load_error(rank, path):
     except MoecoError as exc:
         return {"type": type(exc).__name__, "msg": str(exc), "s": time.monotonic() - t0}
     return {"type": None}
+
+
+def empty_rank(rank):
+    """Rank 1 routes no tokens and rank 2's experts get none: both dispatchers, forward and backward."""
+    from moeco.model.moe import Routing
+    from moeco.parallel.dispatch import AllToAllDispatcher, TwoHopDispatcher
+
+    mesh = _mesh(4, 2)
+    T = 0 if rank == 1 else 2
+    out = []
+    for cls in (AllToAllDispatcher, TwoHopDispatcher):
+        x = torch.randn(T, 8, requires_grad=True)
+        w = torch.rand(T, 3, requires_grad=True)
+        d = cls(mesh)
+        x_CD, tpe, h = d.dispatch(x, Routing(w, torch.tensor([[0, 3, 6], [1, 2, 7]])[:T], None), 8)
+        y = d.combine(x_CD * 2, h)
+        y.sum().backward()
+        out.append((torch.allclose(y, 2 * w.sum(1, keepdim=True) * x), tpe.tolist(), x.grad.shape))
+    return out

@@ -206,3 +206,12 @@ def test_checkpoint_missing_one_ranks_experts_fails_on_every_rank(tmp_path):
     for out in res:
         assert out["type"] == "LoadError" and "experts.7." in out["msg"] and out["s"] < 30, out
         assert "\n" not in out["msg"]
+
+
+def test_ranks_and_experts_without_tokens(tmp_path):
+    from ep_workers import empty_rank
+
+    res = run_ranks(empty_rank, 4, out_dir=tmp_path)
+    for r, out in enumerate(res):
+        for ok, tpe, gshape in out:
+            assert ok and tpe == ([0, 0] if r == 2 else [3, 3]) and gshape[0] == (0 if r == 1 else 2)
