@@ -90,7 +90,8 @@ class AllToAllDispatcher(_EPBase):
         recv_PL = exchange_counts(counts_PL.flatten(), self.mesh.ep_group).view(P, L)
         both = torch.stack([counts_PL.sum(1), recv_PL.sum(1)]).tolist()  # the one host read
         send, recv = both
-        local_e = torch.arange(L, device=flat.device).repeat(P).repeat_interleave(recv_PL.flatten())
+        local_e = torch.arange(L, device=flat.device).repeat(P).repeat_interleave(recv_PL.flatten(),
+                                                                                   output_size=sum(recv))
         sort = local_e.argsort(stable=True)
         unsort = torch.empty_like(sort)
         unsort[sort] = torch.arange(sort.numel(), device=sort.device)
