@@ -86,13 +86,13 @@ def write_replicated(model, directory: Path, ep_size: int, expert_maps: list[dic
 def save_sharded(model, path: str | Path, mesh: Mesh, extra_files=None) -> Path:
     """Every rank calls it; ranks of the first EP group write their experts, rank 0 the rest, atomically.
 
-    The files go to a staging directory `path`.tmp-ep that rank 0 renames to `path` at the end.
+    The files go to a staging directory `.tmp-NAME-ep` beside `path` that rank 0 renames to `path` at the end.
     """
     from moeco.fsutil import fsync_tree, publish_dir
 
     s = mesh.spec
     target = Path(path)
-    stage = target.parent / f".{target.name}.tmp-ep"
+    stage = target.parent / f".tmp-{target.name}-ep"
     if s.rank == 0:
         import shutil
 

@@ -250,7 +250,7 @@ class Trainer:
         state = self._trainer_state()
         state["optimizer"] = gather_optimizer_state(self.model, self.optimizer, self.mesh, state["optimizer"])
         state["ep"] = self.mesh.spec.ep
-        staged = self.ckpt.root / f".ep-model-{self.step:08d}"
+        staged = self.ckpt.root / f".tmp-ep-model-{self.step:08d}"  # removed after a crash like any .tmp-
         save_sharded(self.model, staged, self.mesh, extra_files=self.run_dir.tokenizer_files())
         path = None
         if self.dist.main:
