@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
-import torch.nn.functional as F
-
-from helpers import micro_config
 
 
 def _mesh(ep, gpus_per_node):
@@ -144,8 +139,10 @@ def train_run(rank, overrides, out, resume=False):
         cfg = resume_config(out, [o for o in overrides if o.startswith(("parallel.", "train.steps"))])
     else:
         cfg = TrainConfig().with_overrides(overrides)
-    summary = train(cfg, out, resume=resume, verbose=False,
-                    on_step=lambda step, rec: losses.__setitem__(step, (rec["loss"], rec.get("ep_inter_bytes_per_token"))))
+    def record(step, rec):
+        losses[step] = (rec["loss"], rec.get("ep_inter_bytes_per_token"))
+
+    summary = train(cfg, out, resume=resume, verbose=False, on_step=record)
     return {"losses": losses, "summary": summary}
 
 
