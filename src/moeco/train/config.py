@@ -96,6 +96,15 @@ class TrainConfig:
     eval_interval: int = _opt(100, "log", "validation loss every N steps (and at the end); 0 = end only")
     eval_batches: int = _opt(8, "log", "validation batches of batch_size sequences per evaluation")
     peak_tflops: float = _opt(0.0, "log", "peak TFLOP/s of one device for MFU; 0 = known GPUs only")
+    # [parallel] expert parallelism (moeco.parallel; torchrun sets the ranks)
+    ep: int = _opt(1, "parallel", "expert-parallel ranks: each holds n_routed_experts / ep routed experts, the "
+                                  "rest stays data-parallel over all ranks; 1 = off")
+    gpus_per_node: int = _opt(0, "parallel", "ranks per node of the mesh; 0 = torchrun's --nproc-per-node "
+                                             "(a smaller value lets one host stand in for several nodes)")
+    dispatcher: str = _opt("two_hop", "parallel", "two_hop (each token crosses to a node once, forwarded "
+                                                  "inside it) | direct (one all-to-all copy per expert)")
+    fp8_dispatch: bool = _opt(False, "parallel", "send dispatched tokens as 1x128 E4M3 + scales (half of BF16)")
+    timeout_s: float = _opt(600.0, "parallel", "seconds a collective may wait before the run stops with an error")
     # [model]
     preset: str = _opt("tiny", "model", "a ModelConfig preset; any ModelConfig field may follow in [model]")
     model_overrides: dict = field(default_factory=dict, metadata={"section": "model", "doc": ""})
@@ -320,10 +329,22 @@ def _validate(c: TrainConfig) -> None:
         raise _bad("optimizer_moments", c.optimizer_moments, "choose auto, fp32 or bf16")
     if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
         raise _bad("device", c.device, "choose auto, cpu, cuda or cuda:N")
+    _validate_parallel(c)
+
+
+def _validate_parallel(c: TrainConfig) -> None:
     from moeco.comm.names import parse_codec_name
 
     for name in ("dispatch_codec", "combine_codec"):
         parse_codec_name(getattr(c, name), f"parallel.{name}")  # raises a one-line ConfigError
+    if c.ep < 1:
+        raise _bad("ep", c.ep, "must be at least 1")
+    if c.gpus_per_node < 0:
+        raise _bad("gpus_per_node", c.gpus_per_node, "must be >= 0 (0 = torchrun's --nproc-per-node)")
+    if c.dispatcher not in ("two_hop", "direct"):
+        raise _bad("dispatcher", c.dispatcher, "choose two_hop or direct")
+    if not c.timeout_s > 0:
+        raise _bad("timeout_s", c.timeout_s, "must be a positive number of seconds")
 
 
 def _toml_value(value: Any) -> str:
