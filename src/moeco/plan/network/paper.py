@@ -100,7 +100,8 @@ def network_rows(fast: bool = False) -> list[dict]:
                          f"{pe} / {pa} / ~{pa} (ECMP/AR {pe / pa:.2f})",
                          f"{r['ecmp']:.1f} / {r['adaptive']:.1f} / {r['static']:.1f} (ECMP/AR "
                          f"{r['ecmp'] / r['adaptive']:.2f})", ok,
-                         "criterion: ECMP < 0.9 x adaptive, static = adaptive within 5%"))
+                         "direction reproduced (ECMP < 0.9 x adaptive, static = adaptive); the model's ECMP "
+                         "loss is larger than the bars' and lacks their TP trend"))
     return rows
 
 
