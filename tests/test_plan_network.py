@@ -182,3 +182,10 @@ def test_flowset_rejects_nothing_silently():
         max_min_rates(np.ones(1), FlowSet(np.array([], int), np.array([], int), np.array([]), np.ones(1)))
     with pytest.raises(ConfigError):
         make_network("torus", 16)
+
+
+def test_tree_pays_fewer_latencies_than_ring_at_small_messages():
+    net = make_network("ft2", 16, radix=8, gpus_per_node=2)
+    ring, tree = (sweep(net, "all-gather", [64.0, 2.0 ** 30], "adaptive", algorithm=a) for a in ("ring", "tree"))
+    assert tree[0]["latency_us"] < 0.5 * ring[0]["latency_us"]  # log2 16 = 4 steps vs 15
+    assert tree[1]["bus_bandwidth_gbps"] == pytest.approx(ring[1]["bus_bandwidth_gbps"], rel=0.25)

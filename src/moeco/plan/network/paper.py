@@ -20,7 +20,10 @@ top-of-rack ft2 of radix-64 RoCE switches, TP groups one GPU per node spread ove
 
 from __future__ import annotations
 
-from moeco.plan.network.simulate import make_network, simulate, sweep
+import numpy as np
+
+from moeco.plan.network.collectives import Phase
+from moeco.plan.network.simulate import make_network, run_phases, simulate, sweep
 
 FIG8_PAPER = {8: (45, 57), 4: (83, 103), 2: (97, 190)}  # TP: (ECMP, AR/static) bar readings [S/U]
 FIG7_PAPER = {16: (43.05, 42.47), 32: (58.02, 56.96), 64: (50.58, 48.54), 128: (45.34, 41.6)}
@@ -36,14 +39,9 @@ def _row(figure: str, quantity: str, paper, model, ok: bool | None, note: str = 
 def point_to_point_us(link: str, same_leaf: bool) -> float:
     """64 B from GPU 0 to a GPU on its own leaf or on another leaf (ft2, radix 64, 8 GPUs per node)."""
     net = make_network("ft2", 64, link=link)
-    phases_dst = 8 if same_leaf else 32  # GPU 8 is on leaf 0 (32 NICs per leaf), GPU 32 on leaf 1
-    import numpy as np
-
-    from moeco.plan.network.collectives import Phase
-    from moeco.plan.network.simulate import _run_phases
-
-    ph = Phase(np.array([0]), np.array([phases_dst]), np.array([64.0]), 1)
-    r = _run_phases(net, [ph], "static", 0, 1, True)
+    dst = 8 if same_leaf else 32  # 32 NICs per leaf: GPU 8 shares GPU 0's leaf, GPU 32 does not
+    ph = Phase(np.array([0]), np.array([dst]), np.array([64.0]), 1)
+    r = run_phases(net, [ph], "static", seed=0, channels=1, pxn=True)
     return r["latency_us"] + r["bandwidth_time_us"]
 
 

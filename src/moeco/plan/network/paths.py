@@ -61,9 +61,10 @@ def _endpoint_pairs(net: Network, a: int, b: int, pxn: bool) -> list[tuple[int, 
         ra, rb = a % G, b % G
         es = [net.gpu(na, (ra + j) % G) for j in range(G)]
         is_ = [net.gpu(nb, (rb + j) % G) for j in range(G)]
-        e_ok = [e for e in es if net.nic_alive(e)][:1] if net.nic_alive(a) is False else [a]
-        i_ok = [i for i in is_ if net.nic_alive(i)][:1] if net.nic_alive(b) is False else [b]
-        cands = [(e, i) for e in e_ok for i in i_ok] or [(e, i) for e in es for i in is_]
+        # a dead NIC is replaced by the next live one of its node; if that pair has no path, try all pairs
+        e_ok = [a] if net.nic_alive(a) else [e for e in es if net.nic_alive(e)][:1]
+        i_ok = [b] if net.nic_alive(b) else [i for i in is_ if net.nic_alive(i)][:1]
+        cands = [(e, i) for e in e_ok for i in i_ok if usable(e, i)] or [(e, i) for e in es for i in is_]
     return [(e, i) for e, i in cands if usable(e, i)]
 
 

@@ -45,7 +45,7 @@ def make_network(topology: str, gpus: int, gpus_per_node: int = 8, link: str = "
                          radix)
 
 
-def _run_phases(net: Network, phases, routing: str, seed: int, channels: int, pxn: bool) -> dict:
+def run_phases(net: Network, phases, routing: str, seed: int, channels: int, pxn: bool) -> dict:
     lat = latency_model(net.nic, net.nvlink)
     cap = np.asarray(net.cap_gbs, dtype=float)
     rng = np.random.default_rng(seed)
@@ -66,7 +66,7 @@ def _runs(net, phases, routing, seeds, channels, pxn) -> list[dict]:
         raise ConfigError(f"--seeds = {seeds} is invalid: must be >= 1")
     if channels < 1:
         raise ConfigError(f"--channels = {channels} is invalid: must be >= 1")
-    return [_run_phases(net, phases, routing, s, channels, pxn) for s in range(seeds if routing == "ecmp" else 1)]
+    return [run_phases(net, phases, routing, s, channels, pxn) for s in range(seeds if routing == "ecmp" else 1)]
 
 
 def _summary(net: Network, runs: list[dict], message_bytes: float, k: int) -> dict:
