@@ -63,9 +63,11 @@ def apply_failure(net: Network, spec: str | None) -> tuple[Network, str]:
         leaves = {net.leaf_of[net.gpu(n, k)] for n in range(net.nodes)}
         for s in leaves:
             _kill_switch(out, s)
-        if net.topology == "mpft":
-            for s, p in net.plane_of_switch.items():
-                if p == k:
-                    _kill_switch(out, s)
-        return out, f"plane {k} ({len(leaves)} leaves{' and its spines' if net.topology == 'mpft' else ''})"
+        spines = [s for s, p in net.plane_of_switch.items() if p == k and s not in leaves] \
+            if net.topology == "mpft" else []
+        for s in spines:
+            _kill_switch(out, s)
+        what = f"{len(leaves)} leaf switch{'es' if len(leaves) > 1 else ''}"
+        what += f" and {len(spines)} spines" if spines else ""
+        return out, f"{'plane' if net.topology == 'mpft' else 'rail'} {k} ({what})"
     raise ConfigError(f"--fail = {spec!r} is invalid: use link, switch or plane:K")
