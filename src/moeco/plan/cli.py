@@ -5,6 +5,7 @@
     moeco plan paper              the paper's tables beside moeco's numbers
     moeco plan ep-limit [MODEL]   communication-bound time per output token of EP decode
     moeco plan topology NAME      endpoints, switches, links, cost of a network
+    moeco plan network            a collective on a network: bandwidth, time, routing, failures
     moeco plan routing MODEL      node-limited routing: nodes per token, inter-node bytes, time
     moeco plan fit MODEL          per-GPU memory for training or serving on a cluster, verdict
     moeco plan local MODEL        single-request decode bound on one device (+ hybrid GPU/CPU)
@@ -103,6 +104,10 @@ def register(subparsers) -> None:
     p.add_argument("--efficiency", type=float, default=0.8, help="achieved fraction of peak bandwidth")
 
     add("hardware", _cmd_hardware, "the hardware catalog (devices and links)", model=None, hw=True)
+
+    from moeco.plan.network import cli as network_cli
+
+    network_cli.register(sub)
 
 
 # ---- output helpers -------------------------------------------------------------------
