@@ -9,6 +9,7 @@
     moeco plan fit MODEL          per-GPU memory for training or serving on a cluster, verdict
     moeco plan local MODEL        single-request decode bound on one device (+ hybrid GPU/CPU)
     moeco plan hardware           the hardware catalog
+    moeco plan eplb TRACE         expert-parallel load balancing of a recorded load trace
 """
 
 from __future__ import annotations
@@ -103,6 +104,20 @@ def register(subparsers) -> None:
     p.add_argument("--efficiency", type=float, default=0.8, help="achieved fraction of peak bandwidth")
 
     add("hardware", _cmd_hardware, "the hardware catalog (devices and links)", model=None, hw=True)
+
+    p = add("eplb", _cmd_eplb, "max/mean expert load per GPU before and after EPLB's placement of a recorded trace",
+            model=None)
+    p.add_argument("trace", metavar="TRACE", help="run directory or metrics.jsonl of `moeco train`, or a .json/.pt "
+                                                  "of per-layer expert loads")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--replicas", type=int, default=None,
+                   help="physical experts per layer, a multiple of the GPUs (default: experts + one per GPU)")
+    p.add_argument("--groups", type=int, default=None,
+                   help="routing groups (default: n_group of the run's model/config.json, else 1)")
+    p.add_argument("--policy", choices=("auto", "hierarchical", "global"), default="auto",
+                   help="auto: hierarchical when nodes divide the groups, else global")
+    p.add_argument("--last-steps", type=int, default=None, help="sum only the last N steps of metrics.jsonl")
 
 
 # ---- output helpers -------------------------------------------------------------------
@@ -366,3 +381,43 @@ def _cmd_hardware(args) -> int:
         [x.name, f"{x.bandwidth_gbs:g}", "-" if x.achievable_gbs is None else f"{x.achievable_gbs:g}",
          "-" if x.latency_us is None else f"{x.latency_us:g}", x.source] for x in links])
     return _emit(args, out, t1, t2)
+
+
+def _cmd_eplb(args) -> int:
+    from moeco.parallel import eplb
+
+    for flag in ("nodes", "gpus_per_node", "replicas", "groups", "last_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} = {value} is invalid: must be >= 1")
+    layer_ids, load_LE = eplb.read_loads(args.trace, args.last_steps)
+    gpus = args.nodes * args.gpus_per_node
+    replicas = args.replicas if args.replicas is not None else load_LE.shape[1] + gpus
+    groups = args.groups if args.groups is not None else _trace_groups(Path(args.trace))
+    placement = eplb.Placement.plan(load_LE, replicas, groups, args.nodes, gpus, layer_ids, args.policy)
+    r = eplb.report(load_LE, placement)
+    r.update(trace=str(args.trace), groups=groups)
+
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    t = _table(f"EPLB: {r['experts']} experts -> {replicas} replicas on {args.nodes} nodes x {args.gpus_per_node} GPUs "
+               f"({r['policy']} policy, {groups} groups)", ["layer", "tokens", "max/mean before", "max/mean after",
+                                                            "max replicas"],
+               [[x["layer"], f"{x['tokens']:,.0f}", f(x["before"]), f(x["after"]), x["max_replicas"]]
+                for x in r["layers"]] + [["all", f"{sum(x['tokens'] for x in r['layers']):,.0f}", f(r["before"]),
+                                          f(r["after"]), ""]],
+               caption="load per GPU = tokens of the experts it holds, each expert's split evenly over its replicas; "
+                       "before = expert e on GPU e // (experts / GPUs), no replicas; all = sum of layer maxima / "
+                       "sum of layer means")
+    return _emit(args, r, t)
+
+
+def _trace_groups(trace: Path) -> int:
+    """n_group of the run that recorded the trace (RUN/model/config.json), else 1."""
+    run = trace if trace.is_dir() else trace.parent
+    config = run / "model" / "config.json"
+    try:
+        return int(json.loads(config.read_text()).get("n_group") or 1)
+    except (OSError, ValueError, TypeError):
+        return 1
