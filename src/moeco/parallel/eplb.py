@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from moeco.errors import ConfigError, DataError
+from moeco.model.moe import Routing
 
 
 # ---- planning ---------------------------------------------------------------------------------
@@ -253,9 +254,7 @@ class ReplicaDispatcher:
         self.log2phy_EX, self.replica_count_E, self.offset = log2phy_EX, replica_count_E, offset
         self.num_physical = int(replica_count_E.sum())
 
-    def dispatch(self, x_TD: torch.Tensor, routing, n_experts: int):
-        from moeco.model.moe import Routing
-
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, n_experts: int):
         if n_experts != self.replica_count_E.shape[0]:
             raise ConfigError(f"the placement is for {self.replica_count_E.shape[0]} experts, the layer routes "
                               f"{n_experts}: plan it from this model's trace")
@@ -347,8 +346,10 @@ def _jsonl(p: Path):
 
 def _as_LE(rows, p: Path) -> torch.Tensor:
     try:
-        t = torch.stack([torch.as_tensor(r, dtype=torch.float64) for r in rows]) if isinstance(rows, list) \
-            and rows and not isinstance(rows[0], (int, float)) else torch.as_tensor(rows, dtype=torch.float64)
+        if isinstance(rows, list) and rows and not isinstance(rows[0], (int, float)):
+            t = torch.stack([torch.as_tensor(r, dtype=torch.float64) for r in rows])
+        else:
+            t = torch.as_tensor(rows, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as e:
         raise DataError(f"trace {str(p)!r}: layers of unequal or non-numeric loads ({e})") from None
     t = t.reshape(1, -1) if t.dim() == 1 else t
