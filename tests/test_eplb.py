@@ -189,3 +189,14 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, words):
 def test_cli_missing_trace(capsys):
     assert main(["plan", "eplb", "/nonexistent/metrics.jsonl", "--nodes", "1", "--gpus-per-node", "2"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_holdout_plans_from_earlier_steps(tmp_path, capsys):
+    _metrics(tmp_path, steps=4)
+    base = ["plan", "eplb", str(tmp_path), "--nodes", "1", "--gpus-per-node", "2", "--replicas", "4", "--json"]
+    assert main([*base, "--holdout", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["holdout_steps"] == 1 and out["groups"] == 1
+    assert [x["tokens"] for x in out["layers"]] == [16, 4]  # the last step only: 12 + 1 + 0 + 3
+    assert main([*base, "--holdout", "4"]) == 2
+    assert "too few to hold out 4" in capsys.readouterr().err

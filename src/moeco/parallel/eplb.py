@@ -296,11 +296,11 @@ def apply_placement(model: nn.Module, placement: Placement) -> None:
 
 
 # ---- traces -----------------------------------------------------------------------------------
-def read_loads(path: str | Path, last_steps: int | None = None) -> tuple[list[str], torch.Tensor]:
+def read_loads(path: str | Path, last_steps: int | None = None, skip_last: int = 0) -> tuple[list[str], torch.Tensor]:
     """(layer ids, load (L, E) float64) from a recorded trace:
 
     - a run directory or its metrics.jsonl (`moeco train`): `expert_counts` of each step summed
-      (of the last `last_steps` steps when given);
+      (of the last `last_steps` steps when given, leaving out the final `skip_last` steps);
     - a .json of {layer id: [tokens per expert]} or a list of such lists;
     - a .pt holding a (L, E) or (E,) tensor, or a dict {layer id: tensor}.
     """
@@ -315,6 +315,10 @@ def read_loads(path: str | Path, last_steps: int | None = None) -> tuple[list[st
         if not records:
             raise DataError(f"{str(p)!r} has no step with expert_counts: record a trace with this version's "
                             "`moeco train`")
+        if skip_last >= len(records):
+            raise DataError(f"{str(p)!r} has {len(records)} steps with expert_counts, too few to hold out "
+                            f"{skip_last}: hold out fewer")
+        records = records[:len(records) - skip_last]
         records = records[-last_steps:] if last_steps else records
         ids = list(records[-1]["expert_counts"])
         try:
@@ -323,6 +327,8 @@ def read_loads(path: str | Path, last_steps: int | None = None) -> tuple[list[st
         except (TypeError, ValueError, RuntimeError) as e:
             raise DataError(f"{str(p)!r}: steps with different expert counts per layer ({e})") from None
         return ids, _as_LE(rows, p)
+    if skip_last:
+        raise DataError(f"trace {str(p)!r} has no steps to hold out: --holdout needs a metrics.jsonl")
     if p.suffix == ".pt":
         data = torch.load(p, map_location="cpu", weights_only=True)
     else:

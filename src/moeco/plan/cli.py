@@ -117,7 +117,9 @@ def register(subparsers) -> None:
                    help="routing groups (default: n_group of the run's model/config.json, else 1)")
     p.add_argument("--policy", choices=("auto", "hierarchical", "global"), default="auto",
                    help="auto: hierarchical when nodes divide the groups, else global")
-    p.add_argument("--last-steps", type=int, default=None, help="sum only the last N steps of metrics.jsonl")
+    p.add_argument("--last-steps", type=int, default=None, help="plan from the last N steps of metrics.jsonl")
+    p.add_argument("--holdout", type=int, default=0, metavar="N",
+                   help="plan from the steps before the last N, report on the last N (metrics.jsonl only)")
 
 
 # ---- output helpers -------------------------------------------------------------------
@@ -386,17 +388,22 @@ def _cmd_hardware(args) -> int:
 def _cmd_eplb(args) -> int:
     from moeco.parallel import eplb
 
-    for flag in ("nodes", "gpus_per_node", "replicas", "groups", "last_steps"):
+    for flag in ("nodes", "gpus_per_node", "replicas", "groups", "last_steps", "holdout"):
         value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} = {value} is invalid: must be >= 1")
-    layer_ids, load_LE = eplb.read_loads(args.trace, args.last_steps)
+        if value is not None and value < (0 if flag == "holdout" else 1):
+            raise ConfigError(f"--{flag.replace('_', '-')} = {value} is invalid: must be >= "
+                              f"{0 if flag == 'holdout' else 1}")
+    layer_ids, load_LE = eplb.read_loads(args.trace, args.last_steps, skip_last=args.holdout)
     gpus = args.nodes * args.gpus_per_node
     replicas = args.replicas if args.replicas is not None else load_LE.shape[1] + gpus
     groups = args.groups if args.groups is not None else _trace_groups(Path(args.trace))
     placement = eplb.Placement.plan(load_LE, replicas, groups, args.nodes, gpus, layer_ids, args.policy)
-    r = eplb.report(load_LE, placement)
-    r.update(trace=str(args.trace), groups=groups)
+    held_ids, held_LE = eplb.read_loads(args.trace, args.holdout) if args.holdout else (layer_ids, load_LE)
+    if held_ids != layer_ids:
+        raise ConfigError(f"the held-out steps have layers {held_ids}, the planned ones {layer_ids}: "
+                          "record the trace with one model")
+    r = eplb.report(held_LE, placement)
+    r.update(trace=str(args.trace), groups=groups, holdout_steps=args.holdout)
 
     def f(x):
         return "-" if x is None else f"{x:.3f}"
@@ -407,17 +414,25 @@ def _cmd_eplb(args) -> int:
                [[x["layer"], f"{x['tokens']:,.0f}", f(x["before"]), f(x["after"]), x["max_replicas"]]
                 for x in r["layers"]] + [["all", f"{sum(x['tokens'] for x in r['layers']):,.0f}", f(r["before"]),
                                           f(r["after"]), ""]],
-               caption="load per GPU = tokens of the experts it holds, each expert's split evenly over its replicas; "
+               caption=(f"planned from all but the last {args.holdout} steps, loads of those {args.holdout} shown; "
+                        if args.holdout else "")
+                       + "load per GPU = tokens of the experts it holds, each expert's split evenly over its replicas; "
                        "before = expert e on GPU e // (experts / GPUs), no replicas; all = sum of layer maxima / "
                        "sum of layer means")
     return _emit(args, r, t)
 
 
 def _trace_groups(trace: Path) -> int:
-    """n_group of the run that recorded the trace (RUN/model/config.json), else 1."""
+    """n_group of the run that recorded the trace (RUN/model/config.json, or RUN/train_config.toml
+    while it trains), else 1."""
     run = trace if trace.is_dir() else trace.parent
-    config = run / "model" / "config.json"
     try:
-        return int(json.loads(config.read_text()).get("n_group") or 1)
+        return int(json.loads((run / "model" / "config.json").read_text()).get("n_group") or 1)
     except (OSError, ValueError, TypeError):
+        pass
+    try:
+        from moeco.train.config import TrainConfig
+
+        return TrainConfig.from_toml(run / "train_config.toml").model_config().n_group
+    except Exception:  # no run around the trace: plan without groups
         return 1
