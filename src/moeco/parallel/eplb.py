@@ -119,13 +119,13 @@ def rebalance(load: torch.Tensor, num_replicas: int, num_groups: int, num_nodes:
     load_LE = load.detach().reshape(-1, load.shape[-1]).to("cpu", torch.float64)
     L, E = load_LE.shape
     check_layout(E, num_replicas, num_groups, num_nodes, num_gpus)
+    if policy not in ("auto", "hierarchical", "global"):
+        raise ConfigError(f"policy = {policy!r}: choose auto, hierarchical or global")
     if policy == "hierarchical" and num_groups % num_nodes:
         raise ConfigError(f"policy hierarchical needs groups ({num_groups}) to be a multiple of nodes "
                           f"({num_nodes}); use policy global or auto")
     if policy == "global" or num_groups % num_nodes:
         num_groups = num_nodes = 1
-    elif policy not in ("auto", "hierarchical"):
-        raise ConfigError(f"policy = {policy!r}: choose auto, hierarchical or global")
     G, N, P, R = num_groups, num_nodes, num_gpus, num_replicas
     group_size, per_node, slots_node, slots_gpu = E // G, E // N, R // N, R // P
 
