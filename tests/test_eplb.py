@@ -217,3 +217,20 @@ def test_dispatched_copies_follow_the_plan():
     assert (sent - planned).abs().max() <= 5
     before = eplb.gpu_loads(load, torch.arange(32), 8)[0]
     assert sent.max() / sent.mean() < 1.05 < 1.5 < before.max() / before.mean()
+
+
+def test_balance_hook_records_the_trace_the_planner_reads(tmp_path):
+    from moeco.train.balance import BalanceHook
+
+    model, cfg = _model()
+    model.train()
+    hook = BalanceHook(model, gamma=0.0)
+    model(torch.randint(0, cfg.vocab_size, (2, 16)))
+    hook.step()
+    counts = hook.last_counts
+    assert set(counts) == {str(i) for i, _ in model.moe_layers()}
+    # T x K copies in each decoder layer; the MTP layer ("3") runs only when asked for MTP logits
+    assert [sum(c) for c in counts.values()] == [2 * 16 * 3, 2 * 16 * 3, 0]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "expert_counts": counts}) + "\n")
+    ids, load = eplb.read_loads(tmp_path)
+    assert ids == list(counts) and load.sum(1).tolist() == [96.0, 96.0, 0.0]
