@@ -1,6 +1,7 @@
 """EPLB: DeepSeek's README example reproduced, the balance it buys on a skewed trace, placements that
 leave the model's output unchanged, the trace readers, and `moeco plan eplb` with its errors."""
 
+import copy
 import json
 
 import pytest
@@ -98,18 +99,21 @@ def test_choose_replicas_spreads_copies_evenly():
     assert eplb.choose_replicas(idx, log2phy, count, offset=1)[0].tolist() == [3, 4]
 
 
-def _model(seed=0):
+@pytest.fixture(scope="module")
+def micro_model():
     cfg = micro_config(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3)
-    torch.manual_seed(seed)
-    return moeco.Transformer(cfg).double().eval(), cfg
-
-
-@pytest.mark.parametrize("replicas, groups, nodes, gpus", [(8, 4, 2, 4), (12, 4, 2, 4), (16, 1, 1, 8), (9, 1, 1, 3)])
-def test_placement_leaves_the_model_output_unchanged(replicas, groups, nodes, gpus):
-    model, cfg = _model()
+    torch.manual_seed(0)
+    model = moeco.Transformer(cfg).double().eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
+    return model, cfg, ids, ref
+
+
+@pytest.mark.parametrize("replicas, groups, nodes, gpus", [(8, 4, 2, 4), (12, 4, 2, 4), (9, 1, 1, 3)])
+def test_placement_leaves_the_model_output_unchanged(micro_model, replicas, groups, nodes, gpus):
+    model, cfg, ids, ref = micro_model
+    model = copy.deepcopy(model)
     layer_ids = [i for i, _ in model.moe_layers()]
     load = _skewed(L=len(layer_ids), E=8, seed=replicas)
     placement = eplb.Placement.plan(load, replicas, groups, nodes, gpus, layer_ids)
@@ -219,11 +223,11 @@ def test_dispatched_copies_follow_the_plan():
     assert sent.max() / sent.mean() < 1.05 < 1.5 < before.max() / before.mean()
 
 
-def test_balance_hook_records_the_trace_the_planner_reads(tmp_path):
+def test_balance_hook_records_the_trace_the_planner_reads(micro_model, tmp_path):
     from moeco.train.balance import BalanceHook
 
-    model, cfg = _model()
-    model.train()
+    model, cfg, _, _ = micro_model
+    model = copy.deepcopy(model).train()
     hook = BalanceHook(model, gamma=0.0)
     model(torch.randint(0, cfg.vocab_size, (2, 16)))
     hook.step()
