@@ -46,6 +46,9 @@ def test_readme_example():
     _check_consistent(README_LOAD, phy2log, log2phy, count, gpus=8, nodes=2, groups=4)
     per_layer, overall = eplb.imbalance(eplb.gpu_loads(README_LOAD, phy2log, 8))
     assert per_layer == pytest.approx([1.2081, 1.2422], abs=1e-4) and overall == pytest.approx(1.2261, abs=1e-4)
+    assert eplb.gpu_loads(README_LOAD, phy2log, 8)[0].tolist() == [121.5, 86.5, 125, 113, 147.5, 131.5, 156, 152]
+    no_replicas, _ = eplb.imbalance(eplb.gpu_loads(README_LOAD, torch.arange(12), 4))
+    assert no_replicas == pytest.approx([1.2778, 1.7855], abs=1e-4)
 
 
 def _skewed(L=3, E=32, seed=0):

@@ -157,10 +157,11 @@ def rebalance(load: torch.Tensor, num_replicas: int, num_groups: int, num_nodes:
 
 
 def gpu_loads(load_LE: torch.Tensor, phy2log_LR: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """(L, P) load per GPU when each expert's load splits evenly over its replicas."""
+    """(L, P) load per GPU when each expert's load splits evenly over its replicas (phy2log (L, R)
+    or (R,) for every layer)."""
     load_LE = load_LE.reshape(-1, load_LE.shape[-1]).to(torch.float64)
-    phy2log_LR = phy2log_LR.reshape(-1, phy2log_LR.shape[-1])
     L, E = load_LE.shape
+    phy2log_LR = phy2log_LR.reshape(-1, phy2log_LR.shape[-1]).expand(L, -1)  # one row: the same for all layers
     count_LE = torch.zeros(L, E, dtype=torch.float64).scatter_add_(1, phy2log_LR,
                                                                    torch.ones_like(phy2log_LR, dtype=torch.float64))
     per_slot_LR = (load_LE / count_LE).gather(1, phy2log_LR)
@@ -216,7 +217,7 @@ def report(load_LE: torch.Tensor, placement: Placement, layer_ids=None) -> dict:
     after, after_total = imbalance(gpu_loads(load_LE, placement.phy2log_LR, P))
     before, before_total = [None] * L, None
     if E % P == 0:
-        before, before_total = imbalance(gpu_loads(load_LE, torch.arange(E).expand(L, E), P))
+        before, before_total = imbalance(gpu_loads(load_LE, torch.arange(E), P))
     ids = layer_ids if layer_ids is not None else placement.layer_ids
     return {"policy": placement.policy, "experts": E, "replicas": placement.phy2log_LR.shape[1],
             "nodes": placement.num_nodes, "gpus": P,
