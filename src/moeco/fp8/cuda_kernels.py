@@ -188,7 +188,7 @@ def launch(func, grid: tuple, block: tuple, params: list, device: torch.device, 
 
 # Blocks per multiprocessor the compiler must fit (__launch_bounds__' second argument), by input
 # kind; None leaves the register count to the compiler. bf16 at 5 (48 registers instead of 59):
-# 1.04-1.06x at 4096-16384 tokens on the H200 (`bench/fp8_gemm_tune.py --only minb`); 6 spills and is
+# 1.04-1.06x at 4096-16384 tokens on the H200 (`tools/fp8_gemm_tune.py --only minb`); 6 spills and is
 # slower. The others already fit 4-6 blocks, and FP8 input measured the same at 4 and 5.
 # Read-only: a bench that sweeps the bound passes `min_blocks` to `token_wise`.
 MIN_BLOCKS = MappingProxyType({0: 5, 1: None, 2: None, 3: None})
@@ -255,7 +255,7 @@ _dual_variants = CompiledVariants("dual FP8 quantization kernel", "the two separ
 
 # As MIN_BLOCKS, for `dual`, by input kind. None: bf16 takes 80 registers (3 blocks per multiprocessor);
 # a bound of 2 blocks (128 registers) measured 0-11% slower, of 3 (80 registers, more spilled) -1% to +4%,
-# on the H200 (`bench/fp8_gemm_tune.py --only dual`, eleventh session).
+# on the H200 (`tools/fp8_gemm_tune.py --only dual`, eleventh session).
 DUAL_MIN_BLOCKS = MappingProxyType({0: None, 1: None})
 
 

@@ -50,7 +50,7 @@ if HAVE_TRITON:  # Triton is optional: every caller has a PyTorch path.
 # `fast_div` (the 1x128 and weight quantizations): divide by the scale through its reciprocal and
 # Markstein's correction (the same bits as a division, fewer instructions; H200: weights 1.16x, 1x128
 # 1.03-1.08x). The 128x1 kernel keeps div_rn, which measured faster there (0.90-0.99x otherwise;
-# bench/fp8_gemm_tune.py --only div). fast_div=False: div_rn (for the bench's comparison).
+# tools/fp8_gemm_tune.py --only div). fast_div=False: div_rn (for the bench's comparison).
 
 
 if HAVE_TRITON:
@@ -340,7 +340,7 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     q (C, T'), without building the gathered copy (the grouped Wgrad's per-expert padding).
     Reference: `quantize_act_1x128_reference(x_dequantized[rows].t())`.
     `trans_store`: transpose the FP8 tile in registers and store channel rows (H200, 16384 x 7168 from
-    FP8: 0.124 vs 0.135 ms; from bf16 the same; bench/fp8_gemm_tune.py, section retile). None (the
+    FP8: 0.124 vs 0.135 ms; from bf16 the same; tools/fp8_gemm_tune.py, section retile). None (the
     default) takes it except for FP8 input read through `rows`, where it measured 1.7x slower (the
     grouped Wgrad at the `small` preset's shapes, 106624 x 1536: 0.401 vs 0.228 ms, x 768: 0.208 vs
     0.120; from bf16 0.215 vs 0.217; section retile_moe).
