@@ -307,8 +307,8 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
     ("outer-dim-major"), the layout `torch._scaled_mm` wants for a block-wise `scale_a`.
     Each program quantizes block_m rows x `groups` tiles of 128 channels (groups a power of two), the
     programs ordered channel blocks first. Default tile 8 x 512 from a sweep on the H200 (GPU time,
-    BENCHMARKS.md, ninth session): 69-71% of HBM bandwidth at 4096 x 7168 and 84% at 16384 x 7168 over
-    four machine starts, 1-3 points above the earlier 16 x 256 tile with row blocks first in the same
+    BENCHMARKS.md): 69-71% of HBM bandwidth at 4096 x 7168 and 84% at 16384 x 7168 over
+    four machine starts, 1-3 points above a 16 x 256 tile with row blocks first in the same
     runs; the configurations tried were within ~5% of each other.
     """
     lead, K = x.shape[:-1], x.shape[-1]
