@@ -282,19 +282,19 @@ def main() -> int:
             res["throughput"] = section_throughput(args, model, Path(tmp))
             print("throughput", res["throughput"], flush=True)
             save()
-        if "compiled" in only:
-            try:
-                res["compiled"] = section_compiled(args, model)
-            except Exception as exc:  # the row says why it is missing
-                res["compiled"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-            print("compiled", res["compiled"], flush=True)
-            save()
         if "spec" in only and Path(args.spec_model).is_dir():
             try:
                 res["spec"] = section_spec(args)
             except Exception as exc:
                 res["spec"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             print("spec", res["spec"], flush=True)
+            save()
+        if "compiled" in only:
+            try:
+                res["compiled"] = section_compiled(args, model)
+            except Exception as exc:  # the row says why it is missing
+                res["compiled"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            print("compiled", res["compiled"], flush=True)
             save()
     return 0
 
