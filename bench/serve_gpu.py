@@ -94,8 +94,9 @@ def hf_ms_per_token(hf, ids, new: int, static: bool) -> float:
 def engine_for(model, max_num_seqs: int, max_len: int, **kw):
     from moeco.serve.engine import EngineConfig, LLMEngine
 
+    kw.setdefault("gpu_memory_utilization", 0.5)
     return LLMEngine(EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_len, max_num_batched_tokens=8192,
-                                  gpu_memory_utilization=0.5, **kw), model=model)
+                                  **kw), model=model)
 
 
 def section_compiled(args, model) -> dict:
@@ -105,7 +106,7 @@ def section_compiled(args, model) -> dict:
     out = {}
     for name, kw in (("plain", {}), ("compiled", {"compile": True})):
         t = time.perf_counter()
-        engine = engine_for(model, 8, args.prompt + args.new + 64, **kw)
+        engine = engine_for(model, 8, args.prompt + args.new + 64, cache_bytes=4 << 30, **kw)
         r = measure(engine, ids, args.new)
         out[name + "_ms"] = r["mean_tpot_ms"]
         out[name + "_setup_s"] = time.perf_counter() - t - r["elapsed_s"]
@@ -122,7 +123,7 @@ def section_spec(args) -> dict:
     out = {"model": args.spec_model}
     for name, spec in (("plain", None), ("mtp", "mtp")):
         engine = LLMEngine(EngineConfig(model_dir=args.spec_model, max_num_seqs=4, speculative=spec,
-                                        gpu_memory_utilization=0.3))
+                                        cache_bytes=2 << 30))
         text = "\n".join(embedded_corpus())
         g = torch.Generator().manual_seed(0)
         starts = torch.randint(0, len(text) - 2000, (8,), generator=g).tolist()
