@@ -16,23 +16,29 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "tiny-test"
 
 
-def build_checkpoint(out: Path, max_position_embeddings: int = 192) -> Path:
+def build_checkpoint(out: Path, max_position_embeddings: int = 2048) -> Path:
     """A micro DeepSeek-V3-shaped model (random weights) + a 320-token byte-level BPE trained on a
-    slice of the embedded corpus, saved the way `moeco train` saves its model directory."""
+    slice of the Python reference manual, saved the way `moeco train` saves its model directory."""
     import torch
 
     import moeco
     from helpers import micro_config
-    from moeco.train.corpus import embedded_corpus
     from moeco.train.tokenizer import save_tokenizer, train_bpe
 
-    docs = embedded_corpus()[:300]
+    docs = reference_text()
     tok = train_bpe(docs, 320)
     torch.manual_seed(0)
     model = moeco.Transformer(micro_config(vocab_size=384, max_position_embeddings=max_position_embeddings))
     model.save_pretrained(out)
     save_tokenizer(tok, out)
     return out
+
+
+def reference_text() -> list[str]:
+    """The Python reference manual's topics (always installed, instant to read)."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
 
 
 def free_port() -> int:

@@ -255,7 +255,7 @@ class _SSEResponse(StreamingResponse):
 
 
 def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"  # ASCII only: no U+2028 in a line
 
 
 async def _stream(gen: Generation, head: dict, chat: bool, include_usage: bool):
