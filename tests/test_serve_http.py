@@ -252,15 +252,15 @@ def test_bench_serve_reports(server, tmp_path, capsys):
 @pytest.mark.slow
 def test_queue_full_503_then_sigterm_aborts_in_flight_and_exits_0(model_dir):
     srv = ServerProcess(model_dir, "--max-num-seqs", "1", "--max-queued-requests", "1", "--grace-period", "2")
-    body = {"model": MODEL_NAME, "prompt": "long", "max_tokens": 150, "ignore_eos": True, "stream": True}
+    body = {"model": MODEL_NAME, "prompt": "long", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     ends = []
 
     def stream():
         try:
             with httpx.stream("POST", srv.base_url + "/v1/completions", json=body, timeout=120) as resp:
-                ends.append([line for line in resp.iter_lines() if line][-1])
-        except httpx.HTTPError as exc:  # the server may cut the connection when the grace period ends
-            ends.append(repr(exc))
+                ends.append([line for line in resp.iter_lines() if line])
+        except httpx.HTTPError as exc:
+            ends.append([repr(exc)])
 
     try:
         threads = [threading.Thread(target=stream) for _ in range(2)]
@@ -274,10 +274,14 @@ def test_queue_full_503_then_sigterm_aborts_in_flight_and_exits_0(model_dir):
         assert third.status_code == 503 and third.json()["error"]["code"] == "overloaded"
         start = time.time()
         assert srv.terminate(timeout=60) == 0, srv.output()
-        assert time.time() - start < 20  # the 2 s grace period, then the aborts, not the 150 tokens
+        assert time.time() - start < 15  # the 2 s grace period, then the aborts, not 2 x 2000 tokens
         for t in threads:
             t.join(30)
-        assert len(ends) == 2
+        assert len(ends) == 2, ends
+        for lines in ends:  # each stream ended cleanly, cut short by the grace period
+            assert lines[-1] == "data: [DONE]", lines[-3:]
+            assert json.loads(lines[-2][5:])["choices"][0]["finish_reason"] == "abort"
+            assert len(lines) < 1500
         assert "Traceback" not in srv.output(), srv.output()
     finally:
         srv.stop()

@@ -43,10 +43,12 @@ class _Stream:
 
 @dataclass
 class EngineFailure:
-    """Put on a request's queue in place of a RequestOutput when the engine failed under it."""
+    """Put on a request's queue in place of a RequestOutput when the request is ended under it:
+    the engine failed ("error") or the server is shutting down ("abort")."""
 
     request_id: str
     message: str
+    reason: str = "error"
 
 
 class AsyncEngine:
@@ -60,12 +62,16 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
         self._in_flight = 0  # touched by the event loop only
         self._stopping = False
+        self.draining = False  # set when SIGTERM arrives: new requests are refused with 503
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="moeco-engine", daemon=True)
 
     # ---- event-loop side --------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def stats(self) -> dict:
         """The engine's counters as of its last step (a snapshot; safe from any thread)."""
@@ -77,7 +83,7 @@ class AsyncEngine:
 
     async def add(self, prompt_ids: list[int], params, queue: asyncio.Queue) -> str:
         """Submit one request; its outputs go to `queue`. Raises RequestError, Overloaded."""
-        if self._stopping:
+        if self._stopping or self.draining:
             raise Overloaded("the server is shutting down")
         if self._in_flight >= self.max_requests:
             raise Overloaded(f"{self._in_flight} requests are in flight, the limit is {self.max_requests}")
@@ -123,6 +129,15 @@ class AsyncEngine:
             self.engine.abort(rid)
             if stream is not None:
                 self._record(stream, reason, time.monotonic())
+
+        self._submit(op)
+
+    def abort_all(self, message: str) -> None:
+        """End every request in flight (the grace period after SIGTERM is over)."""
+
+        def op():
+            for rid in list(self._streams):
+                self._fail(rid, message, "abort")
 
         self._submit(op)
 
@@ -187,7 +202,7 @@ class AsyncEngine:
         except Exception:  # the engine is already in trouble; the request is gone either way
             log.exception("abort of %s failed", rid)
         self._record(stream, reason, time.monotonic())
-        _deliver(stream, EngineFailure(rid, message))
+        _deliver(stream, EngineFailure(rid, message, reason))
 
     def _record(self, stream: _Stream, reason: str, now: float) -> None:
         if self.metrics:

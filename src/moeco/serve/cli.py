@@ -1,14 +1,16 @@
 """`moeco serve MODEL_DIR`: load the checkpoint, then serve the OpenAI API until SIGTERM or Ctrl-C.
 
 The model is loaded (and one short request run through it) before the port opens, so a client
-that sees the port open can send requests. SIGTERM: uvicorn stops accepting connections, lets the
-responses in flight finish for up to --grace-period seconds, then cancels the rest (their engine
-requests are aborted), stops the engine thread, and the process exits 0.
+that sees the port open can send requests. SIGTERM: the server stops accepting connections (and
+answers 503 on open ones), lets the requests in flight finish for up to --grace-period seconds,
+then ends the rest (finish_reason "abort", their cache blocks freed), stops the engine thread and
+exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -98,10 +100,20 @@ def run_serve(args) -> int:
     log.info("model %s on %s: context %d, latent cache %s tokens, chat template: %s, API key: %s",
              name, engine.device, engine.max_model_len, f"{stats['capacity_tokens']:,}", template.origin,
              "required" if args.api_key else "none")
+    # uvicorn's own timeout cancels tasks (and logs each one); ours ends the requests cleanly first
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=args.access_log, timeout_graceful_shutdown=args.grace_period,
+                            access_log=args.access_log, timeout_graceful_shutdown=args.grace_period + 10,
                             lifespan="on")
-    server = uvicorn.Server(config)
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            async_engine.draining = True
+            asyncio.get_running_loop().call_later(
+                args.grace_period, async_engine.abort_all,
+                f"the server shut down; this request ran past the {args.grace_period:g} s grace period")
+            await super().shutdown(sockets)
+
+    server = DrainingServer(config)
     # uvicorn re-raises the signal that stopped it once it has drained; this handler turns SIGTERM
     # into a normal return (exit 0) instead of death by signal.
     signal.signal(signal.SIGTERM, lambda *_: None)

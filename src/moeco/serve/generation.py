@@ -92,9 +92,9 @@ class Generation:
                 if c is None or c.finish_reason is not None:
                     continue
                 if isinstance(item, EngineFailure):
-                    c.finish_reason, c.error = "error", item.message
+                    c.finish_reason, c.error = item.reason, item.message if item.reason == "error" else None
                     pending -= 1
-                    yield c, "", "error"
+                    yield c, "", c.finish_reason
                     continue
                 c.num_tokens += len(item.new_token_ids)
                 text = c.detok.add(item.new_token_ids, final=item.finished)

@@ -141,8 +141,8 @@ def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
 
     @app.get("/health")
     async def health():
-        if not state.engine._thread.is_alive():
-            return JSONResponse({"status": "engine stopped"}, 503)
+        if state.engine.draining or not state.engine.is_alive():
+            return JSONResponse({"status": "shutting down" if state.engine.draining else "engine stopped"}, 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
