@@ -180,6 +180,7 @@ def section_capacity(model) -> dict:
     blocks = int(100e9 // (per_token * block))
     pool = torch.empty(blocks * block * per_token, dtype=torch.uint8, device="cuda")  # the pool really fits
     del pool
+    torch.cuda.empty_cache()
     bm = BlockManager(blocks, block)
     n = 0
     while True:  # distinct random prompts: no prefix sharing
@@ -214,21 +215,28 @@ def main() -> int:
     print(f"copy bandwidth {floor:.0f} GB/s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        (out / "serve_gpu.json").write_text(json.dumps(res, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         if "kernel" in only:
             res["kernel"] = section_kernel(floor)
             print("kernel", res["kernel"], flush=True)
+            save()
         model = build(args.preset)
         if "capacity" in only:
             res["capacity"] = section_capacity(model)
             print("capacity", res["capacity"], flush=True)
+            save()
         if "decode" in only:
             res["decode"] = section_decode(args, model, floor, Path(tmp))
             print("decode", res["decode"], flush=True)
+            save()
         if "throughput" in only:
             res["throughput"] = section_throughput(args, model, Path(tmp))
             print("throughput", res["throughput"], flush=True)
-    (out / "serve_gpu.json").write_text(json.dumps(res, indent=1))
+            save()
     return 0
 
 

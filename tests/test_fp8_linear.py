@@ -240,6 +240,7 @@ def test_training_never_uses_a_stale_fp8_weight_after_fused_adamw():
     assert torch.nn.functional.cosine_similarity(after.flatten(), expected.flatten(), dim=0) > 0.99
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it in .ci/run's second pass
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit notices raised inside Inductor
 def test_fp8_layers_compile_in_one_graph_and_match_eager():
     """The FP8 Linear and grouped GEMM are custom operators: torch.compile(fullgraph=True) takes a

@@ -176,3 +176,12 @@ def test_seeded_sampling_does_not_depend_on_the_batch(model):
     together = llm.generate(prompts, [SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)] * 2
                             + [params] + [SamplingParams(max_tokens=8, temperature=0.7, ignore_eos=True)])
     assert together[2].token_ids == alone
+
+
+@pytest.mark.slow  # a torch.compile of the decode step: ~30 s on 2 cores
+def test_compiled_decode_gives_the_same_tokens(model):
+    prompts = _prompts(6, model.config.vocab_size, seed=11)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    plain = LLM(model=model, block_size=BLOCK, device="cpu", cache_bytes=1 << 20).generate(prompts, params)
+    compiled = LLM(model=model, block_size=BLOCK, device="cpu", cache_bytes=1 << 20, compile=True).generate(prompts, params)
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in plain]

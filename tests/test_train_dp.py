@@ -18,6 +18,7 @@ def _run(cmd, tmp_path):
     return done
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it in .ci/run's second pass
 @pytest.mark.parametrize("micro", [0, 1])  # 0: one micro-step per rank; 1: two accumulated micro-steps
 def test_two_process_gloo_equals_one_process(tmp_path, micro):
     cfg = small_cfg(tmp_path, "train.steps=6", "checkpoint.every=3", "log.eval_interval=3",

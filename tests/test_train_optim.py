@@ -85,6 +85,7 @@ def test_state_dict_round_trip_keeps_bf16_and_resumes_identically():
     assert torch.equal(p.detach(), full)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: CI runs it in .ci/run's second pass
 def test_trainer_picks_bf16_moments_for_fp8_and_on_request(tmp_path):
     from moeco.train.config import TrainConfig
     from moeco.train.trainer import Trainer

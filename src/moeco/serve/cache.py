@@ -18,13 +18,37 @@ import torch
 from moeco.config import ModelConfig
 
 
+# The pool write and the decode kernel as custom operators: opaque to torch.compile (no graph break,
+# and the in-place write stays in place instead of being functionalized into a copy of the pool).
+@torch.library.custom_op("moeco::paged_write", mutates_args=("pool",))
+def paged_write(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    pool.index_copy_(0, slots, rows.to(pool.dtype))
+
+
+@paged_write.register_fake
+def _(pool, slots, rows):
+    return None
+
+
+@torch.library.custom_op("moeco::paged_mla_decode", mutates_args=())
+def paged_decode_op(q_latent: torch.Tensor, q_rot: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor,
+                    positions: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
+    from moeco.serve.kernels import paged_mla_decode
+
+    return paged_mla_decode(q_latent, q_rot, pool, block_tables, positions, scale, block_size)
+
+
+@paged_decode_op.register_fake
+def _(q_latent, q_rot, pool, block_tables, positions, scale, block_size):
+    return q_latent.new_empty(q_latent.shape, dtype=torch.float32)
+
+
 class _PagedLayer:
     def __init__(self, cache: "PagedLatentCache", layer_id: int):
         self.cache, self.pool = cache, cache.pool[layer_id]  # (slots + scratch, C)
 
     def write(self, new_BSC, positions_BS):
-        c = self.cache
-        self.pool.index_copy_(0, c.slot_mapping.flatten(), new_BSC.flatten(0, 1).to(self.pool.dtype))
+        paged_write(self.pool, self.cache.slot_mapping.flatten(), new_BSC.flatten(0, 1))
 
     def read(self):
         c = self.cache
@@ -40,11 +64,9 @@ class _PagedLayer:
         return self._kernel
 
     def _kernel(self, q_latent_BSHC, q_rot_BSHR, positions_BS, scale):
-        from moeco.serve.kernels import paged_mla_decode
-
         c = self.cache
-        return paged_mla_decode(q_latent_BSHC, q_rot_BSHR, self.pool, c.block_tables, positions_BS, scale,
-                                c.block_size)
+        return paged_decode_op(q_latent_BSHC, q_rot_BSHR, self.pool, c.block_tables, positions_BS, float(scale),
+                               c.block_size)
 
 
 class PagedLatentCache:

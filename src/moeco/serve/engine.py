@@ -45,6 +45,7 @@ class EngineConfig:
     keep_fp8: bool = False
     speculative: str | None = None  # "mtp": draft with the model's MTP module
     cuda_graphs: bool = True
+    compile: bool = False  # torch.compile the decode step (a one-off compile of ~1 min; CUDA: see BENCHMARKS)
     seed: int = 0
 
 
@@ -104,8 +105,11 @@ class LLMEngine:
                                       use_kernel=self.device.type == "cuda")
         self.blocks = BlockManager(num_blocks, c.block_size)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache, c.max_num_seqs, self.max_model_len,
-                                  cuda_graphs=c.cuda_graphs and self.device.type == "cuda")
+        # graphs need a decode step without host syncs: on CUDA the grouped expert GEMM is one kernel
+        # in bf16 only (other dtypes loop over experts on the host), so fp32/fp16 models run eager
+        graphs = c.cuda_graphs and self.device.type == "cuda" and cache_dtype == torch.bfloat16
+        self.runner = ModelRunner(model, self.cache, c.max_num_seqs, self.max_model_len, cuda_graphs=graphs,
+                                  compile=c.compile)
         if c.speculative == "mtp":
             from moeco.serve.spec import MTPDrafter
 
@@ -122,8 +126,9 @@ class LLMEngine:
             return c.cache_bytes // block_bytes
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            used_by_others = total - free
-            budget = c.gpu_memory_utilization * total - used_by_others - 2 * 1024**3  # room for activations
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            in_use = total - free - cached  # weights and whatever else holds memory now
+            budget = c.gpu_memory_utilization * total - in_use - 2 * 1024**3  # 2 GiB for activations
             return int(budget // block_bytes)
         return (1 << 30) // block_bytes
 
@@ -205,7 +210,7 @@ class LLMEngine:
         seqs = [s for _, s in done]
         tokens, _ = self._sample(seqs, logits[rows])
         if self.spec is not None:
-            self.spec.after_prefill(items, h, tokens, done)
+            self.spec.after_prefill(self, items, h, tokens, done)
         return list(zip(seqs, [[t] for t in tokens.tolist()]))
 
     def _run_decode(self, seqs):

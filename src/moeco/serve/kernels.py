@@ -47,7 +47,7 @@ if _HAVE_TRITON:
     def _decode_kernel(ql_ptr, qr_ptr, pool_ptr, bt_ptr, pos_ptr, acc_ptr, ml_ptr, scale,
                        H, C, R, S, stride_bt, NUM_SPLITS,
                        C_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+                       BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
         hb, t, split = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
         b = t // S
         n_keys = tl.maximum(tl.load(pos_ptr + t) + 1, 0)
@@ -71,13 +71,19 @@ if _HAVE_TRITON:
             kv = tl.load(pool_ptr + slot[:, None] * row + cc[None, :], mask=km[:, None] & (cc[None, :] < C), other=0.0)
             kr = tl.load(pool_ptr + slot[:, None] * row + C + rr[None, :], mask=km[:, None] & (rr[None, :] < R),
                          other=0.0)
-            s = tl.dot(q.to(kv.dtype), tl.trans(kv)) + tl.dot(qr.to(kr.dtype), tl.trans(kr))
+            if IEEE:  # float32 pools (tests): no TF32 rounding
+                s = tl.dot(q, tl.trans(kv), input_precision="ieee") + tl.dot(qr, tl.trans(kr), input_precision="ieee")
+            else:
+                s = tl.dot(q.to(kv.dtype), tl.trans(kv)) + tl.dot(qr.to(kr.dtype), tl.trans(kr))
             s = tl.where(km[None, :], s * scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, kv, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
             m = m_new
         out = (t * NUM_SPLITS + split) * H + heads
         tl.store(acc_ptr + out[:, None] * C + cc[None, :], acc, mask=hm[:, None] & (cc[None, :] < C))
@@ -91,7 +97,9 @@ def _num_splits(tokens: int, head_blocks: int, max_keys: int, block_n: int) -> i
     return max(1, min(want, -(-max_keys // (4 * block_n))))
 
 
-def paged_mla_decode(q_latent, q_rot, pool, block_tables, positions, scale, block_size, num_splits=None):
+def paged_mla_decode(q_latent, q_rot, pool, block_tables, positions, scale, block_size, num_splits=None,
+                     block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int = 2):
     """o_latent (B, S, H, d_c) in float32; the Triton kernel where it runs, else the reference."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not _HAVE_TRITON or not (pool.is_cuda or interpret):
@@ -99,7 +107,11 @@ def paged_mla_decode(q_latent, q_rot, pool, block_tables, positions, scale, bloc
     B, S, H, C = q_latent.shape
     R = q_rot.shape[-1]
     T = B * S
-    BLOCK_H, BLOCK_N = 16, min(64, block_size) if block_size >= 16 else 16
+    # tile sizes from a sweep at V3's shapes on an H200 (bench/serve_profile.py): 64 heads x 32 keys
+    # with 8 warps when there are that many heads, else 16 heads with 4 warps
+    BLOCK_H = block_h or (64 if H >= 64 else 16)
+    BLOCK_N = block_n or (32 if block_size >= 32 else 16)
+    num_warps = num_warps or (8 if BLOCK_H >= 64 else 4)
     head_blocks = -(-H // BLOCK_H)
     if num_splits is None:
         num_splits = _num_splits(T, head_blocks, block_tables.shape[1] * block_size, BLOCK_N)
@@ -111,7 +123,8 @@ def paged_mla_decode(q_latent, q_rot, pool, block_tables, positions, scale, bloc
     _decode_kernel[(head_blocks, T, num_splits)](
         ql, qr, pool, block_tables, pos, acc, ml, scale, H, C, R, S, block_tables.stride(0), num_splits,
         C_PAD=max(16, triton.next_power_of_2(C)), R_PAD=max(16, triton.next_power_of_2(R)),
-        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, PAGE=block_size, num_warps=4)
+        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, PAGE=block_size, IEEE=pool.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages)
     if num_splits == 1:
         out = acc[:, 0] / ml[:, 0, :, 1:].clamp_min(1e-30)
     else:

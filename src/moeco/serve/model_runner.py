@@ -19,7 +19,7 @@ from moeco.serve.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model, cache: PagedLatentCache, max_num_seqs: int, max_model_len: int,
-                 cuda_graphs: bool = False, graph_batch_sizes: list[int] | None = None):
+                 cuda_graphs: bool = False, graph_batch_sizes: list[int] | None = None, compile: bool = False):
         self.model, self.cache = model, cache
         self.device = model.model.embed_tokens.weight.device
         self.block_size = cache.block_size
@@ -27,6 +27,9 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.graph_sizes: list[int] = []
         self.graph_pool = None
+        # torch.compile fuses the decode step's ~70 small kernels per layer (norms, RoPE, routing,
+        # residuals); the pool write and the paged kernel are custom operators it leaves alone
+        self._decode_fn = torch.compile(self._decode_core, dynamic=True) if compile else self._decode_core
         if cuda_graphs and self.device.type == "cuda":
             sizes = graph_batch_sizes or [1, 2, 4, 8] + list(range(16, max_num_seqs + 1, 16))
             self.graph_sizes = sorted({min(s, max_num_seqs) for s in sizes} | {max_num_seqs})
@@ -83,7 +86,10 @@ class ModelRunner:
             return self._replay(size, width, ids, pos, seqs)
         ids_t = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
         pos_t = torch.tensor(pos, dtype=torch.long).to(self.device, non_blocking=True)
-        h = self._forward(ids_t, pos_t, self._block_tables(seqs), "absorbed")
+        return self._decode_fn(ids_t, pos_t, self._block_tables(seqs))
+
+    def _decode_core(self, ids, pos, block_tables):
+        h = self._forward(ids, pos, block_tables, "absorbed")
         return h, self.model.lm_head(h)
 
     def _replay(self, size: int, width: int, ids, pos, seqs):
@@ -111,13 +117,12 @@ class ModelRunner:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: Triton compiles and autotunes outside the capture
-                self._forward(io["ids"], io["pos"], io["bt"], "absorbed")
+            for _ in range(2):  # warm-up: Triton and torch.compile compile outside the capture
+                self._decode_fn(io["ids"], io["pos"], io["bt"])
             graph = torch.cuda.CUDAGraph()
             if self.graph_pool is None:
                 self.graph_pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
-                io["h"] = self._forward(io["ids"], io["pos"], io["bt"], "absorbed")
-                io["logits"] = self.model.lm_head(io["h"])
+                io["h"], io["logits"] = self._decode_fn(io["ids"], io["pos"], io["bt"])
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return graph, io
