@@ -147,6 +147,14 @@ def test_client_disconnect_mid_stream_frees_blocks(server):
     assert metric(m, "moeco:generation_tokens_total", model_name=MODEL_NAME) - generated < 2000
     assert metric(m, "moeco:cache_free_blocks") == metric(m, "moeco:cache_total_blocks")
     assert metric(m, "moeco:num_requests_running") == 0 and metric(m, "moeco:num_requests_waiting") == 0
+    # a non-streaming request whose client gives up: the server polls the connection and aborts too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/v1/completions", json={**body, "stream": False}, headers=AUTH, timeout=1.5)
+    deadline = time.time() + 30
+    while metric(m := _metrics(server), "moeco:request_success_total", finished_reason="abort") < aborted + 2:
+        assert time.time() < deadline, "the abandoned non-streaming request was not aborted"
+        time.sleep(0.2)
+    assert metric(m, "moeco:cache_free_blocks") == metric(m, "moeco:cache_total_blocks")
 
 
 BAD = [  # (body or raw bytes, headers, status, param)

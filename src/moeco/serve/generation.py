@@ -77,16 +77,22 @@ class Generation:
         the server does not cancel when the client leaves); when it says so, the choices are aborted."""
         by_id = {c.request_id: c for c in self.choices}
         pending = len(self.choices)
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time() + 0.5
         try:
             while pending:
                 if disconnected is None:
                     item = await self.queue.get()
-                else:
+                else:  # poll the connection every half second, whether or not outputs arrive
                     try:
-                        item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                        item = await asyncio.wait_for(self.queue.get(), timeout=max(0.01, next_poll - loop.time()))
                     except asyncio.TimeoutError:
+                        item = None
+                    if loop.time() >= next_poll:
                         if await disconnected():
                             return
+                        next_poll = loop.time() + 0.5
+                    if item is None:
                         continue
                 c = by_id.get(item.request_id)
                 if c is None or c.finish_reason is not None:
