@@ -183,10 +183,18 @@ def parse(model: type[BaseModel], body: Any) -> Any:
     except ValidationError as exc:
         err = exc.errors()[0]
         param = _param(err["loc"])
-        code = "missing_required_parameter" if err["type"] == "missing" else "invalid_value"
-        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param or None, code) from None
+        missing = err["type"] == "missing"
+        got = "" if missing else f" (got {_short(err.get('input'))})"
+        message = f"{param}: {err['msg']}{got}" if param else err["msg"] + got
+        raise APIError(400, message, param or None, "missing_required_parameter" if missing else "invalid_value") \
+            from None
     req.check_unsupported()
     return req
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _param(loc: tuple) -> str:
