@@ -179,6 +179,8 @@ class AsyncEngine:
                 self._stats = engine.stats()
                 continue
             now = time.monotonic()
+            batch = []  # one hand-over to the event loop per step, not one per request
+            generated = 0
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is None:  # aborted meanwhile
@@ -187,12 +189,14 @@ class AsyncEngine:
                     stream.first = stream.first or now
                     stream.last = now
                     stream.num_output_tokens += len(out.new_token_ids)
-                    if self.metrics:
-                        self.metrics.generation_tokens.inc(len(out.new_token_ids))
+                    generated += len(out.new_token_ids)
                 if out.finished:
                     del self._streams[out.request_id]
                     self._record(stream, "error" if out.error else (out.finish_reason or "stop"), now)
-                _deliver(stream, out)
+                batch.append((stream, out))
+            if self.metrics and generated:
+                self.metrics.generation_tokens.inc(generated)
+            _deliver_all(batch)
             self._stats = engine.stats()
 
     def _fail(self, rid: str, message: str, reason: str) -> None:
@@ -208,6 +212,22 @@ class AsyncEngine:
         if self.metrics:
             self.metrics.request_finished(reason, stream.arrival, stream.first, stream.last,
                                           stream.num_output_tokens, now)
+
+
+def _deliver_all(batch: list[tuple[_Stream, object]]) -> None:
+    by_loop: dict = {}
+    for stream, item in batch:
+        by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the event loop has closed (server shutdown): nobody is listening
+            pass
+
+
+def _put_all(items) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def _deliver(stream: _Stream, item) -> None:
