@@ -5,7 +5,7 @@
 `gemm`: BF16 torch.mm against each FP8 backend on the same operands: cuBLAS (`scaled_mm`), moeco's
 Triton kernel, moeco's wgmma kernel (moeco.fp8.cuda_gemm) and `auto` (what Fp8Linear uses).
 `grouped`: 32 experts x 512 tokens; bf16 torch._grouped_mm vs the grouped FP8 Triton kernel alone
-(several tile configs), fp8_grouped_mm forward (grouped kernels vs MOECO_FP8_GROUPED=loop), and
+(several tile configs), fp8_grouped_mm forward (grouped kernels vs the recipe's grouped_kernel="loop"), and
 forward + backward.
 
 Every row prints the BF16 baseline measured in the same run and the distance to the hardware
@@ -14,7 +14,7 @@ Timing, random inputs: GEMM-alone and quantization rows are GPU time (bench/_tim
 replays, L2 flushed before every call, no host cost); Fp8Linear and grouped rows are triton's
 do_bench on the eager call (median of ~100 ms of repeats), plus CUDA-graph replay columns for
 Fp8Linear: with the weight re-quantized every call (one step, no accumulation) and inside
-`moeco.fp8.weight_cache()` (W quantized once per optimizer step: a micro-step with accumulation).
+the recipe's `weight_cache()` (W quantized once per optimizer step: a micro-step with accumulation).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 import torch
 
 from _timing import capture, gpu_ms
-from moeco.fp8 import Fp8Linear, fp8_grouped_mm, weight_cache
+from moeco.fp8 import Fp8Linear, Fp8Recipe, fp8_grouped_mm
 from moeco.fp8.gemm import fp8_gemm, scaled_mm_fits
 from moeco.fp8.quantize import quantize_act_1x128, quantize_act_1x128_reference, quantize_weight_128x128
 from moeco.fp8 import cuda_gemm, cuda_kernels, triton_kernels
@@ -139,7 +139,7 @@ def linear_rows(tokens_list):
             t_u = bench_ms(lambda: step_fp8(False))
             t_rg = bench_ms(capture(step_ref).replay)  # both sides as one CUDA graph each: GPU time only
             t_fg = bench_ms(capture(step_fp8).replay)
-            with weight_cache():  # W quantized once (the first warm-up call), as in a micro-step with accumulation
+            with fp8.recipe.weight_cache():  # W quantized once (the first warm-up call), as in a micro-step with accumulation
                 t_fwc = bench_ms(capture(step_fp8).replay)
             r = dict(T=T, K=K, N=N, bf16_ms=t_ref, bf16_tflops=flop / t_ref / 1e9, fp8_ms=t_c,
                      fp8_tflops=flop / t_c / 1e9, fp8_x=t_ref / t_c, fp8_requant_ms=t_u, fp8_requant_x=t_ref / t_u,
@@ -161,8 +161,6 @@ GROUPED_CONFIGS = [  # (block_m, block_n, num_warps, num_stages) tried for the g
 
 
 def grouped_rows():
-    import os
-
     rows = []
     E, D, Fh, T = 32, 7168, 2048, 16384  # 32 local experts, 512 tokens each
     offs = torch.full((E,), T // E, dtype=torch.int32, device="cuda").cumsum(0).to(torch.int32)
@@ -209,12 +207,10 @@ def grouped_rows():
                   flush=True)
         # Whole fp8_grouped_mm forward (activation + weight quantization included), grouped vs loop.
         for mode in ("auto", "loop"):
-            os.environ["MOECO_FP8_GROUPED"] = mode
-            t = bench_ms(lambda: fp8_grouped_mm(xin, w32, offs))
+            t = bench_ms(lambda: fp8_grouped_mm(xin, w32, offs, recipe=Fp8Recipe(grouped_kernel=mode)))
             r[f"fp8_fwd_{mode}_ms"], r[f"fp8_fwd_{mode}_tflops"] = t, tf(t)
             print(f"  fp8_grouped_mm fwd incl. quant, {'grouped kernel' if mode == 'auto' else 'per-expert loop'} "
                   f"| {t:7.3f} ms {tf(t):5.0f} TF {t_bf / t:4.2f}x bf16", flush=True)
-        os.environ.pop("MOECO_FP8_GROUPED", None)
         # Forward + backward (3 GEMMs): bf16 _grouped_mm autograd vs fp8_grouped_mm (FP32 master weights).
         gy = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
         xb = xin.clone().requires_grad_()

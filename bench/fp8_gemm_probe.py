@@ -208,7 +208,7 @@ def ablate():
         print(line + " TFLOP/s", flush=True)
 
 
-if tk._HAVE_TRITON:
+if tk.HAVE_TRITON:
     import triton
     import triton.language as tl
 
@@ -242,7 +242,7 @@ def _quant(x, block_m, groups, warps, k_fast):
     grid = (kb // groups, -(-M // block_m))
     _quant_order_kernel[grid if k_fast else grid[::-1]](x, q, s_t, M, K, x.stride(0), q.stride(0), BLOCK_M=block_m,
                                                         GROUPS=groups, K_FAST=k_fast,
-                                                        FAST_DIV=tk._fast_div(), num_warps=warps)
+                                                        FAST_DIV=True, num_warps=warps)
     return q, s_t.t()
 
 

@@ -11,7 +11,7 @@ quant   1x128 quantization over block_m x groups x warps (block_m rows x groups 
 grouped 32 experts x 512 tokens: the grouped Fprop / Dgrad / Wgrad kernels, pointer vs TMA, over tiles.
 retile  the 128x1 (token-wise, Wgrad) quantization over channel tile, warps and store form.
 retile_moe  the same at the `small` preset's grouped-Wgrad shapes, through the padded row map.
-minb    the NVRTC token-wise kernel over its register bound (`cuda_kernels.MIN_BLOCKS`).
+minb    the NVRTC token-wise kernel over its register bound (`token_wise(min_blocks=...)`).
 dual    dy's 1x128 and 128x1 tilings from one read (`cuda_kernels.dual`) vs the two kernels.
 div     the quantization kernels with x / s by reciprocal + Markstein's correction vs div_rn.
 linear  Fp8Linear forward + backward under the profiler: GPU time per kernel family, per shape.
@@ -38,6 +38,7 @@ from _timing import gpu_ms, host_ms
 from moeco.fp8 import cuda_kernels as ck
 from moeco.fp8 import triton_kernels as tk
 from moeco.fp8.gemm import fp8_gemm, fp8_gemm_reference, fp8_gemm_scaled_mm
+from moeco.fp8.grouped_wgrad import fp8_grouped_wgrad, grouped_wgrad_operands
 from moeco.fp8.quantize import quantize_act_1x128, quantize_weight_128x128
 
 SHAPES = [(7168, 2048), (2048, 7168), (7168, 1536), (1536, 24576), (7168, 576), (16384, 7168)]
@@ -261,23 +262,22 @@ def quant_rows(tokens):
 
 def div_rows(tokens):
     """The quantization kernels with x / s as Markstein's correction from one reciprocal per scale
-    (`triton_kernels.FAST_DIV`, the default) against div_rn per element, same run, same inputs."""
+    (`fast_div=True`, the default) against div_rn per element, same run, same inputs."""
     rows = []
     for T in tokens:
         x = torch.randn(T, 7168, device="cuda", dtype=torch.bfloat16)
         xq, xs = tk.quantize_act_1x128(x)
         w = torch.randn(7168, 2048, device="cuda")
-        cases = (("1x128 from bf16", lambda: tk.quantize_act_1x128(x), T * 7168 * 3),
+        cases = (("1x128 from bf16", lambda fast: tk.quantize_act_1x128(x, fast_div=fast), T * 7168 * 3),
                  # control: the 128x1 kernel divides with div_rn either way (Markstein measured
                  # 0.90-0.99x there), so this row shows the run's noise
-                 ("128x1 from fp8 (control)", lambda: tk.quantize_act_1x128_t(xq, xs), T * 7168 * 2),
-                 ("weight 128x128 + W^T, fp32", lambda: tk.quantize_weight_128x128(w, transposed=True), w.numel() * 6))
+                 ("128x1 from fp8 (control)", lambda fast: tk.quantize_act_1x128_t(xq, xs), T * 7168 * 2),
+                 ("weight 128x128 + W^T, fp32",
+                  lambda fast: tk.quantize_weight_128x128(w, transposed=True, fast_div=fast), w.numel() * 6))
         for name, fn, nbytes in cases:
             t = {}
             for fast in (False, True):
-                tk.FAST_DIV = fast
-                t[fast] = gpu_ms(fn)
-            tk.FAST_DIV = True
+                t[fast] = gpu_ms(lambda: fn(fast))
             rows.append(dict(T=T, case=name, div_rn_ms=t[False], markstein_ms=t[True], speedup=t[False] / t[True]))
             print(f"div T={T:6d} {name:28s} | div_rn {t[False]:.4f} ms {nbytes / t[False] / 1e6:5.0f} GB/s | "
                   f"reciprocal+Markstein {t[True]:.4f} ms {nbytes / t[True] / 1e6:5.0f} GB/s | "
@@ -364,70 +364,60 @@ def retile_rows():
 
 
 def minb_rows():
-    """The NVRTC token-wise kernel over its register bound (cuda_kernels.MIN_BLOCKS: blocks per
-    multiprocessor the compiler must fit; None = its own choice), bf16 and FP8 input, three repeats in
-    turn; every variant's output is checked equal to the first's."""
+    """The NVRTC token-wise kernel over its register bound (`min_blocks`: blocks per multiprocessor the
+    compiler must fit; 0 = its own choice; cuda_kernels.MIN_BLOCKS ships the best), bf16 and FP8 input,
+    three repeats in turn; every variant's output is checked equal to the first's."""
     rows = []
-    shipped = dict(ck.MIN_BLOCKS)
-    try:
-        for T, C in ((4096, 7168), (16384, 7168), (16384, 2048)):
-            x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
-            xq, xs = tk.quantize_act_1x128(x)
-            xs = xs.t().contiguous().t()  # the forward's outer-dim-major scales, as Fp8Linear saves them
-            for src, args, kind, nbytes in (("bf16", (x,), 0, T * C * 3), ("fp8", (xq, xs), 3, T * C * 2)):
-                times, ref = {}, None
-                for _ in range(3):
-                    for minb in (None, 4, 5, 6):
-                        ck.MIN_BLOCKS[kind] = minb
-                        q, s = ck.token_wise(*args)
-                        if ref is None:
-                            ref = (q.view(torch.uint8).clone(), s.clone())
-                        assert torch.equal(q.view(torch.uint8), ref[0]) and torch.equal(s, ref[1]), minb
-                        times.setdefault(minb, []).append(gpu_ms(lambda: ck.token_wise(*args)))
-                best = {m: min(v) for m, v in times.items()}
-                rows.append(dict(T=T, C=C, src=src, ms=best))
-                print(f"minb T={T:6d} C={C:5d} {src:4s} | " + " | ".join(
-                    f"{m or 'free'}: {t * 1e3:6.1f} us ({nbytes / t / 4.8e9:.1%})" for m, t in best.items()), flush=True)
-            del x, xq, xs
-    finally:
-        ck.MIN_BLOCKS.update(shipped)
+    for T, C in ((4096, 7168), (16384, 7168), (16384, 2048)):
+        x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
+        xq, xs = tk.quantize_act_1x128(x)
+        xs = xs.t().contiguous().t()  # the forward's outer-dim-major scales, as Fp8Linear saves them
+        for src, args, kind, nbytes in (("bf16", (x,), 0, T * C * 3), ("fp8", (xq, xs), 3, T * C * 2)):
+            times, ref = {}, None
+            for _ in range(3):
+                for minb in (0, 4, 5, 6):
+                    q, s = ck.token_wise(*args, min_blocks=minb)
+                    if ref is None:
+                        ref = (q.view(torch.uint8).clone(), s.clone())
+                    assert torch.equal(q.view(torch.uint8), ref[0]) and torch.equal(s, ref[1]), minb
+                    times.setdefault(minb, []).append(gpu_ms(lambda: ck.token_wise(*args, min_blocks=minb)))
+            best = {m: min(v) for m, v in times.items()}
+            rows.append(dict(T=T, C=C, src=src, ms=best))
+            print(f"minb T={T:6d} C={C:5d} {src:4s} | " + " | ".join(
+                f"{m or 'free'}: {t * 1e3:6.1f} us ({nbytes / t / 4.8e9:.1%})" for m, t in best.items()), flush=True)
+        del x, xq, xs
     return rows
 
 
 def dual_rows(tokens):
     """dy's two tilings (Dgrad's 1x128, Wgrad's 128x1) from one read (`cuda_kernels.dual`) against the
     two kernels Fp8Linear ran before (Triton's 1x128, the NVRTC token-wise), over the dual kernel's
-    register bound (`cuda_kernels.DUAL_MIN_BLOCKS`), and Triton's 1x128 kernel alone for scale. Three
+    register bound (`dual(min_blocks=...)`), and Triton's 1x128 kernel alone for scale. Three
     repeats in turn, best kept; outputs checked equal. % of 4.8 TB/s; bytes: 2 read + 2 written per
     element for both tilings, 2 + 1 for one (scales not counted)."""
     rows = []
-    shipped = dict(ck.DUAL_MIN_BLOCKS)
-    try:
-        for T in tokens:
-            for C in sorted({n for _, n in SHAPES} | {7168}):
-                x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
-                (q0, s0), (qt0, st0) = tk.quantize_act_1x128(x), ck.token_wise(x)
-                times = {}
-                for _ in range(3):
-                    two_kernels = lambda: (tk.quantize_act_1x128(x), ck.token_wise(x))  # noqa: E731
-                    times.setdefault("separate", []).append(gpu_ms(two_kernels))
-                    for minb in (None, 2, 3):
-                        ck.DUAL_MIN_BLOCKS[0] = minb
-                        (q, s), (qt, st) = ck.dual(x)
-                        assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
-                        assert torch.equal(qt.view(torch.uint8), qt0.view(torch.uint8)) and torch.equal(st, st0)
-                        times.setdefault(f"dual {minb or 'free'}", []).append(gpu_ms(lambda: ck.dual(x)))
-                    times.setdefault("triton 1x128", []).append(gpu_ms(lambda: tk.quantize_act_1x128(x)))
-                best = {k: min(v) for k, v in times.items()}
-                rows.append(dict(T=T, C=C, ms=best))
-                two, one = T * C * 4, T * C * 3
-                print(f"dual T={T:6d} C={C:5d} | " + " | ".join(
-                    f"{k}: {t * 1e3:6.1f} us ({(one if k.startswith('triton') else two) / t / 4.8e9:.1%})"
-                    for k, t in best.items()), flush=True)
-                ck.DUAL_MIN_BLOCKS.update(shipped)
-                del x
-    finally:
-        ck.DUAL_MIN_BLOCKS.update(shipped)
+    for T in tokens:
+        for C in sorted({n for _, n in SHAPES} | {7168}):
+            x = torch.randn(T, C, device="cuda", dtype=torch.bfloat16)
+            (q0, s0), (qt0, st0) = tk.quantize_act_1x128(x), ck.token_wise(x)
+            times = {}
+            for _ in range(3):
+                two_kernels = lambda: (tk.quantize_act_1x128(x), ck.token_wise(x))  # noqa: E731
+                times.setdefault("separate", []).append(gpu_ms(two_kernels))
+                for minb in (0, 2, 3):
+                    (q, s), (qt, st) = ck.dual(x, min_blocks=minb)
+                    assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
+                    assert torch.equal(qt.view(torch.uint8), qt0.view(torch.uint8)) and torch.equal(st, st0)
+                    times.setdefault(f"dual {minb or 'free'}", []).append(
+                        gpu_ms(lambda: ck.dual(x, min_blocks=minb)))
+                times.setdefault("triton 1x128", []).append(gpu_ms(lambda: tk.quantize_act_1x128(x)))
+            best = {k: min(v) for k, v in times.items()}
+            rows.append(dict(T=T, C=C, ms=best))
+            two, one = T * C * 4, T * C * 3
+            print(f"dual T={T:6d} C={C:5d} | " + " | ".join(
+                f"{k}: {t * 1e3:6.1f} us ({(one if k.startswith('triton') else two) / t / 4.8e9:.1%})"
+                for k, t in best.items()), flush=True)
+            del x
     return rows
 
 
@@ -513,7 +503,7 @@ def grouped_rows():
                     ed = rel(tk.fp8_grouped_gemm_nt(gq, gs, wtq, wst, offs, torch.float32, tma=tma, **kw), ref_d)
                     tf_ = gpu_ms(lambda: tk.fp8_grouped_gemm_nt(xq, xs, wq, ws, offs, torch.bfloat16, tma=tma, **kw))
                     td = gpu_ms(lambda: tk.fp8_grouped_gemm_nt(gq, gs, wtq, wst, offs, torch.bfloat16, tma=tma, **kw))
-                    tw = gpu_ms(lambda: tk.fp8_grouped_wgrad(gy, xq, xs, offs, E, tma=tma, gemm="triton", **kw))
+                    tw = gpu_ms(lambda: fp8_grouped_wgrad(gy, xq, xs, offs, E, tma=tma, gemm="triton", **kw))
                 except Exception as exc:
                     r[key] = f"failed: {exc!r:.200}"
                     print(f"grouped {name} {key}: failed {exc!r:.200}", flush=True)
@@ -557,15 +547,15 @@ def gwgrad_rows():
         flop = 2 * T * N * K
         gyt, xt = gy.t().contiguous(), x.t().contiguous()
         t_bf = gpu_ms(lambda: torch._grouped_mm(gyt, xt.t(), offs=offs))
-        ops = tk.grouped_wgrad_operands(gy, xq, xs, offs)
+        ops = grouped_wgrad_operands(gy, xq, xs, offs)
         assert cg.grouped_supported(*ops[:4]), name
         ref = tk.grouped_wgrad_gemm(*ops, E, gemm="triton")
         got = tk.grouped_wgrad_gemm(*ops, E, gemm="wgmma")
         err = rel(got, ref)
         t_tri = gpu_ms(lambda: tk.grouped_wgrad_gemm(*ops, E, gemm="triton"))
         t_wg = gpu_ms(lambda: tk.grouped_wgrad_gemm(*ops, E, gemm="wgmma"))
-        t_tri_q = gpu_ms(lambda: tk.fp8_grouped_wgrad(gy, xq, xs, offs, E, gemm="triton"))
-        t_wg_q = gpu_ms(lambda: tk.fp8_grouped_wgrad(gy, xq, xs, offs, E, gemm="wgmma"))
+        t_tri_q = gpu_ms(lambda: fp8_grouped_wgrad(gy, xq, xs, offs, E, gemm="triton"))
+        t_wg_q = gpu_ms(lambda: fp8_grouped_wgrad(gy, xq, xs, offs, E, gemm="wgmma"))
         r = dict(shape=name, E=E, T=T, N=N, K=K, skew=skew, bf16_ms=t_bf, triton_ms=t_tri, wgmma_ms=t_wg,
                  triton_incl_quant_ms=t_tri_q, wgmma_incl_quant_ms=t_wg_q, rel_err=err)
         rows.append(r)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moeco.fp8 import triton_kernels
-from moeco.fp8.linear import fp8_grouped_gemm_loop
+from moeco.fp8.compute import fp8_grouped_gemm_loop
 from moeco.fp8.quantize import quantize_act_1x128, quantize_weight_128x128
 
 E, TE, K, N = 8, 512, 2048, 1024

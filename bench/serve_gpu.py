@@ -16,6 +16,11 @@ Sections (random bf16 weights of the `small` preset, the same weights for every 
               batch 64, context 4096, against its PyTorch reference and the HBM floor
   capacity    sequences of 4,096 tokens a 100 GB latent pool holds (filled block by block), against a
               per-head K/V cache (MHA) and an 8:1 GQA cache of the same model
+  compiled    batch-1 decode with EngineConfig.compile (torch.compile of the decode step) beside the
+              plain engine
+  spec        MTP speculative decoding at batch 1 on a trained checkpoint with an MTP layer
+              (--spec-model, e.g. the model `make run` trains): acceptance rate and TPOT against the
+              same engine without speculation, prompts from the embedded corpus
 Writes serve_gpu.json into --out.
 """
 
@@ -86,11 +91,50 @@ def hf_ms_per_token(hf, ids, new: int, static: bool) -> float:
     return (time.perf_counter() - t) * 1e3 / new
 
 
-def engine_for(model, max_num_seqs: int, max_len: int):
+def engine_for(model, max_num_seqs: int, max_len: int, **kw):
     from moeco.serve.engine import EngineConfig, LLMEngine
 
     return LLMEngine(EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_len, max_num_batched_tokens=8192,
-                                  gpu_memory_utilization=0.5), model=model)
+                                  gpu_memory_utilization=0.5, **kw), model=model)
+
+
+def section_compiled(args, model) -> dict:
+    from moeco.serve.bench_throughput import measure
+
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prompt)).tolist()
+    out = {}
+    for name, kw in (("plain", {}), ("compiled", {"compile": True})):
+        t = time.perf_counter()
+        engine = engine_for(model, 8, args.prompt + args.new + 64, **kw)
+        r = measure(engine, ids, args.new)
+        out[name + "_ms"] = r["mean_tpot_ms"]
+        out[name + "_setup_s"] = time.perf_counter() - t - r["elapsed_s"]
+        del engine
+        torch.cuda.empty_cache()
+    return out
+
+
+def section_spec(args) -> dict:
+    from moeco.serve.bench_throughput import measure
+    from moeco.serve.engine import EngineConfig, LLMEngine
+    from moeco.train.corpus import embedded_corpus
+
+    out = {"model": args.spec_model}
+    for name, spec in (("plain", None), ("mtp", "mtp")):
+        engine = LLMEngine(EngineConfig(model_dir=args.spec_model, max_num_seqs=4, speculative=spec,
+                                        gpu_memory_utilization=0.3))
+        text = "\n".join(embedded_corpus())
+        g = torch.Generator().manual_seed(0)
+        starts = torch.randint(0, len(text) - 2000, (8,), generator=g).tolist()
+        prompts = [engine.tokenizer.encode(text[s:s + 400]).ids[:64] for s in starts]
+        rows = [measure(engine, [p], 128, warmup=(i == 0)) for i, p in enumerate(prompts)]
+        out[name + "_tpot_ms"] = sum(r["mean_tpot_ms"] for r in rows) / len(rows)
+        if spec:
+            out["acceptance_rate"] = engine.spec.accepted / max(engine.spec.proposed, 1)
+            out["tokens_per_step"] = 1 + out["acceptance_rate"]
+        del engine
+    out["speedup"] = out["plain_tpot_ms"] / out["mtp_tpot_ms"]
+    return out
 
 
 def section_decode(args, model, floor, tmp) -> dict:
@@ -199,7 +243,8 @@ def section_capacity(model) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--only", default="floor,kernel,capacity,decode,throughput")
+    ap.add_argument("--only", default="floor,kernel,capacity,decode,throughput,compiled,spec")
+    ap.add_argument("--spec-model", default="runs/tiny/model")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--requests", type=int, default=256)
@@ -236,6 +281,14 @@ def main() -> int:
         if "throughput" in only:
             res["throughput"] = section_throughput(args, model, Path(tmp))
             print("throughput", res["throughput"], flush=True)
+            save()
+        if "compiled" in only:
+            res["compiled"] = section_compiled(args, model)
+            print("compiled", res["compiled"], flush=True)
+            save()
+        if "spec" in only and Path(args.spec_model).is_dir():
+            res["spec"] = section_spec(args)
+            print("spec", res["spec"], flush=True)
             save()
     return 0
 

@@ -25,12 +25,11 @@ def test_group_scales_puts_each_expert_in_its_own_block(counts, T):
     assert torch.equal(fbgemm.group_scales_reference(a_scale, offs), _group_scales_loop(a_scale, counts, T))
 
 
-def test_fbgemm_mode_without_fbgemm_names_the_fix(monkeypatch):
-    from moeco.fp8.linear import grouped_impl
+def test_fbgemm_mode_without_fbgemm_names_the_fix():
+    from moeco.fp8.compute import grouped_impl
 
-    monkeypatch.setenv("MOECO_FP8_GROUPED", "fbgemm")
-    with pytest.raises(RuntimeError, match="fbgemm-gpu-genai"):
-        grouped_impl(torch.device("cpu"), "auto")
+    with pytest.raises(RuntimeError, match="grouped_kernel='fbgemm' .* fbgemm-gpu-genai"):
+        grouped_impl(torch.device("cpu"), "auto", "fbgemm")
     assert not fbgemm.available(torch.device("cpu"))
     assert fbgemm.fits(256, 7168, torch.bfloat16)
     assert not fbgemm.fits(576, 7168, torch.bfloat16) and not fbgemm.fits(256, 7168, torch.float32)
@@ -40,9 +39,9 @@ def test_fbgemm_mode_without_fbgemm_names_the_fix(monkeypatch):
 @pytest.mark.skipif(not (torch.cuda.is_available() and fbgemm.available(torch.device("cuda"))),
                     reason="needs a Hopper GPU and fbgemm-gpu-genai")
 @pytest.mark.parametrize("tail", [0, 37])
-def test_fbgemm_grouped_equals_moeco_kernel_bit_for_bit(monkeypatch, tail):
-    from moeco.fp8 import fp8_grouped_mm
-    from moeco.fp8.linear import grouped_impl
+def test_fbgemm_grouped_equals_moeco_kernel_bit_for_bit(tail):
+    from moeco.fp8 import Fp8Recipe, fp8_grouped_mm
+    from moeco.fp8.compute import grouped_impl
 
     gen = torch.Generator().manual_seed(5)
     counts = [300, 0, 1, 700, 128, 2000, 5, 0]
@@ -54,16 +53,14 @@ def test_fbgemm_grouped_equals_moeco_kernel_bit_for_bit(monkeypatch, tail):
     gy = torch.randn(T, N, generator=gen).to("cuda", torch.bfloat16)
     res = {}
     for mode in ("triton", "fbgemm"):
-        monkeypatch.setenv("MOECO_FP8_GROUPED", mode)
-        assert grouped_impl(x0.device, "auto") == mode
+        assert grouped_impl(x0.device, "auto", mode) == mode
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        y = fp8_grouped_mm(x, w, offs)
+        y = fp8_grouped_mm(x, w, offs, recipe=Fp8Recipe(grouped_kernel=mode))
         y.backward(gy)
         res[mode] = (y.detach(), x.grad, w.grad)
     for got, ref in zip(res["fbgemm"], res["triton"]):
         assert torch.equal(got, ref)
     if tail:
         assert (res["fbgemm"][0][-tail:] == 0).all() and (res["fbgemm"][1][-tail:] == 0).all()
-    monkeypatch.setenv("MOECO_FP8_GROUPED", "auto")
-    assert grouped_impl(x0.device, "auto") == "fbgemm"
-    assert grouped_impl(x0.device, "auto", wgrad=True) == "triton"
+    assert grouped_impl(x0.device, "auto", "auto") == "fbgemm"
+    assert grouped_impl(x0.device, "auto", "auto", wgrad=True) == "triton"

@@ -87,11 +87,11 @@ def test_emulator_with_full_precision_is_the_reference():
     assert _max_rel(out, ref) < 1e-6
 
 
-def test_wgmma_backend_errors_on_cpu(monkeypatch):
+def test_wgmma_backend_errors_on_cpu():
     """backend='wgmma' where the kernel cannot run is a one-line error naming the fix; a bad
-    MOECO_FP8_GEMM is a one-line ConfigError; CPU operands never reach the kernel."""
+    gemm_kernel is a one-line error (ConfigError in the recipe); CPU operands never reach the kernel."""
     from moeco.errors import ConfigError
-    from moeco.fp8 import cuda_gemm
+    from moeco.fp8 import Fp8Recipe, cuda_gemm
     from moeco.fp8.quantize import quantize_act_1x128, quantize_weight_128x128
 
     aq, sa = quantize_act_1x128(torch.randn(64, 256))
@@ -99,12 +99,13 @@ def test_wgmma_backend_errors_on_cpu(monkeypatch):
     assert not cuda_gemm.supported(aq, sa, bq, sb)
     with pytest.raises(ValueError, match="the wgmma FP8 GEMM cannot take .* use backend='auto'"):
         fp8_gemm(aq, sa, bq, sb, backend="wgmma")
-    monkeypatch.setenv("MOECO_FP8_GEMM", "fastest")
-    with pytest.raises(ConfigError, match="MOECO_FP8_GEMM='fastest': expected auto, wgmma or cublas"):
-        cuda_gemm.mode()
-    monkeypatch.setenv("MOECO_FP8_GEMM", "wgmma")
-    out = fp8_gemm(aq, sa, bq, sb, torch.float32)  # CPU: the reference, whatever the variable says
-    assert torch.equal(out, fp8_gemm(aq, sa, bq, sb, torch.float32, backend="reference"))
+    with pytest.raises(ConfigError, match="Fp8Recipe.gemm_kernel='fastest'; valid: auto, wgmma, cublas"):
+        Fp8Recipe(gemm_kernel="fastest")
+    with pytest.raises(ValueError, match="gemm_kernel='fastest'; valid: auto, wgmma, cublas"):
+        fp8_gemm(aq, sa, bq, sb, gemm_kernel="fastest")
+    for kernel in ("wgmma", "cublas"):
+        out = fp8_gemm(aq, sa, bq, sb, torch.float32, gemm_kernel=kernel)  # CPU: the reference, whatever the choice
+        assert torch.equal(out, fp8_gemm(aq, sa, bq, sb, torch.float32, backend="reference"))
 
 
 def test_wgmma_source_has_one_operand_per_accumulator():
@@ -199,8 +200,9 @@ def test_compiled_variants_build_once_and_turn_off_on_failure():
 
 
 def test_token_wise_register_bound_reaches_the_compiler(monkeypatch):
-    """MIN_BLOCKS[kind] becomes -DMINB (__launch_bounds__' second argument) and part of the kernel's
-    name and cache key, so a changed bound builds a new variant; None passes no bound."""
+    """MIN_BLOCKS[kind] (or the caller's `minb`) becomes -DMINB (__launch_bounds__' second argument)
+    and part of the kernel's name and cache key, so a changed bound builds a new variant; None (or
+    minb=0) passes no bound."""
     from moeco.fp8 import cuda_kernels
 
     calls = []
@@ -208,17 +210,20 @@ def test_token_wise_register_bound_reaches_the_compiler(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "_compile_kernel", lambda src, name, nvcc_options: calls.append(
         (name, nvcc_options, "__launch_bounds__(256, MINB)" in src)) or name, raising=False)
-    monkeypatch.setitem(cuda_kernels.MIN_BLOCKS, 0, 5)
+    assert cuda_kernels.MIN_BLOCKS[0] == 5  # the shipped bound for bf16
     assert cuda_kernels._kernel(0, False, False) == "moeco_token_wise_000_5"
     assert calls[-1] == ("moeco_token_wise_000_5", ["-DIN_KIND=0", "-DGATHER=0", "-DPOW2=0", "-DMINB=5"], True)
-    monkeypatch.setitem(cuda_kernels.MIN_BLOCKS, 0, None)
-    assert cuda_kernels._kernel(0, False, False) == "moeco_token_wise_000_0"
+    assert cuda_kernels._kernel(0, False, False, minb=0) == "moeco_token_wise_000_0"  # 0: no bound
     assert calls[-1][1] == ["-DIN_KIND=0", "-DGATHER=0", "-DPOW2=0"] and len(calls) == 2
-    assert cuda_kernels._kernel(0, False, False) == "moeco_token_wise_000_0" and len(calls) == 2  # cached
+    assert cuda_kernels._kernel(0, False, False, minb=0) == "moeco_token_wise_000_0" and len(calls) == 2  # cached
+    assert cuda_kernels._kernel(2, True, True) == "moeco_token_wise_211_0"  # fp32: no bound shipped
+    assert calls[-1][1] == ["-DIN_KIND=2", "-DGATHER=1", "-DPOW2=1"] and len(calls) == 3
+    with pytest.raises(TypeError):
+        cuda_kernels.MIN_BLOCKS[0] = 4  # read-only: a sweep passes min_blocks instead
 
 
 def test_dual_kernel_variants_reach_the_compiler(monkeypatch):
-    """`cuda_kernels.dual`'s variants: input kind, power-of-two scales and DUAL_MIN_BLOCKS become NVRTC
+    """`cuda_kernels.dual`'s variants: input kind, power-of-two scales and DUAL_MIN_BLOCKS (or `minb`) become NVRTC
     defines and part of the kernel's name and cache key; the source holds both outputs' stores."""
     from moeco.fp8 import cuda_kernels
 
@@ -229,8 +234,7 @@ def test_dual_kernel_variants_reach_the_compiler(monkeypatch):
         (name, nvcc_options, f"void BOUNDS {name}(" in src)) or name, raising=False)
     assert cuda_kernels._dual_kernel(0, True) == "moeco_dual_quant_01_0"
     assert calls[-1] == ("moeco_dual_quant_01_0", ["-DIN_KIND=0", "-DPOW2=1"], True)
-    monkeypatch.setitem(cuda_kernels.DUAL_MIN_BLOCKS, 1, 3)
-    assert cuda_kernels._dual_kernel(1, False) == "moeco_dual_quant_10_3"
+    assert cuda_kernels._dual_kernel(1, False, minb=3) == "moeco_dual_quant_10_3"
     assert calls[-1][1] == ["-DIN_KIND=1", "-DPOW2=0", "-DMINB=3"] and len(calls) == 2
     assert cuda_kernels._dual_kernel(0, True) == "moeco_dual_quant_01_0" and len(calls) == 2  # cached
 

@@ -110,10 +110,9 @@ def test_wgmma_gemm_repeats_bit_for_bit(b_rows, bn, out_dtype):
 
 
 @hopper
-def test_wgmma_gemm_auto_choice_and_cuda_graph(monkeypatch):
+def test_wgmma_gemm_auto_choice_and_cuda_graph():
     """`auto` takes the wgmma kernel where cuBLAS would pad (N = 576) and cuBLAS elsewhere;
-    MOECO_FP8_GEMM overrides it; the kernel replays inside a CUDA graph on new data."""
-    from moeco.errors import ConfigError
+    the recipe's gemm_kernel overrides it; the kernel replays inside a CUDA graph on new data."""
     from moeco.fp8 import cuda_gemm
 
     gen = torch.Generator().manual_seed(5)
@@ -122,15 +121,11 @@ def test_wgmma_gemm_auto_choice_and_cuda_graph(monkeypatch):
     bq, sb = quantize_weight_128x128(b)
     mine = cuda_gemm.fp8_gemm_nt(aq, sa, bq, sb)
     assert torch.equal(fp8_gemm(aq, sa, bq, sb), mine)
-    monkeypatch.setenv("MOECO_FP8_GEMM", "cublas")
-    assert torch.equal(fp8_gemm(aq, sa, bq, sb), fp8_gemm(aq, sa, bq, sb, backend="scaled_mm"))
-    monkeypatch.setenv("MOECO_FP8_GEMM", "wgmma")
+    assert torch.equal(fp8_gemm(aq, sa, bq, sb, gemm_kernel="cublas"), fp8_gemm(aq, sa, bq, sb, backend="scaled_mm"))
     sq, ss = quantize_weight_128x128(torch.randn(1024, 7168, generator=gen).cuda())
-    assert torch.equal(fp8_gemm(aq, sa, sq, ss), cuda_gemm.fp8_gemm_nt(aq, sa, sq, ss))
-    monkeypatch.setenv("MOECO_FP8_GEMM", "fast")
-    with pytest.raises(ConfigError, match="MOECO_FP8_GEMM='fast'"):
-        fp8_gemm(aq, sa, bq, sb)
-    monkeypatch.delenv("MOECO_FP8_GEMM")
+    assert torch.equal(fp8_gemm(aq, sa, sq, ss, gemm_kernel="wgmma"), cuda_gemm.fp8_gemm_nt(aq, sa, sq, ss))
+    with pytest.raises(ValueError, match="gemm_kernel='fast'"):
+        fp8_gemm(aq, sa, bq, sb, gemm_kernel="fast")
 
     x = torch.zeros_like(a)
     graph_out = {}
@@ -158,6 +153,7 @@ def test_wgmma_grouped_wgrad_matches_reference_and_triton(counts, tail, M, N):
     last column tile; the same bits on repeated calls; and Triton's where the kernel cannot take the
     shape (rows not a multiple of 128)."""
     from moeco.fp8 import cuda_gemm, triton_kernels
+    from moeco.fp8.grouped_wgrad import fp8_grouped_wgrad
     from moeco.fp8.quantize import quantize_act_1x128_t
 
     gen = torch.Generator().manual_seed(sum(counts) + M + N)
@@ -167,8 +163,8 @@ def test_wgmma_grouped_wgrad_matches_reference_and_triton(counts, tail, M, N):
     x = torch.randn(T, N, generator=gen) * torch.exp2(torch.randint(-4, 4, (T, 1), generator=gen).float())
     xq, xs = quantize_act_1x128(x)
     args = (gy.cuda(), xq.cuda(), xs.cuda(), offs.cuda(), E)
-    got = triton_kernels.fp8_grouped_wgrad(*args, gemm="wgmma")
-    tri = triton_kernels.fp8_grouped_wgrad(*args, gemm="triton")
+    got = fp8_grouped_wgrad(*args, gemm="wgmma")
+    tri = fp8_grouped_wgrad(*args, gemm="triton")
 
     def one(a, b):
         gtq, gts = quantize_act_1x128_t(gy[a:b])
@@ -185,7 +181,7 @@ def test_wgmma_grouped_wgrad_matches_reference_and_triton(counts, tail, M, N):
         if n == 0:
             assert torch.equal(got[e].cpu(), torch.zeros(M, N))
     for _ in range(20):
-        assert torch.equal(triton_kernels.fp8_grouped_wgrad(*args, gemm="wgmma"), got)
+        assert torch.equal(fp8_grouped_wgrad(*args, gemm="wgmma"), got)
     # the kernel itself took these shapes (not the Triton fallback)
     dest, pstart, Tp = triton_kernels.grouped_padded_rows(offs.cuda(), T)
     src = torch.full((Tp,), -1, dtype=torch.int32, device="cuda")
@@ -196,8 +192,8 @@ def test_wgmma_grouped_wgrad_matches_reference_and_triton(counts, tail, M, N):
     assert torch.equal(cuda_gemm.fp8_grouped_wgrad_nt(gq, gs, xtq, xts, pstart, E), got)
     # rows not a multiple of 128: Triton's kernel, same numbers as asking for it
     args2 = (gy[:, :200].contiguous().cuda(), *args[1:])
-    assert torch.equal(triton_kernels.fp8_grouped_wgrad(*args2, gemm="wgmma"),
-                       triton_kernels.fp8_grouped_wgrad(*args2, gemm="triton"))
+    assert torch.equal(fp8_grouped_wgrad(*args2, gemm="wgmma"),
+                       fp8_grouped_wgrad(*args2, gemm="triton"))
 
 
 @hopper
@@ -301,10 +297,10 @@ def test_nvrtc_dual_quantization_equals_cpu_bit_for_bit(dtype, T, C, pow2):
     assert torch.equal(qt.cpu().view(torch.uint8), qt_c.view(torch.uint8))
 
 
-def test_fp8_linear_backward_same_with_and_without_the_dual_kernel(monkeypatch):
+def test_fp8_linear_backward_same_with_and_without_the_dual_kernel():
     """Fp8Linear's gradients with dy's tilings from the one-read kernel equal those from the two
-    separate kernels (MOECO_FP8_QUANT=triton turns the NVRTC kernels off)."""
-    from moeco.fp8 import Fp8Linear
+    separate kernels (the recipe's quant_kernel="triton" turns the NVRTC kernels off)."""
+    from moeco.fp8 import Fp8Linear, Fp8Recipe
 
     torch.manual_seed(3)
     lin = Fp8Linear(1024, 640).cuda()
@@ -312,7 +308,7 @@ def test_fp8_linear_backward_same_with_and_without_the_dual_kernel(monkeypatch):
     gy = torch.randn(700, 640, device="cuda", dtype=torch.bfloat16)
     grads = []
     for mode in ("auto", "triton"):
-        monkeypatch.setenv("MOECO_FP8_QUANT", mode)
+        lin.recipe = Fp8Recipe(quant_kernel=mode)
         x.grad = lin.weight.grad = None
         lin(x).backward(gy)
         grads.append((x.grad.clone(), lin.weight.grad.clone()))
@@ -406,7 +402,9 @@ def test_cuda_grouped_gemm_matches_reference(N, K):
     assert _rel(out, ref) < TOL
 
 
-def test_cuda_grouped_fn_triton_matches_loop(monkeypatch):
+def test_cuda_grouped_fn_triton_matches_loop():
+    from moeco.fp8 import Fp8Recipe
+
     E, T, N, K = 8, 2000, 768, 1536
     counts, offs = _ragged_offs(E, T, 5)
     offs = offs.cuda()
@@ -416,9 +414,8 @@ def test_cuda_grouped_fn_triton_matches_loop(monkeypatch):
     gy = torch.randn(T, N, generator=gen).cuda().bfloat16()
     res = {}
     for mode in ("loop", "triton"):
-        monkeypatch.setenv("MOECO_FP8_GROUPED", mode)
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        y = fp8_grouped_mm(x, w, offs)
+        y = fp8_grouped_mm(x, w, offs, recipe=Fp8Recipe(grouped_kernel=mode))
         y.backward(gy)
         res[mode] = (y.float(), x.grad.float(), w.grad.float())
     errs = [_rel(a, b) for a, b in zip(res["triton"], res["loop"])]

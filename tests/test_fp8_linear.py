@@ -171,6 +171,57 @@ def test_recipe_factory_roles_and_names():
         r.backend = "triton"  # frozen
 
 
+def test_recipe_kernel_fields_are_validated_and_read_from_the_environment_once():
+    """The kernel choices are recipe fields: a bad value is a one-line ConfigError naming the field;
+    the MOECO_FP8_* variables set them only where the recipe is built from an environment."""
+    from moeco.fp8.recipe import fields_from_env
+
+    r = Fp8Recipe()
+    assert (r.gemm_kernel, r.quant_kernel, r.grouped_kernel, r.grouped_wgrad_kernel, r.tma) == \
+        ("auto", "auto", "auto", None, True)
+    assert r.kernels.grouped_wgrad == "auto" and r.kernels.key == r.kernel_key
+    assert Fp8Recipe(grouped_kernel="triton").kernels.grouped_wgrad == "triton"  # None: as grouped_kernel
+    for name, bad, valid in (("gemm_kernel", "fastest", "auto, wgmma, cublas"),
+                             ("quant_kernel", "fast", "auto, cuda, triton"),
+                             ("grouped_kernel", "bogus", "auto, triton, loop, fbgemm"),
+                             ("grouped_wgrad_kernel", "bogus", "auto, triton, loop, fbgemm"),
+                             ("backend", "cutlass", "auto, reference, scaled_mm, triton, wgmma"),
+                             ("tma", "0", "True, False")):
+        with pytest.raises(ConfigError, match=f"^Fp8Recipe.{name}={bad!r}; valid: {valid}$"):
+            Fp8Recipe(**{name: bad})
+    env = {"MOECO_FP8_GEMM": "cublas", "MOECO_FP8_QUANT": "Triton", "MOECO_FP8_GROUPED": "loop",
+           "MOECO_FP8_GROUPED_WGRAD": "triton", "MOECO_FP8_TMA": "0", "HOME": "/x"}
+    assert fields_from_env(env) == {"gemm_kernel": "cublas", "quant_kernel": "triton", "grouped_kernel": "loop",
+                                    "grouped_wgrad_kernel": "triton", "tma": False}
+    got = recipe_by_name("fp8-ue8m0", environ=env)
+    assert got.kernels == ("auto", "cublas", "triton", "loop", "triton", False) and got.act_pow2
+    assert recipe_by_name("fp8", environ={}) == Fp8Recipe() == recipe_by_name("fp8")
+    assert recipe_by_name("fp8", environ={"MOECO_FP8_TMA": "1", "MOECO_FP8_GEMM": ""}) == Fp8Recipe()
+    for var, bad, msg in (("MOECO_FP8_GEMM", "fastest", "expected auto, wgmma or cublas"),
+                          ("MOECO_FP8_QUANT", "fast", "expected auto, cuda or triton"),
+                          ("MOECO_FP8_GROUPED", "bogus", "expected auto, triton, loop or fbgemm"),
+                          ("MOECO_FP8_TMA", "no", "expected 0 or 1")):
+        with pytest.raises(ConfigError, match=f"^{var}={bad!r}: {msg}$"):
+            recipe_by_name("fp8", environ={var: bad})
+    assert recipe_by_name("bf16", environ={"MOECO_FP8_GEMM": "fastest"}).name == "bf16"  # FP8 variables only
+
+
+def test_no_fp8_module_reads_the_environment():
+    """Kernel choices come from the recipe: no module under moeco/fp8 imports os or reads an environ."""
+    import ast
+    import pathlib
+
+    import moeco.fp8
+
+    for path in pathlib.Path(moeco.fp8.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert "os" not in names, f"{path.name} imports os"
+            if isinstance(node, ast.Attribute):
+                assert node.attr not in ("environ", "getenv"), f"{path.name} reads .{node.attr}"
+
+
 def test_high_precision_grouped_mm_matches_loop():
     torch.manual_seed(3)
     offs = torch.tensor([3, 3, 10], dtype=torch.int32)
@@ -285,23 +336,24 @@ def test_fp8_custom_operators_pass_opcheck():
     import moeco.fp8.ops  # noqa: F401
 
     ops, checks = torch.ops.moeco_fp8, ("test_faketensor", "test_autograd_registration")
+    K = Fp8Recipe().kernel_key  # the kernel choices as the operators take them
     torch.manual_seed(0)
     x = torch.randn(40, 256, requires_grad=True)
     w = torch.randn(192, 256, requires_grad=True)
     wq, ws, wtq = ops.quant_weight(w.detach(), False)
-    y, xq, xs = ops.linear(x, w, wq, ws, wtq, False, "auto", torch.float32)
+    y, xq, xs = ops.linear(x, w, wq, ws, wtq, False, K, torch.float32)
     we = torch.randn(3, 128, 256, requires_grad=True)
     offs = torch.tensor([10, 10, 33], dtype=torch.int32)
-    yg, gxq, gxs, gwtq, gws = ops.grouped(x, we, offs, False, False, "auto", torch.float32)
+    yg, gxq, gxs, gwtq, gws = ops.grouped(x, we, offs, False, False, K, torch.float32)
     cases = [
         (ops.quant_weight.default, (w.detach(), True)),
-        (ops.linear.default, (x, w, wq, ws, wtq, False, "auto", torch.float32)),
-        (ops.linear_bwd.default, (torch.randn_like(y), xq, xs, wtq, ws, torch.float32, torch.float32, False, "auto",
+        (ops.linear.default, (x, w, wq, ws, wtq, False, K, torch.float32)),
+        (ops.linear_bwd.default, (torch.randn_like(y), xq, xs, wtq, ws, torch.float32, torch.float32, False, K,
                                   True, True)),
-        (ops.linear_bwd.default, (torch.randn_like(y), xq, xs, wtq, ws, torch.float32, torch.float32, False, "auto",
+        (ops.linear_bwd.default, (torch.randn_like(y), xq, xs, wtq, ws, torch.float32, torch.float32, False, K,
                                   False, True)),
-        (ops.grouped.default, (x, we, offs, False, False, "auto", torch.float32)),
-        (ops.grouped_bwd.default, (torch.randn_like(yg), gxq, gxs, gwtq, gws, offs, [3, 128, 256], False, "auto",
+        (ops.grouped.default, (x, we, offs, False, False, K, torch.float32)),
+        (ops.grouped_bwd.default, (torch.randn_like(yg), gxq, gxs, gwtq, gws, offs, [3, 128, 256], False, K,
                                    torch.float32, torch.float32, True, False)),
     ]
     for op, args in cases:
@@ -313,13 +365,14 @@ def test_weight_cache_quantizes_each_weight_once_per_block(monkeypatch):
     first forward and reused (same outputs and gradients as without); the next block, after an
     in-place update that bumps no version (as fused AdamW), quantizes the new values."""
     import moeco.fp8.linear as fl
-    from moeco.fp8 import weight_cache
 
     calls = []
     real = fl.quantize_weight_128x128
     monkeypatch.setattr(fl, "quantize_weight_128x128", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
-    lin = Fp8Linear(256, 128)
+    recipe = Fp8Recipe()
+    weight_cache = recipe.weight_cache  # the block belongs to the recipe the layers were built with
+    lin = Fp8Linear(256, 128, recipe=recipe)
     w_e = nn.Parameter(torch.randn(3, 128, 256) * 0.05)
     offs = torch.tensor([5, 5, 12], dtype=torch.int32)
     x, xg = torch.randn(6, 256), torch.randn(12, 256)
@@ -328,7 +381,7 @@ def test_weight_cache_quantizes_each_weight_once_per_block(monkeypatch):
         outs = []
         for _ in range(n):
             y = lin(x)
-            yg = fp8_grouped_mm(xg, w_e, offs)
+            yg = fp8_grouped_mm(xg, w_e, offs, recipe=recipe)
             (y.square().sum() + yg.square().sum()).backward()
             outs.append((y.detach(), yg.detach()))
         return outs
@@ -357,6 +410,11 @@ def test_weight_cache_quantizes_each_weight_once_per_block(monkeypatch):
     calls.clear()
     with weight_cache():  # a temporary (not a parameter) is never cached: its memory may be reused
         for _ in range(2):
-            fp8_grouped_mm(xg, w_e * 1.0, offs)
+            fp8_grouped_mm(xg, w_e * 1.0, offs, recipe=recipe)
     assert len(calls) == 2
+
+    calls.clear()
+    with Fp8Recipe().weight_cache():  # another recipe's block leaves these layers alone
+        micro_steps(2)
+    assert len(calls) == 4
 

@@ -131,20 +131,21 @@ def test_quantize_along_tokens_through_a_row_map_on_cpu():
     assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
-def test_token_wise_backend_choice(monkeypatch):
-    """MOECO_FP8_QUANT picks the token-wise kernel on CUDA; a bad value is a one-line error
+def test_token_wise_backend_choice():
+    """The recipe's quant_kernel picks the token-wise kernel on CUDA; a bad value is a one-line error
     naming it; CPU tensors never go to the NVRTC kernel."""
     from moeco.errors import ConfigError
-    from moeco.fp8 import cuda_kernels
+    from moeco.fp8 import Fp8Recipe, cuda_kernels
 
-    monkeypatch.setenv("MOECO_FP8_QUANT", "fast")
-    with pytest.raises(ConfigError, match="MOECO_FP8_QUANT='fast': expected auto, cuda or triton"):
-        cuda_kernels.mode()
-    monkeypatch.setenv("MOECO_FP8_QUANT", "cuda")
-    assert cuda_kernels.mode() == "cuda"
+    with pytest.raises(ConfigError, match="Fp8Recipe.quant_kernel='fast'; valid: auto, cuda, triton"):
+        Fp8Recipe(quant_kernel="fast")
+    assert Fp8Recipe(quant_kernel="cuda").kernels.quant == "cuda"
     assert not cuda_kernels.token_wise_supported(torch.randn(256, 64, dtype=torch.bfloat16), None)
-    q, s = quantize_act_1x128_t(torch.randn(256, 64))  # CPU: the reference, whatever the variable says
+    x = torch.randn(256, 64)
+    q, s = quantize_act_1x128_t(x, quant_kernel="cuda")  # CPU: the reference, whatever the recipe says
     assert q.shape == (64, 256) and s.shape == (64, 2)
+    q_ref, s_ref = quantize_act_1x128_t(x)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
 def test_torch_e4m3_cast_rounds_to_nearest_even():

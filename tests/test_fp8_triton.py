@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from moeco.fp8 import triton_kernels  # noqa: E402
+from moeco.fp8.grouped_wgrad import fp8_grouped_wgrad  # noqa: E402
 from moeco.fp8.gemm import fp8_gemm_reference  # noqa: E402
 from moeco.fp8.quantize import (  # noqa: E402
     quantize_act_1x128,
@@ -204,7 +205,7 @@ def test_triton_grouped_wgrad_matches_per_expert_reference():
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     gy, x = torch.randn(T, N, generator=gen), torch.randn(T, K, generator=gen)
     xq, xs = quantize_act_1x128(x)
-    dw = triton_kernels.fp8_grouped_wgrad(gy.to(DEVICE), xq.to(DEVICE), xs.to(DEVICE), offs.to(DEVICE), E).cpu()
+    dw = fp8_grouped_wgrad(gy.to(DEVICE), xq.to(DEVICE), xs.to(DEVICE), offs.to(DEVICE), E).cpu()
 
     def one(e, a, b):
         gtq, gts = quantize_act_1x128_t(gy[a:b])
@@ -249,8 +250,8 @@ def test_triton_tma_grouped_wgrad_matches_pointer_kernel():
     offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEVICE)
     gy, x = torch.randn(T, N, generator=gen).to(DEVICE), torch.randn(T, K, generator=gen).to(DEVICE)
     xq, xs = quantize_act_1x128(x)
-    got = triton_kernels.fp8_grouped_wgrad(gy, xq, xs, offs, E, tma=True, gemm="triton")
-    want = triton_kernels.fp8_grouped_wgrad(gy, xq, xs, offs, E, tma=False, gemm="triton")
+    got = fp8_grouped_wgrad(gy, xq, xs, offs, E, tma=True, gemm="triton")
+    want = fp8_grouped_wgrad(gy, xq, xs, offs, E, tma=False, gemm="triton")
     tol = 1e-5 if DEVICE == "cpu" else 5e-4
     assert ((got - want).abs().max() / want.abs().max()).item() < tol
     assert torch.equal(got[1].cpu(), torch.zeros(N, K))
@@ -264,11 +265,14 @@ def test_triton_tile_map_bounds():
 
 
 @pytest.mark.parametrize("pow2", [False, True])
-def test_grouped_fn_triton_matches_loop(monkeypatch, pow2):
-    from moeco.fp8 import Fp8Recipe, fp8_grouped_mm
-    from moeco.fp8.linear import grouped_impl
+def test_grouped_fn_triton_matches_loop(pow2):
+    import dataclasses
 
-    recipe = Fp8Recipe(name="fp8-ue8m0", scale_format="ue8m0", weight_scale_format="ue8m0") if pow2 else Fp8Recipe()
+    from moeco.errors import ConfigError
+    from moeco.fp8 import Fp8Recipe, fp8_grouped_mm
+    from moeco.fp8.compute import grouped_impl
+
+    base = Fp8Recipe(name="fp8-ue8m0", scale_format="ue8m0", weight_scale_format="ue8m0") if pow2 else Fp8Recipe()
     gen = torch.Generator().manual_seed(11 + pow2)
     counts, N, K = [6, 0, 21, 1], 40, 136
     offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEVICE)
@@ -277,8 +281,9 @@ def test_grouped_fn_triton_matches_loop(monkeypatch, pow2):
     gy = torch.randn(sum(counts), N, generator=gen).to(DEVICE)
     res = {}
     for mode in ("loop", "triton"):
-        monkeypatch.setenv("MOECO_FP8_GROUPED", mode)
-        assert grouped_impl(x0.device, "auto") == mode
+        recipe = dataclasses.replace(base, grouped_kernel=mode)
+        assert grouped_impl(x0.device, "auto", recipe.kernels.grouped) == mode
+        assert grouped_impl(x0.device, "auto", recipe.kernels.grouped_wgrad, wgrad=True) == mode
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         y = fp8_grouped_mm(x, w, offs, recipe=recipe)
         y.backward(gy)
@@ -286,23 +291,34 @@ def test_grouped_fn_triton_matches_loop(monkeypatch, pow2):
     tol = 1e-5 if DEVICE == "cpu" else 1e-3  # CUDA: scaled_mm per expert vs grouped Triton, ~2e-4 each
     for got, ref in zip(res["triton"], res["loop"]):
         assert ((got - ref).abs().max() / ref.abs().max()).item() < tol
-    monkeypatch.setenv("MOECO_FP8_GROUPED", "bogus")
-    with pytest.raises(ValueError, match="MOECO_FP8_GROUPED"):
-        grouped_impl(x0.device, "auto")
-    monkeypatch.setenv("MOECO_FP8_GROUPED", "auto")
-    assert grouped_impl(torch.device("cpu"), "auto") == "loop"  # CPU stays on the loop unless forced
-    assert grouped_impl(x0.device, "reference") == "loop"  # an explicit per-GEMM backend keeps the loop
-    monkeypatch.setenv("MOECO_FP8_GROUPED", "triton")
-    monkeypatch.setenv("MOECO_FP8_GROUPED_WGRAD", "loop")
-    assert grouped_impl(x0.device, "auto", wgrad=True) == "loop"
+    with pytest.raises(ConfigError, match="Fp8Recipe.grouped_kernel='bogus'"):
+        Fp8Recipe(grouped_kernel="bogus")
+    with pytest.raises(ValueError, match="grouped_kernel='bogus'"):
+        grouped_impl(x0.device, "auto", "bogus")
+    assert grouped_impl(torch.device("cpu"), "auto", "auto") == "loop"  # CPU stays on the loop unless forced
+    assert grouped_impl(x0.device, "reference", "auto") == "loop"  # an explicit per-GEMM backend keeps the loop
+    kernels = Fp8Recipe(grouped_kernel="triton", grouped_wgrad_kernel="loop").kernels
+    assert grouped_impl(x0.device, "auto", kernels.grouped) == "triton"
+    assert grouped_impl(x0.device, "auto", kernels.grouped_wgrad, wgrad=True) == "loop"
 
 
 def test_tma_selection_rules(monkeypatch):
+    from moeco.fp8 import Fp8Recipe, fp8_grouped_mm
+
     a = torch.zeros(64, 256, dtype=torch.float8_e4m3fn)
     assert triton_kernels.use_tma(a, tma=True) and not triton_kernels.use_tma(a, tma=False)  # forced
     assert not triton_kernels.use_tma(a)  # CPU tensors (and the interpreter) take the pointer kernels
-    monkeypatch.setenv("MOECO_FP8_TMA", "0")
-    assert not triton_kernels.use_tma(a)
+    # the recipe's tma reaches every grouped kernel: False forces the pointer kernels, True lets them decide
+    seen = []
+    real = triton_kernels.use_tma
+    monkeypatch.setattr(triton_kernels, "use_tma", lambda *t, tma=None: seen.append(tma) or real(*t, tma=tma))
+    offs = torch.tensor([3, 3, 8], dtype=torch.int32, device=DEVICE)
+    for tma, want in ((False, {False}), (True, {None})):
+        seen.clear()
+        x = torch.randn(8, 128, device=DEVICE, requires_grad=True)
+        w = torch.randn(3, 16, 128, device=DEVICE, requires_grad=True)
+        fp8_grouped_mm(x, w, offs, recipe=Fp8Recipe(grouped_kernel="triton", tma=tma)).sum().backward()
+        assert len(seen) == 3 and set(seen) == want  # Fprop, Dgrad, Wgrad
     # TMA needs 16-byte rows: K % 16 for the FP8 operands, N * itemsize % 16 for the output
     b = torch.zeros(48, 256, dtype=torch.float8_e4m3fn)
     assert triton_kernels.tma_gemm_ok(a, b, torch.bfloat16)

@@ -5,6 +5,8 @@ Attention weights are drawn large (helpers.sharp_attention) so attention is shar
 uniform and an error in RoPE, the mask or the softmax scale changes almost nothing.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from helpers import micro_config, sharp_attention
 from moeco.model.cache import DenseLatentCache, visible
 from moeco.model.layers import RotaryEmbedding
 from moeco.model.mla import MLA, AttnInputs
-from moeco.model.layers import DEFAULT_RECIPE
+from moeco.precision import DEFAULT_RECIPE
 
 
 def _sharp_model(seed=4, **overrides):
@@ -143,3 +145,76 @@ def test_yarn_softmax_scale_uses_mscale_all_dim():
     assert cfg.softmax_scale() == pytest.approx(192 ** -0.5 * m * m)
     assert MLA(micro_config(rope_scaling=cfg.rope_scaling), DEFAULT_RECIPE).scale == pytest.approx(
         micro_config(rope_scaling=cfg.rope_scaling).softmax_scale())
+
+
+def _reference_attention(attn, x, cos, sin, scale):
+    """Causal MLA written out from the module's weights, softmax scale given explicitly."""
+    B, S, _ = x.shape
+    q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x))).view(B, S, attn.n_heads, -1)
+    q_nope, q_rot = q.split([attn.dn, attn.dr], -1)
+    q_rot = moeco.model.layers.apply_rope_interleaved(q_rot, cos, sin)
+    lat, kr = attn.kv_a_proj_with_mqa(x).split([attn.kv_lora_rank, attn.dr], -1)
+    kr = moeco.model.layers.apply_rope_interleaved(kr, cos, sin)
+    kv = attn.kv_b_proj(attn.kv_a_layernorm(lat)).view(B, S, attn.n_heads, -1)
+    k_nope, v = kv.split([attn.dn, attn.dv], -1)
+    s = (torch.einsum("bshd,bthd->bhst", q_nope, k_nope) + torch.einsum("bshr,btr->bhst", q_rot, kr)) * scale
+    s = s.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+    o = torch.einsum("bhst,bthd->bshd", s.softmax(-1), v)
+    return attn.o_proj(o.flatten(2))
+
+
+def test_mla_attends_with_the_yarn_softmax_scale_on_every_path():
+    """The module's attention (plain, absorbed, over a cache) uses qk_head_dim^-0.5 * mscale(s, mscale_all_dim)^2,
+    not 1/sqrt(qk_head_dim): with V3's YaRN (s = 40) the two differ by 1.87x, plain to see when attention is sharp."""
+    yarn = moeco.ModelConfig.preset("deepseek-v3").rope_scaling
+    cfg = micro_config(rope_scaling={**yarn, "original_max_position_embeddings": 16})
+    torch.manual_seed(6)
+    attn = MLA(cfg, DEFAULT_RECIPE)
+    for p in attn.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.5)
+    S = 12
+    cos, sin = RotaryEmbedding(cfg)(torch.arange(S))
+    x = torch.randn(2, S, cfg.hidden_size)
+    yarn_scale = cfg.qk_head_dim ** -0.5 * (0.1 * math.log(40) + 1) ** 2
+    with torch.no_grad():
+        want = _reference_attention(attn, x, cos, sin, yarn_scale)
+        unscaled = _reference_attention(attn, x, cos, sin, cfg.qk_head_dim ** -0.5)
+        assert (want - unscaled).abs().max() > 100 * 1e-4  # the test can see the difference
+        positions = torch.arange(S).expand(2, S)
+        cache = DenseLatentCache(cfg, 2, S, num_layers=1)
+        got = {
+            "plain": attn(x, AttnInputs(cos, sin)),
+            "plain_masked": attn(x, AttnInputs(cos, sin, positions)),
+            "absorbed": attn(x, AttnInputs(cos, sin, absorb=True)),
+            "absorbed_cache": attn(x, AttnInputs(cos, sin, positions, cache, absorb=True), cache.layer(0)),
+        }
+    for name, out in got.items():
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_fp8_absorbed_decode_sees_kv_b_weights_changed_in_place(tmp_path):
+    """keep_fp8 (CPU): the absorbed path reuses a dense copy of the FP8 kv_b_proj; after the weights change in
+    place (load_state_dict of another checkpoint, or only the block scales) it must use the new ones."""
+    cfg = micro_config()
+    for seed, name in ((31, "a"), (32, "b")):
+        torch.manual_seed(seed)
+        sharp_attention(moeco.Transformer(cfg), seed=seed).save_pretrained(tmp_path / name, fp8=True)
+    kept = moeco.load_pretrained(tmp_path / "a", keep_fp8=True)
+    other = moeco.load_pretrained(tmp_path / "b", keep_fp8=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+
+    def last_step(model):  # plain prefill of 8 tokens, then one absorbed decode step over the cache
+        cache = model.new_cache(2, 9)
+        model(ids[:, :8], cache=cache)
+        return model(ids[:, 8:], torch.full((2, 1), 8), cache=cache, attn_impl="absorbed").logits
+
+    with torch.no_grad():
+        before = last_step(kept)  # builds the dense kv_b copies
+        kept.load_state_dict(other.state_dict())
+        torch.testing.assert_close(last_step(kept), last_step(other), atol=1e-5, rtol=0)
+        assert (last_step(kept) - before).abs().max() > 1e-2
+        for layer in kept.model.layers:  # only the scales change: weight bytes untouched
+            layer.self_attn.kv_b_proj.weight_scale_inv.mul_(2.0)
+        full = kept(ids, attn_impl="plain").logits[:, 8:]  # the plain path dequantizes on use
+        torch.testing.assert_close(last_step(kept), full, atol=1e-4, rtol=0)

@@ -5,7 +5,7 @@ import torch
 
 import moeco
 from helpers import micro_config
-from moeco.model.layers import grouped_mm, grouped_mm_reference
+from moeco.precision import grouped_mm, grouped_mm_reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

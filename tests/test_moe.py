@@ -5,8 +5,8 @@ import torch
 
 import moeco
 from helpers import micro_config
-from moeco.model.layers import grouped_mm, grouped_mm_reference
 from moeco.model.moe import MoE, Router, sequence_balance_loss
+from moeco.precision import grouped_mm, grouped_mm_reference
 
 
 def _router(**overrides):
@@ -73,7 +73,7 @@ def test_grouped_gemm_matches_reference_with_empty_groups():
 def test_moe_stages_match_a_per_token_loop_and_gradients_flow():
     cfg = micro_config()
     torch.manual_seed(8)
-    moe = MoE(cfg, moeco.model.layers.DEFAULT_RECIPE)
+    moe = MoE(cfg, moeco.precision.DEFAULT_RECIPE)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
     x = torch.randn(2, 9, cfg.hidden_size, requires_grad=True)
@@ -183,3 +183,61 @@ def test_dispatch_combine_gathers_match_scatter_reference():
         return d.combine(torch.tanh(y @ proj), h)
 
     assert torch.autograd.gradcheck(dispatch_combine, (x, w))
+
+
+def _router_with_scores(scores_TE: torch.Tensor, **overrides):
+    """A Router whose sigmoid scores are exactly `scores_TE`: identity gate weight, x = logit(scores)."""
+    T, E = scores_TE.shape
+    cfg = micro_config(hidden_size=E, n_routed_experts=E, **overrides)
+    gate = Router(cfg)
+    with torch.no_grad():
+        gate.weight.copy_(torch.eye(E))
+    return gate, torch.logit(scores_TE.double()).float()
+
+
+def test_noaux_tc_keeps_the_groups_with_the_best_top2_sum_not_the_best_max():
+    """Group 0 holds the single best expert (max 0.95) but group 1 the best pair (0.8 + 0.75): V3 keeps
+    group 1. The bias counts for the choice too: raising expert 5's choice score moves row 1 to group 2."""
+    scores = torch.tensor([[0.95, 0.05, 0.80, 0.75, 0.30, 0.20, 0.10, 0.10],
+                           [0.95, 0.05, 0.80, 0.75, 0.30, 0.20, 0.10, 0.10]])
+    gate, x = _router_with_scores(scores, n_group=4, topk_group=1, num_experts_per_tok=2,
+                                  topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True)
+    with torch.no_grad():
+        gate.e_score_correction_bias.zero_()
+    r = gate(x[:1])
+    assert sorted(r.indices_TK[0].tolist()) == [2, 3]  # a max-per-group rule would pick [0, 1]
+    torch.testing.assert_close(r.weights_TK[0].sort().values,
+                               torch.tensor([0.75, 0.80]) / 1.55 * gate.routed_scaling_factor)
+    with torch.no_grad():
+        gate.e_score_correction_bias[5] = 1.5  # group 2's top-2 sum becomes 0.3 + 1.7 = 2.0
+    r = gate(x[1:])
+    assert sorted(r.indices_TK[0].tolist()) == [4, 5]
+    # the gate values are still the unbiased scores of the chosen experts, normalised and scaled
+    torch.testing.assert_close(r.weights_TK[0].sort().values,
+                               torch.tensor([0.20, 0.30]) / 0.5 * gate.routed_scaling_factor)
+
+
+def test_one_routed_expert_with_norm_topk_prob_gets_weight_one_times_the_scaling_factor():
+    """DeepSeek's reference and transformers renormalise a single chosen weight to 1 (sigmoid, norm_topk_prob)."""
+    cfg, gate = _router(num_experts_per_tok=1, n_group=4, topk_group=2)
+    gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+    r = gate(torch.randn(64, cfg.hidden_size))
+    torch.testing.assert_close(r.weights_TK, torch.full((64, 1), cfg.routed_scaling_factor))
+
+
+def test_one_routed_expert_routes_as_transformers_router():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    cfg, gate = _router(num_experts_per_tok=1, n_group=4, topk_group=2)
+    gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
+    hf = DeepseekV3TopkRouter(hf_cfg)
+    with torch.no_grad():
+        hf.weight.copy_(gate.weight)
+        hf.e_score_correction_bias.copy_(gate.e_score_correction_bias)
+    x = torch.randn(64, cfg.hidden_size)
+    _, hf_weights, hf_indices = hf(x)
+    r = gate(x)
+    assert torch.equal(r.indices_TK, hf_indices)
+    torch.testing.assert_close(r.weights_TK, hf_weights)

@@ -10,11 +10,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import
 pytest.importorskip("triton")
 
-from moeco.fp8 import triton_kernels  # noqa: E402
+from moeco import triton_support  # noqa: E402
 from moeco.model import moe_kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not triton_kernels.interpreting():
+if DEVICE == "cpu" and not triton_support.interpreting():
     pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
 
 

@@ -1,11 +1,14 @@
-"""Parity with transformers' DeepseekV3ForCausalLM, the reference implementation we must match."""
+"""Parity with transformers' DeepseekV3ForCausalLM, the reference implementation we must match.
+
+Attention weights are drawn large (helpers.sharp_attention): with small random weights attention is
+near uniform and RoPE, mask or softmax-scale differences would pass unseen."""
 
 import pytest
 import torch
 
 import moeco
 from moeco.generate import generate
-from helpers import micro_config
+from helpers import micro_config, sharp_attention
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,7 +37,7 @@ def test_transformers_checkpoint_loads_in_moeco(variant, tmp_path):
     torch.manual_seed(0)
     hf_config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.to_hf_dict().items()
                                                      if k not in ("architectures",)})
-    hf = transformers.DeepseekV3ForCausalLM(hf_config).float().eval()
+    hf = sharp_attention(transformers.DeepseekV3ForCausalLM(hf_config).float().eval())
     with torch.no_grad():
         _randomize_bias(hf)
     hf.save_pretrained(tmp_path)
@@ -50,7 +53,7 @@ def test_transformers_checkpoint_loads_in_moeco(variant, tmp_path):
 def test_moeco_checkpoint_loads_in_transformers_and_generates_the_same(variant, tmp_path):
     cfg = micro_config(**VARIANTS[variant])
     torch.manual_seed(1)
-    model = moeco.Transformer(cfg).eval()
+    model = sharp_attention(moeco.Transformer(cfg).eval())
     with torch.no_grad():
         _randomize_bias(model)
     model.save_pretrained(tmp_path)

@@ -146,3 +146,44 @@ def test_bad_configs_name_the_field(raw, field):
 def test_unknown_model_name():
     with pytest.raises(ConfigError, match="neither a preset"):
         load_arch("no-such-model")
+
+
+# ---- MTP FLOPs (not in Table 2; the trainer's MFU counts them) -----------------------------
+def test_mtp_flops_formula_counts_what_the_model_runs():
+    """torch's FlopCounterMode on moeco's model: the main forward and the D = 2 MTP depths (each over
+    s - k positions: layer, eh_proj, shared head) cost exactly what the planner says (full attention:
+    the counter charges SDPA's causal kernel for every key)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import moeco
+    from helpers import micro_config
+    from moeco.plan.costs import mtp_forward_flops_per_token
+
+    cfg = micro_config(num_nextn_predict_layers=2)
+    model = moeco.Transformer(cfg).eval()
+    B, S = 2, 16
+    ids = torch.randint(0, cfg.vocab_size, (B, S))
+
+    def measured(**kwargs):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(ids, **kwargs)
+        return counter.get_total_flops()
+
+    main, with_mtp = measured(), measured(return_mtp=True)
+    assert main == forward_flops_per_token(cfg, S, causal=False) * B * S
+    assert with_mtp - main == pytest.approx(mtp_forward_flops_per_token(cfg, S, causal=False) * B * S, rel=1e-12)
+    assert mtp_forward_flops_per_token(cfg.replace(num_nextn_predict_layers=0), S) == 0
+
+
+def test_trainer_mfu_credits_the_mtp_module():
+    from moeco.plan.costs import mtp_forward_flops_per_token
+    from moeco.train.metrics import flops_per_token
+
+    cfg = ModelConfig.preset("deepseek-v3")
+    table2 = train_flops_per_token(cfg, 4096)
+    assert flops_per_token(cfg, 4096) == pytest.approx(table2 + 3 * mtp_forward_flops_per_token(cfg, 4096))
+    assert train_flops_per_token(cfg, 4096, mtp=True) / 1e9 == pytest.approx(260.64, abs=0.01)
+    assert mtp_forward_flops_per_token(cfg, 4096) / 1e9 == pytest.approx(3.40, abs=0.01)
+    no_mtp = cfg.replace(num_nextn_predict_layers=0)
+    assert flops_per_token(no_mtp, 4096) == pytest.approx(train_flops_per_token(no_mtp, 4096))

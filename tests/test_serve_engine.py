@@ -185,3 +185,17 @@ def test_compiled_decode_gives_the_same_tokens(model):
     plain = LLM(model=model, block_size=BLOCK, device="cpu", cache_bytes=1 << 20).generate(prompts, params)
     compiled = LLM(model=model, block_size=BLOCK, device="cpu", cache_bytes=1 << 20, compile=True).generate(prompts, params)
     assert [c.token_ids for c in compiled] == [c.token_ids for c in plain]
+
+
+def test_bench_throughput_cli_reports(tmp_path, capsys):
+    import json
+
+    from moeco.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["bench", "throughput", "--preset", "tiny", "--num-prompts", "6", "--input-len", "12",
+                 "--output-len", "5", "--device", "cpu", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["num_requests"] == 6 and r["output_tokens_per_s"] > 0 and r["mean_tpot_ms"] > 0
+    assert "output tokens/s" in capsys.readouterr().out
+    assert main(["bench", "throughput", "--preset", "tiny", "--input-len", "0"]) == 2

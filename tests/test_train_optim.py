@@ -44,10 +44,10 @@ def test_tracks_torch_adamw_and_stores_bf16_moments():
 
 def test_triton_kernel_matches_reference():
     pytest.importorskip("triton")
-    from moeco.fp8 import triton_kernels
+    from moeco import triton_support
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu" and not triton_kernels.interpreting():
+    if dev == "cpu" and not triton_support.interpreting():
         pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
     torch.manual_seed(2)
     n = 3000  # not a multiple of the block
@@ -133,9 +133,9 @@ def test_capturable_step_equals_host_step(impl):
     parameters and moments exactly as the host-scalar path does, with a changing learning rate."""
     if impl == "triton":
         pytest.importorskip("triton")
-        from moeco.fp8 import triton_kernels
+        from moeco import triton_support
 
-        if not triton_kernels.available("cpu"):
+        if not triton_support.available("cpu"):
             pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
     torch.manual_seed(4)
     p0 = torch.randn(33, 70)

@@ -17,6 +17,14 @@ DeepSeek's official FP8 release stores `W` as float8_e4m3fn plus `W_scale_inv` (
 requested dtype on load. Saving writes the per-expert DeepSeek layout, atomically: every file goes
 to a temporary directory next to the target, is fsynced, and the directory is renamed into place.
 Loading checks every tensor's presence and shape before anything is assigned: nothing half-loads.
+
+Rotary row layout. moeco rotates interleaved pairs (x0, x1), (x2, x3), ... of the R rotary dims, as
+DeepSeek's checkpoints store them (`rope_interleave: true`, the default). A checkpoint with
+`rope_interleave: false` stores them half-split, pair j = (x_j, x_{j+R/2}) (transformers then
+applies rotate_half). Only the rows that produce rotary dims differ: per head the last R rows of
+q_b_proj / q_proj, and the last R rows of kv_a_proj_with_mqa (and its bias). `rope_rows_permutation`
+reorders them to moeco's layout on load and back on save; FP8 rows move within their 128-row
+scale block only (the scales stay as they are), and a permutation that would cross blocks is refused.
 """
 
 from __future__ import annotations
@@ -61,6 +69,48 @@ def _ignorable(name: str, num_layers: int) -> bool:
         return True
     m = re.match(r"^model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)$", name)
     return bool(m and int(m.group(1)) >= num_layers)
+
+
+# ---- rotary row layout ---------------------------------------------------------------------
+_ROPE_ROWS = re.compile(r"\.self_attn\.(q_proj|q_b_proj|kv_a_proj_with_mqa)\.(weight|bias)$")
+
+
+def rope_rows_permutation(config: ModelConfig, ckpt_name: str, n_rows: int, to_interleaved: bool = True
+                          ) -> torch.Tensor | None:
+    """Row order taking a half-split checkpoint tensor to moeco's interleaved layout (or back, with
+    to_interleaved=False): `moeco = ckpt[perm]`. None for tensors without rotary rows, or when the
+    checkpoint is interleaved already (config.rope_interleave)."""
+    m = _ROPE_ROWS.search(ckpt_name)
+    if config.rope_interleave or m is None:
+        return None
+    R, half = config.qk_rope_head_dim, config.qk_rope_head_dim // 2
+    # interleaved slot 2j holds half-split dim j, slot 2j+1 holds dim j + R/2
+    from_half = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
+    within = from_half if to_interleaved else from_half.argsort()
+    if m.group(1) == "kv_a_proj_with_mqa":
+        starts = [config.kv_lora_rank]
+    else:
+        qk = config.qk_head_dim
+        starts = [h * qk + config.qk_nope_head_dim for h in range(config.num_attention_heads)]
+    perm = torch.arange(n_rows)
+    for start in starts:
+        perm[start:start + R] = start + within
+    return perm
+
+
+def _permute_rope_rows(config: ModelConfig, ckpt_name: str, t: torch.Tensor, to_interleaved: bool) -> torch.Tensor:
+    perm = rope_rows_permutation(config, ckpt_name, t.shape[0], to_interleaved)
+    if perm is None:
+        return t
+    if t.dtype in _FP8_DTYPES:  # the 128x128 block scales stay valid only if no row leaves its block
+        crossing = (perm // 128 != torch.arange(len(perm)) // 128).nonzero()
+        if len(crossing):
+            r = int(crossing[0])
+            raise LoadError(f"rope_interleave=false: reordering the rotary rows of FP8 tensor {ckpt_name!r} "
+                            f"moves row {int(perm[r])} into the 128-row scale block of row {r}; "
+                            "load it without keep_fp8 (dequantized) or save it in high precision")
+        return t.view(torch.uint8)[perm].view(t.dtype)
+    return t[perm]
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -199,7 +249,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
         if tuple(t.shape) != tuple(meta.shape):
             raise LoadError(f"tensor {ckpt_name!r} has shape {tuple(t.shape)}, the config expects "
                             f"{tuple(meta.shape)}; the checkpoint and config.json disagree")
-        state[name] = t
+        state[name] = _permute_rope_rows(config, ckpt_name, t, to_interleaved=True)
     unexpected = sorted(k for k in reader.keys()
                         if k not in used and not _ignorable(k, L) and not _is_dropped_mtp(k, L, config))
     if unexpected:
@@ -236,7 +286,8 @@ def checkpoint_state_dict(model, fp8: bool = False) -> dict[str, torch.Tensor]:
                 for part, w in zip(parts, t[j].detach().chunk(len(parts))):
                     out[f"{m.group(1)}.{j}.{part}.weight{m.group(3) or ''}"] = w.clone().contiguous()
         else:
-            out[ckpt_name] = t.detach().clone().contiguous()
+            t = _permute_rope_rows(config, ckpt_name, t.detach(), to_interleaved=False)
+            out[ckpt_name] = t.clone().contiguous()
     for k in range(config.num_nextn_predict_layers):  # DeepSeek's layout repeats these in the MTP layer
         out[f"model.layers.{L + k}.embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()
         head = model.lm_head.weight

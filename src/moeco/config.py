@@ -89,7 +89,7 @@ class ModelConfig:
     max_position_embeddings: int = 163840
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", ...}
-    rope_interleave: bool = True
+    rope_interleave: bool = True  # the checkpoint's rotary row layout (see moeco.checkpoint); the model always interleaves
     rms_norm_eps: float = 1e-6
     hidden_act: str = "silu"
     attention_bias: bool = False
@@ -266,6 +266,9 @@ def _validate(c: ModelConfig) -> None:
         raise _bad("routed_scaling_factor", c.routed_scaling_factor, "must be a positive number")
     if not (isinstance(c.rope_theta, (int, float)) and c.rope_theta > 0):
         raise _bad("rope_theta", c.rope_theta, "must be a positive number")
+    if not isinstance(c.rope_interleave, bool):
+        raise _bad("rope_interleave", c.rope_interleave,
+                   "must be true (rotary dims stored in interleaved pairs, DeepSeek's layout) or false (half-split)")
     if c.n_routed_experts > 0:
         _validate_routing(c)
     _validate_rope_scaling(c)

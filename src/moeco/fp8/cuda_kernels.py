@@ -1,7 +1,7 @@
 """CUDA C kernels compiled at run time with NVRTC, where Triton's versions are the slower ones.
 
 dual: both quantizations of a bf16 / fp16 output gradient dy (T, C) from one read of it, the 1x128
-    tiles Dgrad takes and the 128x1 tiles (written transposed) Wgrad takes; see `_DUAL_SOURCE`.
+    tiles Dgrad takes and the 128x1 tiles (written transposed) Wgrad takes; see csrc/dual_quant.cu.
 
 token_wise: the 128x1 quantization Wgrad needs. x (T, C) is quantized along T in 128-token tiles
     and written transposed: q (C, T) E4M3 and s (C, ceil(T/128)) float32 with strides (1, C). It
@@ -33,226 +33,37 @@ Arithmetic is the reference's (`moeco.fp8.quantize`): s = max(amax, 1e-4) / 448 
 FP8 input dequantized as float(q) * scale in float32. tests/test_fp8_gpu.py checks the bits
 against the CPU reference for every input kind, a row map, ragged T and C, and pow2 scales.
 
-Compiled per variant on first use with `torch.cuda._compile_kernel` (NVRTC, which ships with
-PyTorch's CUDA builds; PyTorch looks for CUDA's headers under CUDA_HOME, though this source
+The sources are csrc/quant_helpers.cuh (shared by both kernels), csrc/token_wise.cu and
+csrc/dual_quant.cu, compiled per variant on first use with `torch.cuda._compile_kernel` (NVRTC,
+which ships with PyTorch's CUDA builds; PyTorch looks for CUDA's headers under CUDA_HOME, though this source
 includes none). Needs compute capability 8.9+ (the E4M3 conversion instructions). When anything
-is missing the callers use the Triton kernel; MOECO_FP8_QUANT=triton forces that, =cuda requires
-this one.
+is missing the callers use the Triton kernel; a recipe's quant_kernel="triton" forces that, "cuda"
+requires this one.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
+import importlib.resources
 import threading
 import warnings
+from types import MappingProxyType
 
 import torch
 
-from moeco.errors import ConfigError
+from moeco.fp8.format import FP8_DTYPE
 
-FP8_DTYPE = torch.float8_e4m3fn
 
-_HELPERS = r"""
-__device__ __forceinline__ float f16_to_f32(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
+def _cuda_source(name: str) -> str:
+    """The CUDA C text of csrc/`name`, shipped in the package."""
+    return (importlib.resources.files("moeco.fp8") / "csrc" / name).read_text(encoding="utf-8")
 
-__device__ __forceinline__ void e4m3x2_to_f32(unsigned short v, float &lo, float &hi) {
-    unsigned h2;
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(v));
-    lo = f16_to_f32((unsigned short)(h2 & 0xFFFFu));
-    hi = f16_to_f32((unsigned short)(h2 >> 16));
-}
 
-__device__ __forceinline__ unsigned f32x4_to_e4m3x4(float a, float b, float c, float d) {
-    unsigned short lo, hi;  // cvt puts its first source in the upper byte
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(b), "f"(a));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(d), "f"(c));
-    return (unsigned)lo | ((unsigned)hi << 16);
-}
+# The helpers both quantization kernels start with (E4M3 conversions, scale_of, div_by, BOUNDS, the
+# transposed store), then each kernel's own text; KNAME is replaced by the variant's name.
+_HELPERS = _cuda_source("quant_helpers.cuh")
 
-// 256 threads a block; MINB (if defined): blocks per multiprocessor the compiler must fit.
-#ifdef MINB
-#define BOUNDS __launch_bounds__(256, MINB)
-#else
-#define BOUNDS __launch_bounds__(256)
-#endif
-
-// The scale of a tile from its max-abs: max(amax, 1e-4) / 448 correctly rounded, or (POW2) rounded up to
-// a power of two on the bits.
-__device__ __forceinline__ float scale_of(float amax) {
-    float v = __fdiv_rn(fmaxf(amax, 1e-4f), 448.0f);
-#if POW2
-    v = __uint_as_float((__float_as_uint(v) + 0x7FFFFFu) & 0x7F800000u);
-#endif
-    return v;
-}
-
-// x / s correctly rounded from r = 1/s (correctly rounded): Markstein's correction, two fused
-// multiply-adds. The residual is taken as q*s - x and subtracted, which is the same number for
-// x != 0 and keeps the sign of a zero (x = -0: q = -0, e = +0, -e*r + q = -0), so no select.
-__device__ __forceinline__ float div_by(float x, float s, float r) {
-    const float q = __fmul_rn(x, r);
-    const float e = __fmaf_rn(q, s, -x);
-    return __fmaf_rn(-e, r, q);
-}
-
-// The transposed store both kernels end with: the block's E4M3 tile is in shared memory as rows of 33
-// words (row = channel: 32 words of 4 tokens, 1 pad word); 8 threads write each channel's 128 bytes of
-// q (16 tokens each), so a warp stores 4 whole rows. ROWS channels from c0, 128 tokens from t0; 256 threads.
-template <int ROWS>
-__device__ __forceinline__ void store_transposed(const unsigned *qs, unsigned char *q, unsigned c0, int C, long long t0,
-                                                 int T, int stride_q) {
-    const int tid = threadIdx.x, chunk = tid & 7;
-    const long long tt = t0 + 16 * chunk;
-#pragma unroll
-    for (int pass = 0; pass < ROWS / 32; ++pass) {
-        const int row = pass * 32 + (tid >> 3);
-        const int cg = c0 + row;
-        if (cg >= C) continue;
-        const unsigned *src = qs + row * 33 + 4 * chunk;
-        const unsigned a0 = src[0], a1 = src[1], a2 = src[2], a3 = src[3];
-        unsigned char *dst = q + (long long)cg * stride_q + tt;
-        if (tt + 16 <= T && (stride_q & 15) == 0) {
-            *reinterpret_cast<uint4 *>(dst) = make_uint4(a0, a1, a2, a3);
-        } else {
-            const unsigned wd[4] = {a0, a1, a2, a3};
-            for (int j = 0; j < 16 && tt + j < T; ++j) dst[j] = (unsigned char)(wd[j >> 2] >> (8 * (j & 3)));
-        }
-    }
-}
-
-"""
-
-_SOURCE = _HELPERS + r"""
-#define WARPS 8
-#define TOKW 16  // tokens per warp: a block covers WARPS * TOKW = 128 tokens
-#if IN_KIND == 0 || IN_KIND == 1
-#define V 2      // channels per thread: one 32-bit word of input
-#elif IN_KIND == 2
-#define V 1
-#else
-#define V 4
-#endif
-#define TC (32 * V)  // channels per block
-
-// The V channels of one 32-bit input word, as float32.
-__device__ __forceinline__ void unpack(unsigned w, float *f) {
-#if IN_KIND == 0
-    f[0] = __uint_as_float(w << 16);
-    f[1] = __uint_as_float(w & 0xFFFF0000u);
-#elif IN_KIND == 1
-    f[0] = f16_to_f32((unsigned short)(w & 0xFFFFu));
-    f[1] = f16_to_f32((unsigned short)(w >> 16));
-#elif IN_KIND == 2
-    f[0] = __uint_as_float(w);
-#else
-    e4m3x2_to_f32((unsigned short)(w & 0xFFFFu), f[0], f[1]);
-    e4m3x2_to_f32((unsigned short)(w >> 16), f[2], f[3]);
-#endif
-}
-
-extern "C" __global__ void BOUNDS KNAME(
-    const unsigned *__restrict__ x, const float *__restrict__ xs, const int *__restrict__ rows,
-    unsigned char *__restrict__ q, float *__restrict__ s,
-    int T_out, int C, int stride_x, int xs_st, int xs_sc, int stride_q) {
-    // thread: channels c .. c + V - 1, tokens t0 .. t0 + 15; a warp reads 128 contiguous bytes of
-    // each of its 16 rows, one 32-bit word per thread and row.
-    __shared__ float red[WARPS * TC];
-    __shared__ unsigned qs[TC * 33];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int c = blockIdx.x * TC + lane * V;
-    const long long t0 = (long long)blockIdx.y * (WARPS * TOKW) + warp * TOKW;
-    const bool c_ok = c < C;
-    const long long wpr = (long long)stride_x / V;  // 32-bit words per row of x
-    // tokens of this warp that exist, and of this thread (0 past C): each load below needs one
-    // compare, and its address is a base plus j rows (pointer steps: row strides fit in 32 bits).
-    const int n_tok = (int)min((long long)TOKW, max(0LL, (long long)T_out - t0));
-    const int n_ok = c_ok ? n_tok : 0;
-    unsigned w[TOKW];
-#if GATHER || IN_KIND == 3
-    // Per-token values the whole warp needs (the source row, the FP8 input's scale): lane j < 16
-    // loads token j's and the others take it by a shuffle, instead of 16 broadcast loads a thread.
-    int src_l = -1;
-#if GATHER
-    if (lane < n_tok) src_l = rows[t0 + lane];
-#else
-    if (lane < n_tok) src_l = (int)(t0 + lane);  // fits: at most 65535 blocks of 128 tokens
-#endif
-#endif
-#if IN_KIND == 3
-    // TC = 128: one scale column (c >> 7 == blockIdx.x) for the whole block
-    const float xs_l = src_l >= 0 ? xs[(long long)src_l * xs_st + (long long)blockIdx.x * xs_sc] : 0.0f;
-#define XSV(j) __shfl_sync(0xffffffffu, xs_l, (j))
-#endif
-#if GATHER
-#pragma unroll
-    for (int j = 0; j < TOKW; ++j) {
-        const int src = __shfl_sync(0xffffffffu, src_l, j);
-        w[j] = (c_ok && src >= 0) ? x[(long long)src * wpr + c / V] : 0u;
-    }
-#else
-    const unsigned *xp = x + t0 * wpr + c / V;
-#pragma unroll
-    for (int j = 0; j < TOKW; ++j) {
-        w[j] = j < n_ok ? *xp : 0u;
-        xp += (int)wpr;
-    }
-#endif
-    float amax[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) amax[i] = 0.0f;
-#pragma unroll
-    for (int j = 0; j < TOKW; ++j) {
-        float f[V];
-        unpack(w[j], f);
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-#if IN_KIND == 3
-            f[i] = __fmul_rn(f[i], XSV(j));
-#endif
-            amax[i] = fmaxf(amax[i], fabsf(f[i]));
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < V; ++i) red[warp * TC + lane * V + i] = amax[i];
-    __syncthreads();
-    float sc[V], rc[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-        float a = red[lane * V + i];
-#pragma unroll
-        for (int k = 1; k < WARPS; ++k) a = fmaxf(a, red[k * TC + lane * V + i]);
-        sc[i] = scale_of(a);
-        rc[i] = __frcp_rn(sc[i]);
-        if (warp == 0 && c_ok) s[(long long)blockIdx.y * C + c + i] = sc[i];
-    }
-    // quantize this thread's 16 tokens of each channel into 4 words, then hand them to the store
-    // layout through shared memory (row = channel, 32 words of 4 tokens + 1 pad word)
-#pragma unroll
-    for (int k = 0; k < TOKW / 4; ++k) {
-        float f[4][V];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            unpack(w[4 * k + j], f[j]);
-#if IN_KIND == 3
-#pragma unroll
-            for (int i = 0; i < V; ++i) f[j][i] = __fmul_rn(f[j][i], XSV(4 * k + j));
-#endif
-        }
-#pragma unroll
-        for (int i = 0; i < V; ++i)
-            qs[(lane * V + i) * 33 + warp * (TOKW / 4) + k] =
-                f32x4_to_e4m3x4(div_by(f[0][i], sc[i], rc[i]), div_by(f[1][i], sc[i], rc[i]),
-                                div_by(f[2][i], sc[i], rc[i]), div_by(f[3][i], sc[i], rc[i]));
-    }
-    __syncthreads();
-    store_transposed<TC>(qs, q, blockIdx.x * TC, C, (long long)blockIdx.y * (WARPS * TOKW), T_out, stride_q);
-}
-"""
+_SOURCE = _HELPERS + _cuda_source("token_wise.cu")
 
 
 # Both quantizations of a 16-bit x (T, C) from one read: 1x128 tiles along C (q_row (T, C), s_row
@@ -264,122 +75,7 @@ extern "C" __global__ void BOUNDS KNAME(
 # j's; the scales go back to all lanes by shuffles. Column maxima and the transposed store are the
 # token-wise kernel's (V = 4). A row-only build of it took 0.86-1.08x the time of Triton's 1x128 kernel
 # on the H200 (faster only at 16384 x 576; eleventh session), so the forward keeps Triton's.
-_DUAL_SOURCE = _HELPERS + r"""
-#define TOKW 16
-
-// bf16 -> float32 through volatile asm: the compiler would otherwise keep all 64 unpacked values of a
-// thread alive between the three passes over them (137 registers, one block per multiprocessor) instead
-// of re-deriving them from the 32 loaded words (two integer instructions per pair).
-__device__ __forceinline__ void unpack4(uint2 w, float *f) {
-#if IN_KIND == 0
-    unsigned a, b, c, d;
-    asm volatile("shl.b32 %0, %1, 16;" : "=r"(a) : "r"(w.x));
-    asm volatile("and.b32 %0, %1, 0xFFFF0000;" : "=r"(b) : "r"(w.x));
-    asm volatile("shl.b32 %0, %1, 16;" : "=r"(c) : "r"(w.y));
-    asm volatile("and.b32 %0, %1, 0xFFFF0000;" : "=r"(d) : "r"(w.y));
-    f[0] = __uint_as_float(a);
-    f[1] = __uint_as_float(b);
-    f[2] = __uint_as_float(c);
-    f[3] = __uint_as_float(d);
-#else
-    f[0] = f16_to_f32((unsigned short)(w.x & 0xFFFFu));
-    f[1] = f16_to_f32((unsigned short)(w.x >> 16));
-    f[2] = f16_to_f32((unsigned short)(w.y & 0xFFFFu));
-    f[3] = f16_to_f32((unsigned short)(w.y >> 16));
-#endif
-}
-
-// One butterfly step: lanes with `bit` set keep values half .. 2 half - 1, the others 0 .. half - 1, each
-// maxed with the partner's copy of the same tokens; the kept values move to 0 .. half - 1.
-template <int HALF>
-__device__ __forceinline__ void halve(float *m, int lane, int bit) {
-    const bool hi = (lane & bit) != 0;
-#pragma unroll
-    for (int i = 0; i < HALF; ++i) {
-        const float give = hi ? m[i] : m[i + HALF];
-        const float keep = hi ? m[i + HALF] : m[i];
-        m[i] = fmaxf(keep, __shfl_xor_sync(0xffffffffu, give, bit));
-    }
-}
-
-extern "C" __global__ void BOUNDS KNAME(
-    const uint2 *__restrict__ x, unsigned char *__restrict__ q_row, float *__restrict__ s_row,
-    unsigned char *__restrict__ q_col, float *__restrict__ s_col, int T, int C, int stride_x, int stride_qc) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int c = blockIdx.x * 128 + lane * 4;
-    const long long t0 = (long long)blockIdx.y * 128 + warp * TOKW;
-    const bool c_ok = c < C;  // C % 4 == 0: a thread's four channels are all in or all out
-    const int n_tok = (int)min((long long)TOKW, max(0LL, (long long)T - t0));
-    const int n_ok = c_ok ? n_tok : 0;
-    const int wpr = stride_x / 4;  // 8-byte words per row of x
-    uint2 w[TOKW];
-    const uint2 *xp = x + t0 * wpr + c / 4;
-#pragma unroll
-    for (int j = 0; j < TOKW; ++j) {
-        w[j] = j < n_ok ? *xp : make_uint2(0u, 0u);
-        xp += wpr;
-    }
-    // per-token maxima over this thread's 4 channels, then over the warp's 128 (a halving butterfly:
-    // at each step a lane keeps half its values, maxed with the other half of its partner's)
-    float m[TOKW];
-    float ca[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int j = 0; j < TOKW; ++j) {
-        float f[4];
-        unpack4(w[j], f);
-        m[j] = fmaxf(fmaxf(fabsf(f[0]), fabsf(f[1])), fmaxf(fabsf(f[2]), fabsf(f[3])));
-#pragma unroll
-        for (int i = 0; i < 4; ++i) ca[i] = fmaxf(ca[i], fabsf(f[i]));
-    }
-    halve<8>(m, lane, 16);
-    halve<4>(m, lane, 8);
-    halve<2>(m, lane, 4);
-    halve<1>(m, lane, 2);
-    m[0] = fmaxf(m[0], __shfl_xor_sync(0xffffffffu, m[0], 1));  // lanes 2j and 2j + 1: token j
-    const float rs = scale_of(m[0]), rr = __frcp_rn(rs);
-    if ((lane & 1) == 0 && (lane >> 1) < n_tok)
-        s_row[(long long)blockIdx.x * T + t0 + (lane >> 1)] = rs;
-    unsigned *qr = reinterpret_cast<unsigned *>(q_row + t0 * C + c);
-#pragma unroll
-    for (int j = 0; j < TOKW; ++j) {
-        const float sj = __shfl_sync(0xffffffffu, rs, 2 * j), rj = __shfl_sync(0xffffffffu, rr, 2 * j);
-        float f[4];
-        unpack4(w[j], f);
-        const unsigned v = f32x4_to_e4m3x4(div_by(f[0], sj, rj), div_by(f[1], sj, rj), div_by(f[2], sj, rj),
-                                           div_by(f[3], sj, rj));
-        if (j < n_ok) *qr = v;
-        qr += C / 4;
-    }
-    __shared__ float red[8 * 128];
-    __shared__ unsigned qs[128 * 33];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp * 128 + lane * 4 + i] = ca[i];
-    __syncthreads();
-    float sc[4], rc[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float a = red[lane * 4 + i];
-#pragma unroll
-        for (int k = 1; k < 8; ++k) a = fmaxf(a, red[k * 128 + lane * 4 + i]);
-        sc[i] = scale_of(a);
-        rc[i] = __frcp_rn(sc[i]);
-        if (warp == 0 && c_ok) s_col[(long long)blockIdx.y * C + c + i] = sc[i];
-    }
-#pragma unroll
-    for (int k = 0; k < TOKW / 4; ++k) {
-        float f[4][4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) unpack4(w[4 * k + j], f[j]);
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-            qs[(lane * 4 + i) * 33 + warp * (TOKW / 4) + k] =
-                f32x4_to_e4m3x4(div_by(f[0][i], sc[i], rc[i]), div_by(f[1][i], sc[i], rc[i]),
-                                div_by(f[2][i], sc[i], rc[i]), div_by(f[3][i], sc[i], rc[i]));
-    }
-    __syncthreads();
-    store_transposed<128>(qs, q_col, blockIdx.x * 128, C, (long long)blockIdx.y * 128, T, stride_qc);
-}
-"""
+_DUAL_SOURCE = _HELPERS + _cuda_source("dual_quant.cu")
 
 _IN_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, FP8_DTYPE: 3}
 
@@ -413,13 +109,6 @@ class CompiledVariants:
 _variants = CompiledVariants("token-wise FP8 kernel", "Triton's")
 _libcuda = None
 MAX_GRID_Y = 65535  # a CUDA grid's y (and z) dimension
-
-
-def mode() -> str:
-    m = os.environ.get("MOECO_FP8_QUANT", "auto").strip().lower()
-    if m not in ("auto", "cuda", "triton"):
-        raise ConfigError(f"MOECO_FP8_QUANT={m!r}: expected auto, cuda or triton")
-    return m
 
 
 _contexts: dict[int, int] = {}  # device index -> its primary context (a CUcontext as int)
@@ -501,12 +190,14 @@ def launch(func, grid: tuple, block: tuple, params: list, device: torch.device, 
 # kind; None leaves the register count to the compiler. bf16 at 5 (48 registers instead of 59):
 # 1.04-1.06x at 4096-16384 tokens on the H200 (`bench/fp8_gemm_tune.py --only minb`); 6 spills and is
 # slower. The others already fit 4-6 blocks, and FP8 input measured the same at 4 and 5.
-MIN_BLOCKS: dict[int, int | None] = {0: 5, 1: None, 2: None, 3: None}
+# Read-only: a bench that sweeps the bound passes `min_blocks` to `token_wise`.
+MIN_BLOCKS = MappingProxyType({0: 5, 1: None, 2: None, 3: None})
 
 
-def _kernel(in_kind: int, gather: bool, pow2: bool):
-    """The compiled variant, or None (with one warning) when NVRTC cannot build it here."""
-    minb = MIN_BLOCKS[in_kind]
+def _kernel(in_kind: int, gather: bool, pow2: bool, minb: int | None = None):
+    """The compiled variant, or None (with one warning) when NVRTC cannot build it here. `minb`: the
+    register bound (blocks per multiprocessor); None takes MIN_BLOCKS[in_kind]."""
+    minb = MIN_BLOCKS[in_kind] if minb is None else minb or None
     name = f"moeco_token_wise_{in_kind}{int(gather)}{int(pow2)}_{minb or 0}"
     defs = [f"-DIN_KIND={in_kind}", f"-DGATHER={int(gather)}", f"-DPOW2={int(pow2)}"]
     defs += [f"-DMINB={minb}"] if minb else []
@@ -527,12 +218,13 @@ def token_wise_supported(x: torch.Tensor, x_scale: torch.Tensor | None) -> bool:
 
 
 def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
-               rows: torch.Tensor | None = None):
+               rows: torch.Tensor | None = None, min_blocks: int | None = None):
     """x (T, C) -> q (C, T') E4M3, s (C, ceil(T'/128)) with strides (1, C); see the module docstring.
 
     `x_scale` (T, ceil(C/128)), any strides: x is FP8 with 1x128 scales and is dequantized first.
     `rows` (T',) int32: output token t is x's row rows[t], a zero row where rows[t] < 0.
-    The caller checks `token_wise_supported` first; None when the kernel cannot be compiled here.
+    `min_blocks`: the register bound, 0 for none (None: MIN_BLOCKS). The caller checks
+    `token_wise_supported` first; None when the kernel cannot be compiled here.
     """
     T, C = x.shape
     T_out = T if rows is None else rows.numel()
@@ -544,7 +236,7 @@ def token_wise(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_sca
     if T_out == 0 or C == 0:
         return q, s
     _ensure_context(x.device)
-    k = _kernel(_IN_KIND[x.dtype], rows is not None, pow2_scale)
+    k = _kernel(_IN_KIND[x.dtype], rows is not None, pow2_scale, min_blocks)
     if k is None:
         return None
     if rows is not None and rows.dtype != torch.int32:
@@ -564,11 +256,11 @@ _dual_variants = CompiledVariants("dual FP8 quantization kernel", "the two separ
 # As MIN_BLOCKS, for `dual`, by input kind. None: bf16 takes 80 registers (3 blocks per multiprocessor);
 # a bound of 2 blocks (128 registers) measured 0-11% slower, of 3 (80 registers, more spilled) -1% to +4%,
 # on the H200 (`bench/fp8_gemm_tune.py --only dual`, eleventh session).
-DUAL_MIN_BLOCKS: dict[int, int | None] = {0: None, 1: None}
+DUAL_MIN_BLOCKS = MappingProxyType({0: None, 1: None})
 
 
-def _dual_kernel(in_kind: int, pow2: bool):
-    minb = DUAL_MIN_BLOCKS[in_kind]
+def _dual_kernel(in_kind: int, pow2: bool, minb: int | None = None):
+    minb = DUAL_MIN_BLOCKS[in_kind] if minb is None else minb or None
     name = f"moeco_dual_quant_{in_kind}{int(pow2)}_{minb or 0}"
     defs = [f"-DIN_KIND={in_kind}", f"-DPOW2={int(pow2)}"] + ([f"-DMINB={minb}"] if minb else [])
     return _dual_variants.get((torch.cuda.current_device(), in_kind, pow2, minb),
@@ -588,11 +280,11 @@ def dual_supported(x: torch.Tensor) -> bool:
             and -(-T // 128) <= MAX_GRID_Y and _device_ok(x.device))
 
 
-def dual(x: torch.Tensor, *, pow2_scale: bool = False):
+def dual(x: torch.Tensor, *, pow2_scale: bool = False, min_blocks: int | None = None):
     """x (T, C) 16-bit -> ((q (T, C), s (T, ceil(C/128))), (qt (C, T), st (C, ceil(T/128)))) from one read of x:
     what `quantize_act_1x128(x)` and `quantize_act_1x128_t(x)` return, bit for bit, in the same layouts
-    (both scales outer-dim-major). None when the kernel cannot be compiled here; the caller checks
-    `dual_supported` first."""
+    (both scales outer-dim-major). `min_blocks` as for `token_wise` (None: DUAL_MIN_BLOCKS). None when
+    the kernel cannot be compiled here; the caller checks `dual_supported` first."""
     T, C = x.shape
     dev = x.device
     q = torch.empty((T, C), dtype=FP8_DTYPE, device=dev)
@@ -603,7 +295,7 @@ def dual(x: torch.Tensor, *, pow2_scale: bool = False):
     if T == 0 or C == 0:
         return (q, s), (qt, st)
     _ensure_context(dev)
-    k = _dual_kernel(0 if x.dtype == torch.bfloat16 else 1, pow2_scale)
+    k = _dual_kernel(0 if x.dtype == torch.bfloat16 else 1, pow2_scale, min_blocks)
     if k is None:
         return None
     P, I = ctypes.c_void_p, ctypes.c_int
@@ -617,4 +309,4 @@ def status() -> str:
     """One line for logs and benches: whether the NVRTC kernels are in use, and why not."""
     if _variants.broken is not None or _dual_variants.broken is not None:
         return f"cuda kernels off: {_variants.broken or _dual_variants.broken}"
-    return f"cuda kernels: MOECO_FP8_QUANT={mode()}, compiled {len(_variants.cache) + len(_dual_variants.cache)}"
+    return f"cuda kernels: compiled {len(_variants.cache) + len(_dual_variants.cache)}"

@@ -6,8 +6,8 @@ torch 2.11) include `f8f8bf16_groupwise_grouped`, a Hopper grouped GEMM with Dee
 H200 it ran the experts' Fprop at 1.22x / 1.28x BF16 `_grouped_mm` against moeco's Triton kernel's
 1.08x / 1.12x (32 experts x 512 tokens, BENCHMARKS.md), with the same bf16 output bit for bit.
 When it is importable, on Hopper, for bf16 outputs and N, K multiples of 128, `fp8_grouped_mm` takes
-it (MOECO_FP8_GROUPED=auto|fbgemm); the Wgrad stays moeco's (FBGEMM has no grouped GEMM that reduces
-over each expert's tokens with 128x1 scales).
+it (the recipe's grouped_kernel "auto" or "fbgemm"); the Wgrad stays moeco's (FBGEMM has no grouped
+GEMM that reduces over each expert's tokens with 128x1 scales).
 
 What it wants, from its source and probed on the H200:
     a (T, K) E4M3, rows sorted by expert           M_sizes (E,) int64 rows per expert
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from moeco.fp8.quantize import BLOCK
+from moeco.fp8 import triton_kernels
+from moeco.fp8.format import BLOCK
 
 _STATE: dict = {}
 
@@ -68,8 +69,6 @@ def group_scales_reference(a_scale: torch.Tensor, offs: torch.Tensor) -> torch.T
 
 def grouped_gemm(a_q, a_scale, b_q, b_scale_kn, offs):
     """out[rows of e] = a[rows of e] . b[e]^T (bf16), rows past offs[-1] zero; b_scale_kn (E, KB, NB)."""
-    from moeco.fp8 import triton_kernels
-
     xs, sizes = triton_kernels.group_scales(a_scale, offs)
     out = torch.ops.fbgemm.f8f8bf16_groupwise_grouped(a_q.contiguous(), b_q.contiguous(), xs,
                                                      b_scale_kn.contiguous(), sizes)

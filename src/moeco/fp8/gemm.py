@@ -26,7 +26,7 @@ Backends:
                  not a multiple of 128: MLA's N = 576 and its Dgrad), where it measured faster on the
                  H200 (per-row B, Wgrad's, measured slower: cuBLAS keeps it); else scaled_mm where
                  this torch/GPU accepts block-wise scales, else triton.
-                 MOECO_FP8_GEMM=wgmma uses the kernel wherever it applies, =cublas never.
+                 gemm_kernel="wgmma" uses the kernel wherever it applies, "cublas" never.
                  CPU: reference.
 
 On Hopper both GPU backends accumulate each 128-deep partial product in the Tensor Cores'
@@ -44,9 +44,10 @@ from __future__ import annotations
 
 import torch
 
-from moeco.fp8.quantize import BLOCK, _ceil_div
-
-BACKENDS = ("auto", "reference", "scaled_mm", "triton", "wgmma")
+from moeco.fp8 import cuda_gemm, triton_kernels
+from moeco.fp8.format import BLOCK
+from moeco.fp8.format import ceil_div as _ceil_div
+from moeco.fp8.spec import BACKENDS, GEMM_KERNELS
 
 
 def _b_scale_full(b_scale: torch.Tensor, N: int, KB: int) -> torch.Tensor:
@@ -157,16 +158,18 @@ def fp8_gemm_scaled_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, 
     return out if (Mp, Np) == (M, N) else out[:M, :N].contiguous()
 
 
-def fp8_gemm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, backend: str = "auto"):
-    """C (M, N) = A (M, K) . B (N, K)^T for FP8 operands with fine-grained scales; see module doc."""
+def fp8_gemm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, backend: str = "auto",
+             gemm_kernel: str = "auto", tma: bool = True):
+    """C (M, N) = A (M, K) . B (N, K)^T for FP8 operands with fine-grained scales; see module doc.
+    `gemm_kernel` (auto, wgmma, cublas) and `tma` (Triton's TMA kernels allowed) are the recipe's."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown FP8 GEMM backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if gemm_kernel not in GEMM_KERNELS:
+        raise ValueError(f"gemm_kernel={gemm_kernel!r}; valid: {', '.join(GEMM_KERNELS)}")
     M, K = a_q.shape
     N = b_q.shape[0]
     if backend == "wgmma" or (backend == "auto" and a_q.is_cuda):
-        from moeco.fp8 import cuda_gemm
-
-        mode = cuda_gemm.mode()
+        mode = gemm_kernel
         blocked_b = tuple(b_scale.shape) == (_ceil_div(N, BLOCK), _ceil_div(K, BLOCK))
         prefer = mode == "wgmma" or (mode == "auto" and blocked_b and (N % BLOCK or K % BLOCK))
         if (backend == "wgmma" or prefer) and cuda_gemm.supported(a_q, a_scale, b_q, b_scale, out_dtype):
@@ -185,18 +188,14 @@ def fp8_gemm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, backend: s
         elif _scaled_mm_ok(a_q.device, tuple(b_scale.shape) == (N, _ceil_div(K, BLOCK))):
             backend = "scaled_mm"
         else:
-            from moeco.fp8 import triton_kernels
-
             backend = "triton" if triton_kernels.available(a_q.device) else "reference"
     if backend == "reference":
         return fp8_gemm_reference(a_q, a_scale, b_q, b_scale, out_dtype)
     if backend == "scaled_mm":
         return fp8_gemm_scaled_mm(a_q, a_scale, b_q, b_scale, out_dtype)
-    from moeco.fp8 import triton_kernels
-
     _check(a_q, a_scale, b_q)
     _b_scale_full(b_scale, N, a_scale.shape[1])  # validates the scale shape
-    return triton_kernels.fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype)
+    return triton_kernels.fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype, tma=None if tma else False)
 
 
 _SCALED_MM_PROBE: dict = {}

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeco.fp8.linear import Fp8InferenceLinear, _rows, fp8_grouped_gemm_loop
+from moeco.fp8.compute import expert_rows, fp8_grouped_gemm_loop
+from moeco.fp8.linear import Fp8InferenceLinear
 from moeco.fp8.quantize import FP8_DTYPE, dequantize_weight_128x128, quantize_act_1x128
-from moeco.model.layers import HighPrecision
+from moeco.precision import HighPrecision
 
 FP8_ROLES = frozenset({"attn_proj", "mlp", "shared_expert"})  # what the release ships in FP8
 
@@ -51,7 +52,7 @@ class Fp8InferenceExperts(nn.Module):
         return out
 
     def forward(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        rows = _rows(tokens_per_expert.cumsum(0))
+        rows = expert_rows(tokens_per_expert.cumsum(0))
         fp8 = x_CD.is_cuda or self.backend == "reference"
         xq = quantize_act_1x128(x_CD) if fp8 else None  # shared by the gate and up projections
         h = F.silu(self._project(x_CD, xq, "w1_EFD", rows)) * self._project(x_CD, xq, "w3_EFD", rows)

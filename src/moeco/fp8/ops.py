@@ -12,34 +12,38 @@ Every operator has a fake (meta) implementation that gives the real outputs' sha
 strides; the real implementations return exactly those layouts on every device:
 
     quant_weight(w (*, N, K), pow2)  -> q (*, N, K), s (*, NB, KB), q_t (*, K, N), all contiguous
-    linear(x (M, K), weight, wq, ws, wtq, act_pow2, backend, out_dtype)
+    linear(x (M, K), weight, wq, ws, wtq, act_pow2, kernels, out_dtype)
                                      -> y (M, N), xq (M, K), xs (M, KB) with strides (1, M)
     linear_bwd(gy, xq, xs, wtq, ws, ...)                          -> dx (M, K), dW (N, K)
-    grouped(x (T, K), w (E, N, K), offs, act_pow2, weight_pow2, backend, out_dtype)
+    grouped(x (T, K), w (E, N, K), offs, act_pow2, weight_pow2, kernels, out_dtype)
                                      -> y (T, N), xq, xs, wtq (E, K, N), ws (E, NB, KB)
     grouped_bwd(gy, xq, xs, wtq, ws, offs, ...)                   -> dx (T, K), dW (E, N, K)
 
 `linear` and `grouped` carry their backward (`register_autograd`, which calls the `_bwd` operator):
 Dgrad and Wgrad in FP8 from the saved FP8 activations (xq, xs: extra outputs, so that autograd can
 keep them) and the FP8 weight (W^T and its scales). A `_bwd` operator returns a zero-size tensor
-for a gradient that is not needed.
+for a gradient that is not needed. `kernels` is the recipe's kernel choices as one string
+(`moeco.fp8.spec.Kernels.key`): a custom operator takes only tensors and plain values.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from moeco.fp8.quantize import BLOCK as _B
-from moeco.fp8.quantize import FP8_DTYPE, quantize_weight_128x128
-from moeco.fp8.quantize import _ceil_div as _cdiv
+from moeco.fp8 import compute
+from moeco.fp8.format import BLOCK as _B
+from moeco.fp8.format import FP8_DTYPE
+from moeco.fp8.format import ceil_div as _cdiv
+from moeco.fp8.quantize import quantize_weight_128x128
+from moeco.fp8.spec import Kernels
 
 
-def _outer_major(s: Tensor) -> Tensor:
-    """s (R, C) laid out with strides (1, R), the layout the CUDA kernels write and `_scaled_mm` takes."""
-    if s.stride() == (1, s.shape[0]) or s.numel() == 0:
-        return s
-    return s.t().contiguous().t()
+@functools.lru_cache(maxsize=64)
+def _kernels(key: str) -> Kernels:
+    return Kernels.from_key(key)
 
 
 def _outer_major_empty(rows: int, cols: int, like: Tensor) -> Tensor:
@@ -67,27 +71,25 @@ def _(w, pow2):
 
 
 @torch.library.custom_op("moeco_fp8::linear", mutates_args=())
-def linear(x: Tensor, weight: Tensor, wq: Tensor, ws: Tensor, wtq: Tensor, act_pow2: bool, backend: str,
+def linear(x: Tensor, weight: Tensor, wq: Tensor, ws: Tensor, wtq: Tensor, act_pow2: bool, kernels: str,
            out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """y = x . W^T from the FP8 weight (wq, ws); `weight` (the master) is an input only so that its
     gradient has somewhere to go. Returns y and the FP8 activations saved for backward."""
-    from moeco.fp8.linear import _linear_forward
-
-    return _linear_forward(x, wq, ws, act_pow2, backend, out_dtype)
+    return compute.linear_forward(x, wq, ws, act_pow2, _kernels(kernels), out_dtype)
 
 
 @linear.register_fake
-def _(x, weight, wq, ws, wtq, act_pow2, backend, out_dtype):
+def _(x, weight, wq, ws, wtq, act_pow2, kernels, out_dtype):
     M, K = x.shape
     return (x.new_empty((M, wq.shape[0]), dtype=out_dtype), x.new_empty((M, K), dtype=FP8_DTYPE),
             _outer_major_empty(M, _cdiv(K, _B), x))
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, wq, ws, wtq, act_pow2, backend, out_dtype = inputs
+    x, weight, wq, ws, wtq, act_pow2, kernels, out_dtype = inputs
     _, xq, xs = output
     ctx.save_for_backward(xq, xs, wtq, ws)
-    ctx.meta = (x.dtype, weight.dtype, act_pow2, backend)
+    ctx.meta = (x.dtype, weight.dtype, act_pow2, kernels)
     ctx.mark_non_differentiable(xq, xs)
 
 
@@ -99,17 +101,16 @@ def _linear_backward(ctx, gy, *_):
 
 @torch.library.custom_op("moeco_fp8::linear_bwd", mutates_args=())
 def linear_bwd(gy: Tensor, xq: Tensor, xs: Tensor, wtq: Tensor, ws: Tensor, x_dtype: torch.dtype,
-               w_dtype: torch.dtype, act_pow2: bool, backend: str, need_dx: bool,
+               w_dtype: torch.dtype, act_pow2: bool, kernels: str, need_dx: bool,
                need_dw: bool) -> tuple[Tensor, Tensor]:
-    from moeco.fp8.linear import _linear_backward_impl
-
-    dx, dw = _linear_backward_impl(gy, xq, xs, wtq, ws, x_dtype, w_dtype, act_pow2, backend, need_dx, need_dw)
+    dx, dw = compute.linear_backward(gy, xq, xs, wtq, ws, x_dtype, w_dtype, act_pow2, _kernels(kernels), need_dx,
+                                     need_dw)
     return (dx if dx is not None else _empty_unless(False, (), gy, x_dtype),
             dw if dw is not None else _empty_unless(False, (), gy, w_dtype))
 
 
 @linear_bwd.register_fake
-def _(gy, xq, xs, wtq, ws, x_dtype, w_dtype, act_pow2, backend, need_dx, need_dw):
+def _(gy, xq, xs, wtq, ws, x_dtype, w_dtype, act_pow2, kernels, need_dx, need_dw):
     return (_empty_unless(need_dx, xq.shape, gy, x_dtype),
             _empty_unless(need_dw, (wtq.shape[1], wtq.shape[0]), gy, w_dtype))
 
@@ -121,16 +122,16 @@ linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 @torch.library.custom_op("moeco_fp8::grouped", mutates_args=())
-def grouped(x: Tensor, w: Tensor, offs: Tensor, act_pow2: bool, weight_pow2: bool, backend: str,
+def grouped(x: Tensor, w: Tensor, offs: Tensor, act_pow2: bool, weight_pow2: bool, kernels: str,
             out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """y[rows of e] = x[rows of e] . W_e^T; returns y, the FP8 activations and W^T with its scales."""
-    from moeco.fp8.linear import _grouped_forward
-
-    return _grouped_forward(x, w, offs, act_pow2, weight_pow2, backend, out_dtype)
+    with torch.no_grad():  # (E, N, K), (E, NB, KB), and W_e^T (E, K, N) for Dgrad, one kernel on CUDA
+        wq, ws, wtq = quantize_weight_128x128(w.detach(), pow2_scale=weight_pow2, transposed=True)
+    return compute.grouped_forward(x, wq, ws, wtq, offs, act_pow2, _kernels(kernels), out_dtype)
 
 
 @grouped.register_fake
-def _(x, w, offs, act_pow2, weight_pow2, backend, out_dtype):
+def _(x, w, offs, act_pow2, weight_pow2, kernels, out_dtype):
     T, K = x.shape
     E, N, _ = w.shape
     return (x.new_empty((T, N), dtype=out_dtype), x.new_empty((T, K), dtype=FP8_DTYPE),
@@ -139,18 +140,18 @@ def _(x, w, offs, act_pow2, weight_pow2, backend, out_dtype):
 
 
 def _grouped_setup(ctx, inputs, output):
-    x, w, offs, act_pow2, weight_pow2, backend, out_dtype = inputs
+    x, w, offs, act_pow2, weight_pow2, kernels, out_dtype = inputs
     _, xq, xs, wtq, ws = output
     ctx.save_for_backward(xq, xs, wtq, ws, offs)
-    ctx.meta = (x.dtype, w.dtype, tuple(w.shape), act_pow2, backend)
+    ctx.meta = (x.dtype, w.dtype, tuple(w.shape), act_pow2, kernels)
     ctx.mark_non_differentiable(xq, xs, wtq, ws)
 
 
 def _grouped_backward(ctx, gy, *_):
     xq, xs, wtq, ws, offs = ctx.saved_tensors
-    x_dtype, w_dtype, w_shape, act_pow2, backend = ctx.meta
+    x_dtype, w_dtype, w_shape, act_pow2, kernels = ctx.meta
     dx, dw = torch.ops.moeco_fp8.grouped_bwd(gy.contiguous(), xq, xs, wtq, ws, offs, list(w_shape), act_pow2,
-                                             backend, x_dtype, w_dtype, ctx.needs_input_grad[0],
+                                             kernels, x_dtype, w_dtype, ctx.needs_input_grad[0],
                                              ctx.needs_input_grad[1])
     return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), \
         None, None, None, None, None
@@ -158,19 +159,17 @@ def _grouped_backward(ctx, gy, *_):
 
 @torch.library.custom_op("moeco_fp8::grouped_bwd", mutates_args=())
 def grouped_bwd(gy: Tensor, xq: Tensor, xs: Tensor, wtq: Tensor, ws: Tensor, offs: Tensor, w_shape: list[int],
-                act_pow2: bool, backend: str, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool,
+                act_pow2: bool, kernels: str, x_dtype: torch.dtype, w_dtype: torch.dtype, need_dx: bool,
                 need_dw: bool) -> tuple[Tensor, Tensor]:
     """(dx (T, K), dW (E, N, K)) of the grouped GEMM; a zero-size tensor for one not asked for."""
-    from moeco.fp8.linear import _grouped_backward_impl
-
-    dx, dw = _grouped_backward_impl(gy, xq, xs, wtq, ws, offs, tuple(w_shape), act_pow2, backend, x_dtype,
-                                    w_dtype, need_dx, need_dw)
+    dx, dw = compute.grouped_backward(gy, xq, xs, wtq, ws, offs, tuple(w_shape), act_pow2, _kernels(kernels),
+                                      x_dtype, w_dtype, need_dx, need_dw)
     return (dx if dx is not None else _empty_unless(False, (), gy, x_dtype),
             dw if dw is not None else _empty_unless(False, (), gy, w_dtype))
 
 
 @grouped_bwd.register_fake
-def _(gy, xq, xs, wtq, ws, offs, w_shape, act_pow2, backend, x_dtype, w_dtype, need_dx, need_dw):
+def _(gy, xq, xs, wtq, ws, offs, w_shape, act_pow2, kernels, x_dtype, w_dtype, need_dx, need_dw):
     return _empty_unless(need_dx, xq.shape, gy, x_dtype), _empty_unless(need_dw, w_shape, gy, w_dtype)
 
 

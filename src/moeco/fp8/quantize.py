@@ -26,19 +26,12 @@ These functions are the plain PyTorch definition. On CUDA, `quantize_act_1x128`,
 
 from __future__ import annotations
 
-
 import torch
 
 from moeco.errors import ConfigError
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite E4M3 value
-AMAX_FLOOR = 1e-4  # as DeepSeek's act_quant: keeps the scale of an all-zero tile finite
-BLOCK = 128
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+from moeco.fp8 import cuda_kernels, triton_kernels
+from moeco.fp8.format import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX
+from moeco.fp8.format import ceil_div as _ceil_div
 
 
 def _scale_from_amax(amax: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
@@ -84,15 +77,13 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False):
     and x ~= q * scale tile by tile.
     """
     if x.is_cuda and x.dim() >= 1 and x.numel() > 0:
-        from moeco.fp8 import triton_kernels
-
         if triton_kernels.available():
             return triton_kernels.quantize_act_1x128(x, pow2_scale=pow2_scale)
     return quantize_act_1x128_reference(x, pow2_scale=pow2_scale)
 
 
 def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *, pow2_scale: bool = False,
-                         rows: torch.Tensor | None = None):
+                         rows: torch.Tensor | None = None, quant_kernel: str = "auto"):
     """Quantize x (T, C) along T, i.e. x.t() per 1x128 tile: returns q (C, T) and s (C, ceil(T/128)).
 
     This is the 128x1 tiling of Wgrad, whose two operands are both scaled along the token dim.
@@ -100,21 +91,18 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     forward pass) and is dequantized first: the 1x128 -> 128x1 re-tiling of the report.
     With `rows` (T',) integer, output token t is x's row rows[t], or a zero row where rows[t] < 0
     (the grouped Wgrad's per-expert padding): q (C, T').
-    On CUDA: the NVRTC kernel of `moeco.fp8.cuda_kernels` where it applies, else Triton's
-    (MOECO_FP8_QUANT=auto|cuda|triton chooses).
+    On CUDA: the NVRTC kernel of `moeco.fp8.cuda_kernels` where it applies, else Triton's;
+    `quant_kernel` (the recipe's field): "auto", "cuda" (required) or "triton".
     """
     if x.is_cuda:
-        from moeco.fp8 import cuda_kernels, triton_kernels
-
-        how = cuda_kernels.mode()
-        if how != "triton" and cuda_kernels.token_wise_supported(x, x_scale):
+        if quant_kernel != "triton" and cuda_kernels.token_wise_supported(x, x_scale):
             out = cuda_kernels.token_wise(x, x_scale, pow2_scale=pow2_scale, rows=rows)
             if out is not None:
                 return out
-        if how == "cuda":
+        if quant_kernel == "cuda":
             raise ConfigError(
-                f"MOECO_FP8_QUANT=cuda, but the NVRTC kernel cannot take this input "
-                f"({x.dtype}, shape {tuple(x.shape)}) here: {cuda_kernels.status()}; unset it to use Triton")
+                f"quant_kernel='cuda', but the NVRTC kernel cannot take this input "
+                f"({x.dtype}, shape {tuple(x.shape)}) here: {cuda_kernels.status()}; use quant_kernel='auto'")
         if triton_kernels.available():
             return triton_kernels.quantize_act_1x128_t(x, x_scale, pow2_scale=pow2_scale, rows=rows)
     xf = x.float() if x_scale is None else dequantize_act_1x128(x, x_scale)
@@ -125,21 +113,20 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     return quantize_act_1x128_reference(xf.t(), pow2_scale=pow2_scale)
 
 
-def quantize_act_1x128_dual(x: torch.Tensor, *, pow2_scale: bool = False):
+def quantize_act_1x128_dual(x: torch.Tensor, *, pow2_scale: bool = False, quant_kernel: str = "auto"):
     """Both tilings of x (T, C): `(quantize_act_1x128(x), quantize_act_1x128_t(x))`, the same bits.
 
     Backward needs both for the output gradient (Dgrad takes its 1x128 tiles, Wgrad its 128x1 tiles):
     on CUDA, for bf16 / fp16 input, one NVRTC kernel reads x once and writes both (the fused cast and
-    transpose DeepSeek-V3's report asks hardware for); elsewhere the two functions run in turn.
+    transpose DeepSeek-V3's report asks hardware for); elsewhere (or with quant_kernel="triton") the
+    two functions run in turn.
     """
-    if x.is_cuda:
-        from moeco.fp8 import cuda_kernels
-
-        if cuda_kernels.mode() != "triton" and cuda_kernels.dual_supported(x):
-            out = cuda_kernels.dual(x, pow2_scale=pow2_scale)
-            if out is not None:
-                return out
-    return quantize_act_1x128(x, pow2_scale=pow2_scale), quantize_act_1x128_t(x, pow2_scale=pow2_scale)
+    if x.is_cuda and quant_kernel != "triton" and cuda_kernels.dual_supported(x):
+        out = cuda_kernels.dual(x, pow2_scale=pow2_scale)
+        if out is not None:
+            return out
+    return (quantize_act_1x128(x, pow2_scale=pow2_scale),
+            quantize_act_1x128_t(x, pow2_scale=pow2_scale, quant_kernel=quant_kernel))
 
 
 def dequantize_act_1x128(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32):
@@ -161,8 +148,6 @@ def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False, transp
     if w.dim() < 2:
         raise ValueError(f"quantize_weight_128x128 needs a (*, N, K) tensor, got shape {tuple(w.shape)}")
     if w.is_cuda and w.numel() > 0:  # one Triton kernel, bit-exact (tests/test_fp8_gpu.py on the H200)
-        from moeco.fp8 import triton_kernels
-
         if triton_kernels.available():
             return triton_kernels.quantize_weight_128x128(w, pow2_scale=pow2_scale, transposed=transposed)
     q, scale = quantize_weight_128x128_reference(w, pow2_scale=pow2_scale)

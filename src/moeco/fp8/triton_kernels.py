@@ -19,8 +19,9 @@ fp8_gemm_nt: C (M, N) = A (M, K) . B (N, K)^T with A scaled per 1x128 tile and B
 fp8_grouped_gemm_nt: the same GEMM for all routed experts in one launch (tokens sorted by expert,
     offs = cumulative end rows): Fprop (x . W_e^T) and Dgrad (dy . W_e, with W_e^T from the weight
     quantization). A device-side tile -> expert map (`grouped_tile_map`) avoids a host sync.
-fp8_grouped_wgrad: dW_e = dy_e^T . x_e for all experts in one launch; each expert's tokens are
-    moved to a 128-aligned start, re-tiled 128x1, and every program sums over its expert's tokens.
+grouped_wgrad_gemm: dW_e = dy_e^T . x_e for all experts in one launch, from operands re-tiled 128x1
+    with each expert's tokens at a 128-aligned start (`moeco.fp8.grouped_wgrad`); every program sums
+    over its expert's tokens.
 *_tma variants (Hopper on, `use_tma`): the same GEMMs with operand tiles loaded through TMA tensor
     descriptors (out-of-bounds reads are zeros, so the k-loop has no masks); the dense one is
     persistent (one program per SM). The grouped Fprop/Dgrad went from 0.77-0.90x to 1.02-1.14x
@@ -34,51 +35,25 @@ interpreter, so the GEMM upcasts its operands to fp32 there (FP8 products are ex
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from moeco.fp8 import quantize as _quantize
 from moeco.fp8 import cuda_gemm, cuda_kernels
 from moeco.fp8.cuda_kernels import MAX_GRID_Y as _MAX_GRID_Y
-from moeco.fp8.quantize import _ceil_div
+from moeco.fp8.format import FP8_DTYPE
+from moeco.fp8.format import ceil_div as _ceil_div
+from moeco.triton_support import HAVE_TRITON, available, interpreting
 
-try:  # Triton is optional: every caller has a PyTorch path.
+if HAVE_TRITON:  # Triton is optional: every caller has a PyTorch path.
     import triton
     import triton.language as tl
 
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    _HAVE_TRITON = False
-
-FP8_DTYPE = torch.float8_e4m3fn
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# The 1x128 and weight quantization kernels divide by the scale through its reciprocal and
+# `fast_div` (the 1x128 and weight quantizations): divide by the scale through its reciprocal and
 # Markstein's correction (the same bits as a division, fewer instructions; H200: weights 1.16x, 1x128
 # 1.03-1.08x). The 128x1 kernel keeps div_rn, which measured faster there (0.90-0.99x otherwise;
-# bench/fp8_gemm_tune.py --only div). False: div_rn everywhere (for the bench's comparison).
-FAST_DIV = True
+# bench/fp8_gemm_tune.py --only div). fast_div=False: div_rn (for the bench's comparison).
 
 
-def _fast_div() -> bool:
-    return FAST_DIV and not interpreting()
-
-
-def available(device: torch.device | str | None = None) -> bool:
-    """Triton can run here: on CUDA tensors, or on CPU tensors under the interpreter."""
-    if not _HAVE_TRITON:
-        return False
-    if device is not None and torch.device(device).type == "cpu":
-        return interpreting()
-    return True
-
-
-if _HAVE_TRITON:
+if HAVE_TRITON:
 
     @triton.jit
     def _round_to_e4m3_grid(v):
@@ -325,7 +300,7 @@ if _HAVE_TRITON:
 
 
 def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: int = 8, groups: int = 4,
-                       num_warps: int = 4):
+                       num_warps: int = 4, fast_div: bool = True):
     """Triton version of `moeco.fp8.quantize.quantize_act_1x128_reference`.
 
     The scale comes back as a (*, ceil(K/128)) view of a (ceil(K/128), rows) buffer
@@ -350,7 +325,8 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
     grid = (_ceil_div(kb, groups), _ceil_div(M, block_m))
     _quant_act_kernel[grid if k_fast else grid[::-1]](
         x2, q, s_t, M, K, x2.stride(0), q.stride(0), 1, M, BLOCK_M=block_m, GROUPS=groups, POW2=pow2_scale,
-        EMULATE_CAST=interpreting(), FAST_DIV=_fast_div(), K_FAST=k_fast, num_warps=num_warps)
+        EMULATE_CAST=interpreting(), FAST_DIV=fast_div and not interpreting(), K_FAST=k_fast,
+        num_warps=num_warps)
     return q.reshape(*lead, K), s_t.t().reshape(*lead, kb)
 
 
@@ -395,7 +371,8 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     return q, s
 
 
-def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False, transposed: bool = False):
+def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False, transposed: bool = False,
+                            fast_div: bool = True):
     """Triton version of `moeco.fp8.quantize.quantize_weight_128x128` (bit-exact), w (*, N, K).
 
     Returns (q, scale), or (q, scale, q_t) with `transposed=True`: q_t (*, K, N) contiguous is q with
@@ -414,8 +391,7 @@ def quantize_weight_128x128(w: torch.Tensor, *, pow2_scale: bool = False, transp
         _quant_weight_kernel[(nb, kb, E)](w3, q, qt, s, N, K, w3.stride(0), w3.stride(1), q.stride(0), q.stride(1),
                                           qt.stride(0), qt.stride(1), s.stride(0), s.stride(1), s.stride(2),
                                           POW2=pow2_scale, EMULATE_CAST=interpreting(), WRITE_T=transposed,
-                                          FAST_DIV=_fast_div(),
-                                          num_warps=8)
+                                          FAST_DIV=fast_div and not interpreting(), num_warps=8)
     out = (q.reshape(*lead, N, K), s.reshape(*lead, nb, kb))
     return out + (qt.reshape(*lead, K, N),) if transposed else out
 
@@ -430,13 +406,14 @@ def _dense_gemm_setup(a_q, b_q, b_scale, out_dtype):
 
 
 def fp8_gemm_nt(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, block_m=128, block_n=128,
-                group_m=8, num_warps=8, num_stages=3):
+                group_m=8, num_warps=8, num_stages=3, tma: bool | None = None):
     """C = A . B^T with A (M, K) 1x128-scaled and B (N, K) 128x128- or 1x128-scaled, FP32 promotion.
 
     On Hopper, with operands TMA can read (`use_tma`, `tma_gemm_ok`), this runs `fp8_gemm_nt_tma`
     (0.67-1.25x BF16 cuBLAS on the H200 at V3 shapes, against 0.45-0.89x for the kernel below).
+    `tma`: see `use_tma`.
     """
-    if use_tma(a_q, b_q) and tma_gemm_ok(a_q, b_q, out_dtype):
+    if use_tma(a_q, b_q, tma=tma) and tma_gemm_ok(a_q, b_q, out_dtype):
         return fp8_gemm_nt_tma(a_q, a_scale, b_q, b_scale, out_dtype)
     M, N, K, b_rows, c = _dense_gemm_setup(a_q, b_q, b_scale, out_dtype)
     if interpreting():
@@ -501,7 +478,7 @@ def fp8_gemm_nt_tma(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, blo
 # end rows, int32, torch._grouped_mm's convention). No host sync: the tile -> expert map is built on
 # the device from offs, over an upper bound of the number of M tiles.
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
 
     @triton.jit
     def _fp8_grouped_gemm_nt_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, map_ptr, N, K, E, num_tiles,
@@ -655,11 +632,11 @@ def _grouped_config(block_m, block_n, num_warps, num_stages):
 
 def use_tma(*operands: torch.Tensor, tma: bool | None = None) -> bool:
     """Whether the TMA kernels run: tma=None decides (CUDA with compute capability >= 9, every operand
-    contiguous with 16-byte rows and base; MOECO_FP8_TMA=0 turns them off); True forces them (the
-    interpreter runs them too), False the pointer-based kernels."""
+    contiguous with 16-byte rows and base); True forces them (the interpreter runs them too), False the
+    pointer-based kernels (what a recipe with `tma=False` passes)."""
     if tma is not None:
         return tma
-    if interpreting() or os.environ.get("MOECO_FP8_TMA", "1") == "0":
+    if interpreting():
         return False
     t0 = operands[0]
     if not t0.is_cuda or cuda_kernels.capability(t0.device)[0] < 9:
@@ -726,7 +703,7 @@ def fp8_grouped_gemm_nt(a_q, a_scale, b_q, b_scale, offs, out_dtype=torch.bfloat
     return c
 
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
 
     @triton.jit
     def _zero_rows_past_kernel(c_ptr, offs_ptr, E, T, N, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -821,52 +798,15 @@ def grouped_padded_rows(offs: torch.Tensor, T: int):
     return dest, pstart, Tp
 
 
-def fp8_grouped_wgrad(gy, xq, xs, offs, E: int, *, pow2_scale=False, out_dtype=torch.float32, block_m=128,
-                      block_n=128, num_warps=8, num_stages=4, tma: bool | None = None, gemm: str | None = None):
-    """dW[e] (N, K) = gy[rows of e]^T . x[rows of e] for all experts: Wgrad of the grouped GEMM.
-
-    gy (T, N) high precision; x given as its forward FP8 copy xq (T, K) with 1x128 scales xs.
-    Both are quantized 128x1 along the tokens (`grouped_wgrad_operands`) into a layout where every
-    expert starts on a 128-token boundary, then one launch computes all experts (`grouped_wgrad_gemm`).
-    """
-    T, N = gy.shape
-    K = xq.shape[1]
-    if E == 0 or N == 0 or K == 0:
-        return torch.zeros((E, N, K), dtype=out_dtype, device=gy.device)
-    ops = grouped_wgrad_operands(gy, xq, xs, offs, pow2_scale=pow2_scale)
-    return grouped_wgrad_gemm(*ops, E, out_dtype=out_dtype, block_m=block_m, block_n=block_n, num_warps=num_warps,
-                              num_stages=num_stages, tma=tma, gemm=gemm)
-
-
-def grouped_wgrad_operands(gy, xq, xs, offs, *, pow2_scale=False):
-    """(gq (N, Tp), gs (N, Tp/128), xtq (K, Tp), xts (K, Tp/128), pstart (E + 1,) int64): gy and x (its FP8
-    copy, dequantized first) quantized 128x1 along the tokens with each expert's tokens starting on a
-    128-token boundary (zero tokens in between), so each 128-token tile belongs to one expert, exactly as
-    the per-expert loop tiles them. The quantization kernel reads the rows through a row map, so the
-    padded copy is never written. No host sync."""
-    T = gy.shape[0]
-    dest, pstart, Tp = grouped_padded_rows(offs, T)
-    # padded row -> source row (-1: padding). Rows past offs[-1] all land on row Tp - 1, in a spare
-    # block the GEMM never reads.
-    src = torch.full((Tp,), -1, dtype=torch.int32, device=gy.device)
-    src.scatter_(0, dest, torch.arange(T, dtype=torch.int32, device=gy.device))
-    # through the dispatcher: the NVRTC token-wise kernel where it applies, else this module's
-    gq, gs = _quantize.quantize_act_1x128_t(gy, pow2_scale=pow2_scale, rows=src)  # (N, Tp), (N, Tp/128)
-    xtq, xts = _quantize.quantize_act_1x128_t(xq, xs, pow2_scale=pow2_scale, rows=src)  # (K, Tp), (K, Tp/128)
-    return gq, gs, xtq, xts, pstart
-
-
 def grouped_wgrad_gemm(gq, gs, xtq, xts, pstart, E: int, *, out_dtype=torch.float32, block_m=128, block_n=128,
-                       num_warps=8, num_stages=4, tma: bool | None = None, gemm: str | None = None):
+                       num_warps=8, num_stages=4, tma: bool | None = None, gemm: str = "wgmma"):
     """(E, N, K): out[e] = the sum over expert e's 128-token blocks (pstart[e] .. pstart[e + 1]) of the
-    promoted products of `grouped_wgrad_operands`' tiles. `gemm="wgmma"`: moeco's Hopper kernel
-    (`cuda_gemm.fp8_grouped_wgrad_nt`, persistent TMA + WGMMA over all experts' tiles; fp32 out, N a
-    multiple of 128), `"triton"`: this module's kernel (grid: output tiles x experts); None: MOECO_FP8_GEMM's
-    choice (`cublas` never takes moeco's wgmma kernel, otherwise it runs wherever it applies). Triton's
-    kernel runs wherever the wgmma one cannot."""
+    promoted products of `grouped_wgrad.grouped_wgrad_operands`' tiles. `gemm="wgmma"`: moeco's Hopper
+    kernel (`cuda_gemm.fp8_grouped_wgrad_nt`, persistent TMA + WGMMA over all experts' tiles; fp32 out, N
+    a multiple of 128) wherever it applies, `"triton"`: this module's kernel (grid: output tiles x
+    experts; a recipe with gemm_kernel="cublas" takes it). Triton's kernel runs wherever the wgmma one
+    cannot."""
     N, K = gq.shape[0], xtq.shape[0]
-    if gemm is None:
-        gemm = "triton" if cuda_gemm.mode() == "cublas" else "wgmma"
     if gemm == "wgmma" and out_dtype == torch.float32 and not interpreting():
         if cuda_gemm.grouped_supported(gq, gs, xtq, xts):
             c = cuda_gemm.fp8_grouped_wgrad_nt(gq, gs, xtq, xts, pstart, E)

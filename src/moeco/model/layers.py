@@ -4,16 +4,16 @@ Shape legend: B batch, S sequence, D hidden, H heads, R rotary dims (qk_rope_hea
 E routed experts, F expert hidden size, T tokens (B*S flattened), K reduction dim, N output dim.
 
 Rotary layout. DeepSeek checkpoints rotate *interleaved* pairs (x0, x1), (x2, x3), ... of the R
-rotary dims, each pair by one frequency theta_j = base^(-2j/R) (HF: `rope_interleave=True`):
+rotary dims, each pair by one frequency theta_j = base^(-2j/R) (HF: `rope_interleave=True`; a
+checkpoint stored half-split, `rope_interleave=False`, is reordered on load, see moeco.checkpoint):
     (x_{2j} + i x_{2j+1}) * exp(i * pos * theta_j) * attention_factor
 YaRN (long-context extension) changes theta_j per dimension between interpolation (theta/factor)
 and extrapolation (theta) with a linear ramp over the correction range set by beta_fast/beta_slow,
 and scales cos/sin by attention_factor = mscale(factor, mscale) / mscale(factor, mscale_all_dim);
 the softmax scale gets mscale(factor, mscale_all_dim)^2 (see ModelConfig.softmax_scale).
 
-Precision is chosen at build time: the model asks a *recipe* for every Linear it builds
-(`recipe.make_linear(in, out, bias=..., role=...)`) and for the routed experts' grouped GEMM
-(`recipe.grouped_mm`). `HighPrecision` is the plain recipe; moeco.fp8 provides the FP8 one.
+Precision is chosen at build time: the model asks a recipe (`moeco.precision`) for every Linear it
+builds (`recipe.make_linear(in, out, bias=..., role=...)`), as MLP does here.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeco.config import ModelConfig, yarn_mscale
+from moeco.precision import Recipe
 
 
 class RMSNorm(nn.Module):
@@ -116,11 +117,11 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return out.flatten(-2).to(dtype)
 
 
-# ---- MLP and the Linear factory -------------------------------------------------------------
+# ---- MLP ------------------------------------------------------------------------------------
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
 
-    def __init__(self, dim: int, hidden: int, recipe: "HighPrecision", role: str = "mlp"):
+    def __init__(self, dim: int, hidden: int, recipe: Recipe, role: str = "mlp"):
         super().__init__()
         self.gate_proj = recipe.make_linear(dim, hidden, role=role)
         self.up_proj = recipe.make_linear(dim, hidden, role=role)
@@ -128,45 +129,3 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def grouped_mm_reference(x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """y[rows of expert e] = x[rows of e] @ w[e].T, tokens sorted by expert, `offs` = cumulative ends."""
-    out = x_TK.new_empty(x_TK.shape[0], w_ENK.shape[1])
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        if end > start:  # decode batches leave most experts empty
-            out[start:end] = F.linear(x_TK[start:end], w_ENK[e])
-        start = end
-    return out
-
-
-def grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Grouped GEMM: one `torch._grouped_mm` on CUDA (bf16), a per-expert F.linear loop otherwise.
-
-    On CPU, torch 2.13's _grouped_mm ran about 4x slower than the loop for 32 experts x 128 tokens
-    (measured while writing this); `backend="grouped_mm"` forces it (tests compare both paths).
-    """
-    if torch.is_autocast_enabled(x_TK.device.type):  # 3-D weights are not nn.Linear: cast like autocast would
-        dtype = torch.get_autocast_dtype(x_TK.device.type)
-        x_TK, w_ENK = x_TK.to(dtype), w_ENK.to(dtype)
-    use_grouped = backend == "grouped_mm" or (
-        backend == "auto" and x_TK.is_cuda and x_TK.dtype == torch.bfloat16 == w_ENK.dtype)
-    if use_grouped and hasattr(torch, "_grouped_mm") and x_TK.shape[0] > 0:
-        return torch._grouped_mm(x_TK, w_ENK.transpose(-2, -1), offs=offs)
-    return grouped_mm_reference(x_TK, w_ENK, offs)
-
-
-class HighPrecision:
-    """The plain recipe: nn.Linear everywhere and a BF16/FP32 grouped GEMM for the experts."""
-
-    name = "high-precision"
-
-    def make_linear(self, in_features: int, out_features: int, *, bias: bool = False, role: str = "mlp") -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=bias)
-
-    def grouped_mm(self, x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        return grouped_mm(x_TK, w_ENK, offs)
-
-
-DEFAULT_RECIPE = HighPrecision()

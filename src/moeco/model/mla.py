@@ -74,14 +74,16 @@ class MLA(nn.Module):
         """W_UK and W_UV as one dense (H*(dn+dv), d_c) matrix for the absorbed path.
 
         A plain Linear's weight is used as it is; an FP8 one (`dequantized_weight()`, keep_fp8
-        inference) is dequantized once and reused while its stored weight is unchanged, not at
-        every decode step of every layer.
+        inference) is dequantized once and reused while its stored tensors are unchanged, not at
+        every decode step of every layer. The key covers every tensor the dequantization reads
+        (the FP8 weight and its block scales): where each lives and its in-place version counter.
         """
         lin = self.kv_b_proj
         dequantize = getattr(lin, "dequantized_weight", None)
         if dequantize is None:
             return lin.weight.to(dtype)
-        key = (lin.weight.data_ptr(), lin.weight._version, dtype)
+        stored = [*lin.parameters(recurse=False), *lin.buffers(recurse=False)]
+        key = (tuple((t.data_ptr(), t._version) for t in stored), dtype)
         if self._kv_b_dense is None or self._kv_b_dense[0] != key:
             self._kv_b_dense = (key, dequantize(dtype))
         return self._kv_b_dense[1]

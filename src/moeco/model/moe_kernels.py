@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from moeco.fp8.triton_kernels import _HAVE_TRITON, available, interpreting
+from moeco.triton_support import HAVE_TRITON, available, interpreting
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 

@@ -15,11 +15,12 @@ from torch import nn
 
 from moeco.config import ModelConfig
 from moeco.errors import ConfigError
-from moeco.model.layers import DEFAULT_RECIPE, MLP, RMSNorm, RotaryEmbedding
 from moeco.model.cache import DenseLatentCache, LatentCache
+from moeco.model.layers import MLP, RMSNorm, RotaryEmbedding
 from moeco.model.mla import MLA, AttnInputs
 from moeco.model.moe import GroupedExperts, MoE, Router
 from moeco.model.mtp import build_mtp_module, mtp_forward
+from moeco.precision import DEFAULT_RECIPE
 
 
 class Block(nn.Module):

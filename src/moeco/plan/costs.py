@@ -20,6 +20,12 @@ FLOPs per token (Table 2, facts §3: the convention that reproduces both DeepSee
     train    6 P_mm + 3 L s n_h (d_qk + d_v)          V3 250.45 GFLOP, V2 155.31 GFLOP at s = 4096
 GQA uses the same formula with d_qk = d_v = h (the n_kv sharing saves memory, not FLOPs).
 With causal=False the attention term doubles (Megatron's count; V3 281.2 GFLOP).
+
+MTP (not in Table 2; what a training step also runs, so MFU counts it). Depth k = 1..D runs one
+decoder layer, eh_proj (2d -> d) and the shared head on the first n_k = s - k positions:
+    forward_mtp  sum_k (n_k / s) [2 (P_mtp + P_head) + n_k n_h (d_qk + d_v)]   (causal; 2 n_k ... without)
+with P_mtp one MTP layer's active matmul weights (param_counts.mtp_active / D): V3 at s = 4096 adds
+3.40 GFLOP forward, 10.19 in training, to Table 2's 250.45 (260.64 in all).
 """
 
 from __future__ import annotations
@@ -139,12 +145,33 @@ def forward_flops_per_token(config_or_arch, seq_len: int = 4096, causal: bool = 
     return 2.0 * matmul_params_active(config_or_arch) + attn_core_flops_forward(config_or_arch, seq_len, causal)
 
 
-def train_flops_per_token(config_or_arch, seq_len: int = 4096, causal: bool = True) -> float:
+def train_flops_per_token(config_or_arch, seq_len: int = 4096, causal: bool = True, mtp: bool = False) -> float:
     """Forward + backward FLOPs per token (3x forward): 6 P_mm + 3 L s n_h (d_qk + d_v) when causal.
 
-    The trainer's MFU divides achieved FLOP/s by this times tokens/s; V3 gives 250.45e9 at 4096.
+    V3 gives 250.45e9 at 4096 (Table 2, which leaves MTP out). mtp=True adds 3x the MTP modules'
+    forward (mtp_forward_flops_per_token): what a training step runs, and what the trainer's MFU counts.
     """
-    return 3.0 * forward_flops_per_token(config_or_arch, seq_len, causal)
+    extra = mtp_forward_flops_per_token(config_or_arch, seq_len, causal) if mtp else 0.0
+    return 3.0 * (forward_flops_per_token(config_or_arch, seq_len, causal) + extra)
+
+
+def mtp_forward_flops_per_token(config_or_arch, seq_len: int = 4096, causal: bool = True) -> float:
+    """Forward FLOPs of the D MTP modules per token of the main sequence (0 without MTP); see the top."""
+    a = load_arch(config_or_arch)
+    if seq_len < 1:
+        raise ConfigError(f"seq_len = {seq_len} is invalid: must be a positive integer")
+    if not a.mtp_layers:
+        return 0.0
+    p = param_counts(a)
+    layer_and_head = p.mtp_active / a.mtp_layers + (p.head or p.embedding)
+    total = 0.0
+    for k in range(1, a.mtp_layers + 1):
+        n = seq_len - k
+        if n <= 0:
+            break
+        core = 2.0 * n * a.num_attention_heads * (a.qk_head_dim + a.v_head_dim)
+        total += n / seq_len * (2.0 * layer_and_head + (core / 2 if causal else core))
+    return total
 
 
 def flops_breakdown(model, seq_len: int = 4096, causal: bool = True) -> dict[str, dict[str, float]]:

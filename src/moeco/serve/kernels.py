@@ -14,17 +14,13 @@ partial (max, sum, weighted rows) are merged afterwards (flash-decoding).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
+from moeco.triton_support import HAVE_TRITON, available
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - CPU installs without triton use the reference
-    _HAVE_TRITON = False
 
 
 def paged_mla_decode_reference(q_latent, q_rot, pool, block_tables, positions, scale, block_size):
@@ -42,7 +38,7 @@ def paged_mla_decode_reference(q_latent, q_rot, pool, block_tables, positions, s
     return torch.einsum("bsht,btc->bshc", p, c)
 
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
     @triton.jit
     def _decode_kernel(ql_ptr, qr_ptr, pool_ptr, bt_ptr, pos_ptr, acc_ptr, ml_ptr, scale,
                        H, C, R, S, stride_bt, NUM_SPLITS,
@@ -101,8 +97,7 @@ def paged_mla_decode(q_latent, q_rot, pool, block_tables, positions, scale, bloc
                      block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int = 2):
     """o_latent (B, S, H, d_c) in float32; the Triton kernel where it runs, else the reference."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not _HAVE_TRITON or not (pool.is_cuda or interpret):
+    if not available(pool.device):
         return paged_mla_decode_reference(q_latent, q_rot, pool, block_tables, positions, scale, block_size)
     B, S, H, C = q_latent.shape
     R = q_rot.shape[-1]

@@ -7,8 +7,8 @@
     and, at evaluation steps, val_loss and val_ppl.
 
 MFU = tokens/s x FLOPs per token / (ranks x peak FLOP/s), with the planner's FLOPs-per-token
-convention (`moeco.plan.costs.train_flops_per_token`: causal attention, MTP included); without the
-planner, 6 x active matmul parameters.
+convention (`moeco.plan.costs.train_flops_per_token(..., mtp=True)`: causal attention, the MTP
+modules' layer, eh_proj and head included); without the planner, 6 x active matmul parameters.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
         from moeco.plan.costs import train_flops_per_token
     except ImportError:
         return 6.0 * active_matmul_params(config)
-    return float(train_flops_per_token(config, seq_len))
+    return float(train_flops_per_token(config, seq_len, mtp=True))
 
 
 def active_matmul_params(c: ModelConfig) -> int:

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from moeco import triton_support
+
 try:
     import triton
     import triton.language as tl
@@ -61,9 +63,7 @@ if _HAVE_TRITON:
 def _use_triton(p: torch.Tensor, g: torch.Tensor) -> bool:
     if not _HAVE_TRITON or not p.is_contiguous() or not g.is_contiguous() or p.dtype != torch.float32:
         return False
-    from moeco.fp8 import triton_kernels
-
-    return triton_kernels.available(p.device)  # CUDA, or CPU under TRITON_INTERPRET=1
+    return triton_support.available(p.device)  # CUDA, or CPU under TRITON_INTERPRET=1
 
 
 def _hyper(lr, weight_decay, beta1, beta2, step) -> tuple:

@@ -121,7 +121,7 @@ def _recipe(precision: str):
     except ImportError:
         raise ConfigError("train.precision = 'fp8' needs moeco.fp8.recipe, which this install lacks; "
                           "use bf16 or fp32") from None
-    return recipe_by_name(precision)
+    return recipe_by_name(precision, environ=os.environ)  # MOECO_FP8_* set the kernel choices, read once here
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -273,12 +273,10 @@ class Trainer:
         return torch.autocast(self.dist.device.type, dtype=self.autocast, cache_enabled=cache)
 
     def _weight_cache(self):
-        """`moeco.fp8.weight_cache()` around an optimizer step's micro-steps, where it saves work: FP8
-        precision, more than one micro-step, and `train.fp8_weight_cache`."""
+        """The FP8 recipe's `weight_cache()` around an optimizer step's micro-steps, where it saves work:
+        FP8 precision, more than one micro-step, and `train.fp8_weight_cache`."""
         if self.accum > 1 and self.cfg.fp8_weight_cache and self.cfg.precision.startswith("fp8"):
-            from moeco.fp8 import weight_cache
-
-            return weight_cache()
+            return self.model.recipe.weight_cache()
         return contextlib.nullcontext()
 
     def _compute(self, batch_ABS: torch.Tensor, graph_mode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
