@@ -24,8 +24,7 @@ install-test: $(VENV)/.installed-test
 # The main job: train the tiny preset on the embedded corpus (~4 min on 2 CPU cores), then sample it.
 RUN_DIR ?= runs/tiny
 run: install
-	$(VENV)/bin/moeco train --preset tiny --out $(RUN_DIR) --steps 300 --overwrite \
-		--set train.lr=2e-3 --set train.warmup_steps=30 --set train.bias_update_speed=0.01
+	$(VENV)/bin/moeco train --preset tiny --out $(RUN_DIR) --steps 300 --overwrite
 	$(VENV)/bin/moeco generate $(RUN_DIR)/model --prompt "The for statement" --max-new-tokens 60 \
 		--temperature 0.8 --top-p 0.95
 	@echo "written: model $(RUN_DIR)/model, metrics $(RUN_DIR)/metrics.jsonl, plots $(RUN_DIR)/plots/, checkpoints $(RUN_DIR)/checkpoints/"

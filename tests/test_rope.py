@@ -86,7 +86,7 @@ def test_yarn_factors_follow_the_formulas_and_transformers(variant):
     assert factor == pytest.approx(attention_factor, rel=1e-12)
     assert cfg.softmax_scale() == pytest.approx(cfg.qk_head_dim ** -0.5 * softmax_mult, rel=1e-12)
     from moeco.model.mla import MLA
-    from moeco.model.layers import DEFAULT_RECIPE
+    from moeco.precision import DEFAULT_RECIPE
 
     assert MLA(cfg, DEFAULT_RECIPE).scale == pytest.approx(cfg.softmax_scale(), rel=1e-12)
 

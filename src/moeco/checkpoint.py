@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -40,7 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moeco.config import ModelConfig
+from moeco.config import ModelConfig, read_config_json
 from moeco.errors import LoadError
 from moeco.fsutil import fsync_tree, publish_dir
 
@@ -156,6 +157,9 @@ class _Reader:
         """
         used.add(key)
         t = self.handles[self.where[key]].get_tensor(key)
+        if not t.is_floating_point():
+            raise LoadError(f"tensor {key!r} is stored as {t.dtype}, a floating-point tensor is expected; the "
+                            f"checkpoint is damaged or not a model checkpoint")
         if dtype is None:
             return t
         if t.dtype in _FP8_DTYPES:
@@ -170,21 +174,41 @@ class _Reader:
                 t = dequantize_weight_128x128(t, scale.float(), dtype=torch.float32)
             except ValueError as exc:
                 raise LoadError(f"{scale_key!r}: {exc}") from None
-        return t.to(dtype)
+        t = t.to(dtype)
+        if not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise LoadError(f"tensor {key!r} holds {n:,} NaN or infinite value(s) of {t.numel():,}; the checkpoint "
+                            f"is damaged or the run that wrote it diverged: use an earlier checkpoint")
+        return t
+
+
+def _check_memory(expected: dict, dtype: torch.dtype, device, directory: Path) -> None:
+    """The weights are read into host memory, then moved: both must hold them (before anything is read)."""
+    from moeco.resources import check_fits
+
+    n = sum(t.numel() for t in expected.values())
+    nbytes = sum(t.numel() * (dtype.itemsize if t.is_floating_point() and t.dtype not in _FP8_DTYPES
+                              else t.element_size()) for t in expected.values())
+    what = f"the weights of {str(directory)!r} ({n / 1e6:,.1f}M parameters in {str(dtype).removeprefix('torch.')})"
+    fix = "load it on a machine with more memory, in a smaller dtype (bfloat16), or keep_fp8 for an FP8 checkpoint"
+    check_fits(nbytes, "cpu", what, fix)
+    if torch.device(device).type == "cuda":
+        check_fits(nbytes, device, what, fix)
 
 
 def _gather_experts(reader: _Reader, prefix: str, which: str, n_experts: int, dtype, used: set,
-                    suffix: str = "") -> torch.Tensor:
-    """One 3-D expert tensor from the fused (transformers 5) or the per-expert (DeepSeek) layout."""
+                    suffix: str = "", first: int = 0) -> torch.Tensor:
+    """One 3-D expert tensor from the fused (transformers 5) or the per-expert (DeepSeek) layout:
+    experts [first, first + n_experts) of the layer (an expert-parallel rank's range)."""
     fused_key = f"{prefix}.down_proj" if which == "w2_EDF" else f"{prefix}.gate_up_proj"
     if fused_key in reader and not suffix and dtype is not None:
-        t = reader.get(fused_key, dtype, used)
+        t = reader.get(fused_key, dtype, used)[first:first + n_experts]
         if which in ("w2_EDF", "w13_E2FD"):
             return t
         half = t.shape[1] // 2
         return t[:, :half] if which == "w1_EFD" else t[:, half:]
     parts = _PER_EXPERT_NAME[which]
-    keys = [[f"{prefix}.{j}.{part}.weight{suffix}" for part in parts] for j in range(n_experts)]
+    keys = [[f"{prefix}.{j}.{part}.weight{suffix}" for part in parts] for j in range(first, first + n_experts)]
     missing = [k for row in keys for k in row if k not in reader]
     if missing:
         raise LoadError(f"missing tensor {missing[0]!r} (and {len(missing) - 1} more expert tensors)"
@@ -193,7 +217,7 @@ def _gather_experts(reader: _Reader, prefix: str, which: str, n_experts: int, dt
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    recipe=None, keep_fp8: bool = False):
+                    recipe=None, keep_fp8: bool = False, ep_rank: int = 0, ep_size: int = 1):
     """Load a DeepSeek-V3-family checkpoint directory into a moeco Transformer.
 
     dtype: the parameters' dtype (default: config.json's torch_dtype, float32 if absent; FP8 weights
@@ -201,13 +225,15 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     with the MTP modules switched off (transformers writes none); a partial MTP layer is an error.
     keep_fp8: for FP8 checkpoints (DeepSeek's release), keep the projection and expert weights in
     FP8 with their block scales (moeco.fp8.inference): half the memory of BF16, FP8 GEMMs on CUDA.
+    ep_rank, ep_size: read only the routed experts expert-parallel rank `ep_rank` of `ep_size` holds
+    (experts [ep_rank E/ep_size, (ep_rank+1) E/ep_size) of each layer); the rest is read whole.
     """
     from moeco.model.transformer import Transformer
 
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise LoadError(f"{str(directory)!r} has no config.json; pass the checkpoint directory")
-    raw = json.loads((directory / "config.json").read_text())
+    raw, _ = read_config_json(directory)
     config = ModelConfig.from_hf(raw)
     if dtype is None:
         dtype = _DTYPES.get(raw.get("torch_dtype") or raw.get("dtype"), torch.float32)
@@ -226,7 +252,17 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
         recipe = Fp8InferenceRecipe()
     with torch.device("meta"):
         model = Transformer(config, recipe=recipe)
+    first = 0
+    if ep_size != 1:
+        from moeco.parallel.expert_parallel import shard_experts
+        from moeco.parallel.mesh import MeshSpec
+
+        if not 0 <= ep_rank < ep_size:
+            raise LoadError(f"ep_rank = {ep_rank} must lie in [0, ep_size = {ep_size})")
+        shard_experts(model, MeshSpec(ep_size, ep_rank, ep_size, ep_size).validated())
+        first = ep_rank * (config.n_routed_experts // ep_size)
     expected = model.state_dict()
+    _check_memory(expected, dtype, device, directory)
     state, used = {}, set()
     for name, meta in expected.items():
         ckpt_name = _to_ckpt_prefix(name, L)
@@ -236,7 +272,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
         m = _EXPERT_PARAM.match(ckpt_name)
         if m:
             t = _gather_experts(reader, m.group(1), m.group(2), meta.shape[0], want_dtype, used,
-                                suffix="_scale_inv" if m.group(3) else "")
+                                suffix="_scale_inv" if m.group(3) else "", first=first)
         elif ckpt_name in reader:
             t = reader.get(ckpt_name, want_dtype, used)
         elif name == "lm_head.weight" and config.tie_word_embeddings:
@@ -251,7 +287,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
                             f"{tuple(meta.shape)}; the checkpoint and config.json disagree")
         state[name] = _permute_rope_rows(config, ckpt_name, t, to_interleaved=True)
     unexpected = sorted(k for k in reader.keys()
-                        if k not in used and not _ignorable(k, L) and not _is_dropped_mtp(k, L, config))
+                        if k not in used and not _ignorable(k, L) and not _is_dropped_mtp(k, L, config)
+                        and not (ep_size != 1 and _other_ranks_expert(k)))
     if unexpected:
         raise LoadError(f"unexpected tensor {unexpected[0]!r} in {str(directory)!r}"
                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
@@ -262,6 +299,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     model.reset_buffers(torch.device("cpu"))  # non-persistent buffers are still on the meta device
     model.to(device)
     return model.eval()
+
+
+def _other_ranks_expert(key: str) -> bool:
+    """A routed expert's tensor (another expert-parallel rank reads it)."""
+    return bool(re.search(r"\.mlp\.experts\.(\d+\.|gate_up_proj|down_proj)", key))
 
 
 def _is_dropped_mtp(key: str, num_layers: int, config: ModelConfig) -> bool:
@@ -318,7 +360,10 @@ def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = DEFAULT_S
     """Write config.json + safetensors (sharded above max_shard_bytes) to `path`, atomically.
 
     extra_files: name -> source path or bytes, written into the same directory (e.g. tokenizer.json).
-    An existing `path` is replaced only if it is a checkpoint directory (has config.json) or empty.
+    An existing `path` is updated only if it is a checkpoint directory (has config.json) or empty, and
+    only the files moeco writes are replaced: its other files (a tokenizer, README.md,
+    generation_config.json) are linked into the new directory, which then replaces the old one with
+    one rename. Weights are written 0644, as the other files are.
     """
     target = Path(path)
     if target.exists() and not (target.is_dir() and ((target / "config.json").exists() or not any(target.iterdir()))):
@@ -338,12 +383,12 @@ def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = DEFAULT_S
             current[name], size = t, size + nbytes
         shards.append(current)
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            _save_file(shards[0], tmp / "model.safetensors")
         else:
             weight_map = {}
             for i, shard in enumerate(shards, start=1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                _save_file(shard, tmp / fname)
                 weight_map.update({name: fname for name in shard})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / "model.safetensors.index.json").write_text(
@@ -361,9 +406,57 @@ def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = DEFAULT_S
                 dst.write_bytes(src)
             else:
                 shutil.copyfile(src, dst)
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~_umask())
+        if target.is_dir():
+            _keep_other_files(target, tmp, written={p.name for p in tmp.iterdir()})
         fsync_tree(tmp)
         publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _save_file(tensors: dict, path: Path) -> None:
+    """safetensors' save_file, its I/O failures raised as OSError (a full disk is then ENOSPC, with the path)."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+_MOECO_FILES = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json"
+                          r"|model-\d{5}-of-\d{5}\.safetensors)$")
+
+
+def _keep_other_files(target: Path, tmp: Path, written: set[str]) -> None:
+    """Hard-link (or copy) what `target` holds besides moeco's own files into `tmp`."""
+    for src in target.iterdir():
+        if src.name in written or _MOECO_FILES.match(src.name):
+            continue
+        dst = tmp / src.name
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        elif src.is_symlink():
+            dst.symlink_to(src.readlink())
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

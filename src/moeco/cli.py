@@ -8,6 +8,7 @@ and exit 2; anything else keeps its traceback because it is a bug.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -20,6 +21,7 @@ _SUBCOMMANDS = (
     "moeco.plan.cli",
     "moeco.serve.cli",
     "moeco.train.cli",
+    "moeco.experiments.cli",
 )
 
 
@@ -28,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moeco",
         description="Train, serve and plan DeepSeek-V3-style Mixture-of-Experts models.",
     )
+    from moeco import __version__
+
+    parser.add_argument("--version", action="version", version=f"moeco {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _SUBCOMMANDS:
         try:
@@ -47,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MoecoError as exc:
         print(f"moeco {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename!r}" if exc.filename else ""
+        print(f"moeco {args.command}: error: no space left on the device{where}; free some space and run "
+              f"again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moeco {args.command}: interrupted", file=sys.stderr)

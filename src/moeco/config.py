@@ -198,6 +198,8 @@ def _normalize_hf(raw: dict) -> dict:
     if "num_mtp_layers" in raw:
         raw.setdefault("num_nextn_predict_layers", raw.pop("num_mtp_layers"))
     params = raw.pop("rope_parameters", None)
+    if params and not isinstance(params, dict):
+        raise _bad("rope_parameters", params, "must be a JSON object like {\"rope_type\": \"yarn\", ...} or null")
     if params:
         params = dict(params)
         raw.setdefault("rope_theta", params.pop("rope_theta", 10000.0))
@@ -205,7 +207,7 @@ def _normalize_hf(raw: dict) -> dict:
         if kind != "default" and "rope_scaling" not in raw:
             raw["rope_scaling"] = {"type": kind, **params}
     scaling = raw.get("rope_scaling")
-    if scaling:
+    if scaling and isinstance(scaling, dict):  # anything else is refused by the validation
         scaling = dict(scaling)
         if "rope_type" in scaling:
             scaling.setdefault("type", scaling.pop("rope_type"))
@@ -225,6 +227,9 @@ def _normalize_hf(raw: dict) -> dict:
 # ---- validation -----------------------------------------------------------------------
 def _bad(name: str, value: Any, valid: str) -> ConfigError:
     return ConfigError(f"ModelConfig.{name} = {value!r} is invalid: {valid}")
+
+
+_BOOL_FIELDS = ("norm_topk_prob", "seq_aux", "rope_interleave", "attention_bias", "tie_word_embeddings")
 
 
 def _validate(c: ModelConfig) -> None:
@@ -269,6 +274,14 @@ def _validate(c: ModelConfig) -> None:
     if not isinstance(c.rope_interleave, bool):
         raise _bad("rope_interleave", c.rope_interleave,
                    "must be true (rotary dims stored in interleaved pairs, DeepSeek's layout) or false (half-split)")
+    if not (isinstance(c.aux_loss_alpha, (int, float)) and math.isfinite(c.aux_loss_alpha) and c.aux_loss_alpha >= 0):
+        raise _bad("aux_loss_alpha", c.aux_loss_alpha, "must be a finite number >= 0 (DeepSeek-V3: 0.0001)")
+    if not (isinstance(c.initializer_range, (int, float)) and math.isfinite(c.initializer_range)
+            and c.initializer_range >= 0):
+        raise _bad("initializer_range", c.initializer_range, "must be a finite number >= 0 (e.g. 0.02)")
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(c, name), bool):
+            raise _bad(name, getattr(c, name), "must be true or false")
     if c.n_routed_experts > 0:
         _validate_routing(c)
     _validate_rope_scaling(c)

@@ -18,3 +18,11 @@ class LoadError(MoecoError):
 
 class DataError(MoecoError):
     """Training data that cannot be used: missing path, empty corpus, bad JSONL."""
+
+
+class StorageError(MoecoError):
+    """The disk refused a write (full, over quota): the path and the space needed are named."""
+
+
+class TrainingError(MoecoError):
+    """A run that cannot go on: a loss that stayed NaN or infinite."""

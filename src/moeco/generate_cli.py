@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -29,11 +30,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--keep-fp8", action="store_true",
                    help="keep an FP8 checkpoint's weights in FP8 (half the memory of BF16; FP8 GEMMs on CUDA)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert parallelism under torchrun: each rank holds n_routed_experts / EP experts; every "
+                        "rank generates the same prompt, rank 0 prints")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="mesh node size for --ep (0 = --nproc-per-node)")
     p.set_defaults(func=run_generate)
 
     d = sub.add_parser("demo", help="build the tiny preset, save it as an HF checkpoint, reload it, generate")
     d.add_argument("--out", default="runs/demo", help="where the checkpoint is written")
     d.add_argument("--preset", default="tiny")
+    d.add_argument("--overwrite", action="store_true", help="replace a model already in --out with the demo's")
     d.set_defaults(func=run_demo)
 
 
@@ -43,7 +49,29 @@ def _load_tokenizer(model_dir: Path):
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+        raise LoadError(f"{str(path)!r} cannot be read as a tokenizer ({str(exc).splitlines()[0]}); replace it with "
+                        f"the tokenizer.json the model was trained with, or remove it and pass --prompt-ids") from None
+
+
+def _device(name: str) -> torch.device:
+    """--device as a torch.device that this build of torch can use."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name!r} but this torch build sees no CUDA device "
+                              f"(torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                              f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name!r} is not supported; use cpu, cuda or cuda:N")
+    return device
 
 
 def _prompt_ids(args, tokenizer) -> list[int]:
@@ -64,10 +92,23 @@ def run_generate(args) -> int:
     for name in ("max_new_tokens",):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)} must be >= 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise ConfigError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature {args.temperature} is invalid: must be a finite number >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p {args.top_p} is invalid: must be in (0, 1]")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k {args.top_k} is invalid: must be >= 0 (0 = off)")
+    args.device = str(_device(args.device))
     model_dir = Path(args.model)
-    model = load_pretrained(model_dir, dtype=_DTYPES[args.dtype], device=args.device, keep_fp8=args.keep_fp8)
+    main = True
+    if getattr(args, "ep", 1) > 1:
+        from moeco.parallel.checkpoint import load_expert_parallel
+
+        model, _, ranks = load_expert_parallel(model_dir, args.ep, args.gpus_per_node, device=args.device,
+                                               dtype=_DTYPES[args.dtype])
+        main, args.device = ranks.main, str(ranks.device)
+    else:
+        model = load_pretrained(model_dir, dtype=_DTYPES[args.dtype], device=args.device, keep_fp8=args.keep_fp8)
     tokenizer = _load_tokenizer(model_dir)
     prompt = _prompt_ids(args, tokenizer)
     vocab = model.config.vocab_size
@@ -80,6 +121,8 @@ def run_generate(args) -> int:
                          top_k=args.top_k, eos_token_id=model.config.eos_token_id if tokenizer else None,
                          generator=gen, vocab_limit=tokenizer.get_vocab_size() if tokenizer else None)
     seconds = time.perf_counter() - start
+    if not main:
+        return 0
     new = out[0, len(prompt):].tolist()
     text = tokenizer.decode(out[0].tolist()) if tokenizer else " ".join(map(str, out[0].tolist()))
     print(text)
@@ -92,10 +135,19 @@ def run_generate(args) -> int:
 def run_demo(args) -> int:
     from moeco import ModelConfig, Transformer, load_pretrained
 
+    from moeco.model.transformer import param_count
+    from moeco.resources import check_fits
+
     config = ModelConfig.preset(args.preset)
+    out = Path(args.out)
+    if (out / "config.json").exists() and not args.overwrite:
+        raise ConfigError(f"--out {str(out)!r} already holds a model (config.json); the demo would replace it with "
+                          f"random weights: pass --overwrite to do so, or choose another --out")
+    n = param_count(config)
+    check_fits(4 * n, "cpu", f"the {args.preset!r} demo's float32 weights ({n / 1e6:,.1f}M parameters)",
+               "choose a smaller preset, e.g. --preset tiny")
     torch.manual_seed(0)
     model = Transformer(config)
-    out = Path(args.out)
     model.save_pretrained(out)
     reloaded = load_pretrained(out)
     prompt = torch.tensor([[config.bos_token_id or 0, 5, 6, 7]])

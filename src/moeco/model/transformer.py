@@ -206,3 +206,10 @@ class Transformer(nn.Module):
         from moeco.checkpoint import save_pretrained
 
         return save_pretrained(self, path, **kwargs)
+
+
+def param_count(config: ModelConfig) -> int:
+    """Parameters of `Transformer(config)` (MTP included), counted on the meta device: no memory used."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return sum(p.numel() for p in model.parameters())

@@ -5,6 +5,7 @@
     moeco plan paper              the paper's tables beside moeco's numbers
     moeco plan ep-limit [MODEL]   communication-bound time per output token of EP decode
     moeco plan topology NAME      endpoints, switches, links, cost of a network
+    moeco plan network            a collective on a network: bandwidth, time, routing, failures
     moeco plan routing MODEL      node-limited routing: nodes per token, inter-node bytes, time
     moeco plan fit MODEL          per-GPU memory for training or serving on a cluster, verdict
     moeco plan local MODEL        single-request decode bound on one device (+ hybrid GPU/CPU)
@@ -104,6 +105,10 @@ def register(subparsers) -> None:
 
     add("hardware", _cmd_hardware, "the hardware catalog (devices and links)", model=None, hw=True)
 
+    from moeco.plan.network import cli as network_cli
+
+    network_cli.register(sub)
+
 
 # ---- output helpers -------------------------------------------------------------------
 def _console():
@@ -135,11 +140,18 @@ def _emit(args, obj: dict, *renderables) -> int:
 
 
 def _b(n: float) -> str:
-    return f"{n / 1e9:,.2f} B"
+    """A parameter count: billions (B), millions (M) below a billion, else the number itself."""
+    if n >= 1e9:
+        return f"{n / 1e9:,.2f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:,.2f} M"
+    return f"{n:,.0f}"
 
 
 def _g(x: float) -> str:
-    return f"{x / 1e9:,.2f}"
+    """GFLOP: two decimals, or three significant digits below 1 (a small model is not 0.00)."""
+    g = x / 1e9
+    return f"{g:,.2f}" if g >= 1 or g == 0 else f"{g:.3g}"
 
 
 def _pyplot():
@@ -155,8 +167,21 @@ def _save(fig, path: str, args) -> None:
     target = Path(path)
     if not target.parent.exists():
         raise ConfigError(f"--plot {path!r}: folder {str(target.parent)!r} does not exist")
+    if target.is_dir():
+        raise ConfigError(f"--plot {path!r} is a folder; pass a file name such as {str(target / 'plot.png')!r}")
+    kinds = fig.canvas.get_supported_filetypes()
+    suffix = target.suffix.lstrip(".").lower()
+    if not suffix:  # matplotlib writes PNG and adds the suffix itself
+        target = target.with_name(target.name + ".png")
+    elif suffix not in kinds:
+        raise ConfigError(f"--plot {path!r}: .{suffix} is not an image format matplotlib writes; end the name "
+                          f"with one of .{', .'.join(sorted(kinds))}")
     fig.tight_layout()
-    fig.savefig(target, dpi=120)
+    try:
+        fig.savefig(target, dpi=120)
+    except OSError as exc:
+        raise ConfigError(f"--plot {path!r} cannot be written ({exc.strerror}); choose a path you can write to") \
+            from None
     print(f"wrote {target}", file=sys.stderr if args.json else sys.stdout)
 
 

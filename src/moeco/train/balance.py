@@ -14,15 +14,35 @@ Sequence-wise balance loss (Eqs. 17-20), for one sequence of T tokens, N_r exper
     P_i    = 1/T * sum_t s_it / sum_j s_jt
     L_Bal  = alpha * sum_i f_i P_i              (the model returns sum_i f_i P_i; the trainer adds alpha)
 
+gamma for a run of S steps (`train.bias_update_speed = "auto"`): the bias must be able to cross the
+spread of the sigmoid scores (about 1) several times within the run, or the routers of a short run
+on user data collapse onto a few experts before the bias catches up; long runs keep DeepSeek-V3's 0.001:
+
+    gamma = clamp(3 / S, 0.001, 0.01)        (300 steps: 0.01; 3,000 or more: 0.001)
+
+`ImbalanceWatch` warns once when max/mean load stays above IMBALANCE_WARN_RATIO for
+IMBALANCE_WARN_STEPS steps in a row, naming the knobs that fix it.
+
 `sequence_balance_loss` is the plain reference of that formula, used by the tests to check the
 model's value. `BalanceHook` is the per-step update above plus the statistics the metrics log.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+IMBALANCE_WARN_RATIO = 2.0
+IMBALANCE_WARN_STEPS = 50
+log = logging.getLogger(__name__)
+
+
+def auto_gamma(steps: int) -> float:
+    """The bias update speed for a run of `steps` optimizer steps (see the module docstring)."""
+    return min(0.01, max(0.001, 3.0 / max(steps, 1)))
 
 
 def sequence_balance_loss(scores_BTE: torch.Tensor, topk_BTK: torch.Tensor) -> torch.Tensor:
@@ -85,3 +105,25 @@ class BalanceHook:
         """Forget counts from forwards that are not training steps (validation, sampling)."""
         for _, gate in self.routers:
             gate.tokens_per_expert.zero_()
+
+
+class ImbalanceWatch:
+    """Warns once when the most loaded expert stays above IMBALANCE_WARN_RATIO x the mean load."""
+
+    def __init__(self, gamma: float, ratio: float = IMBALANCE_WARN_RATIO, steps: int = IMBALANCE_WARN_STEPS) -> None:
+        self.gamma, self.ratio, self.steps = gamma, ratio, steps
+        self.streak, self.warned = 0, False
+
+    def update(self, record: dict) -> str | None:
+        """After each step; returns the warning when it is given."""
+        loads = record.get("expert_load") or {}
+        worst = max(loads.items(), key=lambda kv: kv[1], default=None)
+        self.streak = self.streak + 1 if worst is not None and worst[1] > self.ratio else 0
+        if self.warned or self.streak < self.steps:
+            return None
+        self.warned = True
+        text = (f"warning: expert load max/mean has stayed above {self.ratio:g} for {self.steps} steps (layer "
+                f"{worst[0]}: {worst[1]:.2f} at step {record['step']}); the routers are collapsing onto a few "
+                f"experts: raise train.bias_update_speed (now {self.gamma:g}) or model.aux_loss_alpha")
+        log.warning(text)
+        return text

@@ -1,11 +1,12 @@
 """TrainConfig: every training option, read from TOML and overridable from the command line.
 
-A config file has four tables and a `[model]` table that takes a preset plus any `ModelConfig`
+A config file has five tables and a `[model]` table that takes a preset plus any `ModelConfig`
 field (named as in an HF config.json):
 
     [model]   preset = "tiny", hidden_size = 256, aux_loss_alpha = 0.0001, ...
     [data]    path, tokenizer, seq_len, val_fraction
     [train]   steps, batch_size, micro_batch_size, seed, lr, warmup_steps, ..., precision, compile, cuda_graph
+    [parallel] dispatch_codec, combine_codec   (wire formats of the MoE's two crossings, moeco.comm)
     [checkpoint] every, keep
     [log]     interval, eval_interval, eval_batches, peak_tflops
 
@@ -62,9 +63,13 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "train", "clip the global gradient norm to this; 0 = off")
     mtp_lambda: float = _opt(0.3, "train", "weight of the multi-token-prediction loss (DeepSeek-V3: 0.3, "
                                            "later 0.1); depth is model.num_nextn_predict_layers")
-    bias_update_speed: float = _opt(0.001, "train", "gamma of auxiliary-loss-free balancing: the routing bias "
-                                                    "moves by this per step; 0 = off. The sequence-wise "
-                                                    "balance loss weight is model.aux_loss_alpha")
+    bias_update_speed: float | str = _opt("auto", "train", "gamma of auxiliary-loss-free balancing: the routing "
+                                                         "bias moves by this per step; 0 = off; auto = "
+                                                         "clamp(3 / steps, 0.001, 0.01). The sequence-wise "
+                                                         "balance loss weight is model.aux_loss_alpha")
+    max_nonfinite_steps: int = _opt(1, "train", "stop the run after this many steps in a row whose loss or gradient "
+                                                "norm is NaN or infinite (no checkpoint or model is written from "
+                                                "such weights)")
     precision: str = _opt("auto", "train", "auto (bf16 autocast on a GPU that has it, else fp32) | fp32 | bf16 "
                                            "| fp8 (needs moeco.fp8)")
     optimizer_moments: str = _opt("auto", "train", "AdamW moment dtype: auto (bf16 with fp8 precision, as "
@@ -77,6 +82,12 @@ class TrainConfig:
     cuda_graph: bool = _opt(False, "train", "replay each optimizer step as one CUDA graph after 2 eager steps "
                                             "(removes per-kernel launch cost; one CUDA process)")
     device: str = _opt("auto", "train", "auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
+    # [parallel]
+    dispatch_codec: str = _opt("none", "parallel", "wire format of the MoE dispatch input: none | bf16 | e4m3 | e5m2 "
+                                                   "| logfmt8 | logfmt10 | logfmtN (moeco.comm; applied in one "
+                                                   "process as decode(encode(x)), straight-through gradient)")
+    combine_codec: str = _opt("none", "parallel", "wire format of the expert outputs before the weighted sum "
+                                                  "(combine): same choices as dispatch_codec")
     # [checkpoint]
     checkpoint_every: int = _opt(200, "checkpoint", "write a checkpoint every N steps (and at the end); 0 = end only")
     keep_checkpoints: int = _opt(2, "checkpoint", "how many recent checkpoints to keep")
@@ -85,12 +96,29 @@ class TrainConfig:
     eval_interval: int = _opt(100, "log", "validation loss every N steps (and at the end); 0 = end only")
     eval_batches: int = _opt(8, "log", "validation batches of batch_size sequences per evaluation")
     peak_tflops: float = _opt(0.0, "log", "peak TFLOP/s of one device for MFU; 0 = known GPUs only")
+    # [parallel] expert parallelism (moeco.parallel; torchrun sets the ranks)
+    ep: int = _opt(1, "parallel", "expert-parallel ranks: each holds n_routed_experts / ep routed experts, the "
+                                  "rest stays data-parallel over all ranks; 1 = off")
+    gpus_per_node: int = _opt(0, "parallel", "ranks per node of the mesh; 0 = torchrun's --nproc-per-node "
+                                             "(a smaller value lets one host stand in for several nodes)")
+    dispatcher: str = _opt("two_hop", "parallel", "two_hop (each token crosses to a node once, forwarded "
+                                                  "inside it) | direct (one all-to-all copy per expert)")
+    fp8_dispatch: bool = _opt(False, "parallel", "send dispatched tokens as 1x128 E4M3 + scales (half of BF16)")
+    timeout_s: float = _opt(600.0, "parallel", "seconds a collective may wait before the run stops with an error")
     # [model]
     preset: str = _opt("tiny", "model", "a ModelConfig preset; any ModelConfig field may follow in [model]")
     model_overrides: dict = field(default_factory=dict, metadata={"section": "model", "doc": ""})
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    def balance_gamma(self) -> float:
+        """`bias_update_speed` with "auto" resolved for this run's length (moeco.train.balance.auto_gamma)."""
+        if self.bias_update_speed == "auto":
+            from moeco.train.balance import auto_gamma
+
+            return auto_gamma(self.steps)
+        return float(self.bias_update_speed)
 
     def moment_dtype(self) -> str:
         """AdamW's moment dtype, "fp32" or "bf16": `optimizer_moments` with "auto" resolved (bf16 for FP8)."""
@@ -127,7 +155,7 @@ class TrainConfig:
         for table, values in raw.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: top-level key {table!r} must be inside a table "
-                                  f"([data], [train], [checkpoint], [log] or [model])")
+                                  f"([data], [train], [parallel], [checkpoint], [log] or [model])")
             for key, value in values.items():
                 name, is_model_field = _resolve(f"{table}.{key}")
                 if is_model_field:
@@ -145,7 +173,7 @@ class TrainConfig:
             if not sep or not key.strip():
                 raise ConfigError(f"--set {item!r} is not KEY=VALUE; e.g. --set train.lr=3e-4")
             name, is_model_field = _resolve(key.strip())
-            value = parse_value(text.strip())
+            value = _strict_bool(key.strip(), name, is_model_field, parse_value(text.strip()))
             if is_model_field:
                 model[name] = _model_value(value)
             else:
@@ -159,7 +187,8 @@ class TrainConfig:
 
     # ---- output ------------------------------------------------------------------------
     def to_tables(self) -> dict[str, dict[str, Any]]:
-        tables: dict[str, dict[str, Any]] = {s: {} for s in ("model", "data", "train", "checkpoint", "log")}
+        tables: dict[str, dict[str, Any]] = {s: {} for s in ("model", "data", "train", "parallel", "checkpoint",
+                                                                "log")}
         for f in dataclasses.fields(self):
             if f.name == "model_overrides":
                 continue
@@ -223,6 +252,24 @@ def parse_value(text: str) -> Any:
     return text
 
 
+_BOOL_WORDS = {"true": True, "false": False}
+
+
+def _strict_bool(key: str, name: str, is_model_field: bool, value: Any) -> Any:
+    """A boolean option given as text: "true"/"false" in any case, else a one-line error.
+
+    TOML spells booleans in lower case only, so `--set model.norm_topk_prob=False` arrives as the
+    string "False", which Python would count as true.
+    """
+    fields = dataclasses.fields(ModelConfig) if is_model_field else dataclasses.fields(TrainConfig)
+    f = next((f for f in fields if f.name == name), None)
+    if f is None or not isinstance(f.default, bool) or not isinstance(value, str):
+        return value
+    if value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise ConfigError(f"{key} = {value!r} is invalid: expected true or false")
+
+
 def _model_value(value: Any) -> Any:
     # TOML has no null: "none" stands for None in [model] (e.g. q_lora_rank = "none").
     return None if isinstance(value, str) and value.lower() in ("none", "null") else value
@@ -235,6 +282,10 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "model_overrides":
         return dict(value)
     want = type(f.default)
+    if name == "bias_update_speed":  # a number, or "auto"
+        if value == "auto":
+            return value
+        want = float
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want is bool and not isinstance(value, bool) or want is not bool and isinstance(value, bool) \
@@ -255,10 +306,12 @@ def _validate(c: TrainConfig) -> None:
         if getattr(c, name) < 1:
             raise _bad(name, getattr(c, name), "must be at least 1")
     for name in ("micro_batch_size", "warmup_steps", "checkpoint_every", "eval_interval", "weight_decay",
-                 "grad_clip", "mtp_lambda", "bias_update_speed", "peak_tflops", "seed"):
+                 "grad_clip", "mtp_lambda", "peak_tflops", "seed"):
         if getattr(c, name) < 0:
             raise _bad(name, getattr(c, name), "must be >= 0")
-    for name in ("keep_checkpoints", "log_interval", "eval_batches"):
+    if c.bias_update_speed != "auto" and not (c.bias_update_speed >= 0 and math.isfinite(c.bias_update_speed)):
+        raise _bad("bias_update_speed", c.bias_update_speed, 'must be a number >= 0, or "auto"')
+    for name in ("keep_checkpoints", "log_interval", "eval_batches", "max_nonfinite_steps"):
         if getattr(c, name) < 1:
             raise _bad(name, getattr(c, name), "must be at least 1")
     if not (c.lr > 0 and math.isfinite(c.lr)):
@@ -276,6 +329,22 @@ def _validate(c: TrainConfig) -> None:
         raise _bad("optimizer_moments", c.optimizer_moments, "choose auto, fp32 or bf16")
     if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
         raise _bad("device", c.device, "choose auto, cpu, cuda or cuda:N")
+    _validate_parallel(c)
+
+
+def _validate_parallel(c: TrainConfig) -> None:
+    from moeco.comm.names import parse_codec_name
+
+    for name in ("dispatch_codec", "combine_codec"):
+        parse_codec_name(getattr(c, name), f"parallel.{name}")  # raises a one-line ConfigError
+    if c.ep < 1:
+        raise _bad("ep", c.ep, "must be at least 1")
+    if c.gpus_per_node < 0:
+        raise _bad("gpus_per_node", c.gpus_per_node, "must be >= 0 (0 = torchrun's --nproc-per-node)")
+    if c.dispatcher not in ("two_hop", "direct"):
+        raise _bad("dispatcher", c.dispatcher, "choose two_hop or direct")
+    if not c.timeout_s > 0:
+        raise _bad("timeout_s", c.timeout_s, "must be a positive number of seconds")
 
 
 def _toml_value(value: Any) -> str:

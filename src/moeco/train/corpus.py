@@ -101,7 +101,9 @@ def _read_file(file: Path) -> list[str]:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{str(file)!r} is not UTF-8 text (byte {exc.start}); convert it or leave it out") from None
-    if file.suffix != ".jsonl":
+    if file.suffix == ".json" and not _looks_like_jsonl(text):
+        return _json_records(file, text)
+    if file.suffix != ".jsonl" and not _looks_like_jsonl(text):
         return [text]
     docs = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -117,3 +119,30 @@ def _read_file(file: Path) -> list[str]:
                             f'each line must look like {{"text": "..."}}')
         docs.append(record["text"])
     return docs
+
+
+def _looks_like_jsonl(text: str) -> bool:
+    """JSONL by content, whatever the file is called: the first non-blank line is a JSON object with a
+    string 'text' field (a `.json` or `.txt` file of records must not be trained on as raw text)."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if not first.lstrip().startswith("{"):
+        return False
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and isinstance(record.get("text"), str)
+
+
+def _json_records(file: Path, text: str) -> list[str]:
+    """A `.json` file that is one JSON document: a list of {"text": ...} records."""
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{str(file)!r} is neither JSON nor JSONL ({exc.msg} at line {exc.lineno}); give JSONL "
+                        f'records ({{"text": "..."}} per line) or rename it to .txt to train on it as text') from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("text"), str)
+                                                for r in records):
+        raise DataError(f"{str(file)!r} is JSON but not a list of records with a string 'text' field; give "
+                        f'JSONL records ({{"text": "..."}} per line) or rename it to .txt to train on it as text')
+    return [r["text"] for r in records]
