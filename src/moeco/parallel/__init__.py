@@ -7,6 +7,7 @@
     expert_parallel.py  shard a model's routed experts over an EP group; gradients and norms across shards
     checkpoint.py sharded checkpoints in the Hugging Face layout; optimizer state free of the EP size
     traffic.py    the rows each dispatcher sends, from a routing alone (the byte counters' formula)
+    eplb.py       expert-parallel load balancing: replicas of hot experts placed over nodes and GPUs
 
 The model never calls torch.distributed: `apply_expert_parallel(model, mesh)` swaps each MoE's
 experts for the rank's range and its dispatcher for an all-to-all one.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -365,7 +366,7 @@ class Trainer:
             "tokens": self.step * cfg.batch_size * cfg.seq_len, "step_time_s": dt,
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * self.flops_per_token / (d.world * self.peak) if self.peak else None,
-            "expert_load": load,
+            "expert_load": load, "expert_counts": self.balance.last_counts,
         }
 
     @torch.no_grad()

@@ -50,7 +50,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from moeco.plan import cli as plan_cli
+    from moeco.plan import render as plan_cli
     from moeco.plan.network import paper
     from moeco.plan.network.simulate import make_network, simulate
 
@@ -95,7 +95,7 @@ def run(args) -> int:
 
 
 def _plot(args, size: float) -> None:
-    from moeco.plan import cli as plan_cli
+    from moeco.plan import render as plan_cli
     from moeco.plan.network.simulate import make_network, sweep
 
     if args.collective in ("dispatch", "combine"):
