@@ -12,7 +12,7 @@ import torch
 from ep_workers import train_run
 from parallel_helpers import run_ranks
 
-OVERRIDES = ["model.vocab_size=256", "model.hidden_size=64", "model.num_hidden_layers=2",
+OVERRIDES = ["model.vocab_size=512", "model.hidden_size=64", "model.num_hidden_layers=2",
              "model.n_routed_experts=8", "model.num_experts_per_tok=3", "model.n_group=4", "model.topk_group=2",
              "model.moe_intermediate_size=32", "model.intermediate_size=128", "model.num_attention_heads=2",
              "data.seq_len=16", "train.batch_size=4", "train.warmup_steps=1", "train.precision=\"fp32\"",

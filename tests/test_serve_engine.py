@@ -199,3 +199,20 @@ def test_bench_throughput_cli_reports(tmp_path, capsys):
     assert r["num_requests"] == 6 and r["output_tokens_per_s"] > 0 and r["mean_tpot_ms"] > 0
     assert "output tokens/s" in capsys.readouterr().out
     assert main(["bench", "throughput", "--preset", "tiny", "--input-len", "0"]) == 2
+
+
+def test_engine_serves_an_fp8_checkpoint_kept_in_fp8(tmp_path):
+    """keep_fp8 (DeepSeek's release layout): on CPU the kept weights are dequantized on use, so the
+    engine's greedy tokens equal the dequantized checkpoint's generate, token for token (fp32)."""
+    cfg = micro_config(hidden_size=160, q_lora_rank=96, intermediate_size=200, moe_intermediate_size=72)
+    torch.manual_seed(13)
+    moeco.Transformer(cfg).save_pretrained(tmp_path / "fp8", fp8=True)
+    deq = moeco.load_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    llm = LLM(str(tmp_path / "fp8"), keep_fp8=True, dtype="float32", device="cpu", block_size=BLOCK,
+              cache_bytes=1 << 20)
+    from moeco.fp8.inference import Fp8InferenceExperts
+
+    assert isinstance(llm.engine.model.model.layers[1].mlp.experts, Fp8InferenceExperts)
+    prompts = _prompts(4, cfg.vocab_size, seed=3)
+    got = llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    assert [c.token_ids for c in got] == _reference(deq, prompts, [6] * 4)
