@@ -34,7 +34,7 @@ import torch
 
 from moeco.model.moe import Routing, _GatherRows, weighted_combine
 from moeco.parallel.mesh import Mesh
-from moeco.parallel.route import (AllToAll, AllToAllFn, Fp8Rows, Gather, MoveRows, TrafficCounter,
+from moeco.parallel.route import (AllToAll, AllToAllFn, Fp8Rows, Gather, MoveRows, PendingRows, TrafficCounter,
                                   exchange_counts, run_route)
 
 
@@ -74,11 +74,69 @@ class _EPBase:
     def _local_experts(self, n_experts: int) -> int:
         return n_experts // self.P
 
+    # Issue/wait halves for a scheduler (moeco.parallel.overlap). The default runs the synchronous
+    # method at issue time (nothing left in flight); AllToAllDispatcher overrides them with async ones.
+    def dispatch_start(self, x_TD: torch.Tensor, routing: Routing, n_experts: int):
+        return Done(self.dispatch(x_TD, routing, n_experts))
+
+    def dispatch_wait(self, pending):
+        return pending.wait()
+
+    def combine_start(self, y_CD: torch.Tensor, handle):
+        return Done(self.combine(y_CD, handle))
+
+    def combine_wait(self, pending) -> torch.Tensor:
+        return pending.wait()
+
+
+@dataclass
+class Done:
+    """A 'pending' operation that completed when it was issued."""
+
+    value: object
+
+    def wait(self):
+        return self.value
+
+
+@dataclass
+class _PendingDispatch:
+    rows: PendingRows
+    sort: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    handle: DirectHandle
+
+    def wait(self):
+        return self.rows.wait().index_select(0, self.sort), self.tokens_per_expert, self.handle
+
+
+@dataclass
+class _PendingCombine:
+    rows: PendingRows
+    handle: DirectHandle
+
+    def wait(self):
+        h = self.handle
+        return weighted_combine(self.rows.wait(), h.weights_TK, h.order, h.inverse)
+
 
 class AllToAllDispatcher(_EPBase):
     """One all-to-all each way over the EP group; see the module docstring."""
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, n_experts: int):
+        return self._dispatch(x_TD, routing, n_experts, asynchronous=False)
+
+    def dispatch_start(self, x_TD: torch.Tensor, routing: Routing, n_experts: int):
+        """Counts exchanged (synchronously: the splits must be host integers), the payload issued."""
+        if self.codec is not None:  # the FP8 payload keeps the synchronous path for now
+            return Done(self.dispatch(x_TD, routing, n_experts))
+        return self._dispatch(x_TD, routing, n_experts, asynchronous=True)
+
+    def combine_start(self, y_CD: torch.Tensor, h: DirectHandle):
+        y_recv = _GatherRows.apply(y_CD, h.unsort, h.sort, 1)
+        return _PendingCombine(PendingRows(y_recv, h.back, self.counter, "combine"), h)
+
+    def _dispatch(self, x_TD, routing, n_experts, asynchronous):
         P, L = self.P, self._local_experts(n_experts)
         T, K = routing.indices_TK.shape
         flat = routing.indices_TK.flatten()
@@ -98,8 +156,12 @@ class AllToAllDispatcher(_EPBase):
         a2a = AllToAll(send, recv, self.mesh.ep_group, self.mesh.ep_ranks())
         route = [Gather(order // K, T), a2a, Gather(sort, sum(recv))]
         self.counter.tokens += T
-        x_CD, q, s = MoveRows.apply(x_TD, route, self.codec, self.counter)
         back = AllToAll(recv, send, self.mesh.ep_group, self.mesh.ep_ranks())
+        if asynchronous:
+            handle = DirectHandle(order, inverse, routing.weights_TK, T, back, unsort, sort)
+            rows = PendingRows(x_TD.index_select(0, order // K), a2a, self.counter, "dispatch")
+            return _PendingDispatch(rows, sort, recv_PL.sum(0), handle)
+        x_CD, q, s = MoveRows.apply(x_TD, route, self.codec, self.counter)
         handle = DirectHandle(order, inverse, routing.weights_TK, T, back, unsort, sort,
                               None if q is None else (q, s))
         return x_CD, recv_PL.sum(0), handle
