@@ -65,3 +65,33 @@ def test_overlap_equals_plain_and_single_process(tmp_path):
         assert issue < attn_b < wait, order
         assert order.index(f"A:issue:combine:{layer}") < order.index(f"B:compute:experts:{layer}") \
             < order.index(f"A:wait:combine:{layer}"), order
+
+
+@pytest.mark.slow
+def test_trainer_overlap_equals_single_process(tmp_path):
+    """`moeco train --set parallel.ep=4 --set parallel.overlap=two_microbatch` (2 nodes x 2, two sequences a
+    rank): the losses of 2 steps equal the single-process run's; the step records the overlap spans."""
+    import random
+
+    from ep_workers import train_run
+    from moeco.train.config import TrainConfig
+    from moeco.train.trainer import train
+    from test_parallel_train import OVERRIDES
+
+    rng = random.Random(0)
+    words = "the for statement module import class def return value python list dict".split()
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(400)))
+    base = [f"data.path=\"{path}\""] + OVERRIDES + ["train.batch_size=8", "train.steps=2", "model.vocab_size=512",
+                                                    "parallel.dispatcher=\"direct\""]
+    ref = {}
+    train(TrainConfig().with_overrides(base), tmp_path / "single", verbose=False,
+          on_step=lambda s, rec: ref.__setitem__(s, rec["loss"]))
+    res = run_ranks(train_run, 4, base + ["parallel.ep=4", "parallel.overlap=\"two_microbatch\""], tmp_path / "ep",
+                    out_dir=tmp_path / "r")
+    for step in (1, 2):
+        assert res[0]["losses"][step][0] == pytest.approx(ref[step], rel=1e-5, abs=1e-6)
+    import json
+
+    rec = json.loads((tmp_path / "ep" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec.get("overlap_wall_s", 0) > 0 and rec["overlap_compute_s"] > 0, rec
