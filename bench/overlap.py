@@ -6,7 +6,8 @@
 Each rank holds `--seqs` sequences and E/4 routed experts (direct all-to-all dispatcher, fp32); a step
 is forward + backward of the LM loss. `none` runs the whole batch through each layer; `two_microbatch`
 splits it in two and keeps one half's dispatch/combine in flight while the other computes
-(moeco.parallel.overlap). Step times are medians over `--steps` after one warm-up, max over ranks.
+(moeco.parallel.overlap). Step times are medians over `--steps` after one warm-up, max over ranks, for each of `--rounds`
+alternations of the two modes.
 The forward's spans (rank 0, last step) are split into compute, comm blocked (count exchange + posting
 + waiting) and in flight behind the other micro-batch's compute (an upper bound on the hidden time),
 and drawn as a timeline.
@@ -56,7 +57,7 @@ def _worker(rank, world, port, args, out):
     g = torch.Generator().manual_seed(rank)
     seqs = torch.randint(0, config.vocab_size, (args.seqs, args.seq_len + 1), generator=g)
     result = {}
-    for mode in ("none", "two_microbatch", "none", "two_microbatch"):  # twice, interleaved: drift shows
+    for mode in ("none", "two_microbatch") * args.rounds:  # alternated: drift of a loaded machine shows
         sched = set_overlap(model, mode)
         times = []
         for i in range(args.steps + 1):
@@ -126,6 +127,7 @@ def main():
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--rounds", type=int, default=3, help="alternations of the two modes")
     p.add_argument("--png", default="docs/img/overlap_timeline.png")
     p.add_argument("--json", default=None)
     a = p.parse_args()

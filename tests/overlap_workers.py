@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ep_workers import _mesh, batch, build_model, step_loss
 
 ROWS = 2  # sequences per rank: one per micro-batch
