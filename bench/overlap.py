@@ -6,8 +6,8 @@
 Each rank holds `--seqs` sequences and E/4 routed experts (direct all-to-all dispatcher, fp32); a step
 is forward + backward of the LM loss. `none` runs the whole batch through each layer; `two_microbatch`
 splits it in two and keeps one half's dispatch/combine in flight while the other computes
-(moeco.parallel.overlap). Step times are medians over `--steps` after one warm-up, max over ranks, for each of `--rounds`
-alternations of the two modes.
+(moeco.parallel.overlap). Step times are medians over `--steps` after one warm-up, max over ranks,
+for each of `--rounds` alternations of the two modes.
 The forward's spans (rank 0, last step) are split into compute, comm blocked (count exchange + posting
 + waiting) and in flight behind the other micro-batch's compute (an upper bound on the hidden time),
 and drawn as a timeline.

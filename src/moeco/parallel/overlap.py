@@ -5,9 +5,9 @@ layers as a generator that *yields* right after issuing a communication (`dispat
 `combine_start`, asynchronous) and, when resumed, first waits for it. The scheduler resumes A and B in
 turn, so per MoE layer (time runs to the right; `|` a yield):
 
-    A: attn route issue(dA) shared |                 wait(dA) experts issue(cA) |                 wait(cA) add  attn' ...
-    B:                             | attn route issue(dB) shared |              wait(dB) experts issue(cB) | ...
-    wire:        [== dA ==========================]    [== dB ===============]  [== cA ==========]  [== cB ...
+    A: attn route issue(dA) shared |                 wait(dA) experts issue(cA) |                 wait(cA) add attn'
+    B:                             | attn route issue(dB) shared |              wait(dB) experts issue(cB) |
+    wire:        [== dA ==========================]    [== dB ===============]  [== cA ==========]  [== cB
 
 A's dispatch dA is issued before B's attention and waited on after it (and after B's shared experts);
 B's dispatch hides under A's experts, A's combine under B's experts, B's combine under A's next
