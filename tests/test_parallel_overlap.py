@@ -29,7 +29,6 @@ def test_single_process_schedule_equals_plain_forward():
         _same(b["grads"][n], a["grads"][n], False, n)
 
 
-@pytest.mark.slow
 def test_overlap_equals_plain_and_single_process(tmp_path):
     """EP 4 (direct all-to-all): interleaved == the same micro-batches one after the other (bit for bit),
     both == the plain forward and the single-process run (fp32, 1e-5); forward and backward. The event
