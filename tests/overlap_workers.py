@@ -19,7 +19,7 @@ def reference(config, rows: int, mode: str = "none"):
             "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
 
 
-def overlap_step(rank, config, gpus_per_node, dispatcher="direct"):
+def overlap_step(rank, config, gpus_per_node, dispatchers=("direct", "two_hop")):
     """Each rank: its ROWS sequences, EP over all ranks; forward + backward under each schedule.
 
     Gradients: replicated ones summed over ranks / W, expert ones / W (the gradient of the mean loss)."""
@@ -32,7 +32,7 @@ def overlap_step(rank, config, gpus_per_node, dispatcher="direct"):
     mesh = _mesh(W, gpus_per_node)
     seqs = batch(config, B=ROWS * W)[rank * ROWS:(rank + 1) * ROWS]
     res = {}
-    for mode in ("none", "sequential", "two_microbatch"):
+    for dispatcher, mode in [(d, m) for d in dispatchers for m in ("none", "sequential", "two_microbatch")]:
         model = build_model(config)
         apply_expert_parallel(model, mesh, dispatcher)
         sched = set_overlap(model, "none" if mode == "none" else "two_microbatch")
@@ -53,6 +53,6 @@ def overlap_step(rank, config, gpus_per_node, dispatcher="direct"):
                    f"mtp.{i - config.num_hidden_layers}.mlp", m) for i, m in model.moe_layers())}
         losses = loss.detach().reshape(1)
         dist.all_reduce(losses)
-        res[mode] = {"logits": out.logits.detach(), "loss": losses[0] / W, "grads": grads, "first": first,
+        res[dispatcher, mode] = {"logits": out.logits.detach(), "loss": losses[0] / W, "grads": grads, "first": first,
                      "order": sched.last.order() if sched is not None else None}
     return res

@@ -30,7 +30,7 @@ def test_single_process_schedule_equals_plain_forward():
 
 
 def test_overlap_equals_plain_and_single_process(tmp_path):
-    """EP 4 (direct all-to-all): interleaved == the same micro-batches one after the other (bit for bit),
+    """EP 4, direct and two-hop: interleaved == the same micro-batches one after the other (bit for bit),
     both == the plain forward and the single-process run (fp32, 1e-5); forward and backward. The event
     order shows A's dispatch issued before B's attention and waited on after it."""
     from helpers import micro_config
@@ -41,29 +41,30 @@ def test_overlap_equals_plain_and_single_process(tmp_path):
     res = run_ranks(overlap_step, W, config, 2, out_dir=tmp_path)
     ref = reference(config, ROWS * W)
     L = config.n_routed_experts // W
-    for r, out in enumerate(res):
-        sl = slice(r * ROWS, (r + 1) * ROWS)
-        for mode in ("none", "sequential", "two_microbatch"):
-            o = out[mode]
-            _same(o["logits"], ref["logits"][sl], False, f"rank {r} {mode} logits")
-            _same(o["loss"], ref["loss"], False, f"rank {r} {mode} loss")
-            for n, g in o["grads"].items():
-                want = ref["grads"][n]
-                if ".experts." in n and "shared" not in n:
-                    first = o["first"][n.split(".experts.")[0]]
-                    want = want[first:first + L]
-                _same(g, want, False, f"rank {r} {mode} grad {n}")
-        seq, ovl = out["sequential"], out["two_microbatch"]
-        _same(ovl["logits"], seq["logits"], True, f"rank {r} interleaved vs sequential logits")
-        for n in seq["grads"]:
-            _same(ovl["grads"][n], seq["grads"][n], True, f"rank {r} interleaved vs sequential grad {n}")
-        order = ovl["order"]
-        layer = config.first_k_dense_replace  # the first MoE layer
-        issue, attn_b, wait = (order.index(f"A:issue:dispatch:{layer}"), order.index(f"B:compute:attention:{layer}"),
-                               order.index(f"A:wait:dispatch:{layer}"))
-        assert issue < attn_b < wait, order
-        assert order.index(f"A:issue:combine:{layer}") < order.index(f"B:compute:experts:{layer}") \
-            < order.index(f"A:wait:combine:{layer}"), order
+    for d in ("direct", "two_hop"):
+        for r, out in enumerate(res):
+            sl = slice(r * ROWS, (r + 1) * ROWS)
+            for mode in ("none", "sequential", "two_microbatch"):
+                o = out[d, mode]
+                _same(o["logits"], ref["logits"][sl], False, f"{d} rank {r} {mode} logits")
+                _same(o["loss"], ref["loss"], False, f"{d} rank {r} {mode} loss")
+                for n, g in o["grads"].items():
+                    want = ref["grads"][n]
+                    if ".experts." in n and "shared" not in n:
+                        first = o["first"][n.split(".experts.")[0]]
+                        want = want[first:first + L]
+                    _same(g, want, False, f"{d} rank {r} {mode} grad {n}")
+            seq, ovl = out[d, "sequential"], out[d, "two_microbatch"]
+            _same(ovl["logits"], seq["logits"], True, f"{d} rank {r} interleaved vs sequential logits")
+            for n in seq["grads"]:
+                _same(ovl["grads"][n], seq["grads"][n], True, f"{d} rank {r} interleaved vs sequential grad {n}")
+            order = ovl["order"]
+            layer = config.first_k_dense_replace  # the first MoE layer
+            issue, attn_b, wait = (order.index(f"A:issue:dispatch:{layer}"),
+                                   order.index(f"B:compute:attention:{layer}"), order.index(f"A:wait:dispatch:{layer}"))
+            assert issue < attn_b < wait, order
+            assert order.index(f"A:issue:combine:{layer}") < order.index(f"B:compute:experts:{layer}") \
+                < order.index(f"A:wait:combine:{layer}"), order
 
 
 @pytest.mark.slow
