@@ -3,7 +3,7 @@
     PYTHONPATH=src python bench/overlap.py                       # figures + docs/img/overlap_timeline.png
     PYTHONPATH=src python bench/overlap.py --steps 5 --seqs 4 --seq-len 64 --json out.json
 
-Each rank holds `--seqs` sequences and E/4 routed experts (direct all-to-all dispatcher, fp32); a step
+Each rank holds `--seqs` sequences and E/4 routed experts (`--dispatcher`, default direct; fp32); a step
 is forward + backward of the LM loss. `none` runs the whole batch through each layer; `two_microbatch`
 splits it in two and keeps one half's dispatch/combine in flight while the other computes
 (moeco.parallel.overlap). Step times are medians over `--steps` after one warm-up, max over ranks,
@@ -53,7 +53,7 @@ def _worker(rank, world, port, args, out):
     config = _config(args)
     torch.manual_seed(0)
     model = Transformer(config)
-    apply_expert_parallel(model, Mesh(MeshSpec.from_env(ep=world, gpus_per_node=2)), "direct")
+    apply_expert_parallel(model, Mesh(MeshSpec.from_env(ep=world, gpus_per_node=2)), args.dispatcher)
     g = torch.Generator().manual_seed(rank)
     seqs = torch.randint(0, config.vocab_size, (args.seqs, args.seq_len + 1), generator=g)
     result = {}
@@ -126,6 +126,7 @@ def main():
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--dispatcher", default="direct", choices=("direct", "two_hop"))
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--rounds", type=int, default=3, help="alternations of the two modes")
     p.add_argument("--png", default="docs/img/overlap_timeline.png")
@@ -141,7 +142,7 @@ def main():
     mp.spawn(_worker, args=(4, port, a, out), nprocs=4)
     res = torch.load(out, weights_only=False)
     print(f"4 gloo ranks (2 nodes x 2), {a.seqs} x {a.seq_len} tokens a rank, dim {a.dim}, {a.layers} layers, "
-          f"{a.experts} experts, {a.threads} thread(s) a rank, {os.cpu_count()} CPU cores")
+          f"{a.experts} experts, {a.dispatcher}, {a.threads} thread(s) a rank, {os.cpu_count()} CPU cores")
     for mode in ("none", "two_microbatch"):
         print(f"  {mode:15s} step (fwd+bwd) " + ", ".join(f"{e['step_s'] * 1e3:.1f}" for e in res[mode]) + " ms")
     e = res["two_microbatch"][-1]
