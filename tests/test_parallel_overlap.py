@@ -95,3 +95,13 @@ def test_trainer_overlap_equals_single_process(tmp_path):
 
     rec = json.loads((tmp_path / "ep" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec.get("overlap_wall_s", 0) > 0 and rec["overlap_compute_s"] > 0, rec
+
+
+def test_overlap_setting_is_validated():
+    from moeco.errors import ConfigError
+    from moeco.train.config import TrainConfig
+
+    assert TrainConfig().overlap == "none"
+    assert TrainConfig().with_overrides(['parallel.overlap="two_microbatch"']).overlap == "two_microbatch"
+    with pytest.raises(ConfigError, match="overlap"):
+        TrainConfig().with_overrides(['parallel.overlap="dualpipe"'])
