@@ -152,6 +152,10 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, inp: AttnInputs, return_aux: bool = False):
         """Final normed hidden state (B, S, D) (and the embeddings and per-layer balance terms)."""
         emb = self.model.embed_tokens(input_ids)
+        schedule = getattr(self, "schedule", None)  # e.g. moeco.parallel.overlap.TwoMicrobatch
+        if schedule is not None and schedule.applies(input_ids, inp):
+            h, balance = schedule(self, emb, inp, return_aux)
+            return self.model.norm(h), emb, balance
         h, balance = emb, []
         for layer in self.model.layers:
             out = layer(h, inp, return_aux)

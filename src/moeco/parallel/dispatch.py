@@ -34,7 +34,7 @@ import torch
 
 from moeco.model.moe import Routing, _GatherRows, weighted_combine
 from moeco.parallel.mesh import Mesh
-from moeco.parallel.route import (AllToAll, AllToAllFn, Fp8Rows, Gather, MoveRows, TrafficCounter,
+from moeco.parallel.route import (AllToAll, AllToAllFn, Fp8Rows, Gather, MoveRows, PendingRows, TrafficCounter,
                                   exchange_counts, run_route)
 
 
@@ -74,11 +74,69 @@ class _EPBase:
     def _local_experts(self, n_experts: int) -> int:
         return n_experts // self.P
 
+    # Issue/wait halves for a scheduler (moeco.parallel.overlap). The default runs the synchronous
+    # method at issue time (nothing left in flight); AllToAllDispatcher overrides them with async ones.
+    def dispatch_start(self, x_TD: torch.Tensor, routing: Routing, n_experts: int):
+        return Done(self.dispatch(x_TD, routing, n_experts))
+
+    def dispatch_wait(self, pending):
+        return pending.wait()
+
+    def combine_start(self, y_CD: torch.Tensor, handle):
+        return Done(self.combine(y_CD, handle))
+
+    def combine_wait(self, pending) -> torch.Tensor:
+        return pending.wait()
+
+
+@dataclass
+class Done:
+    """A 'pending' operation that completed when it was issued."""
+
+    value: object
+
+    def wait(self):
+        return self.value
+
+
+@dataclass
+class _PendingDispatch:
+    rows: PendingRows
+    sort: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    handle: DirectHandle
+
+    def wait(self):
+        return self.rows.wait().index_select(0, self.sort), self.tokens_per_expert, self.handle
+
+
+@dataclass
+class _PendingCombine:
+    rows: PendingRows
+    handle: DirectHandle
+
+    def wait(self):
+        h = self.handle
+        return weighted_combine(self.rows.wait(), h.weights_TK, h.order, h.inverse)
+
 
 class AllToAllDispatcher(_EPBase):
     """One all-to-all each way over the EP group; see the module docstring."""
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, n_experts: int):
+        return self._dispatch(x_TD, routing, n_experts, asynchronous=False)
+
+    def dispatch_start(self, x_TD: torch.Tensor, routing: Routing, n_experts: int):
+        """Counts exchanged (synchronously: the splits must be host integers), the payload issued."""
+        if self.codec is not None:  # the FP8 payload keeps the synchronous path for now
+            return Done(self.dispatch(x_TD, routing, n_experts))
+        return self._dispatch(x_TD, routing, n_experts, asynchronous=True)
+
+    def combine_start(self, y_CD: torch.Tensor, h: DirectHandle):
+        y_recv = _GatherRows.apply(y_CD, h.unsort, h.sort, 1)
+        return _PendingCombine(PendingRows(y_recv, h.back, self.counter, "combine"), h)
+
+    def _dispatch(self, x_TD, routing, n_experts, asynchronous):
         P, L = self.P, self._local_experts(n_experts)
         T, K = routing.indices_TK.shape
         flat = routing.indices_TK.flatten()
@@ -98,8 +156,12 @@ class AllToAllDispatcher(_EPBase):
         a2a = AllToAll(send, recv, self.mesh.ep_group, self.mesh.ep_ranks())
         route = [Gather(order // K, T), a2a, Gather(sort, sum(recv))]
         self.counter.tokens += T
-        x_CD, q, s = MoveRows.apply(x_TD, route, self.codec, self.counter)
         back = AllToAll(recv, send, self.mesh.ep_group, self.mesh.ep_ranks())
+        if asynchronous:
+            handle = DirectHandle(order, inverse, routing.weights_TK, T, back, unsort, sort)
+            rows = PendingRows(x_TD.index_select(0, order // K), a2a, self.counter, "dispatch")
+            return _PendingDispatch(rows, sort, recv_PL.sum(0), handle)
+        x_CD, q, s = MoveRows.apply(x_TD, route, self.codec, self.counter)
         handle = DirectHandle(order, inverse, routing.weights_TK, T, back, unsort, sort,
                               None if q is None else (q, s))
         return x_CD, recv_PL.sum(0), handle
@@ -114,6 +176,21 @@ class TwoHopDispatcher(_EPBase):
     """Each token crosses to each destination node once and is forwarded inside it; see the docstring."""
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, n_experts: int):
+        return self._dispatch(x_TD, routing, n_experts, asynchronous=False)
+
+    def dispatch_start(self, x_TD: torch.Tensor, routing: Routing, n_experts: int):
+        """Metadata hops run now (they size the item lists); the payload's inter-node hop is posted, its
+        intra-node hop runs in `dispatch_wait`."""
+        if self.codec is not None:
+            return Done(self.dispatch(x_TD, routing, n_experts))
+        return self._dispatch(x_TD, routing, n_experts, asynchronous=True)
+
+    def combine_start(self, y_CD: torch.Tensor, h: TwoHopHandle):
+        """The intra-node hop back and the node's partial sum run now; the inter-node hop is posted."""
+        part_1D = self._combine_intra(y_CD, h)
+        return _PendingTwoHopCombine(PendingRows(part_1D, _reverse(h.hop1), self.counter, "combine"), h)
+
+    def _dispatch(self, x_TD, routing, n_experts, asynchronous):
         m, s = self.mesh, self.mesh.spec
         G, N, L = s.ep_gpus_per_node, s.ep_nodes, self._local_experts(n_experts)
         my_node, dev = self.me // G, x_TD.device
@@ -157,24 +234,58 @@ class TwoHopDispatcher(_EPBase):
         copy_of_JK[item2[sort], slot[sort]] = torch.arange(C, device=dev)
         route = [Gather(token1, T), hop1, Gather(item1, M1), hop2, Gather(copy_item, M2)]
         self.counter.tokens += T
-        x_CD, q, sc = MoveRows.apply(x_TD, route, self.codec, self.counter)
+        if asynchronous:
+            rows = PendingRows(x_TD.index_select(0, token1), hop1, self.counter, "dispatch")
+            x_CD, q = None, None
+        else:
+            x_CD, q, sc = MoveRows.apply(x_TD, route, self.codec, self.counter)
         w_JK = MoveRows.apply(routing.weights_TK, route[:4], None, self.counter, "meta")[0]
         w_JK = torch.where(here_JK, w_JK, torch.zeros((), dtype=w_JK.dtype, device=dev))
         tokens_per_expert = torch.zeros(L, dtype=torch.int64, device=dev).scatter_add_(0, e_C, torch.ones_like(e_C))
         handle = TwoHopHandle(T, w_JK, copy_of_JK, hop2, hop1, item1, M1, token1,
                               None if q is None else (q, sc))
+        if asynchronous:
+            return _PendingTwoHop(rows, item1, hop2, copy_item, tokens_per_expert, handle, self.counter)
         return x_CD, tokens_per_expert, handle
 
     def combine(self, y_CD: torch.Tensor, h: TwoHopHandle) -> torch.Tensor:
+        back1 = AllToAllFn.apply(self._combine_intra(y_CD, h), _reverse(h.hop1), self.counter, "combine")
+        return back1.new_zeros(h.num_tokens, back1.shape[-1]).index_add(0, h.token_of_item1, back1)
+
+    def _combine_intra(self, y_CD: torch.Tensor, h: TwoHopHandle) -> torch.Tensor:
         D = y_CD.shape[-1]
         y_pad = torch.cat([y_CD, y_CD.new_zeros(1, D)])  # row C: the zero row for slots not here
         M2, K = h.copy_of_JK.shape
         y_JKD = y_pad.index_select(0, h.copy_of_JK.flatten()).view(M2, K, D)
         r_JD = (y_JKD * h.weights_JK.to(y_CD.dtype).unsqueeze(-1)).sum(dim=1)
         back2 = AllToAllFn.apply(r_JD, _reverse(h.hop2), self.counter, "combine")
-        part_1D = back2.new_zeros(h.n_item1, D).index_add(0, h.item1_of_item2, back2)  # the node's partial sum
-        back1 = AllToAllFn.apply(part_1D, _reverse(h.hop1), self.counter, "combine")
-        return back1.new_zeros(h.num_tokens, D).index_add(0, h.token_of_item1, back1)
+        return back2.new_zeros(h.n_item1, D).index_add(0, h.item1_of_item2, back2)  # the node's partial sum
+
+
+@dataclass
+class _PendingTwoHop:
+    rows: PendingRows  # hop 1 (between nodes), in flight
+    item1: torch.Tensor
+    hop2: AllToAll
+    copy_item: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    handle: TwoHopHandle
+    counter: TrafficCounter
+
+    def wait(self):
+        x1 = self.rows.wait()
+        x2 = AllToAllFn.apply(x1.index_select(0, self.item1), self.hop2, self.counter, "dispatch")
+        return x2.index_select(0, self.copy_item), self.tokens_per_expert, self.handle
+
+
+@dataclass
+class _PendingTwoHopCombine:
+    rows: PendingRows  # hop 1 back, in flight
+    handle: TwoHopHandle
+
+    def wait(self):
+        back1 = self.rows.wait()
+        return back1.new_zeros(self.handle.num_tokens, back1.shape[-1]).index_add(0, self.handle.token_of_item1, back1)
 
 
 def _reverse(step: AllToAll) -> AllToAll:

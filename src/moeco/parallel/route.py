@@ -210,3 +210,42 @@ def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
     out = torch.empty_like(send_counts)
     _collective(lambda: dist.all_to_all_single(out, send_counts.contiguous(), group=group), "count exchange", group)
     return out
+
+
+class PendingRows:
+    """An all-to-all of rows issued with `async_op=True`; `wait()` returns the received rows.
+
+    The rows are sent detached; `wait()` reattaches them to autograd through `_Landed`, whose backward
+    is the reverse all-to-all (synchronous), so the gradient is the one `AllToAllFn` gives. On NCCL the
+    collective runs on the process group's own stream and `wait()` makes the current stream wait on it
+    (the "communication stream with events"); on gloo a background thread carries it.
+    """
+
+    def __init__(self, x: torch.Tensor, step: AllToAll, counter: TrafficCounter | None, kind: str):
+        if counter is not None:
+            counter.add(kind, step.peers, step.send, _row_bytes(x))
+        self.src, self.step = x, step
+        send = x.detach().contiguous()
+        self.out = send.new_empty((sum(step.recv), *send.shape[1:]))
+        self._send = send  # kept alive until the work completes
+        self.work = _collective(lambda: dist.all_to_all_single(self.out, send, step.recv, step.send,
+                                                               group=step.group, async_op=True),
+                                "all-to-all", step.group)
+
+    def wait(self) -> torch.Tensor:
+        _collective(self.work.wait, "all-to-all", self.step.group)
+        self._send = None
+        if self.src.requires_grad and torch.is_grad_enabled():
+            return _Landed.apply(self.src, self)
+        return self.out
+
+
+class _Landed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, src, pending):
+        ctx.step = pending.step
+        return pending.out
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.step.backward(g.contiguous()), None

@@ -105,6 +105,8 @@ class TrainConfig:
                                                   "inside it) | direct (one all-to-all copy per expert)")
     fp8_dispatch: bool = _opt(False, "parallel", "send dispatched tokens as 1x128 E4M3 + scales (half of BF16)")
     timeout_s: float = _opt(600.0, "parallel", "seconds a collective may wait before the run stops with an error")
+    overlap: str = _opt("none", "parallel", "none | two_microbatch (each batch split in two: one half's all-to-all "
+                                            "in flight while the other computes; moeco.parallel.overlap)")
     # [model]
     preset: str = _opt("tiny", "model", "a ModelConfig preset; any ModelConfig field may follow in [model]")
     model_overrides: dict = field(default_factory=dict, metadata={"section": "model", "doc": ""})
@@ -343,6 +345,8 @@ def _validate_parallel(c: TrainConfig) -> None:
         raise _bad("gpus_per_node", c.gpus_per_node, "must be >= 0 (0 = torchrun's --nproc-per-node)")
     if c.dispatcher not in ("two_hop", "direct"):
         raise _bad("dispatcher", c.dispatcher, "choose two_hop or direct")
+    if c.overlap not in ("none", "two_microbatch"):
+        raise _bad("overlap", c.overlap, "choose none or two_microbatch")
     if not c.timeout_s > 0:
         raise _bad("timeout_s", c.timeout_s, "must be a positive number of seconds")
 

@@ -155,6 +155,11 @@ class Trainer:
 
             self.mesh = Mesh(self.mesh_spec)
             self.traffic = apply_expert_parallel(model, self.mesh, cfg.dispatcher, cfg.fp8_dispatch)
+        from moeco.parallel.overlap import set_overlap
+
+        self.overlap = set_overlap(model, cfg.overlap)  # the forward schedule (none: the plain forward)
+        if self.overlap is not None:
+            self.overlap.keep = 1024  # every forward of a step (accumulation micro-steps); reset per step
         self.optimizer = self._optimizer(model)
         self.balance = BalanceHook(model, cfg.balance_gamma())
         self.imbalance = ImbalanceWatch(cfg.balance_gamma())
@@ -341,6 +346,8 @@ class Trainer:
         t0 = time.perf_counter()
         batch_ABS = torch.stack([self.data.sequences(rank_slice(batch, a, d.rank, d.world, self.micro))
                                  for a in range(self.accum)])
+        if self.overlap is not None:
+            self.overlap.history = []
         if self.traffic is not None:
             self.traffic.reset()
         if self.graphed is not None:
@@ -360,6 +367,10 @@ class Trainer:
             from moeco.parallel.route import TrafficCounter
 
             traffic = TrafficCounter.summary(d.sum(self.traffic.as_vector().to(d.device)).cpu())
+        if self.overlap is not None and self.overlap.history:  # this rank's forward spans (moeco.parallel.overlap)
+            h = self.overlap.history
+            traffic.update({f"overlap_{k}": sum(getattr(x, k) for x in h) for k in
+                            ("compute_s", "comm_issue_s", "comm_wait_s", "in_flight_s", "wall_s")})
         return {**traffic,
             "step": self.step, "loss": means[0], "lm_loss": means[1], "mtp_loss": means[2],
             "balance_loss": means[3], "lr": lr, "grad_norm": float(grad_norm),

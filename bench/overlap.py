@@ -1,0 +1,163 @@
+"""Step time with and without the dual micro-batch overlap, 4 gloo ranks on CPU (2 nodes x 2).
+
+    PYTHONPATH=src python bench/overlap.py                       # figures + docs/img/overlap_timeline.png
+    PYTHONPATH=src python bench/overlap.py --steps 5 --seqs 4 --seq-len 64 --json out.json
+
+Each rank holds `--seqs` sequences and E/4 routed experts (`--dispatcher`, default direct; fp32); a step
+is forward + backward of the LM loss. `none` runs the whole batch through each layer; `two_microbatch`
+splits it in two and keeps one half's dispatch/combine in flight while the other computes
+(moeco.parallel.overlap). Step times are medians over `--steps` after one warm-up, max over ranks,
+for each of `--rounds` alternations of the two modes.
+The forward's spans (rank 0, last step) are split into compute, comm blocked (count exchange + posting
++ waiting) and in flight behind the other micro-batch's compute (an upper bound on the hidden time),
+and drawn as a timeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from datetime import timedelta
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _config(args):
+    from moeco.config import ModelConfig
+
+    return ModelConfig(vocab_size=512, hidden_size=args.dim, intermediate_size=2 * args.dim,
+                       moe_intermediate_size=args.dim // 2, num_hidden_layers=args.layers, num_attention_heads=4,
+                       q_lora_rank=args.dim // 2, kv_lora_rank=args.dim // 4, qk_nope_head_dim=32,
+                       qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=args.experts, n_shared_experts=1,
+                       num_experts_per_tok=4, first_k_dense_replace=1, n_group=4, topk_group=2,
+                       max_position_embeddings=1024, initializer_range=0.05, num_nextn_predict_layers=0)
+
+
+def _worker(rank, world, port, args, out):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank % 2), "LOCAL_WORLD_SIZE": "2"})
+    torch.set_num_threads(args.threads)
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from moeco import Transformer
+    from moeco.parallel.expert_parallel import apply_expert_parallel
+    from moeco.parallel.mesh import Mesh, MeshSpec
+    from moeco.parallel.overlap import set_overlap
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    config = _config(args)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    apply_expert_parallel(model, Mesh(MeshSpec.from_env(ep=world, gpus_per_node=2)), args.dispatcher)
+    g = torch.Generator().manual_seed(rank)
+    seqs = torch.randint(0, config.vocab_size, (args.seqs, args.seq_len + 1), generator=g)
+    result = {}
+    for mode in ("none", "two_microbatch") * args.rounds:  # alternated: drift of a loaded machine shows
+        sched = set_overlap(model, mode)
+        times = []
+        for i in range(args.steps + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            logits = model(seqs[:, :-1]).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), seqs[:, 1:].flatten())
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if i:
+                times.append(time.perf_counter() - t0)
+        t = torch.tensor([statistics.median(times)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        entry = {"step_s": t.item()}
+        if sched is not None:
+            st = sched.last.stats()
+            entry.update(compute_s=st.compute_s, comm_issue_s=st.comm_issue_s, comm_wait_s=st.comm_wait_s,
+                         in_flight_s=st.in_flight_s, forward_wall_s=st.wall_s)
+            entry["spans"] = sched.last.spans()
+        result.setdefault(mode, []).append(entry)
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+def plot(spans, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"attention": "#4c72b0", "route": "#8172b2", "shared": "#64b5cd", "experts": "#55a868",
+              "add": "#937860", "mlp": "#4c72b0"}
+    fig, ax = plt.subplots(figsize=(11, 2.8))
+    t0 = min(s[4] for s in spans)
+    for mb, layer, kind, name, a, b in spans:
+        y = 1 - mb
+        if kind == "compute":
+            ax.barh(y, (b - a) * 1e3, left=(a - t0) * 1e3, color=colors.get(name, "grey"), height=0.6)
+        else:
+            ax.barh(y, (b - a) * 1e3, left=(a - t0) * 1e3, color="#c44e52" if kind == "wait" else "#dd8452",
+                    height=0.6)
+    issued = {}
+    for mb, layer, kind, name, a, b in spans:  # in flight: issue returned -> wait started
+        if kind == "issue":
+            issued[(mb, layer, name)] = b
+        elif kind == "wait" and (mb, layer, name) in issued:
+            s = issued.pop((mb, layer, name))
+            ax.plot([(s - t0) * 1e3, (a - t0) * 1e3], [1 - mb - 0.42] * 2, color="#dd8452", lw=2)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=c, label=n) for n, c in list(colors.items())[:5]] +
+              [Patch(color="#dd8452", label="comm issue (line: in flight)"), Patch(color="#c44e52", label="comm wait")],
+              ncol=7, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 1.25), frameon=False)
+    ax.set_yticks([1, 0], ["micro-batch A", "micro-batch B"])
+    ax.set_xlabel("ms (rank 0, one forward, host wall clock)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--seqs", type=int, default=4, help="sequences per rank")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--dispatcher", default="direct", choices=("direct", "two_hop"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--rounds", type=int, default=3, help="alternations of the two modes")
+    p.add_argument("--png", default="docs/img/overlap_timeline.png")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    import socket
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = os.path.join(tempfile.mkdtemp(), "rank0.pt")
+    mp.spawn(_worker, args=(4, port, a, out), nprocs=4)
+    res = torch.load(out, weights_only=False)
+    print(f"4 gloo ranks (2 nodes x 2), {a.seqs} x {a.seq_len} tokens a rank, dim {a.dim}, {a.layers} layers, "
+          f"{a.experts} experts, {a.dispatcher}, {a.threads} thread(s) a rank, {os.cpu_count()} CPU cores")
+    for mode in ("none", "two_microbatch"):
+        print(f"  {mode:15s} step (fwd+bwd) " + ", ".join(f"{e['step_s'] * 1e3:.1f}" for e in res[mode]) + " ms")
+    e = res["two_microbatch"][-1]
+    print(f"  two_microbatch forward, rank 0: wall {e['forward_wall_s'] * 1e3:.1f} ms = compute "
+          f"{e['compute_s'] * 1e3:.1f} + comm blocked {(e['comm_issue_s'] + e['comm_wait_s']) * 1e3:.1f} "
+          f"(issue {e['comm_issue_s'] * 1e3:.1f}, wait {e['comm_wait_s'] * 1e3:.1f}); in flight behind compute "
+          f"{e['in_flight_s'] * 1e3:.1f} ms")
+    if a.png:
+        plot(e["spans"], a.png)
+        print(f"  timeline: {a.png}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({m: [{k: v for k, v in x.items() if k != "spans"} for x in r] for m, r in res.items()}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()

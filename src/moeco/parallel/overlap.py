@@ -1,0 +1,223 @@
+"""Dual micro-batch overlap: one micro-batch's all-to-all in flight while the other computes.
+
+The batch (B sequences) is split in two micro-batches A and B (B_A = ceil(B/2)). Each runs the decoder
+layers as a generator that *yields* right after issuing a communication (`dispatch_start`,
+`combine_start`, asynchronous) and, when resumed, first waits for it. The scheduler resumes A and B in
+turn, so per MoE layer (time runs to the right; `|` a yield):
+
+    A: attn route issue(dA) shared |                 wait(dA) experts issue(cA) |                 wait(cA) add attn'
+    B:                             | attn route issue(dB) shared |              wait(dB) experts issue(cB) |
+    wire:        [== dA ==========================]    [== dB ===============]  [== cA ==========]  [== cB
+
+A's dispatch dA is issued before B's attention and waited on after it (and after B's shared experts);
+B's dispatch hides under A's experts, A's combine under B's experts, B's combine under A's next
+attention. This is DeepSeek-V3's two-micro-batch overlap (section 13 of the facts file: attention and
+MoE of one micro-batch against dispatch/combine of the other); DualPipe's forward/backward chunk
+pairing is not built: the backward runs through autograd (each all-to-all's backward is the reverse
+all-to-all, synchronous), so training gains from the forward overlap only.
+
+Numerics: every token meets the same weights, routing and experts as in the plain forward; only the
+batch is cut in two (matmul shapes change, so fp32 results agree to rounding, not bit for bit, with the
+whole-batch forward; bit for bit with the same two micro-batches run one after the other). The
+sequence balance term is averaged over sequences, so the halves' terms are weighted by their sizes.
+
+Measurement (`OverlapStats`): host wall clock on CPU, CUDA events on GPU, per span:
+compute (attention, router, shared experts, experts, residual add), comm_issue (count exchange, which
+blocks because the splits must be host integers, plus posting the payload), comm_wait (blocked in
+`wait`), and in_flight: the time between the issue returning and the wait starting, during which the
+other micro-batch computed; that is an upper bound on the communication hidden (the transfer may have
+ended sooner).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from moeco.model.moe import MoE, sequence_balance_loss
+
+MODES = ("none", "two_microbatch")
+
+
+@dataclass
+class OverlapStats:
+    """Seconds in one forward (summed over layers and micro-batches)."""
+
+    compute_s: float = 0.0
+    comm_issue_s: float = 0.0
+    comm_wait_s: float = 0.0
+    in_flight_s: float = 0.0  # comm in flight while the host computed (upper bound on overlapped time)
+    wall_s: float = 0.0
+
+    @property
+    def comm_blocked_s(self) -> float:
+        return self.comm_issue_s + self.comm_wait_s
+
+
+class Timeline:
+    """Spans (micro-batch, layer, kind, name, t0, t1) of one scheduled forward, in issue order.
+
+    kind: "compute", "issue" or "wait". On CUDA the times are events, resolved by `spans()` (one sync)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.raw: list = []
+        self.t0 = self._now()
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    @contextmanager
+    def span(self, mb: int, layer: int, kind: str, name: str):
+        t0 = self._now()
+        yield
+        self.raw.append((mb, layer, kind, name, t0, self._now()))
+
+    def _sec(self, t) -> float:
+        return self.t0.elapsed_time(t) / 1e3 if self.cuda else t - self.t0
+
+    def spans(self) -> list[tuple]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return [(mb, l, k, n, self._sec(a), self._sec(b)) for mb, l, k, n, a, b in self.raw]
+
+    def order(self) -> list[str]:
+        """'A:issue:dispatch:0'-style labels in the order the spans started."""
+        return [f"{'AB'[mb]}:{k}:{n}:{l}" for mb, l, k, n, *_ in self.raw]
+
+    def stats(self) -> OverlapStats:
+        sp = self.spans()
+        st = OverlapStats()
+        issued = {}
+        for mb, layer, kind, name, a, b in sp:
+            if kind == "compute":
+                st.compute_s += b - a
+            elif kind == "issue":
+                st.comm_issue_s += b - a
+                issued[(mb, layer, name)] = b
+            else:
+                st.comm_wait_s += b - a
+                if (mb, layer, name) in issued:
+                    st.in_flight_s += a - issued.pop((mb, layer, name))
+        if sp:
+            st.wall_s = max(s[5] for s in sp) - min(s[4] for s in sp)
+        return st
+
+
+def _start(d, op, *args):
+    fn = getattr(d, f"{op}_start", None)
+    if fn is not None:
+        return fn(*args)
+    from moeco.parallel.dispatch import Done  # a dispatcher without halves (LocalDispatcher): run it now
+
+    return Done(getattr(d, op)(*args))
+
+
+def _microbatch(layers, x, inp, return_aux: bool, tl: Timeline, mb: int):
+    """Generator: one micro-batch through the decoder layers, yielding after each issued communication."""
+    balance = []
+    for i, layer in enumerate(layers):
+        with tl.span(mb, i, "compute", "attention"):
+            x = layer.attention(x, inp)
+        moe = layer.mlp
+        if not isinstance(moe, MoE):
+            with tl.span(mb, i, "compute", "mlp"):
+                x = layer.ffn(x)
+            continue
+        B, S, D = x.shape
+        with tl.span(mb, i, "compute", "route"):
+            h_TD = layer.post_attention_layernorm(x).reshape(B * S, D)
+            routing = moe.route(h_TD)
+        with tl.span(mb, i, "issue", "dispatch"):
+            pending = _start(moe.dispatcher, "dispatch", h_TD, routing, moe.n_experts)
+        with tl.span(mb, i, "compute", "shared"):  # under this micro-batch's own dispatch
+            shared = moe.shared_experts(h_TD) if moe.shared_experts is not None else None
+        yield
+        with tl.span(mb, i, "wait", "dispatch"):
+            x_CD, tpe, handle = pending.wait()
+        with tl.span(mb, i, "compute", "experts"):
+            y_CD = moe.run_experts(x_CD, tpe, getattr(handle, "x_fp8", None))
+        with tl.span(mb, i, "issue", "combine"):
+            pending = _start(moe.dispatcher, "combine", y_CD, handle)
+        yield
+        with tl.span(mb, i, "wait", "combine"):
+            y_TD = pending.wait()
+        with tl.span(mb, i, "compute", "add"):
+            out = y_TD + shared if shared is not None else y_TD
+            x = x + out.view(B, S, D)
+        if return_aux:
+            balance.append(sequence_balance_loss(routing, B, moe.n_experts) * B)
+    return x, balance
+
+
+def run_two_microbatch(layers, x, inp, return_aux: bool = False, timeline: Timeline | None = None,
+                       interleave: bool = True):
+    """x (B, S, D) through `layers`, two micro-batches; returns (x, per-layer balance terms or []).
+
+    interleave=False runs A to the end, then B: the same arithmetic without the overlap (the reference
+    for bit-for-bit comparisons)."""
+    tl = timeline if timeline is not None else Timeline(x.device)
+    Bt = x.shape[0]
+    parts = torch.tensor_split(x, 2, dim=0)
+    gens = [_microbatch(layers, p, inp, return_aux, tl, mb) for mb, p in enumerate(parts)]
+    results = [None, None]
+    if interleave:
+        live = [0, 1]
+        while live:
+            for mb in list(live):
+                try:
+                    next(gens[mb])
+                except StopIteration as stop:
+                    results[mb] = stop.value
+                    live.remove(mb)
+    else:
+        for mb in (0, 1):
+            while True:
+                try:
+                    next(gens[mb])
+                except StopIteration as stop:
+                    results[mb] = stop.value
+                    break
+    h = torch.cat([results[0][0], results[1][0]], dim=0)
+    balance = [(a + b) / Bt for a, b in zip(results[0][1], results[1][1])]
+    return h, balance
+
+
+@dataclass
+class TwoMicrobatch:
+    """A forward schedule for `Transformer.schedule`: the decoder layers over two micro-batches.
+
+    Falls back to the plain forward with a cache (generation) or fewer than two sequences. `last` is
+    the timeline of the latest scheduled forward (its `stats()` are the step's measurement)."""
+
+    interleave: bool = True
+    last: Timeline | None = None
+    history: list = field(default_factory=list)
+    keep: int = 0  # how many OverlapStats to keep in history (0: none)
+
+    def applies(self, input_ids: torch.Tensor, inp) -> bool:
+        return input_ids.shape[0] >= 2 and inp.cache is None
+
+    def __call__(self, model, emb: torch.Tensor, inp, return_aux: bool):
+        self.last = Timeline(emb.device)
+        h, balance = run_two_microbatch(model.model.layers, emb, inp, return_aux, self.last, self.interleave)
+        if self.keep:
+            self.history = (self.history + [self.last.stats()])[-self.keep:]
+        return h, balance
+
+
+def set_overlap(model, mode: str) -> TwoMicrobatch | None:
+    """parallel.overlap: 'none' (the plain forward) or 'two_microbatch'; returns the schedule set."""
+    from moeco.errors import ConfigError
+
+    if mode not in MODES:
+        raise ConfigError(f"parallel.overlap = {mode!r}; choose none or two_microbatch")
+    model.schedule = TwoMicrobatch() if mode == "two_microbatch" else None
+    return model.schedule
