@@ -25,7 +25,7 @@ def __getattr__(name: str):
 
         return Transformer
     if name == "load_pretrained":
-        from moeco.checkpoint import load_pretrained
+        from moeco.loading import load_pretrained
 
         return load_pretrained
     raise AttributeError(f"module 'moeco' has no attribute {name!r}")

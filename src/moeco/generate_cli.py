@@ -87,7 +87,7 @@ def _prompt_ids(args, tokenizer) -> list[int]:
 
 
 def run_generate(args) -> int:
-    from moeco.checkpoint import load_pretrained
+    from moeco.loading import load_pretrained
 
     for name in ("max_new_tokens",):
         if getattr(args, name) < 1:

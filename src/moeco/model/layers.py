@@ -5,7 +5,7 @@ E routed experts, F expert hidden size, T tokens (B*S flattened), K reduction di
 
 Rotary layout. DeepSeek checkpoints rotate *interleaved* pairs (x0, x1), (x2, x3), ... of the R
 rotary dims, each pair by one frequency theta_j = base^(-2j/R) (HF: `rope_interleave=True`; a
-checkpoint stored half-split, `rope_interleave=False`, is reordered on load, see moeco.checkpoint):
+checkpoint stored half-split, `rope_interleave=False`, is reordered on load and save, see moeco.checkpoint):
     (x_{2j} + i x_{2j+1}) * exp(i * pos * theta_j) * attention_factor
 YaRN (long-context extension) changes theta_j per dimension between interpolation (theta/factor)
 and extrapolation (theta) with a linear ramp over the correction range set by beta_fast/beta_slow,

@@ -157,7 +157,7 @@ def load_expert_parallel(path, ep: int, gpus_per_node: int = 0, dispatcher: str 
     each reads only its experts from the checkpoint. Errors in the arguments or the checkpoint's
     expert count are raised on every rank before any collective.
     """
-    from moeco.checkpoint import load_pretrained
+    from moeco.loading import load_pretrained
     from moeco.config import ModelConfig, read_config_json
     from moeco.parallel.dist import Dist, agree
 

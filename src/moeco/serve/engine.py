@@ -73,7 +73,7 @@ class LLMEngine:
         if model is None:
             if c.model_dir is None:
                 raise ConfigError("EngineConfig.model_dir is not set; pass a checkpoint directory")
-            from moeco.checkpoint import load_pretrained
+            from moeco.loading import load_pretrained
 
             model = load_pretrained(c.model_dir, dtype=dtype, device=device, keep_fp8=c.keep_fp8)
             tokenizer = tokenizer or _load_tokenizer(Path(c.model_dir))
