@@ -43,19 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=run_demo)
 
 
-def _load_tokenizer(model_dir: Path):
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
-        raise LoadError(f"{str(path)!r} cannot be read as a tokenizer ({str(exc).splitlines()[0]}); replace it with "
-                        f"the tokenizer.json the model was trained with, or remove it and pass --prompt-ids") from None
-
-
 def _device(name: str) -> torch.device:
     """--device as a torch.device that this build of torch can use."""
     try:
@@ -87,7 +74,7 @@ def _prompt_ids(args, tokenizer) -> list[int]:
 
 
 def run_generate(args) -> int:
-    from moeco.loading import load_pretrained
+    from moeco.loading import load_pretrained, load_tokenizer
 
     for name in ("max_new_tokens",):
         if getattr(args, name) < 1:
@@ -109,7 +96,7 @@ def run_generate(args) -> int:
         main, args.device = ranks.main, str(ranks.device)
     else:
         model = load_pretrained(model_dir, dtype=_DTYPES[args.dtype], device=args.device, keep_fp8=args.keep_fp8)
-    tokenizer = _load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     prompt = _prompt_ids(args, tokenizer)
     vocab = model.config.vocab_size
     if max(prompt) >= vocab:

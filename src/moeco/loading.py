@@ -221,3 +221,17 @@ def _is_dropped_mtp(key: str, num_layers: int, config: ModelConfig) -> bool:
 
 
 # ---- writing -------------------------------------------------------------------------------
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The checkpoint directory's tokenizer.json as a `tokenizers.Tokenizer`; None when it has none."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+        raise LoadError(f"{str(path)!r} cannot be read as a tokenizer ({str(exc).splitlines()[0]}); replace it "
+                        "with the tokenizer.json the model was trained with") from None

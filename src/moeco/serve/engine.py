@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -73,10 +72,10 @@ class LLMEngine:
         if model is None:
             if c.model_dir is None:
                 raise ConfigError("EngineConfig.model_dir is not set; pass a checkpoint directory")
-            from moeco.loading import load_pretrained
+            from moeco.loading import load_pretrained, load_tokenizer
 
             model = load_pretrained(c.model_dir, dtype=dtype, device=device, keep_fp8=c.keep_fp8)
-            tokenizer = tokenizer or _load_tokenizer(Path(c.model_dir))
+            tokenizer = tokenizer or load_tokenizer(c.model_dir)
         self.model, self.tokenizer = model.eval(), tokenizer
         mcfg = model.config
         self.device = model.model.embed_tokens.weight.device
@@ -228,7 +227,7 @@ class LLMEngine:
         """Add sampled tokens to a sequence and finish it where a stop condition holds."""
         if seq.finished:
             return None
-        p, emitted = seq.params, []
+        emitted = []
         for tok in new:
             seq.token_ids.append(tok)
             emitted.append(tok)
@@ -270,15 +269,3 @@ class LLMEngine:
                                      if self.spec and self.spec.proposed else None),
             **self.counters,
         }
-
-
-def _load_tokenizer(model_dir: Path):
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # a corrupt file is the user's to fix
-        raise ConfigError(f"{path} is not a valid tokenizer.json ({exc}); replace it") from None
