@@ -8,4 +8,7 @@ def register(sub) -> None:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     from moeco.serve import bench_throughput
 
-    bench_throughput.add_parser(bench_sub)
+    bench_throughput.add_parser(bench_sub)  # moeco bench throughput: the engine offline
+    from moeco.serve import bench_serve
+
+    bench_serve.add_parser(bench_sub)  # moeco bench serve: a load generator for a running server

@@ -19,6 +19,7 @@ _SUBCOMMANDS = (
     "moeco.bench_cli",
     "moeco.generate_cli",
     "moeco.plan.cli",
+    "moeco.serve.cli",
     "moeco.train.cli",
 )
 

@@ -3,7 +3,8 @@
 A trained tokenizer reserves id 0 for `<|bos|>` and id 1 for `<|eos|>` (the ids DeepSeek configs
 use); documents are joined with `<|eos|>` when packed. It is saved as `tokenizer.json` plus a small
 `tokenizer_config.json`, so both `tokenizers.Tokenizer.from_file` and transformers'
-`AutoTokenizer.from_pretrained` read the model directory.
+`AutoTokenizer.from_pretrained` read the model directory. The config carries moeco's default chat
+template (moeco.serve.chat_template), which `moeco serve` uses for /v1/chat/completions.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def save_tokenizer(tok: Tokenizer, directory: Path, source: str = "") -> None:
                 shutil.copyfile(src / name, directory / name)
         return
     tok.save(str(directory / "tokenizer.json"))
+    from moeco.serve.chat_template import DEFAULT_CHAT_TEMPLATE
+
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-              "clean_up_tokenization_spaces": False}
+              "clean_up_tokenization_spaces": False, "chat_template": DEFAULT_CHAT_TEMPLATE}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
