@@ -115,3 +115,173 @@ def test_import_abort_and_no_room(model):
     assert dec.reserve_import(list(range(20)), SamplingParams(max_tokens=2), "b") is None  # no room now
     dec.abort("a")
     assert dec.blocks.num_free == total and not dec.imports
+
+
+# ---- the deployment: `moeco serve --disaggregate` on loopback ---------------------------------------
+def _disagg_server(model_dir, *extra):
+    from serve_http_helpers import ServerProcess
+
+    return ServerProcess(model_dir, "--disaggregate", *extra)
+
+
+def _scrape(base_url) -> dict:
+    """{(name, role): value} for the router's per-worker series, plus 'url:<role>'."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(base_url + "/metrics", timeout=10).text):
+        for s in fam.samples:
+            if "role" in s.labels:
+                out[(s.name, s.labels["role"])] = s.value
+                out[f"url:{s.labels['role']}"] = s.labels["url"]
+    return out
+
+
+def _wait_full(base_url, timeout=20.0):
+    """Both workers' pools back to full (their engines' own stats)."""
+    import time
+
+    import httpx
+
+    m = _scrape(base_url)
+    deadline = time.time() + timeout
+    while True:
+        stats = [httpx.get(m[f"url:{r}"] + "/info", timeout=5).json()["stats"] for r in ("prefill", "decode")]
+        if all(s["free_blocks"] == s["total_blocks"] and s["pending_transfers"] == 0 for s in stats):
+            return
+        assert time.time() < deadline, stats
+        time.sleep(0.2)
+
+
+async def _complete(client, prompt, max_tokens, stream=False):
+    body = {"model": "tiny-test", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from serve_http_helpers import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("serve_disagg") / "model")
+
+
+@pytest.mark.slow
+def test_deployment_equals_colocated(model_dir):
+    """32 mixed-length greedy requests at once through router -> prefill -> decode, then 8 that share
+    a 140-token prefix (two 64-token blocks hit on the decode side): the colocated engine's text."""
+    import asyncio
+
+    import httpx
+
+    from moeco.serve import LLM
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(320) for _ in range(rng.choice([1, 5, 20, 63, 64, 65, 130]))] for _ in range(32)]
+    lengths = [rng.choice([1, 4, 16]) for _ in range(32)]
+    head = [rng.randrange(320) for _ in range(140)]
+    shared = [head + [rng.randrange(320) for _ in range(rng.choice([1, 9]))] for _ in range(8)]
+    offline = LLM(str(model_dir), device="cpu", cache_bytes=8 << 20)
+    want = [c.text for c in offline.generate(prompts + shared, [SamplingParams(max_tokens=n, ignore_eos=True)
+                                                                for n in lengths + [6] * 8])]
+    srv = _disagg_server(model_dir)
+    try:
+        async def run():
+            async with httpx.AsyncClient(base_url=srv.base_url, timeout=120) as client:
+                first = await asyncio.gather(*(_complete(client, p, n) for p, n in zip(prompts, lengths)))
+                second = [await _complete(client, shared[0], 6)]  # the prefix lands on the decode side
+                second += await asyncio.gather(*(_complete(client, p, 6) for p in shared[1:]))
+                return first + second
+
+        got = asyncio.run(run())
+        assert got == want
+        m = _scrape(srv.base_url)
+        per_token = 3 * 24 * 4  # micro model: 3 layers x (16 + 8) latent values x fp32
+        sent_tokens = m[("moeco:disagg_transfer_tokens_total", "prefill")]
+        assert m[("moeco:disagg_transfer_bytes_total", "prefill")] == sent_tokens * per_token
+        assert sent_tokens <= sum(map(len, prompts + shared)) - 7 * 128  # 7 requests skipped 2 blocks each
+        _wait_full(srv.base_url)
+    finally:
+        srv.stop()
+
+
+def _worker_pid(base_url, role) -> int:
+    import httpx
+
+    return int(httpx.get(_scrape(base_url)[f"url:{role}"] + "/info", timeout=5).json()["id"].split("-")[1])
+
+
+def _until_served(client, deadline_s=120.0):
+    """Retry a small request until it succeeds (a restarted worker has rejoined); returns the seconds taken."""
+    import time
+
+    t0 = time.time()
+    while True:
+        r = client.post("/v1/completions", json={"model": "tiny-test", "prompt": [1, 2, 3], "max_tokens": 3})
+        if r.status_code == 200:
+            return time.time() - t0
+        assert r.status_code == 503 and time.time() - t0 < deadline_s, (r.status_code, r.text)
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_stream(model_dir):
+    """SIGKILL the decode worker while 4 requests stream: each ends with an error event within the
+    timeout, the launcher restarts the worker, new requests succeed, no blocks leak. Then the same
+    for the prefill worker, killed just before a request arrives."""
+    import asyncio
+    import json
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    timeout = 10
+    srv = _disagg_server(model_dir, "--request-timeout", str(timeout), "--transfer-timeout", str(timeout))
+    try:
+        pid = _worker_pid(srv.base_url, "decode")
+
+        async def stream(client, started):
+            body = {"model": "tiny-test", "prompt": list(range(10)), "max_tokens": 1500, "ignore_eos": True,
+                    "stream": True}
+            events = []
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        started.set()
+            return events, time.time()
+
+        async def run():
+            async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as client:
+                flags = [asyncio.Event() for _ in range(4)]
+                tasks = [asyncio.create_task(stream(client, f)) for f in flags]
+                await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 60)
+                os.kill(pid, signal.SIGKILL)
+                killed = time.time()
+                return await asyncio.wait_for(asyncio.gather(*tasks), timeout + 20), killed
+
+        results, killed = asyncio.run(run())
+        for events, ended in results:
+            assert events[-1] == "[DONE]"
+            errors = [json.loads(e) for e in events[:-1] if "error" in json.loads(e)]
+            assert errors and "decode worker" in errors[0]["error"]["message"], events[-3:]
+            assert ended - killed < timeout
+        with httpx.Client(base_url=srv.base_url, timeout=60) as client:
+            _until_served(client)
+            assert _worker_pid(srv.base_url, "decode") != pid
+            _wait_full(srv.base_url)
+
+            pid = _worker_pid(srv.base_url, "prefill")
+            os.kill(pid, signal.SIGKILL)
+            t0 = time.time()
+            r = client.post("/v1/completions", json={"model": "tiny-test", "prompt": [5, 6, 7], "max_tokens": 3})
+            assert r.status_code in (500, 503) and time.time() - t0 < timeout, r.text
+            _until_served(client)
+            _wait_full(srv.base_url, timeout=timeout + 10)  # the decode side's orphaned receive times out
+    finally:
+        srv.stop()
