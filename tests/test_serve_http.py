@@ -2,7 +2,8 @@
 /metrics, and `moeco bench serve`, against a tiny random model served on a free loopback port.
 
 One server process is started for the module (with an API key, so every test also exercises the
-key check) and stopped after; the slow test starts its own to send it SIGTERM.
+key check) and stopped after. Slow (`-m slow`): 64 concurrent streams against the offline engine,
+and a server of its own that fills its queue and gets SIGTERM.
 """
 
 import asyncio
@@ -98,6 +99,7 @@ def test_n_choices_stop_strings_and_seeds(client, offline):
     assert seeded.usage.completion_tokens <= 36
 
 
+@pytest.mark.slow  # ~10-40 s on 2 cores
 def test_64_concurrent_streams_all_finish_unmixed(server, offline):
     text = "\n".join(reference_text()[40:])
     prompts = [text[97 * i: 97 * i + 4 + (37 * i) % 120] for i in range(64)]

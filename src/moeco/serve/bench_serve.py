@@ -287,9 +287,14 @@ def run(args) -> int:
         raise ConfigError("--endpoint chat sends text: use --dataset corpus with it")
     slo = {k: getattr(args, f"slo_{k}_ms") for k in ("ttft", "tpot", "e2el") if getattr(args, f"slo_{k}_ms")}
     prompts = make_prompts(args)
+    import httpx
+
     try:
         results, duration = asyncio.run(benchmark(args, prompts))
-    except OSError as exc:
+    except httpx.HTTPStatusError as exc:
+        raise ConfigError(f"{exc.request.url} answered {exc.response.status_code}: "
+                          f"{exc.response.text[:200]} (wrong --api-key or --base-url?)") from None
+    except (httpx.HTTPError, OSError) as exc:
         raise ConfigError(f"cannot reach {args.base_url} ({exc}); is the server running?") from None
     res = compute_metrics(results, duration, slo)
     print(format_report(res, args))
