@@ -198,6 +198,13 @@ def test_deployment_equals_colocated(model_dir):
 
         got = asyncio.run(run())
         assert got == want
+        bad = httpx.post(srv.base_url + "/v1/completions", json={"model": "tiny-test", "prompt": [1, 10**6]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt", bad.text
+        from serve_http_helpers import metric
+
+        text = httpx.get(srv.base_url + "/metrics").text
+        assert metric(text, "moeco:request_success_total", finished_reason="length") == 40
+        assert metric(text, "moeco:generation_tokens_total") == sum(lengths) + 6 * 8
         m = _scrape(srv.base_url)
         per_token = 3 * 24 * 4  # micro model: 3 layers x (16 + 8) latent values x fp32
         sent_tokens = m[("moeco:disagg_transfer_tokens_total", "prefill")]

@@ -104,7 +104,7 @@ def _router(args) -> int:
     router = Router(args.prefill_url, args.decode_url, store_port=args.store_port,
                     request_timeout_s=args.request_timeout, max_requests=args.max_num_seqs + args.max_queued_requests)
     name = args.served_model_name or args.model
-    metrics = ServerMetrics(router.stats, name)
+    metrics = router.metrics = ServerMetrics(router.stats, name)
     metrics.registry.register(_Collect(router))
     state = ServerState(router, name, _load_tokenizer(Path(args.model)), template,
                         args.max_model_len or mcfg.max_position_embeddings, metrics, args.api_key)

@@ -177,6 +177,8 @@ class Router:
                 raise RequestError(first.get("field") or "prompt", first["error"])
             raise Overloaded(first["error"])
         job["skip_tokens"] = first["skip_tokens"]
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(len(prompt_ids))
         loop = asyncio.get_running_loop()
         # the prefill call always goes out once the decode side has posted its receive, even if the
         # client leaves at once: an unanswered receive would break the pair's process group
@@ -223,25 +225,36 @@ class Router:
         return None
 
     async def _relay(self, rid, prefill: asyncio.Task, pre: Worker, dec: Worker, lines, queue) -> None:
+        arrival, first, last, n, reason = time.monotonic(), None, None, 0, "abort"
         try:
             error = await asyncio.shield(prefill)
             if error is not None:
+                reason = "error"
                 queue.put_nowait(EngineFailure(rid, error))
                 return
             async for line in lines:
                 item = json.loads(line)
                 out = Output(rid, item["tokens"], item["finished"], item["reason"], item["error"])
+                if out.new_token_ids:
+                    first, last, n = first or time.monotonic(), time.monotonic(), n + len(out.new_token_ids)
+                    if self.metrics:
+                        self.metrics.generation_tokens.inc(len(out.new_token_ids))
                 queue.put_nowait(out)
                 if out.finished:
+                    reason = "error" if out.error else (out.finish_reason or "stop")
                     if out.error:
                         self._bump(pre, dec)
                     dec.requests += 1
                     return
             raise httpx.RemoteProtocolError("the stream ended before the request finished")
         except (httpx.HTTPError, ValueError) as exc:
+            reason = "error"
             self._down(dec, exc)
             queue.put_nowait(EngineFailure(rid, f"decode worker {dec.url} failed mid-request "
                                                 f"({type(exc).__name__}: {exc})"))
+        finally:
+            if self.metrics:
+                self.metrics.request_finished(reason, arrival, first, last, n, time.monotonic())
 
     def abort(self, rid: str, reason: str = "abort") -> None:
         task = self._tasks.pop(rid, None)

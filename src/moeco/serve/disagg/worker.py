@@ -12,7 +12,8 @@
                                   when the request is refused. Closing the stream aborts the request.
     POST /abort/{request_id}
 
-Why HTTP for control: the router already speaks HTTP and streams, a dead worker shows up as a broken
+The control API has no key: a worker binds 127.0.0.1 unless told otherwise; put only the router on
+a public address. Why HTTP for control: the router already speaks HTTP and streams, a dead worker shows up as a broken
 connection on every request it held (that is the error path), and the data itself goes over
 torch.distributed (moeco.serve.disagg.transfer), never through JSON.
 """
@@ -25,6 +26,7 @@ import logging
 import os
 import time
 import uuid
+from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI, Request
@@ -47,15 +49,13 @@ def build_worker_app(role: str, engine: AsyncEngine, transfer: Transfer, timeout
     llm = engine.engine
     bytes_per_token = llm.cache.bytes_per_token()
     state_bytes = torch.Generator(device=llm.device).get_state().numel()
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.on_event("startup")
-    async def _start():
+    @asynccontextmanager
+    async def lifespan(app):
         engine.start()
-
-    @app.on_event("shutdown")
-    async def _stop():
+        yield
         engine.shutdown()
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/health")
     async def health():
