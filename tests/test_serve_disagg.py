@@ -206,7 +206,9 @@ def test_deployment_equals_colocated(model_dir):
         assert metric(text, "moeco:request_success_total", finished_reason="length") == 40
         assert metric(text, "moeco:generation_tokens_total") == sum(lengths) + 6 * 8
         m = _scrape(srv.base_url)
-        per_token = 3 * 24 * 4  # micro model: 3 layers x (16 + 8) latent values x fp32
+        from moeco.config import ModelConfig
+
+        per_token = ModelConfig.from_hf(model_dir).kv_cache_bytes_per_token(4)  # fp32 cache on CPU
         sent_tokens = m[("moeco:disagg_transfer_tokens_total", "prefill")]
         assert m[("moeco:disagg_transfer_bytes_total", "prefill")] == sent_tokens * per_token
         assert sent_tokens <= sum(map(len, prompts + shared)) - 7 * 128  # 7 requests skipped 2 blocks each

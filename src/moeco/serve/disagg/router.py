@@ -159,11 +159,14 @@ class Router:
             resp = await self._client.send(self._client.build_request("POST", dec.url + "/generate", json=job),
                                            stream=True)
             lines = resp.aiter_lines()
-            first = json.loads(await anext(lines))
+            first = {"waiting": True}
+            while "waiting" in first:  # heartbeats while the decode worker waits for free blocks
+                first = json.loads(await anext(lines))
         except BaseException as exc:
             self._in_flight -= 1
             dec.in_flight -= 1
             pre.in_flight -= 1
+            self._bump(pre, dec)  # the decode side may have posted a receive nobody will answer
             if isinstance(exc, (httpx.HTTPError, StopAsyncIteration, ValueError)):
                 self._down(dec, exc)
                 raise Overloaded(f"decode worker {dec.url} did not answer ({type(exc).__name__})") from None
@@ -234,6 +237,8 @@ class Router:
                 return
             async for line in lines:
                 item = json.loads(line)
+                if "waiting" in item:  # a heartbeat
+                    continue
                 out = Output(rid, item["tokens"], item["finished"], item["reason"], item["error"])
                 if out.new_token_ids:
                     first, last, n = first or time.monotonic(), time.monotonic(), n + len(out.new_token_ids)

@@ -11,9 +11,10 @@ simply meets its peer under a new key. One request's hand-over is three tagged m
     tag + 2   uint8 latent rows: (pool layers, tokens sent, latent_dim) in the cache dtype, as bytes
 
 Bytes, because gloo rejects FP8 tensors; the receiver views them back as the pool's dtype. The
-decode side posts its receives when it reserves the blocks, before the prefill starts, so the send
-never waits for a receiver. Every blocking call runs on a thread of its own pool (a receive can wait
-for a whole prefill queue) and fails after `timeout_s`; a dead peer fails it at once.
+decode side posts its receives as soon as it has told the router its reservation, so they are
+waiting before the prefill even starts. Every blocking call runs on a thread of its own pool (a
+receive can wait for a whole prefill queue) and fails after `timeout_s`; a dead peer fails it at
+once. A side whose call fails forgets the group; the router then moves the pair to a new epoch.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Transfer:
                                                                 timeout=self.timeout)
                     store = self.stores[store_addr]
                 prefixed = dist.PrefixStore(f"moeco-pair/{pair}", store)
-                if self.backend == "nccl":
+                if self.backend == "nccl":  # untested here (no two GPUs): each worker on its own GPU
                     self.groups[pair] = dist.ProcessGroupNCCL(prefixed, rank, 2)
                 else:
                     self.groups[pair] = dist.ProcessGroupGloo(prefixed, rank, 2, self.timeout)
@@ -60,29 +61,33 @@ class Transfer:
 
     def send(self, store_addr: str, pair: str, tag: int, state: dict, rows: torch.Tensor) -> None:
         """Prefill side (rank 0): blocks until every message is handed to the transport."""
+        dev = rows.device if self.backend == "nccl" else "cpu"  # NCCL moves device tensors only
         try:
             g = self._group(store_addr, pair, 0)
-            g.send([torch.tensor([state["first_token"], state["draft"]], dtype=torch.int64)], 1, tag).wait()
+            header = torch.tensor([state["first_token"], state["draft"]], dtype=torch.int64, device=dev)
+            g.send([header], 1, tag).wait()
             if state.get("generator") is not None:
-                g.send([state["generator"]], 1, tag + 1).wait()
+                g.send([state["generator"].to(dev)], 1, tag + 1).wait()
             if rows.numel():
-                g.send([rows if self.backend == "nccl" else rows.cpu()], 1, tag + 2).wait()
+                g.send([rows.to(dev)], 1, tag + 2).wait()
         except Exception:
             self.drop(pair)
             raise
 
     def recv(self, store_addr: str, pair: str, tag: int, state_bytes: int | None, row_bytes: int,
              device="cpu") -> tuple[dict, torch.Tensor]:
-        """Decode side (rank 1): (state, rows as uint8)."""
+        """Decode side (rank 1): (state, rows as uint8, on `device` with NCCL, else on the CPU)."""
+        dev = device if self.backend == "nccl" else "cpu"
         try:
             g = self._group(store_addr, pair, 1)
-            header = torch.empty(2, dtype=torch.int64)
+            header = torch.empty(2, dtype=torch.int64, device=dev)
             g.recv([header], 0, tag).wait()
             gen = None
             if state_bytes is not None:
-                gen = torch.empty(state_bytes, dtype=torch.uint8)
+                gen = torch.empty(state_bytes, dtype=torch.uint8, device=dev)
                 g.recv([gen], 0, tag + 1).wait()
-            rows = torch.empty(row_bytes, dtype=torch.uint8, device=device if self.backend == "nccl" else "cpu")
+                gen = gen.cpu()  # generator states live on the host
+            rows = torch.empty(row_bytes, dtype=torch.uint8, device=dev)
             if row_bytes:
                 g.recv([rows], 0, tag + 2).wait()
         except Exception:

@@ -9,7 +9,8 @@
                                   reserved (k prompt tokens hit the prefix cache), then, once the rows
                                   arrived, {"tokens": [...], "finished": .., "reason": .., "error": ..}
                                   per engine step; a first line {"error", "field", "status"} instead
-                                  when the request is refused. Closing the stream aborts the request.
+                                  when the request is refused, and {"waiting": true} every 2 s while it
+                                  waits (for blocks or rows). Closing the stream aborts the request.
     POST /abort/{request_id}
 
 The control API has no key: a worker binds 127.0.0.1 unless told otherwise; put only the router on
@@ -37,6 +38,7 @@ from moeco.serve.disagg.transfer import Transfer
 from moeco.serve.sampling_params import RequestError, SamplingParams
 
 log = logging.getLogger("moeco.serve.disagg")
+HEARTBEAT_S = 2.0  # a {"waiting": true} line this often while a request waits for blocks or its rows
 
 
 def _line(obj) -> bytes:
@@ -120,6 +122,7 @@ def build_worker_app(role: str, engine: AsyncEngine, transfer: Transfer, timeout
     async def _decode_stream(rid, prompt, params, body):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        next_beat = loop.time() + HEARTBEAT_S
         while True:  # reserve blocks, waiting while the pool is full
             try:
                 reserved = await engine.call(lambda e: (lambda k: None if k is None else (k, e.import_bytes(rid)))(
@@ -129,18 +132,28 @@ def build_worker_app(role: str, engine: AsyncEngine, transfer: Transfer, timeout
                 return
             if reserved is not None or loop.time() > deadline:
                 break
+            if loop.time() > next_beat:
+                next_beat = loop.time() + HEARTBEAT_S
+                yield _line({"waiting": True})
             await asyncio.sleep(0.02)
         if reserved is None:
             yield _line({"error": f"no free cache blocks on the decode worker for {timeout_s:g} s", "status": 503})
             return
         skip, row_bytes = reserved
-        receiving = loop.run_in_executor(transfer.pool, transfer.recv, body["store"], body["pair"], body["tag"],
-                                         state_bytes if params.seed is not None else None, row_bytes, llm.device)
         queue = asyncio.Queue()
         try:
             yield _line({"skip_tokens": skip})
+            # posted once the router has been told (a router gone by now never calls the prefill)
+            receiving = loop.run_in_executor(transfer.pool, transfer.recv, body["store"], body["pair"], body["tag"],
+                                             state_bytes if params.seed is not None else None, row_bytes,
+                                             llm.device)
             try:
-                state, rows = await asyncio.shield(receiving)  # a cancelled request still drains its receive
+                while True:  # a cancelled request still drains its receive
+                    done, _ = await asyncio.wait([receiving], timeout=HEARTBEAT_S)
+                    if done:
+                        break
+                    yield _line({"waiting": True})  # the prefill is queued: tell the router we are alive
+                state, rows = receiving.result()
             except Exception as exc:
                 yield _line({"tokens": [], "finished": True, "reason": "error",
                              "error": f"hand-over from the prefill worker failed ({exc})"})
