@@ -18,6 +18,15 @@ from moeco.serve.engine import EngineConfig, LLMEngine
 from moeco.serve.sampling_params import SamplingParams
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many tiny ops: on a busy 2-core machine two torch threads make them ~15x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
