@@ -303,3 +303,24 @@ def test_worker_killed_mid_stream(model_dir):
             _wait_full(srv.base_url, timeout=timeout + 10)  # the decode side's orphaned receive times out
     finally:
         srv.stop()
+
+
+def test_router_picks_by_load_and_reports_per_worker():
+    from moeco.serve.async_engine import Overloaded
+    from moeco.serve.disagg.router import Router
+
+    r = Router(["http://p0"], ["http://d0", "http://d1"])
+    with pytest.raises(Overloaded, match="no decode worker is up"):
+        r._pick("decode")
+    p0, d0, d1 = r.workers
+    for w, free in ((p0, 10), (d0, 5), (d1, 9)):
+        w.up, w.stats = True, {"running": 1, "waiting": 2, "free_blocks": free, "total_blocks": 10}
+    assert r._pick("decode") is d1  # same load: more free blocks
+    d1.in_flight = 3
+    assert r._pick("decode") is d0  # fewer requests in flight first
+    s = r.stats()
+    assert (s["running"], s["waiting"], s["free_blocks"], s["total_blocks"]) == (3, 6, 14, 20)
+    d0.transfer_bytes = 1234
+    fams = {f.name: f for f in r.collect()}
+    got = {tuple(x.labels.values()): x.value for x in fams["moeco:disagg_transfer_bytes"].samples}
+    assert got[("decode", "http://d0")] == 1234 and fams["moeco:disagg_worker_up"].samples[0].value == 1.0
