@@ -283,11 +283,17 @@ def main() -> int:
             print("throughput", res["throughput"], flush=True)
             save()
         if "compiled" in only:
-            res["compiled"] = section_compiled(args, model)
+            try:
+                res["compiled"] = section_compiled(args, model)
+            except Exception as exc:  # the row says why it is missing
+                res["compiled"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             print("compiled", res["compiled"], flush=True)
             save()
         if "spec" in only and Path(args.spec_model).is_dir():
-            res["spec"] = section_spec(args)
+            try:
+                res["spec"] = section_spec(args)
+            except Exception as exc:
+                res["spec"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             print("spec", res["spec"], flush=True)
             save()
     return 0

@@ -197,17 +197,18 @@ def _check_memory(expected: dict, dtype: torch.dtype, device, directory: Path) -
 
 
 def _gather_experts(reader: _Reader, prefix: str, which: str, n_experts: int, dtype, used: set,
-                    suffix: str = "") -> torch.Tensor:
-    """One 3-D expert tensor from the fused (transformers 5) or the per-expert (DeepSeek) layout."""
+                    suffix: str = "", first: int = 0) -> torch.Tensor:
+    """One 3-D expert tensor from the fused (transformers 5) or the per-expert (DeepSeek) layout:
+    experts [first, first + n_experts) of the layer (an expert-parallel rank's range)."""
     fused_key = f"{prefix}.down_proj" if which == "w2_EDF" else f"{prefix}.gate_up_proj"
     if fused_key in reader and not suffix and dtype is not None:
-        t = reader.get(fused_key, dtype, used)
+        t = reader.get(fused_key, dtype, used)[first:first + n_experts]
         if which in ("w2_EDF", "w13_E2FD"):
             return t
         half = t.shape[1] // 2
         return t[:, :half] if which == "w1_EFD" else t[:, half:]
     parts = _PER_EXPERT_NAME[which]
-    keys = [[f"{prefix}.{j}.{part}.weight{suffix}" for part in parts] for j in range(n_experts)]
+    keys = [[f"{prefix}.{j}.{part}.weight{suffix}" for part in parts] for j in range(first, first + n_experts)]
     missing = [k for row in keys for k in row if k not in reader]
     if missing:
         raise LoadError(f"missing tensor {missing[0]!r} (and {len(missing) - 1} more expert tensors)"
@@ -216,7 +217,7 @@ def _gather_experts(reader: _Reader, prefix: str, which: str, n_experts: int, dt
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    recipe=None, keep_fp8: bool = False):
+                    recipe=None, keep_fp8: bool = False, ep_rank: int = 0, ep_size: int = 1):
     """Load a DeepSeek-V3-family checkpoint directory into a moeco Transformer.
 
     dtype: the parameters' dtype (default: config.json's torch_dtype, float32 if absent; FP8 weights
@@ -224,6 +225,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     with the MTP modules switched off (transformers writes none); a partial MTP layer is an error.
     keep_fp8: for FP8 checkpoints (DeepSeek's release), keep the projection and expert weights in
     FP8 with their block scales (moeco.fp8.inference): half the memory of BF16, FP8 GEMMs on CUDA.
+    ep_rank, ep_size: read only the routed experts expert-parallel rank `ep_rank` of `ep_size` holds
+    (experts [ep_rank E/ep_size, (ep_rank+1) E/ep_size) of each layer); the rest is read whole.
     """
     from moeco.model.transformer import Transformer
 
@@ -249,6 +252,15 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
         recipe = Fp8InferenceRecipe()
     with torch.device("meta"):
         model = Transformer(config, recipe=recipe)
+    first = 0
+    if ep_size != 1:
+        from moeco.parallel.expert_parallel import shard_experts
+        from moeco.parallel.mesh import MeshSpec
+
+        if not 0 <= ep_rank < ep_size:
+            raise LoadError(f"ep_rank = {ep_rank} must lie in [0, ep_size = {ep_size})")
+        shard_experts(model, MeshSpec(ep_size, ep_rank, ep_size, ep_size).validated())
+        first = ep_rank * (config.n_routed_experts // ep_size)
     expected = model.state_dict()
     _check_memory(expected, dtype, device, directory)
     state, used = {}, set()
@@ -260,7 +272,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
         m = _EXPERT_PARAM.match(ckpt_name)
         if m:
             t = _gather_experts(reader, m.group(1), m.group(2), meta.shape[0], want_dtype, used,
-                                suffix="_scale_inv" if m.group(3) else "")
+                                suffix="_scale_inv" if m.group(3) else "", first=first)
         elif ckpt_name in reader:
             t = reader.get(ckpt_name, want_dtype, used)
         elif name == "lm_head.weight" and config.tie_word_embeddings:
@@ -275,7 +287,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
                             f"{tuple(meta.shape)}; the checkpoint and config.json disagree")
         state[name] = _permute_rope_rows(config, ckpt_name, t, to_interleaved=True)
     unexpected = sorted(k for k in reader.keys()
-                        if k not in used and not _ignorable(k, L) and not _is_dropped_mtp(k, L, config))
+                        if k not in used and not _ignorable(k, L) and not _is_dropped_mtp(k, L, config)
+                        and not (ep_size != 1 and _other_ranks_expert(k)))
     if unexpected:
         raise LoadError(f"unexpected tensor {unexpected[0]!r} in {str(directory)!r}"
                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
@@ -286,6 +299,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     model.reset_buffers(torch.device("cpu"))  # non-persistent buffers are still on the meta device
     model.to(device)
     return model.eval()
+
+
+def _other_ranks_expert(key: str) -> bool:
+    """A routed expert's tensor (another expert-parallel rank reads it)."""
+    return bool(re.search(r"\.mlp\.experts\.(\d+\.|gate_up_proj|down_proj)", key))
 
 
 def _is_dropped_mtp(key: str, num_layers: int, config: ModelConfig) -> bool:

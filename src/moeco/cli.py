@@ -21,6 +21,7 @@ _SUBCOMMANDS = (
     "moeco.plan.cli",
     "moeco.serve.cli",
     "moeco.train.cli",
+    "moeco.experiments.cli",
 )
 
 

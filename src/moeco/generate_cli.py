@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--keep-fp8", action="store_true",
                    help="keep an FP8 checkpoint's weights in FP8 (half the memory of BF16; FP8 GEMMs on CUDA)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert parallelism under torchrun: each rank holds n_routed_experts / EP experts; every "
+                        "rank generates the same prompt, rank 0 prints")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="mesh node size for --ep (0 = --nproc-per-node)")
     p.set_defaults(func=run_generate)
 
     d = sub.add_parser("demo", help="build the tiny preset, save it as an HF checkpoint, reload it, generate")
@@ -96,7 +100,15 @@ def run_generate(args) -> int:
         raise ConfigError(f"--top-k {args.top_k} is invalid: must be >= 0 (0 = off)")
     args.device = str(_device(args.device))
     model_dir = Path(args.model)
-    model = load_pretrained(model_dir, dtype=_DTYPES[args.dtype], device=args.device, keep_fp8=args.keep_fp8)
+    main = True
+    if getattr(args, "ep", 1) > 1:
+        from moeco.parallel.checkpoint import load_expert_parallel
+
+        model, _, ranks = load_expert_parallel(model_dir, args.ep, args.gpus_per_node, device=args.device,
+                                               dtype=_DTYPES[args.dtype])
+        main, args.device = ranks.main, str(ranks.device)
+    else:
+        model = load_pretrained(model_dir, dtype=_DTYPES[args.dtype], device=args.device, keep_fp8=args.keep_fp8)
     tokenizer = _load_tokenizer(model_dir)
     prompt = _prompt_ids(args, tokenizer)
     vocab = model.config.vocab_size
@@ -109,6 +121,8 @@ def run_generate(args) -> int:
                          top_k=args.top_k, eos_token_id=model.config.eos_token_id if tokenizer else None,
                          generator=gen, vocab_limit=tokenizer.get_vocab_size() if tokenizer else None)
     seconds = time.perf_counter() - start
+    if not main:
+        return 0
     new = out[0, len(prompt):].tolist()
     text = tokenizer.decode(out[0].tolist()) if tokenizer else " ".join(map(str, out[0].tolist()))
     print(text)

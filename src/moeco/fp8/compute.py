@@ -123,10 +123,11 @@ def fp8_grouped_gemm_loop(xq, xs, wq, ws, rows: list[tuple[int, int]], out_dtype
     return y
 
 
-def grouped_forward(x, wq, ws, wtq, offs, act_pow2: bool, kernels: Kernels, out_dtype: torch.dtype):
+def grouped_forward(x, wq, ws, wtq, offs, act_pow2: bool, kernels: Kernels, out_dtype: torch.dtype, x_fp8=None):
     """The grouped Fprop from the quantized weight (wq (E, N, K), ws (E, NB, KB), W^T q (E, K, N)):
-    (y, xq, xs, W^T q, W scales), all contiguous but xs (outer-dim-major); see `ops.grouped`."""
-    xq, xs = quantize_act_1x128(x, pow2_scale=act_pow2)
+    (y, xq, xs, W^T q, W scales), all contiguous but xs (outer-dim-major); see `ops.grouped`.
+    x_fp8: x already quantized 1x128, (xq, xs) (an FP8 dispatch payload), used as it is."""
+    xq, xs = x_fp8 if x_fp8 is not None else quantize_act_1x128(x, pow2_scale=act_pow2)
     impl = grouped_impl(x.device, kernels.backend, kernels.grouped)
     if impl != "loop":
         y = _grouped_gemm(impl, xq, xs, wq, ws, offs.to(device=x.device, dtype=torch.int32), out_dtype, kernels.tma)

@@ -22,7 +22,7 @@ needs the "a" target):
       no bank conflicts) and one thread stores them with TMA, which clips the edges and overlaps the
       store with the warp group's next tile.
 
-Measured on the H200 (BENCHMARKS.md, eighth and ninth sessions): 927-1166 TFLOP/s at DeepSeek-V3's
+Measured on the H200 (BENCHMARKS.md): 927-1166 TFLOP/s at DeepSeek-V3's
 shapes where N % 128 == 0, 1.36-1.61x BF16 and 0.85-0.99x cuBLAS's block-scaled `_scaled_mm`; at N = 576
 (192-wide tiles) 1.2-1.4x faster than cuBLAS, which has to pad N to 640. Its bf16 outputs equal cuBLAS's
 bit for bit. The GPU runs all of these at its 700 W power limit (SM clock ~1400-1750 MHz).
@@ -41,7 +41,7 @@ Variants (compile-time, each compiled on first use):
       their WGMMA groups in turn (named barriers) so that one promotes while the other's group runs.
       A quarter fewer bytes per FLOP from L2; measured -4% to +6% against 128-row tiles on most V3
       shapes and 12-21% slower where the tile count leaves the last wave mostly empty, never clearly
-      ahead of cuBLAS, so not used by `auto` (BENCHMARKS.md, ninth session). Same bits as bm=128.
+      ahead of cuBLAS, so not used by `auto`. Same bits as bm=128.
     - `bn=192`: 192-wide tiles, one accumulator per math warp group (96 registers, and 96 for the sum),
       the WGMMA groups issued in turn as for bm=256; a tile spans two of B's 128-row scale blocks, so
       the promotion picks each column's factor. The default where N % 192 == 0 but N % 128 != 0 (MLA's
@@ -51,8 +51,8 @@ Variants (compile-time, each compiled on first use):
       E experts that share the token dimension: expert e reduces over its own 128-token blocks (each
       expert's tokens start on a 128-token boundary, `triton_kernels.grouped_wgrad_operands`), read
       from a device array, so no host sync; work units are (expert, output tile), the output is
-      (E M, N) rows. On the H200 the GEMM alone ran 1.16-1.52x Triton's grouped kernel and 1.02-1.16x
-      BF16 `_grouped_mm` (BENCHMARKS.md, eleventh session), so it is the default on Hopper.
+      (E M, N) rows. On the H200 the GEMM alone runs 1.16-1.52x Triton's grouped kernel and 1.03-1.16x
+      BF16 `_grouped_mm` (BENCHMARKS.md), so it is the default on Hopper.
     - `cluster=2`: two CTAs side by side in M; each loads half of the B tile and multicasts it to
       both, and releases a stage in both. Level with one CTA on the H200 (the kernel is not L2-bound),
       so not the default. Its remote arrive must stay `.release.cta`: `.release.cluster` costs a
@@ -161,8 +161,8 @@ def _smem(bn: int, out_f32: bool, stages: int, rowwise: bool = False, bm: int = 
 
 
 # Defaults. 4 stages: on the H200 the best stage count or within 2% of it at all 12 issue shapes (6 stages
-# up to 10% slower, 3 stages 5-18%; BENCHMARKS.md, eighth session); it fits every variant's shared memory.
-# 128-wide tiles: 64-wide ones were 0.69-1.07x BF16 where 128 gave 0.82-1.44x (same run, BENCHMARKS.md).
+# up to 10% slower, 3 stages 5-18%); it fits every variant's shared memory.
+# 128-wide tiles: 64-wide ones measure 0.69-1.07x BF16 where 128 gives 0.82-1.44x (same run).
 STAGES, BN = 4, 128
 
 
@@ -270,8 +270,8 @@ def _max_clusters(func, cluster: int, smem: int) -> int:
 def tile_width(N: int, rowwise: bool = False, bm: int = 128, cluster: int = 1) -> int:
     """The default tile width: 192 where N is a multiple of 192 but not of 128 (MLA's N = 576: three
     tiles instead of 4.5; on the H200 0.043 vs 0.054 ms at 4096 x 7168 x 576, 0.129 vs 0.140 ms at 16384,
-    1.09x / 1.43x BF16), else 128 (192-wide tiles measured 0.84-0.98x the 128-wide ones where N % 128 == 0;
-    BENCHMARKS.md, ninth session)."""
+    1.09x / 1.43x BF16), else 128 (192-wide tiles measure 0.84-0.98x the 128-wide ones where N % 128 == 0;
+    BENCHMARKS.md)."""
     if N % 192 == 0 and N % 128 and not rowwise and bm == 128 and cluster == 1:
         return 192
     return BN

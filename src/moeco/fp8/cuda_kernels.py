@@ -18,15 +18,12 @@ token_wise: the 128x1 quantization Wgrad needs. x (T, C) is quantized along T in
     the warp shares (the FP8 input's scale, the row map's source row) are loaded by one lane each
     and passed by shuffles; the loads step a pointer by the row stride.
 
-    Measured on the H200 (BENCHMARKS.md, tenth session): 0.094 ms for 16384 x 7168 from bf16 (78%
-    of HBM bandwidth) and 0.096 ms from FP8 (51%; 2 + 1 and 1 + 1 bytes per element). The first
-    form of this kernel ran 0.110 and 0.117 ms (Triton's 0.137 and 0.130): it spent half its
-    instructions on 64-bit address arithmetic and a select per element, and ran 4 blocks per
-    multiprocessor where bf16 now runs 5 (MIN_BLOCKS). Triton's kernel, at the best of its sweep
-    over tile, warps and transposition form, reached 32-54% (lowest from FP8 at 4096 tokens).
-    Two earlier forms of this kernel were no faster than Triton's: a shared-memory transposition
-    with each thread storing 32 bytes of one channel row, and the same in registers with 16-byte
-    stores per thread; in both a warp's store touched 32 rows. Coalescing the stores was the gain.
+    Measured on the H200 (BENCHMARKS.md): 0.094 ms for 16384 x 7168 from bf16 (78%
+    of HBM bandwidth) and 0.096 ms from FP8 (51%; 2 + 1 and 1 + 1 bytes per element); Triton's kernel,
+    at the best of its sweep over tile, warps and transposition form, reaches 32-54% (lowest from FP8
+    at 4096 tokens). What makes the difference: coalesced stores (a layout where a warp's store touches
+    32 rows is no faster than Triton's), 32-bit address arithmetic without a select per element, and
+    5 blocks per multiprocessor for bf16 input (MIN_BLOCKS).
 
 Arithmetic is the reference's (`moeco.fp8.quantize`): s = max(amax, 1e-4) / 448 correctly rounded
 (or rounded up to a power of two on the bits), q = e4m3(x / s) correctly rounded, ties to even,
@@ -74,7 +71,7 @@ _SOURCE = _HELPERS + _cuda_source("token_wise.cu")
 # over the warp by a halving butterfly (8 + 4 + 2 + 1 + 1 shuffles), after which lane 2j holds token
 # j's; the scales go back to all lanes by shuffles. Column maxima and the transposed store are the
 # token-wise kernel's (V = 4). A row-only build of it took 0.86-1.08x the time of Triton's 1x128 kernel
-# on the H200 (faster only at 16384 x 576; eleventh session), so the forward keeps Triton's.
+# on the H200 (faster only at 16384 x 576), so the forward keeps Triton's.
 _DUAL_SOURCE = _HELPERS + _cuda_source("dual_quant.cu")
 
 _IN_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, FP8_DTYPE: 3}
@@ -188,7 +185,7 @@ def launch(func, grid: tuple, block: tuple, params: list, device: torch.device, 
 
 # Blocks per multiprocessor the compiler must fit (__launch_bounds__' second argument), by input
 # kind; None leaves the register count to the compiler. bf16 at 5 (48 registers instead of 59):
-# 1.04-1.06x at 4096-16384 tokens on the H200 (`bench/fp8_gemm_tune.py --only minb`); 6 spills and is
+# 1.04-1.06x at 4096-16384 tokens on the H200 (`tools/fp8_gemm_tune.py --only minb`); 6 spills and is
 # slower. The others already fit 4-6 blocks, and FP8 input measured the same at 4 and 5.
 # Read-only: a bench that sweeps the bound passes `min_blocks` to `token_wise`.
 MIN_BLOCKS = MappingProxyType({0: 5, 1: None, 2: None, 3: None})
@@ -255,7 +252,7 @@ _dual_variants = CompiledVariants("dual FP8 quantization kernel", "the two separ
 
 # As MIN_BLOCKS, for `dual`, by input kind. None: bf16 takes 80 registers (3 blocks per multiprocessor);
 # a bound of 2 blocks (128 registers) measured 0-11% slower, of 3 (80 registers, more spilled) -1% to +4%,
-# on the H200 (`bench/fp8_gemm_tune.py --only dual`, eleventh session).
+# on the H200 (`tools/fp8_gemm_tune.py --only dual`).
 DUAL_MIN_BLOCKS = MappingProxyType({0: None, 1: None})
 
 

@@ -117,7 +117,7 @@ def fp8_gemm_scaled_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, *, 
     numbers, K padded only to 640) or zero-padded to 8 k-blocks ("pad": K = 1024, 78% more work).
     N = 576 with 128x128 blocks is zero-padded to 640. Computing C^T = B . A^T instead (cuBLAS takes an
     M that is not a multiple of 128) measured slower on the H200 once the result is transposed back
-    (0.063 vs 0.056 ms at 4096 tokens, 0.193 vs 0.149 at 16384; bench/fp8_gemm_tune.py, section n576).
+    (0.063 vs 0.056 ms at 4096 tokens, 0.193 vs 0.149 at 16384; tools/fp8_gemm_tune.py, section n576).
     """
     _check(a_q, a_scale, b_q)
     M, K = a_q.shape

@@ -135,9 +135,9 @@ class _Fp8GroupedFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, offs, act_pow2: bool, weight_pow2: bool, kernels: Kernels, out_dtype: torch.dtype,
-                cache: WeightCache):
+                cache: WeightCache, x_fp8=None):
         wq, ws, wtq = _grouped_weight(w, weight_pow2, cache)
-        y, xq, xs, wtq, ws = grouped_forward(x, wq, ws, wtq, offs, act_pow2, kernels, out_dtype)
+        y, xq, xs, wtq, ws = grouped_forward(x, wq, ws, wtq, offs, act_pow2, kernels, out_dtype, x_fp8)
         ctx.save_for_backward(xq, xs, wtq, ws, offs)
         ctx.meta = (tuple(w.shape), act_pow2, kernels, x.dtype, w.dtype)
         return y
@@ -147,7 +147,7 @@ class _Fp8GroupedFn(torch.autograd.Function):
         w_shape, act_pow2, kernels, x_dtype, w_dtype = ctx.meta
         dx, dw = grouped_backward(gy.contiguous(), *ctx.saved_tensors, w_shape, act_pow2, kernels, x_dtype, w_dtype,
                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 # Under torch.compile (`train.compile`) the FP8 GEMMs run as custom operators (`moeco.fp8.ops`): each
@@ -156,15 +156,17 @@ class _Fp8GroupedFn(torch.autograd.Function):
 # scale_a.shape = ...", seen on the H200). Eager calls take the autograd.Functions above, which run the
 # same helpers with less dispatch cost (a custom operator call costs ~20 us more on the host).
 def fp8_grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor, *,
-                   recipe: Fp8Spec | None = None) -> torch.Tensor:
+                   recipe: Fp8Spec | None = None, x_fp8: tuple | None = None) -> torch.Tensor:
     """y[rows of e] = x[rows of e] . w[e]^T in FP8; offs (E,) int cumulative end rows; y (T, N).
-    `recipe`: an Fp8Recipe (its weight_cache() block applies); None: DeepSeek-V3's defaults."""
+    `recipe`: an Fp8Recipe (its weight_cache() block applies); None: DeepSeek-V3's defaults.
+    x_fp8: (xq, xs), x already quantized 1x128 (an FP8 dispatch payload): the GEMM takes it as it is,
+    and x only carries the gradient (dx is computed from dy and W, as without it)."""
     r = recipe if recipe is not None else Fp8Spec()
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and x_fp8 is None:
         return torch.ops.moeco_fp8.grouped(x_TK, w_ENK, offs, r.act_pow2, r.weight_pow2, r.kernel_key,
                                            _out_dtype(x_TK))[0]
     return _Fp8GroupedFn.apply(x_TK, w_ENK, offs, r.act_pow2, r.weight_pow2, r.kernels, _out_dtype(x_TK),
-                               r.step_cache)
+                               r.step_cache, x_fp8)
 
 
 class Fp8InferenceLinear(nn.Module):

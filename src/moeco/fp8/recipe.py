@@ -101,6 +101,11 @@ class Fp8Recipe(Fp8Spec):
     def grouped_mm(self, x_TK: torch.Tensor, w_ENK: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         return fp8_grouped_mm(x_TK, w_ENK, offs, recipe=self)
 
+    def grouped_mm_fp8(self, x_TK: torch.Tensor, xq_TK: torch.Tensor, xs_TB: torch.Tensor, w_ENK: torch.Tensor,
+                       offs: torch.Tensor) -> torch.Tensor:
+        """grouped_mm on x already quantized 1x128 (xq, xs), used without re-quantizing; x carries the grad."""
+        return fp8_grouped_mm(x_TK, w_ENK, offs, recipe=self, x_fp8=(xq_TK, xs_TB))
+
 
 def fields_from_env(environ: Mapping[str, str]) -> dict:
     """Fp8Recipe fields from the MOECO_FP8_* variables set in `environ` (see the module docstring);

@@ -50,7 +50,7 @@ if HAVE_TRITON:  # Triton is optional: every caller has a PyTorch path.
 # `fast_div` (the 1x128 and weight quantizations): divide by the scale through its reciprocal and
 # Markstein's correction (the same bits as a division, fewer instructions; H200: weights 1.16x, 1x128
 # 1.03-1.08x). The 128x1 kernel keeps div_rn, which measured faster there (0.90-0.99x otherwise;
-# bench/fp8_gemm_tune.py --only div). fast_div=False: div_rn (for the bench's comparison).
+# tools/fp8_gemm_tune.py --only div). fast_div=False: div_rn (for the bench's comparison).
 
 
 if HAVE_TRITON:
@@ -307,8 +307,8 @@ def quantize_act_1x128(x: torch.Tensor, *, pow2_scale: bool = False, block_m: in
     ("outer-dim-major"), the layout `torch._scaled_mm` wants for a block-wise `scale_a`.
     Each program quantizes block_m rows x `groups` tiles of 128 channels (groups a power of two), the
     programs ordered channel blocks first. Default tile 8 x 512 from a sweep on the H200 (GPU time,
-    BENCHMARKS.md, ninth session): 69-71% of HBM bandwidth at 4096 x 7168 and 84% at 16384 x 7168 over
-    four machine starts, 1-3 points above the earlier 16 x 256 tile with row blocks first in the same
+    BENCHMARKS.md): 69-71% of HBM bandwidth at 4096 x 7168 and 84% at 16384 x 7168 over
+    four machine starts, 1-3 points above a 16 x 256 tile with row blocks first in the same
     runs; the configurations tried were within ~5% of each other.
     """
     lead, K = x.shape[:-1], x.shape[-1]
@@ -340,7 +340,7 @@ def quantize_act_1x128_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, *
     q (C, T'), without building the gathered copy (the grouped Wgrad's per-expert padding).
     Reference: `quantize_act_1x128_reference(x_dequantized[rows].t())`.
     `trans_store`: transpose the FP8 tile in registers and store channel rows (H200, 16384 x 7168 from
-    FP8: 0.124 vs 0.135 ms; from bf16 the same; bench/fp8_gemm_tune.py, section retile). None (the
+    FP8: 0.124 vs 0.135 ms; from bf16 the same; tools/fp8_gemm_tune.py, section retile). None (the
     default) takes it except for FP8 input read through `rows`, where it measured 1.7x slower (the
     grouped Wgrad at the `small` preset's shapes, 106624 x 1536: 0.401 vs 0.228 ms, x 768: 0.208 vs
     0.120; from bf16 0.215 vs 0.217; section retile_moe).

@@ -213,10 +213,31 @@ class GroupedExperts(nn.Module):
         self.w13_E2FD = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         self.w2_EDF = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.grouped_mm = recipe.grouped_mm
+        # recipe.grouped_mm_fp8(x, xq, xs, w, offs): the first GEMM on input already quantized 1x128
+        self.grouped_mm_fp8 = getattr(recipe, "grouped_mm_fp8", None)
 
     def forward(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         offs = tokens_per_expert.cumsum(0).to(torch.int32)
         gate, up = self.grouped_mm(x_CD, self.w13_E2FD, offs).chunk(2, dim=-1)
+        return self.grouped_mm(F.silu(gate) * up, self.w2_EDF, offs)
+
+    def forward_fp8(self, xq_CD: torch.Tensor, xs_CB: torch.Tensor, tokens_per_expert: torch.Tensor,
+                    x_CD: torch.Tensor | None = None) -> torch.Tensor:
+        """The experts on input already quantized 1x128 (E4M3 xq, float32 scales xs: an FP8 dispatch payload).
+
+        An FP8 recipe feeds (xq, xs) to its first grouped GEMM as they are (no re-quantization); a
+        high-precision recipe runs on the dequantized values. x_CD: those dequantized values as a
+        tensor that carries the gradient back to the dispatcher (None: dequantized here, no input grad).
+        """
+        if x_CD is None:
+            D = xq_CD.shape[-1]
+            x_CD = (xq_CD.float() * xs_CB.float().repeat_interleave(128, dim=-1)[..., :D])
+        offs = tokens_per_expert.cumsum(0).to(torch.int32)
+        if self.grouped_mm_fp8 is not None:
+            h = self.grouped_mm_fp8(x_CD, xq_CD, xs_CB, self.w13_E2FD, offs)
+        else:
+            h = self.grouped_mm(x_CD, self.w13_E2FD, offs)
+        gate, up = h.chunk(2, dim=-1)
         return self.grouped_mm(F.silu(gate) * up, self.w2_EDF, offs)
 
     def forward_reference(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -252,7 +273,10 @@ class MoE(nn.Module):
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         return self.dispatcher.dispatch(x_TD, routing, self.n_experts)
 
-    def run_experts(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def run_experts(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor, x_fp8=None) -> torch.Tensor:
+        """x_fp8: (q, scales) when the dispatcher delivered the copies already quantized 1x128."""
+        if x_fp8 is not None and hasattr(self.experts, "forward_fp8"):
+            return self.experts.forward_fp8(*x_fp8, tokens_per_expert, x_CD)
         return self.experts(x_CD, tokens_per_expert)
 
     def combine(self, y_CD: torch.Tensor, handle) -> torch.Tensor:
@@ -263,7 +287,8 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.route(x_TD)
         x_CD, tokens_per_expert, handle = self.dispatch(x_TD, routing)
-        y_TD = self.combine(self.run_experts(x_CD, tokens_per_expert), handle)
+        y_CD = self.run_experts(x_CD, tokens_per_expert, getattr(handle, "x_fp8", None))
+        y_TD = self.combine(y_CD, handle)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         y = y_TD.view(B, S, D)

@@ -5,23 +5,24 @@
     moeco plan paper              the paper's tables beside moeco's numbers
     moeco plan ep-limit [MODEL]   communication-bound time per output token of EP decode
     moeco plan topology NAME      endpoints, switches, links, cost of a network
+    moeco plan network            a collective on a network: bandwidth, time, routing, failures
     moeco plan routing MODEL      node-limited routing: nodes per token, inter-node bytes, time
     moeco plan fit MODEL          per-GPU memory for training or serving on a cluster, verdict
     moeco plan local MODEL        single-request decode bound on one device (+ hybrid GPU/CPU)
     moeco plan hardware           the hardware catalog
+    moeco plan eplb TRACE         expert-parallel load balancing of a recorded load trace
     moeco plan serve MODEL        disaggregated serving: prefill / decode throughput per GPU, P:D ratio
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from moeco.errors import ConfigError
 from moeco.plan import arch as arch_mod
 from moeco.plan import costs, hardware, memory, paper, routing, serving, speed, topology
+from moeco.plan.render import _b, _emit, _g, _pyplot, _save, _table
 
 
 def register(subparsers) -> None:
@@ -117,80 +118,25 @@ def register(subparsers) -> None:
 
     add("hardware", _cmd_hardware, "the hardware catalog (devices and links)", model=None, hw=True)
 
+    from moeco.plan.network import cli as network_cli
 
-# ---- output helpers -------------------------------------------------------------------
-def _console():
-    from rich.console import Console
+    network_cli.register(sub)
 
-    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120, highlight=False)
-
-
-def _table(title: str, columns: list[str], rows: list[list], caption: str | None = None, left: int = 1):
-    from rich.table import Table
-
-    t = Table(title=title, caption=caption, caption_justify="left")
-    for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i < left or i == len(columns) - 1 and c in ("note", "source")
-                     else "right", overflow="fold")
-    for r in rows:
-        t.add_row(*[str(x) for x in r])
-    return t
-
-
-def _emit(args, obj: dict, *renderables) -> int:
-    if args.json:
-        sys.stdout.write(json.dumps(obj) + "\n")
-    else:
-        console = _console()
-        for r in renderables:
-            console.print(r)
-    return 0
-
-
-def _b(n: float) -> str:
-    """A parameter count: billions (B), millions (M) below a billion, else the number itself."""
-    if n >= 1e9:
-        return f"{n / 1e9:,.2f} B"
-    if n >= 1e6:
-        return f"{n / 1e6:,.2f} M"
-    return f"{n:,.0f}"
-
-
-def _g(x: float) -> str:
-    """GFLOP: two decimals, or three significant digits below 1 (a small model is not 0.00)."""
-    g = x / 1e9
-    return f"{g:,.2f}" if g >= 1 or g == 0 else f"{g:.3g}"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str, args) -> None:
-    target = Path(path)
-    if not target.parent.exists():
-        raise ConfigError(f"--plot {path!r}: folder {str(target.parent)!r} does not exist")
-    if target.is_dir():
-        raise ConfigError(f"--plot {path!r} is a folder; pass a file name such as {str(target / 'plot.png')!r}")
-    kinds = fig.canvas.get_supported_filetypes()
-    suffix = target.suffix.lstrip(".").lower()
-    if not suffix:  # matplotlib writes PNG and adds the suffix itself
-        target = target.with_name(target.name + ".png")
-    elif suffix not in kinds:
-        raise ConfigError(f"--plot {path!r}: .{suffix} is not an image format matplotlib writes; end the name "
-                          f"with one of .{', .'.join(sorted(kinds))}")
-    fig.tight_layout()
-    try:
-        fig.savefig(target, dpi=120)
-    except OSError as exc:
-        raise ConfigError(f"--plot {path!r} cannot be written ({exc.strerror}); choose a path you can write to") \
-            from None
-    print(f"wrote {target}", file=sys.stderr if args.json else sys.stdout)
+    p = add("eplb", _cmd_eplb, "max/mean expert load per GPU before and after EPLB's placement of a recorded trace",
+            model=None)
+    p.add_argument("trace", metavar="TRACE", help="run directory or metrics.jsonl of `moeco train`, or a .json/.pt "
+                                                  "of per-layer expert loads")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--replicas", type=int, default=None,
+                   help="physical experts per layer, a multiple of the GPUs (default: experts + one per GPU)")
+    p.add_argument("--groups", type=int, default=None,
+                   help="routing groups (default: n_group of the run's model/config.json, else 1)")
+    p.add_argument("--policy", choices=("auto", "hierarchical", "global"), default="auto",
+                   help="auto: hierarchical when nodes divide the groups, else global")
+    p.add_argument("--last-steps", type=int, default=None, help="plan from the last N steps of metrics.jsonl")
+    p.add_argument("--holdout", type=int, default=0, metavar="N",
+                   help="plan from the steps before the last N, report on the last N (metrics.jsonl only)")
 
 
 # ---- subcommands --------------------------------------------------------------------------
@@ -420,3 +366,56 @@ def _cmd_hardware(args) -> int:
         [x.name, f"{x.bandwidth_gbs:g}", "-" if x.achievable_gbs is None else f"{x.achievable_gbs:g}",
          "-" if x.latency_us is None else f"{x.latency_us:g}", x.source] for x in links])
     return _emit(args, out, t1, t2)
+
+
+def _cmd_eplb(args) -> int:
+    from moeco.parallel import eplb
+
+    for flag in ("nodes", "gpus_per_node", "replicas", "groups", "last_steps", "holdout"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "holdout" else 1):
+            raise ConfigError(f"--{flag.replace('_', '-')} = {value} is invalid: must be >= "
+                              f"{0 if flag == 'holdout' else 1}")
+    layer_ids, load_LE = eplb.read_loads(args.trace, args.last_steps, skip_last=args.holdout)
+    gpus = args.nodes * args.gpus_per_node
+    replicas = args.replicas if args.replicas is not None else load_LE.shape[1] + gpus
+    groups = args.groups if args.groups is not None else _trace_groups(Path(args.trace))
+    placement = eplb.Placement.plan(load_LE, replicas, groups, args.nodes, gpus, layer_ids, args.policy)
+    held_ids, held_LE = eplb.read_loads(args.trace, args.holdout) if args.holdout else (layer_ids, load_LE)
+    if held_ids != layer_ids:
+        raise ConfigError(f"the held-out steps have layers {held_ids}, the planned ones {layer_ids}: "
+                          "record the trace with one model")
+    r = eplb.report(held_LE, placement)
+    r.update(trace=str(args.trace), groups=groups, holdout_steps=args.holdout)
+
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    t = _table(f"EPLB: {r['experts']} experts -> {replicas} replicas on {args.nodes} nodes x {args.gpus_per_node} GPUs "
+               f"({r['policy']} policy, {groups} groups)", ["layer", "tokens", "max/mean before", "max/mean after",
+                                                            "max replicas"],
+               [[x["layer"], f"{x['tokens']:,.0f}", f(x["before"]), f(x["after"]), x["max_replicas"]]
+                for x in r["layers"]] + [["all", f"{sum(x['tokens'] for x in r['layers']):,.0f}", f(r["before"]),
+                                          f(r["after"]), ""]],
+               caption=(f"planned from all but the last {args.holdout} steps, loads of those {args.holdout} shown; "
+                        if args.holdout else "")
+                       + "load per GPU = tokens of the experts it holds, each expert's split evenly over its replicas; "
+                       "before = expert e on GPU e // (experts / GPUs), no replicas; all = sum of layer maxima / "
+                       "sum of layer means")
+    return _emit(args, r, t)
+
+
+def _trace_groups(trace: Path) -> int:
+    """n_group of the run that recorded the trace (RUN/model/config.json, or RUN/train_config.toml
+    while it trains), else 1."""
+    run = trace if trace.is_dir() else trace.parent
+    try:
+        return int(json.loads((run / "model" / "config.json").read_text()).get("n_group") or 1)
+    except (OSError, ValueError, TypeError):
+        pass
+    try:
+        from moeco.train.config import TrainConfig
+
+        return TrainConfig.from_toml(run / "train_config.toml").model_config().n_group
+    except Exception:  # no run around the trace: plan without groups
+        return 1

@@ -60,13 +60,27 @@ def _check_layout(n_experts: int, k: int, nodes: int, gpus_per_node: int, max_no
                           f"fewer than the {k} each token needs")
 
 
+def node_limited_topk(scores: np.ndarray, nodes: int, k: int, max_nodes: int) -> np.ndarray:
+    """[T, E] affinities -> [T, K] chosen experts: top-M nodes by their top-(K/M) sum, then top-K inside."""
+    samples, n_experts = scores.shape
+    if max_nodes < nodes:
+        top = max(1, k // max_nodes)
+        blocks = scores.reshape(samples, nodes, n_experts // nodes)
+        node_score = np.sort(blocks, axis=-1)[..., -top:].sum(-1)  # [T, N]
+        keep_nodes = np.argsort(-node_score, axis=1, kind="stable")[:, :max_nodes]  # [T, M]
+        allowed = np.zeros((samples, nodes), dtype=bool)
+        np.put_along_axis(allowed, keep_nodes, True, axis=1)
+        node_of = np.arange(n_experts) * nodes // n_experts  # [E]
+        scores = np.where(allowed[:, node_of], scores, -np.inf)
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
 def sample_node_limited(n_experts: int, k: int, nodes: int, gpus_per_node: int, max_nodes: int,
                         samples: int = 8192, seed: int = 0) -> dict:
     """Mean distinct/remote nodes, remote expert copies and NVLink copies per token."""
     _check_layout(n_experts, k, nodes, gpus_per_node, max_nodes)
     if samples < 1:
         raise ConfigError(f"samples = {samples} is invalid: must be >= 1")
-    per_node = n_experts // nodes
     rng = np.random.default_rng(seed)
     scores = 1.0 / (1.0 + np.exp(-rng.standard_normal((samples, n_experts))))  # [T, E]
     node_of = np.arange(n_experts) * nodes // n_experts  # [E]
@@ -74,17 +88,7 @@ def sample_node_limited(n_experts: int, k: int, nodes: int, gpus_per_node: int, 
     src_node = rng.integers(0, nodes, samples)  # [T]
     src_rank = rng.integers(0, gpus_per_node, samples)  # [T]
 
-    if max_nodes < nodes:
-        top = max(1, k // max_nodes)
-        blocks = scores.reshape(samples, nodes, per_node)
-        node_score = np.sort(blocks, axis=-1)[..., -top:].sum(-1)  # [T, N]
-        keep_nodes = np.argsort(-node_score, axis=1, kind="stable")[:, :max_nodes]  # [T, M]
-        allowed = np.zeros((samples, nodes), dtype=bool)
-        np.put_along_axis(allowed, keep_nodes, True, axis=1)
-        masked = np.where(allowed[:, node_of], scores, -np.inf)
-    else:
-        masked = scores
-    chosen = np.argsort(-masked, axis=1, kind="stable")[:, :k]  # [T, K]
+    chosen = node_limited_topk(scores, nodes, k, max_nodes)  # [T, K]
     c_node = node_of[chosen]
     c_gpu = gpu_of[chosen]
     remote = c_node != src_node[:, None]

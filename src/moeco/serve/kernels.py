@@ -87,10 +87,14 @@ if HAVE_TRITON:
         tl.store(ml_ptr + out * 2 + 1, l, mask=hm)
 
 
-def _num_splits(tokens: int, head_blocks: int, max_keys: int, block_n: int) -> int:
-    """Enough programs to fill ~2 waves of a big GPU, each split at least 4 tiles of keys."""
-    want = -(-264 // max(tokens * head_blocks, 1))
-    return max(1, min(want, -(-max_keys // (4 * block_n))))
+def _num_splits(tokens: int, head_blocks: int) -> int:
+    """Enough programs to fill ~2 waves of a big GPU, at most 32 splits of the context.
+
+    A function of the batch shape only, not of the context length: each split's share of the keys
+    is worked out in the kernel, so a captured CUDA graph and an eager call at the same batch size
+    split (and sum) identically.
+    """
+    return max(1, min(32, -(-264 // max(tokens * head_blocks, 1))))
 
 
 def paged_mla_decode(q_latent, q_rot, pool, block_tables, positions, scale, block_size, num_splits=None,
@@ -109,7 +113,7 @@ def paged_mla_decode(q_latent, q_rot, pool, block_tables, positions, scale, bloc
     num_warps = num_warps or (8 if BLOCK_H >= 64 else 4)
     head_blocks = -(-H // BLOCK_H)
     if num_splits is None:
-        num_splits = _num_splits(T, head_blocks, block_tables.shape[1] * block_size, BLOCK_N)
+        num_splits = _num_splits(T, head_blocks)
     ql = q_latent.reshape(T, H, C).contiguous()
     qr = q_rot.reshape(T, H, R).contiguous()
     acc = torch.empty(T, num_splits, H, C, dtype=torch.float32, device=pool.device)

@@ -70,6 +70,7 @@ class BalanceHook:
         self.gamma = gamma
         self.group = group
         self.last_stats: dict[str, float] = {}
+        self.last_counts: dict[str, list[int]] = {}
 
     @torch.no_grad()
     def gather_loads(self) -> torch.Tensor:
@@ -96,8 +97,11 @@ class BalanceHook:
                 bias -= (self.gamma * sign_LE[row]).to(bias.dtype, copy=False).to(bias.device)
             gate.tokens_per_expert.zero_()
         ratio_L = torch.where(mean_L1[:, 0] > 0, loads_LE.amax(dim=1) / mean_L1[:, 0].clamp(min=1e-30), 0.0)
-        stats = {str(layer_id): r for (layer_id, _), r in zip(self.routers, ratio_L.tolist())}  # one host sync
+        stats = {str(layer_id): r for (layer_id, _), r in zip(self.routers, ratio_L.tolist())}  # host sync
         self.last_stats = stats
+        # tokens per expert of this step, the trace EPLB plans from (moeco.parallel.eplb.read_loads)
+        self.last_counts = {str(layer_id): row for (layer_id, _), row in
+                            zip(self.routers, loads_LE.round().to(torch.int64).tolist())}
         return stats
 
     @torch.no_grad()

@@ -1,11 +1,12 @@
 """TrainConfig: every training option, read from TOML and overridable from the command line.
 
-A config file has four tables and a `[model]` table that takes a preset plus any `ModelConfig`
+A config file has five tables and a `[model]` table that takes a preset plus any `ModelConfig`
 field (named as in an HF config.json):
 
     [model]   preset = "tiny", hidden_size = 256, aux_loss_alpha = 0.0001, ...
     [data]    path, tokenizer, seq_len, val_fraction
     [train]   steps, batch_size, micro_batch_size, seed, lr, warmup_steps, ..., precision, compile, cuda_graph
+    [parallel] dispatch_codec, combine_codec   (wire formats of the MoE's two crossings, moeco.comm)
     [checkpoint] every, keep
     [log]     interval, eval_interval, eval_batches, peak_tflops
 
@@ -81,6 +82,12 @@ class TrainConfig:
     cuda_graph: bool = _opt(False, "train", "replay each optimizer step as one CUDA graph after 2 eager steps "
                                             "(removes per-kernel launch cost; one CUDA process)")
     device: str = _opt("auto", "train", "auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
+    # [parallel]
+    dispatch_codec: str = _opt("none", "parallel", "wire format of the MoE dispatch input: none | bf16 | e4m3 | e5m2 "
+                                                   "| logfmt8 | logfmt10 | logfmtN (moeco.comm; applied in one "
+                                                   "process as decode(encode(x)), straight-through gradient)")
+    combine_codec: str = _opt("none", "parallel", "wire format of the expert outputs before the weighted sum "
+                                                  "(combine): same choices as dispatch_codec")
     # [checkpoint]
     checkpoint_every: int = _opt(200, "checkpoint", "write a checkpoint every N steps (and at the end); 0 = end only")
     keep_checkpoints: int = _opt(2, "checkpoint", "how many recent checkpoints to keep")
@@ -89,6 +96,15 @@ class TrainConfig:
     eval_interval: int = _opt(100, "log", "validation loss every N steps (and at the end); 0 = end only")
     eval_batches: int = _opt(8, "log", "validation batches of batch_size sequences per evaluation")
     peak_tflops: float = _opt(0.0, "log", "peak TFLOP/s of one device for MFU; 0 = known GPUs only")
+    # [parallel] expert parallelism (moeco.parallel; torchrun sets the ranks)
+    ep: int = _opt(1, "parallel", "expert-parallel ranks: each holds n_routed_experts / ep routed experts, the "
+                                  "rest stays data-parallel over all ranks; 1 = off")
+    gpus_per_node: int = _opt(0, "parallel", "ranks per node of the mesh; 0 = torchrun's --nproc-per-node "
+                                             "(a smaller value lets one host stand in for several nodes)")
+    dispatcher: str = _opt("two_hop", "parallel", "two_hop (each token crosses to a node once, forwarded "
+                                                  "inside it) | direct (one all-to-all copy per expert)")
+    fp8_dispatch: bool = _opt(False, "parallel", "send dispatched tokens as 1x128 E4M3 + scales (half of BF16)")
+    timeout_s: float = _opt(600.0, "parallel", "seconds a collective may wait before the run stops with an error")
     # [model]
     preset: str = _opt("tiny", "model", "a ModelConfig preset; any ModelConfig field may follow in [model]")
     model_overrides: dict = field(default_factory=dict, metadata={"section": "model", "doc": ""})
@@ -139,7 +155,7 @@ class TrainConfig:
         for table, values in raw.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: top-level key {table!r} must be inside a table "
-                                  f"([data], [train], [checkpoint], [log] or [model])")
+                                  f"([data], [train], [parallel], [checkpoint], [log] or [model])")
             for key, value in values.items():
                 name, is_model_field = _resolve(f"{table}.{key}")
                 if is_model_field:
@@ -171,7 +187,8 @@ class TrainConfig:
 
     # ---- output ------------------------------------------------------------------------
     def to_tables(self) -> dict[str, dict[str, Any]]:
-        tables: dict[str, dict[str, Any]] = {s: {} for s in ("model", "data", "train", "checkpoint", "log")}
+        tables: dict[str, dict[str, Any]] = {s: {} for s in ("model", "data", "train", "parallel", "checkpoint",
+                                                                "log")}
         for f in dataclasses.fields(self):
             if f.name == "model_overrides":
                 continue
@@ -312,6 +329,22 @@ def _validate(c: TrainConfig) -> None:
         raise _bad("optimizer_moments", c.optimizer_moments, "choose auto, fp32 or bf16")
     if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
         raise _bad("device", c.device, "choose auto, cpu, cuda or cuda:N")
+    _validate_parallel(c)
+
+
+def _validate_parallel(c: TrainConfig) -> None:
+    from moeco.comm.names import parse_codec_name
+
+    for name in ("dispatch_codec", "combine_codec"):
+        parse_codec_name(getattr(c, name), f"parallel.{name}")  # raises a one-line ConfigError
+    if c.ep < 1:
+        raise _bad("ep", c.ep, "must be at least 1")
+    if c.gpus_per_node < 0:
+        raise _bad("gpus_per_node", c.gpus_per_node, "must be >= 0 (0 = torchrun's --nproc-per-node)")
+    if c.dispatcher not in ("two_hop", "direct"):
+        raise _bad("dispatcher", c.dispatcher, "choose two_hop or direct")
+    if not c.timeout_s > 0:
+        raise _bad("timeout_s", c.timeout_s, "must be a positive number of seconds")
 
 
 def _toml_value(value: Any) -> str:

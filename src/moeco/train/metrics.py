@@ -3,8 +3,9 @@
 `OUT/metrics.jsonl` holds one JSON object per optimizer step:
 
     step, loss, lm_loss, mtp_loss, balance_loss, lr, grad_norm, tokens (seen so far), step_time_s,
-    tokens_per_s, mfu (null when the device's peak is unknown), expert_load: {layer id: max/mean load}
-    and, at evaluation steps, val_loss and val_ppl.
+    tokens_per_s, mfu (null when the device's peak is unknown), expert_load: {layer id: max/mean load},
+    expert_counts: {layer id: [tokens routed to each expert this step]} (the trace `moeco plan eplb`
+    reads) and, at evaluation steps, val_loss and val_ppl.
 
 MFU = tokens/s x FLOPs per token / (ranks x peak FLOP/s), with the planner's FLOPs-per-token
 convention (`moeco.plan.costs.train_flops_per_token(..., mtp=True)`: causal attention, the MTP

@@ -14,8 +14,10 @@ One optimizer step over a global batch of B sequences of S tokens (inputs t[:, :
 Data parallelism is torch DDP over torchrun's process group (gloo on CPU, NCCL on GPU) with
 `broadcast_buffers=False`: each rank keeps its own expert counts until the hook sums them, and the
 routing bias stays identical on every rank because every rank applies the same summed update. The
-model itself never calls torch.distributed, so an expert-parallel dispatcher can be swapped into
-its MoE layers before wrapping without touching this loop.
+model itself never calls torch.distributed. With `parallel.ep > 1` (moeco.parallel) each rank keeps
+only its range of the routed experts and an all-to-all dispatcher in each MoE layer; DDP skips the
+expert parameters, whose gradients are reduced over their replicas, the clipping norm counts every
+shard once, and checkpoints are written by every rank for its own experts.
 """
 
 from __future__ import annotations
@@ -25,17 +27,16 @@ import math
 import os
 import random
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from moeco.config import ModelConfig
 from moeco.errors import ConfigError, DataError
+from moeco.parallel.dist import Dist  # noqa: F401 (re-exported: the trainer's rank bookkeeping)
 from moeco.train import metrics as M
 from moeco.train.balance import BalanceHook, ImbalanceWatch
 from moeco.train.checkpointing import CheckpointManager
@@ -65,55 +66,6 @@ def lm_losses(out, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lm, (torch.stack(mtp).mean() if mtp else lm.new_zeros(()))
 
 
-# ---- distributed setup ---------------------------------------------------------------------
-class Dist:
-    """rank / world / device from torchrun's environment; a no-op for a single process."""
-
-    def __init__(self, device_opt: str, timeout_s: float = 600.0) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        want_cuda = device_opt.startswith("cuda") or (device_opt == "auto" and torch.cuda.is_available())
-        if want_cuda and not torch.cuda.is_available():
-            raise ConfigError(f"train.device = {device_opt!r} but no CUDA device is visible; use cpu or auto")
-        if want_cuda:
-            index = int(device_opt.split(":")[1]) if ":" in device_opt else self.local_rank
-            self.device = torch.device("cuda", index)
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        self.owns_group = False
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                    timeout=timedelta(seconds=timeout_s))
-            self.owns_group = True
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def mean(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            values = values.clone()
-            dist.all_reduce(values)
-            values /= self.world
-        return values
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            values = values.clone()
-            dist.all_reduce(values)
-        return values
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _recipe(precision: str):
     if not precision.startswith("fp8"):
         return None
@@ -136,7 +88,12 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
                  verbose: bool = True, on_step: Callable[[int, dict], None] | None = None) -> None:
-        self.dist = Dist(cfg.device)
+        from moeco.parallel.mesh import MeshSpec
+
+        # Checked from the environment and the config alone, so every rank fails alike before any collective.
+        self.mesh_spec = MeshSpec.from_env(cfg.ep, cfg.gpus_per_node)
+        self.mesh_spec.check_model(cfg.model_config())
+        self.dist = Dist(cfg.device, timeout_s=cfg.timeout_s)
         try:
             self._setup(cfg, Path(out), resume, overwrite, verbose)
         except BaseException:
@@ -175,14 +132,29 @@ class Trainer:
 
         self.step = 0
         latest = self.run_dir.resume_from
+        ep = self.mesh_spec.ep
         if latest is not None:
-            model = load_pretrained(latest / "model", dtype=torch.float32, device=d.device, recipe=recipe)
+            self.mesh_spec.check_model(self.mcfg)
+            from moeco.parallel.dist import agree
+
+            model = agree(lambda: load_pretrained(latest / "model", dtype=torch.float32, device=d.device,
+                                                  recipe=recipe, ep_rank=self.mesh_spec.ep_rank, ep_size=ep), d.world)
         else:
             torch.manual_seed(cfg.seed)
             with torch.device(d.device):  # initialise on the device: seconds, not minutes, for a 3B model
                 model = Transformer(self.mcfg, recipe=recipe)
         model.train()
+        from moeco.comm import apply_codecs
+
+        apply_codecs(model, cfg.dispatch_codec, cfg.combine_codec)  # the wire formats, in one process
         self.model = model
+        self.mesh, self.traffic = None, None
+        if ep > 1:  # shard the routed experts before the optimizer sees the parameters
+            from moeco.parallel.expert_parallel import apply_expert_parallel
+            from moeco.parallel.mesh import Mesh
+
+            self.mesh = Mesh(self.mesh_spec)
+            self.traffic = apply_expert_parallel(model, self.mesh, cfg.dispatcher, cfg.fp8_dispatch)
         self.optimizer = self._optimizer(model)
         self.balance = BalanceHook(model, cfg.balance_gamma())
         self.imbalance = ImbalanceWatch(cfg.balance_gamma())
@@ -198,6 +170,10 @@ class Trainer:
         if d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            if self.mesh is not None:  # expert gradients are reduced over their replicas, not by DDP
+                from moeco.parallel.expert_parallel import expert_param_names
+
+                DDP._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
             self.forward = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                                broadcast_buffers=False)
         if cfg.compile:
@@ -252,6 +228,10 @@ class Trainer:
 
     def _load_trainer_state(self, state: dict) -> None:
         self.step = int(state["step"])
+        if state.get("ep", 1) > 1 or self.mesh is not None:  # expert moments saved whole: take this rank's range
+            from moeco.parallel.checkpoint import shard_optimizer_state
+
+            state["optimizer"] = shard_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         rng = state["rng"]
@@ -262,6 +242,8 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.dist.device)
 
     def save_checkpoint(self) -> Path | None:
+        if self.mesh is not None:
+            return self._save_checkpoint_ep()
         path = None
         if not self.guard.ok:  # the weights took a NaN/inf update: keep the last good checkpoint as latest
             return None
@@ -272,6 +254,32 @@ class Trainer:
                                   self._trainer_state())
         self.dist.barrier()
         return path
+
+    def _save_checkpoint_ep(self) -> Path | None:
+        """Expert parallelism: each rank of the first EP group writes its experts (moeco.parallel.checkpoint)."""
+        from moeco.parallel.checkpoint import gather_optimizer_state, save_sharded
+
+        state = self._trainer_state()
+        state["optimizer"] = gather_optimizer_state(self.model, self.optimizer, self.mesh, state["optimizer"])
+        state["ep"] = self.mesh.spec.ep
+        staged = self.ckpt.root / f".tmp-ep-model-{self.step:08d}"  # removed after a crash like any .tmp-
+        save_sharded(self.model, staged, self.mesh, extra_files=self.run_dir.tokenizer_files())
+        path = None
+        if self.dist.main:
+            import shutil
+
+            path = self.ckpt.save(self.step, lambda p: shutil.move(str(staged), str(p)), state)
+        self.dist.barrier()
+        return path
+
+    def _save_model(self, path: Path) -> None:
+        """The final model: sharded under expert parallelism (every rank calls it), else rank 0 writes it."""
+        if self.mesh is not None:
+            from moeco.parallel.checkpoint import save_sharded
+
+            save_sharded(self.model, path, self.mesh, extra_files=self.run_dir.tokenizer_files())
+        elif self.dist.main:
+            self.model.save_pretrained(path, extra_files=self.run_dir.tokenizer_files())
 
     # ---- the loop ----------------------------------------------------------------------------
     def _autocast_ctx(self, cache: bool = True):
@@ -312,7 +320,13 @@ class Trainer:
                     (loss / self.accum).backward()
                 sums += torch.stack([loss, lm, mtp, bal]).detach() / self.accum
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.mesh is not None:
+            from moeco.parallel.expert_parallel import clip_grad_norm_sharded, reduce_expert_grads
+
+            reduce_expert_grads(self.model, self.mesh)
+            grad_norm = clip_grad_norm_sharded(self.model, self.mesh, clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         return sums, grad_norm
 
@@ -327,6 +341,8 @@ class Trainer:
         t0 = time.perf_counter()
         batch_ABS = torch.stack([self.data.sequences(rank_slice(batch, a, d.rank, d.world, self.micro))
                                  for a in range(self.accum)])
+        if self.traffic is not None:
+            self.traffic.reset()
         if self.graphed is not None:
             sums, grad_norm = self.graphed(batch_ABS)
         else:
@@ -339,13 +355,18 @@ class Trainer:
             torch.cuda.synchronize(d.device)
         dt = time.perf_counter() - t0
         tokens_per_s = cfg.batch_size * cfg.seq_len / dt
-        return {
+        traffic = {}
+        if self.traffic is not None:  # forward bytes of every MoE layer this step, summed over ranks
+            from moeco.parallel.route import TrafficCounter
+
+            traffic = TrafficCounter.summary(d.sum(self.traffic.as_vector().to(d.device)).cpu())
+        return {**traffic,
             "step": self.step, "loss": means[0], "lm_loss": means[1], "mtp_loss": means[2],
             "balance_loss": means[3], "lr": lr, "grad_norm": float(grad_norm),
             "tokens": self.step * cfg.batch_size * cfg.seq_len, "step_time_s": dt,
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * self.flops_per_token / (d.world * self.peak) if self.peak else None,
-            "expert_load": load,
+            "expert_load": load, "expert_counts": self.balance.last_counts,
         }
 
     @torch.no_grad()
@@ -354,6 +375,8 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         self.model.eval()
         n = min(len(self.data.val_index), cfg.eval_batches * cfg.batch_size)
+        if self.mesh is not None:  # every rank must run as many forwards (their MoE layers talk to each other)
+            n = max(d.world, n - n % d.world)
         mine = self.data.val_index[:n][d.rank::d.world]
         totals = torch.zeros(2, dtype=torch.float64, device=d.device)
         for start in range(0, len(mine), self.micro):
@@ -419,8 +442,8 @@ class Trainer:
                    "val_loss": val_loss, "val_ppl": M.perplexity(val_loss) if val_loss is not None else None,
                    "tokens_per_s": steps_run * self.cfg.batch_size * self.cfg.seq_len / wall if wall else None,
                    "model_dir": str(out / "model"), "out": str(out)}
+        self._save_model(out / "model")
         if self.dist.main:
-            self.model.save_pretrained(out / "model", extra_files=self.run_dir.tokenizer_files())
             plots = M.write_plots(M.read_metrics(out / "metrics.jsonl"), out / "plots")
             summary["plots"] = [str(p) for p in plots]
             self._say(f"done: {self.step} steps in {wall:.0f} s"
@@ -432,6 +455,15 @@ class Trainer:
             self._say(f"  metrics:     {out / 'metrics.jsonl'}")
             self._say(f"  plots:       {', '.join(str(p) for p in plots)}")
             self._say(f"  config:      {out / 'train_config.toml'}")
+            if self.traffic is not None and "ep_inter_rows_per_token" in record:
+                from moeco.parallel.traffic import planner_rows
+
+                s = self.mesh_spec
+                want = planner_rows(self.mcfg, s.ep_nodes, s.ep_gpus_per_node, self.cfg.dispatcher)
+                self._say(f"  experts:     {self.cfg.dispatcher} dispatch over {s.ep_nodes} node(s) x "
+                          f"{s.ep_gpus_per_node}: {record['ep_inter_rows_per_token']:.2f} copies/token between "
+                          f"nodes, {record['ep_inter_bytes_per_token']:,.0f} bytes/token/layer (last step)"
+                          + (f"; planner {want:.2f} copies for balanced routing" if want is not None else ""))
         self.dist.barrier()
         return summary
 

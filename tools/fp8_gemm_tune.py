@@ -1,6 +1,6 @@
 """Sweeps for the FP8 fast paths on one GPU: which kernel and tile wins at DeepSeek-V3 shapes.
 
-    PYTHONPATH=src python bench/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,retile_moe,minb,dual,div,linear,fbgemm,wgmma,gwgrad] [--json F]
+    PYTHONPATH=src python tools/fp8_gemm_tune.py [--only probe,n576,gemm,quant,grouped,retile,retile_moe,minb,dual,div,linear,fbgemm,wgmma,gwgrad] [--json F]
 
 probe   which block-wise layouts torch._scaled_mm takes on this torch/GPU: 1x128 x 1x128 (Wgrad) and
         128x128 x 1x128 (the N = 576 GEMM computed transposed), each checked against the reference.
@@ -31,10 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from _timing import gpu_ms, host_ms
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from _timing import gpu_ms, host_ms  # noqa: E402
 from moeco.fp8 import cuda_kernels as ck
 from moeco.fp8 import triton_kernels as tk
 from moeco.fp8.gemm import fp8_gemm, fp8_gemm_reference, fp8_gemm_scaled_mm
@@ -704,7 +706,7 @@ def main() -> int:
     p.add_argument("--json")
     a = p.parse_args()
     if not torch.cuda.is_available():
-        print("bench/fp8_gemm_tune.py needs a CUDA GPU", file=sys.stderr)
+        print("tools/fp8_gemm_tune.py needs a CUDA GPU", file=sys.stderr)
         return 1
     import triton
 

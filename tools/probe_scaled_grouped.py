@@ -1,6 +1,6 @@
 """Probe: does this torch/GPU take DeepSeek's fine-grained scales in a grouped FP8 GEMM?
 
-    PYTHONPATH=src python bench/probe_scaled_grouped.py
+    PYTHONPATH=src python tools/probe_scaled_grouped.py
 
 Tries torch.nn.functional.scaled_grouped_mm with BlockWise1x128 activations and BlockWise128x128
 weights (and RowWise for comparison) on 2-D x 3-D operands with offsets, checks the result

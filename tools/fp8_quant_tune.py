@@ -1,6 +1,6 @@
 """Tile sweep of the FP8 activation-quantization kernels at the shapes a `small` / V3 step runs.
 
-    PYTHONPATH=src python bench/fp8_quant_tune.py
+    PYTHONPATH=src python tools/fp8_quant_tune.py
 
 For each shape: the 1x128 (row) kernel over block_m x num_warps, and the 128x1 (token-wise, Wgrad)
 kernel from BF16 and from FP8 over block_c x num_warps; GB/s against a device copy measured here.

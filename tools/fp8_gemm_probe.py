@@ -1,6 +1,6 @@
 """Where moeco's Hopper FP8 GEMM spends its time: clocks and power, waits inside the kernel, ablations.
 
-    PYTHONPATH=src python bench/fp8_gemm_probe.py [--only clocks,inside,ablate,quant_order]
+    PYTHONPATH=src python tools/fp8_gemm_probe.py [--only clocks,inside,ablate,quant_order]
 
 The kernel under test is `moeco.fp8.cuda_gemm`'s 128 x 128 build, recompiled here from its source with
 text edits (each edit asserts that the text it changes is still there, so a changed kernel fails
@@ -26,10 +26,12 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from _timing import gpu_ms
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from _timing import gpu_ms  # noqa: E402
 from moeco.fp8 import cuda_gemm as cg
 from moeco.fp8 import cuda_kernels
 from moeco.fp8 import triton_kernels as tk

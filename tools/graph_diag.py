@@ -1,7 +1,7 @@
 """Debug aid: list the ops of one training step that mix CPU and CUDA tensors (the ones a CUDA graph
 capture refuses), with the moeco frame that called them.
 
-    PYTHONPATH=src python bench/graph_diag.py --set 'train.precision="fp32"'
+    PYTHONPATH=src python tools/graph_diag.py --set 'train.precision="fp32"'
 """
 
 from __future__ import annotations
