@@ -216,9 +216,8 @@ class Router:
             return f"prefill worker {pre.url} failed ({type(exc).__name__}: {exc})"
         finally:
             pre.in_flight -= 1
-        if r.status_code != 200:
-            if r.status_code in (502, 504):
-                self._bump(pre, dec)
+        if r.status_code != 200:  # the decode side's posted receive goes unanswered: new group next time
+            self._bump(pre, dec)
             return body.get("error", f"prefill worker answered {r.status_code}")
         pre.requests += 1
         for w in (pre, dec):
