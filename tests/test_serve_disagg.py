@@ -324,3 +324,31 @@ def test_router_picks_by_load_and_reports_per_worker():
     fams = {f.name: f for f in r.collect()}
     got = {tuple(x.labels.values()): x.value for x in fams["moeco:disagg_transfer_bytes"].samples}
     assert got[("decode", "http://d0")] == 1234 and fams["moeco:disagg_worker_up"].samples[0].value == 1.0
+
+
+@pytest.mark.slow
+def test_deployment_waits_for_decode_blocks(model_dir):
+    """A decode pool of 4 blocks and 6 concurrent requests of 2 blocks each: the ones that do not fit
+    wait for blocks (heartbeats keep the router's read alive) instead of failing, and all match."""
+    import asyncio
+
+    import httpx
+
+    from moeco.config import ModelConfig
+    from moeco.serve import LLM
+
+    cache = 4 * 64 * ModelConfig.from_hf(model_dir).kv_cache_bytes_per_token(4)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(320) for _ in range(70)] for _ in range(6)]
+    want = [c.text for c in LLM(str(model_dir), device="cpu", cache_bytes=cache).generate(
+        prompts, SamplingParams(max_tokens=40, ignore_eos=True))]
+    srv = _disagg_server(model_dir, "--cache-bytes", str(cache))
+    try:
+        async def run():
+            async with httpx.AsyncClient(base_url=srv.base_url, timeout=120) as client:
+                return await asyncio.gather(*(_complete(client, p, 40) for p in prompts))
+
+        assert asyncio.run(run()) == want
+        _wait_full(srv.base_url)
+    finally:
+        srv.stop()
