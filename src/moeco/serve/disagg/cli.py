@@ -43,6 +43,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    if args.transfer_timeout <= 0 or args.request_timeout <= 0:
+        raise ConfigError("--transfer-timeout and --request-timeout must be > 0 seconds")
+    if args.disaggregate and args.role:
+        raise ConfigError("--disaggregate starts every role itself; leave out --role")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.disaggregate:
         return _launch(args)
@@ -101,7 +105,9 @@ def _router(args) -> int:
     except ChatTemplateError as exc:
         raise ConfigError(str(exc)) from None
     mcfg = ModelConfig.from_hf(args.model)
-    router = Router(args.prefill_url, args.decode_url, store_port=args.store_port,
+    # the address workers reach the rendezvous store at: the router's own, or its hostname when bound to all
+    store_host = socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host
+    router = Router(args.prefill_url, args.decode_url, store_host=store_host, store_port=args.store_port,
                     request_timeout_s=args.request_timeout, max_requests=args.max_num_seqs + args.max_queued_requests)
     name = args.served_model_name or args.model
     metrics = router.metrics = ServerMetrics(router.stats, name)
