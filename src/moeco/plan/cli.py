@@ -11,6 +11,7 @@
     moeco plan local MODEL        single-request decode bound on one device (+ hybrid GPU/CPU)
     moeco plan hardware           the hardware catalog
     moeco plan eplb TRACE         expert-parallel load balancing of a recorded load trace
+    moeco plan serve MODEL        disaggregated serving: prefill / decode throughput per GPU, P:D ratio
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from moeco.errors import ConfigError
 from moeco.plan import arch as arch_mod
-from moeco.plan import costs, hardware, memory, paper, routing, speed, topology
+from moeco.plan import costs, hardware, memory, paper, routing, serving, speed, topology
 from moeco.plan.render import _b, _emit, _g, _pyplot, _save, _table
 
 
@@ -102,6 +103,18 @@ def register(subparsers) -> None:
     p.add_argument("--kv-dtype", choices=sorted(costs.KV_BYTES), default="bf16")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--efficiency", type=float, default=0.8, help="achieved fraction of peak bandwidth")
+
+    p = add("serve", _cmd_serve, "disaggregated serving: prefill and decode throughput per GPU, P:D ratio", hw=True)
+    p.add_argument("--gpu", default="H200", help="catalog device (default H200)")
+    p.add_argument("--rate", type=float, required=True, help="target load, requests/s")
+    p.add_argument("--input-len", type=int, default=2048)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--ttft-ms", type=float, default=None, help="TTFT SLO")
+    p.add_argument("--tpot-ms", type=float, default=None, help="TPOT SLO (bounds the decode batch)")
+    p.add_argument("--precision", choices=sorted(serving.WEIGHT_BYTES), default="fp8")
+    p.add_argument("--kv-dtype", choices=sorted(costs.KV_BYTES), default="bf16")
+    p.add_argument("--mfu", type=float, default=0.4, help="fraction of peak FLOP/s prefill reaches")
+    p.add_argument("--bw-efficiency", type=float, default=0.8, help="fraction of peak bandwidth decode reaches")
 
     add("hardware", _cmd_hardware, "the hardware catalog (devices and links)", model=None, hw=True)
 
@@ -317,6 +330,27 @@ def _cmd_local(args) -> int:
                  ["hybrid bound / expected", f"{h['tokens_per_s_bound']:.1f} / {h['tokens_per_s']:.1f} tokens/s"]]
     t = _table(f"{r['model']} single-request decode on {device.name}", ["quantity", "value"], rows,
                caption="memory-bandwidth bound: every active weight and the KV cache read once per token")
+    return _emit(args, r, t)
+
+
+def _cmd_serve(args) -> int:
+    device = hardware.get_device(args.gpu, hardware.load_catalog(args.hardware))
+    r = serving.plan_serve(args.model, device, args.rate, args.input_len, args.output_len, args.ttft_ms, args.tpot_ms,
+                           args.precision, args.kv_dtype, args.mfu, args.bw_efficiency)
+    slo = lambda ok: "" if ok is None else ("  (meets the SLO)" if ok else "  (MISSES the SLO)")
+    rows = [["GPUs per worker (weights fit)", str(r["gpus_per_worker"])],
+            ["prefill tokens/s per GPU", f"{r['prefill_tokens_per_s_per_gpu']:,.0f}"],
+            ["TTFT without queueing", f"{r['ttft_ms_no_queue']:,.1f} ms" + slo(r["ttft_slo_met"])],
+            ["decode batch per worker (fits: %d)" % r["decode_batch_fit"], str(r["decode_batch"])],
+            ["decode step (TPOT)", f"{r['decode_step_ms']:.2f} ms" + slo(r["tpot_slo_met"])],
+            ["decode tokens/s per GPU", f"{r['decode_tokens_per_s_per_gpu']:,.0f}"],
+            [f"workers for {args.rate:g} req/s", f"{r['prefill_workers']} prefill + {r['decode_workers']} decode"],
+            ["prefill:decode workers", r["ratio"]],
+            ["decode GPUs per prefill GPU (any load)", f"{r['decode_per_prefill_gpu']:.2f}"],
+            ["hand-over per request", _b(r["handover_bytes_per_request"]) + "B"]]
+    t = _table(f"{r['model']} disaggregated on {device.name} ({args.precision}, {args.input_len} in / "
+               f"{args.output_len} out)", ["quantity", "value"], rows,
+               caption="estimates: see moeco/plan/serving.py for every term")
     return _emit(args, r, t)
 
 

@@ -116,6 +116,26 @@ class AsyncEngine:
             raise
         return rid
 
+    async def call(self, fn):
+        """Run fn(engine) on the engine thread between steps; its result, or what it raised."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def op():
+            try:
+                result = fn(self.engine)
+            except Exception as exc:
+                _settle(loop, done, exc=exc)
+                return
+            _settle(loop, done, result=result)
+
+        self._submit(op)
+        return await done
+
+    def watch(self, rid: str, queue: asyncio.Queue, loop, num_prompt_tokens: int) -> None:
+        """Engine thread only (inside `call`): send the outputs of a request added another way to `queue`."""
+        self._streams[rid] = _Stream(loop, queue, time.monotonic(), num_prompt_tokens)
+
     def release(self) -> None:
         """The handler is done with one request (finished or aborted)."""
         self._in_flight -= 1

@@ -102,6 +102,29 @@ class BlockManager:
         seq.num_computed = seq.num_cached_prompt_tokens = cached
         return True
 
+    def admit_import(self, seq: Sequence) -> bool:
+        """Blocks for a sequence whose whole prompt arrives from a prefill worker (disaggregation):
+        cached prefix blocks are reused (`seq.num_cached_prompt_tokens` tells how many tokens need not be
+        sent), fresh blocks cover the rest and the first decode position. False, nothing changed, when
+        the free blocks do not suffice."""
+        n = len(seq.token_ids)
+        hits = self.match_prefix(seq.token_ids, n)
+        revived = sum(1 for b in hits if self.ref[b] == 0)
+        need = self.blocks_for(n + 1) - len(hits)
+        if need > self.num_free - revived:
+            return False
+        self.queried_blocks += n // self.block_size
+        self.hit_blocks += len(hits)
+        for b in hits:
+            if self.ref[b] == 0:
+                del self.free[b]
+            self.ref[b] += 1
+        seq.block_table = hits + [self._take_free() for _ in range(need)]
+        seq.block_hashes = [self.key[b] for b in hits]
+        seq.num_computed = 0  # nothing readable until the import lands
+        seq.num_cached_prompt_tokens = len(hits) * self.block_size
+        return True
+
     def can_grow(self, seq: Sequence, upto: int) -> bool:
         return self.blocks_for(upto) - len(seq.block_table) <= self.num_free
 

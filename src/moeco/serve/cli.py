@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds in-flight responses get to finish after SIGTERM before they are aborted")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every request")
+    from moeco.serve.disagg.cli import add_arguments
+
+    add_arguments(p)  # --disaggregate, --role ...
     p.set_defaults(func=run_serve)
 
 
@@ -64,6 +67,10 @@ def _check(args) -> None:
 
 def run_serve(args) -> int:
     _check(args)
+    if args.disaggregate or args.role:
+        from moeco.serve.disagg.cli import run
+
+        return run(args)
     try:
         import uvicorn
     except ModuleNotFoundError as exc:

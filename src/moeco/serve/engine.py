@@ -114,6 +114,8 @@ class LLMEngine:
 
             self.spec = MTPDrafter(model, self.runner)
         self.requests: dict[str, Sequence] = {}
+        self.exports: dict[str, Sequence] = {}  # prefilled, blocks held until sent (disaggregation)
+        self.imports: dict[str, Sequence] = {}  # blocks reserved, latents not yet received
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self.generator = torch.Generator(device=self.device).manual_seed(c.seed)
@@ -137,11 +139,21 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, prefill_only: bool = False) -> str:
+        """Queue a request. `prefill_only` (a disaggregated prefill worker): it stops after its first
+        token with finish_reason "prefilled" and keeps its blocks for `export_prompt`."""
+        seq = self._new_sequence(prompt_token_ids, params, request_id)
+        seq.prefill_only = prefill_only
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        self.counters["prompt_tokens"] += seq.num_prompt_tokens
+        return seq.request_id
+
+    def _new_sequence(self, prompt_token_ids, params, request_id) -> Sequence:
         params = params or SamplingParams()
         params.validate(self.model.config.vocab_size)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self.requests:
+        if rid in self.requests or rid in self.exports or rid in self.imports:
             raise RequestError("request_id", f"request_id {rid!r} is already in use")
         prompt = list(prompt_token_ids)
         if not prompt:
@@ -159,16 +171,17 @@ class LLMEngine:
         seq = Sequence(rid, prompt, len(prompt), params, next(self._arrivals))
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        self.requests[rid] = seq
-        self.scheduler.add(seq)
-        self.counters["prompt_tokens"] += len(prompt)
-        return rid
+        return seq
 
     def abort(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.finished:
             self.scheduler.remove(seq)
             seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        for held in (self.exports, self.imports):  # a hand-over that will not complete
+            seq = held.pop(request_id, None)
+            if seq is not None:
+                self.blocks.release(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
@@ -227,6 +240,13 @@ class LLMEngine:
         """Add sampled tokens to a sequence and finish it where a stop condition holds."""
         if seq.finished:
             return None
+        if seq.prefill_only:  # hand-over: out of the batch, blocks kept for export_prompt
+            seq.token_ids.append(new[0])
+            self.scheduler.running.remove(seq)
+            seq.status, seq.finish_reason = Status.FINISHED, "prefilled"
+            self.requests.pop(seq.request_id, None)
+            self.exports[seq.request_id] = seq
+            return RequestOutput(seq.request_id, new[:1], True, "prefilled", None, seq.num_prompt_tokens, 1)
         emitted = []
         for tok in new:
             seq.token_ids.append(tok)
@@ -257,6 +277,57 @@ class LLMEngine:
         self.requests.pop(seq.request_id, None)
         self.counters["finished"] += 1
 
+    # ---- disaggregation: prefill on one engine, decode on another ----------------------------------
+    def _prompt_slots(self, seq: Sequence, start: int) -> torch.Tensor:
+        bs, pos = self.config.block_size, torch.arange(start, seq.num_prompt_tokens)
+        return (torch.tensor(seq.block_table)[pos // bs] * bs + pos % bs).to(self.device)
+
+    def export_prompt(self, request_id: str, skip_tokens: int) -> tuple[dict, torch.Tensor]:
+        """A prefilled request's hand-over: (state, latent rows of prompt positions skip_tokens..n-1 of
+        every pool layer as bytes, (L * T * latent_dim * dtype bytes,) uint8). Its blocks stay held
+        until `release_export`."""
+        seq = self.exports[request_id]
+        rows_LTC = self.cache.pool[:, self._prompt_slots(seq, skip_tokens)]
+        state = {"first_token": seq.token_ids[-1], "draft": seq.draft[0] if seq.draft and seq.draft_probs is None
+                 else -1, "generator": seq.generator.get_state() if seq.generator is not None else None}
+        return state, rows_LTC.contiguous().view(torch.uint8).flatten()
+
+    def release_export(self, request_id: str) -> None:
+        seq = self.exports.pop(request_id, None)
+        if seq is not None:
+            self.blocks.release(seq)
+
+    def reserve_import(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> int | None:
+        """Blocks for a request prefilled elsewhere; returns how many leading prompt tokens are already
+        here (prefix-cache hits, not to be sent), or None while the free blocks do not suffice."""
+        seq = self._new_sequence(prompt_token_ids, params, request_id)
+        if not self.blocks.admit_import(seq):
+            return None
+        self.imports[request_id] = seq
+        return seq.num_cached_prompt_tokens
+
+    def import_bytes(self, request_id: str) -> int:
+        seq = self.imports[request_id]
+        return (seq.num_prompt_tokens - seq.num_cached_prompt_tokens) * self.cache.bytes_per_token()
+
+    def complete_import(self, request_id: str, state: dict, rows: torch.Tensor) -> RequestOutput:
+        """Write the received rows into the reserved blocks; the request joins the running batch with
+        its first token (which may already finish it)."""
+        seq = self.imports.pop(request_id)
+        L, _, C = self.cache.pool.shape
+        slots = self._prompt_slots(seq, seq.num_cached_prompt_tokens)
+        self.cache.pool[:, slots] = rows.to(self.device).view(self.cache.pool.dtype).view(L, len(slots), C)
+        seq.num_computed = seq.num_prompt_tokens
+        self.blocks.register_full_blocks(seq)
+        seq.draft = [state["draft"]] if state.get("draft", -1) >= 0 and self.spec is not None else []
+        if state.get("generator") is not None and seq.generator is not None:
+            seq.generator.set_state(state["generator"])
+        seq.status = Status.RUNNING
+        self.requests[request_id] = seq
+        self.scheduler.running.append(seq)
+        self.counters["prompt_tokens"] += seq.num_prompt_tokens
+        return self._append(seq, [state["first_token"]])
+
     # ---- reporting ------------------------------------------------------------------------------
     def stats(self) -> dict:
         b = self.blocks
@@ -264,7 +335,7 @@ class LLMEngine:
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "free_blocks": b.num_free, "total_blocks": b.num_blocks,
             "cache_usage": 1 - b.num_free / b.num_blocks, "capacity_tokens": self.capacity_tokens,
-            "prefix_cache_hit_rate": b.hit_rate, "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_rate": b.hit_rate, "pending_transfers": len(self.exports) + len(self.imports), "num_preemptions": self.scheduler.num_preemptions,
             "spec_acceptance_rate": (self.spec.accepted / self.spec.proposed
                                      if self.spec and self.spec.proposed else None),
             **self.counters,

@@ -32,6 +32,7 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     emitted: int = 0  # output tokens already handed to the caller
+    prefill_only: bool = False  # disaggregated prefill: stop after the first token, keep the blocks for export
     # speculative decoding
     draft: list[int] = field(default_factory=list)  # drafted tokens that follow token_ids
     draft_probs: torch.Tensor | None = None  # the draft's distribution (sampling), one row per draft token
