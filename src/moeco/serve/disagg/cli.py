@@ -95,10 +95,9 @@ def _router(args) -> int:
     from moeco.config import ModelConfig
     from moeco.serve.chat_template import ChatTemplate, ChatTemplateError
     from moeco.serve.disagg.router import Router
-    from moeco.serve.engine import _load_tokenizer
+    from moeco.loading import load_tokenizer
     from moeco.serve.metrics import ServerMetrics
     from moeco.serve.server import ServerState, build_app
-    from pathlib import Path
 
     try:
         template = ChatTemplate.from_model_dir(args.model)
@@ -112,7 +111,7 @@ def _router(args) -> int:
     name = args.served_model_name or args.model
     metrics = router.metrics = ServerMetrics(router.stats, name)
     metrics.registry.register(_Collect(router))
-    state = ServerState(router, name, _load_tokenizer(Path(args.model)), template,
+    state = ServerState(router, name, load_tokenizer(args.model), template,
                         args.max_model_len or mcfg.max_position_embeddings, metrics, args.api_key)
     return _uvicorn(build_app(state, max_body_bytes=args.max_body_bytes), args)
 
