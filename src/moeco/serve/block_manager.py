@@ -78,6 +78,16 @@ class BlockManager:
         self.ref[block] = 1
         return block
 
+    def _assign(self, seq: Sequence, hits: list[int], need: int) -> None:
+        """Give `seq` the cached blocks `hits` (reference counted) and `need` fresh ones."""
+        self.hit_blocks += len(hits)
+        for b in hits:
+            if self.ref[b] == 0:
+                del self.free[b]
+            self.ref[b] += 1
+        seq.block_table = hits + [self._take_free() for _ in range(need)]
+        seq.block_hashes = [self.key[b] for b in hits]
+
     def admit(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give a waiting sequence its cached prefix and blocks for its next `num_new_tokens` tokens.
 
@@ -92,13 +102,7 @@ class BlockManager:
         if need > self.num_free - revived:
             return False
         self.queried_blocks += len(seq.token_ids) // self.block_size
-        self.hit_blocks += len(hits)
-        for b in hits:
-            if self.ref[b] == 0:
-                del self.free[b]
-            self.ref[b] += 1
-        seq.block_table = hits + [self._take_free() for _ in range(need)]
-        seq.block_hashes = [self.key[b] for b in hits]
+        self._assign(seq, hits, need)
         seq.num_computed = seq.num_cached_prompt_tokens = cached
         return True
 
@@ -114,13 +118,7 @@ class BlockManager:
         if need > self.num_free - revived:
             return False
         self.queried_blocks += n // self.block_size
-        self.hit_blocks += len(hits)
-        for b in hits:
-            if self.ref[b] == 0:
-                del self.free[b]
-            self.ref[b] += 1
-        seq.block_table = hits + [self._take_free() for _ in range(need)]
-        seq.block_hashes = [self.key[b] for b in hits]
+        self._assign(seq, hits, need)
         seq.num_computed = 0  # nothing readable until the import lands
         seq.num_cached_prompt_tokens = len(hits) * self.block_size
         return True
