@@ -117,6 +117,28 @@ def test_triton_equals_reference_bit_for_bit(bits, dtype):
     assert torch.equal(a.float().view(torch.int32), b.float().view(torch.int32))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 10])
+def test_triton_equals_reference_on_cuda_at_deepseek_v3_width(bits):
+    """The compiled kernel (not the interpreter) on a dispatch-sized tensor: 4096 tokens x 7168, rows
+    spread over 2^-30..2^10 so tiles of every range, the clamp included, occur."""
+    from moeco.comm import logfmt_triton
+
+    if not torch.cuda.is_available() or not logfmt_triton.available(torch.device("cuda")):
+        pytest.skip("needs CUDA and Triton")
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    scale = torch.exp2(torch.randint(-30, 10, (4096, 56, 1), device="cuda", generator=gen).float())
+    x = (torch.randn(4096, 56, 128, device="cuda", generator=gen) * scale).view(4096, 7168).bfloat16()
+    x[:, ::97] = 0
+    ref, tri = logfmt.encode(x, bits, impl="reference"), logfmt.encode(x, bits, impl="triton")
+    for name in ("magnitudes", "signs"):
+        assert torch.equal(getattr(ref, name), getattr(tri, name)), name
+    for name in ("tile_max", "tile_min"):
+        assert torch.equal(getattr(ref, name).view(torch.int16), getattr(tri, name).view(torch.int16)), name
+    a, b = logfmt.decode(ref, impl="reference"), logfmt.decode(ref, impl="triton")
+    assert torch.equal(a.float().view(torch.int32), b.float().view(torch.int32))
+
+
 def test_error_ordering_follows_the_format_arithmetic():
     """Moderate tile range: LogFMT-10 < LogFMT-8 < E4M3. LogFMT-8's step is range/126 octaves, E4M3's
     ~1/8: past a range of ~2^16 E4M3 wins."""
