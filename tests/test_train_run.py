@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import moeco
+from moeco.errors import ConfigError
 from moeco.generate import generate
 from moeco.train import checkpointing
 from moeco.train.config import TrainConfig
@@ -228,3 +229,12 @@ def test_trainer_weight_cache_gives_the_same_losses(tmp_path):
         assert trainer.accum == 2
         runs.append([trainer.train_step()["loss"] for _ in range(3)])
     assert runs[0] == runs[1]
+
+
+def test_keep_zero_writes_the_model_and_no_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    summary = train(small_cfg(tmp_path, "train.steps=4", "checkpoint.every=2", "checkpoint.keep=0"), out, verbose=False)
+    assert (out / "model" / "config.json").is_file() and summary["steps"] == 4
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="checkpoint.keep"):
+        small_cfg(tmp_path, "checkpoint.keep=-1")

@@ -67,7 +67,7 @@ def train_sets(args, *extra: str) -> list[str]:
     sets = [f'model.preset="{args.preset}"', f"train.steps={steps}", f"train.batch_size={args.batch_size}",
             f"data.seq_len={args.seq_len}", f"train.seed={args.seed}", "train.lr=2e-3",
             f"train.warmup_steps={max(1, steps // 10)}", "train.bias_update_speed=0.01",
-            f"log.eval_interval={max(1, steps // 5)}", "log.eval_batches=4", "checkpoint.every=0",
+            f"log.eval_interval={max(1, steps // 5)}", "log.eval_batches=4", "checkpoint.every=0", "checkpoint.keep=0",
             f"log.interval={max(1, steps // 5)}"]
     if args.data:
         sets.append('data.path="' + args.data.replace("\\", "\\\\").replace('"', '\\"') + '"')

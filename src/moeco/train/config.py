@@ -90,7 +90,8 @@ class TrainConfig:
                                                   "(combine): same choices as dispatch_codec")
     # [checkpoint]
     checkpoint_every: int = _opt(200, "checkpoint", "write a checkpoint every N steps (and at the end); 0 = end only")
-    keep_checkpoints: int = _opt(2, "checkpoint", "how many recent checkpoints to keep")
+    keep_checkpoints: int = _opt(2, "checkpoint", "how many recent checkpoints to keep; 0 = none (only the final "
+                                                "model/ is written: the run cannot be resumed)")
     # [log]
     log_interval: int = _opt(10, "log", "print one line every N steps (metrics.jsonl gets every step)")
     eval_interval: int = _opt(100, "log", "validation loss every N steps (and at the end); 0 = end only")
@@ -313,7 +314,9 @@ def _validate(c: TrainConfig) -> None:
             raise _bad(name, getattr(c, name), "must be >= 0")
     if c.bias_update_speed != "auto" and not (c.bias_update_speed >= 0 and math.isfinite(c.bias_update_speed)):
         raise _bad("bias_update_speed", c.bias_update_speed, 'must be a number >= 0, or "auto"')
-    for name in ("keep_checkpoints", "log_interval", "eval_batches", "max_nonfinite_steps"):
+    if c.keep_checkpoints < 0:
+        raise _bad("keep_checkpoints", c.keep_checkpoints, "must be >= 0 (0 = write no checkpoints)")
+    for name in ("log_interval", "eval_batches", "max_nonfinite_steps"):
         if getattr(c, name) < 1:
             raise _bad(name, getattr(c, name), "must be at least 1")
     if not (c.lr > 0 and math.isfinite(c.lr)):

@@ -247,6 +247,8 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.dist.device)
 
     def save_checkpoint(self) -> Path | None:
+        if self.cfg.keep_checkpoints == 0:  # only the final model/ (written by _finish)
+            return None
         if self.mesh is not None:
             return self._save_checkpoint_ep()
         path = None
