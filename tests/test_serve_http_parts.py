@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moeco.serve.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError
+from moeco.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError
 from moeco.serve.detokenizer import IncrementalDetokenizer
 from moeco.serve.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 

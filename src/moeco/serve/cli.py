@@ -77,7 +77,7 @@ def run_serve(args) -> int:
         raise ConfigError(f"moeco serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'moeco[serve]'") from None
     from moeco.serve.async_engine import AsyncEngine
-    from moeco.serve.chat_template import ChatTemplate, ChatTemplateError
+    from moeco.chat_template import ChatTemplate, ChatTemplateError
     from moeco.serve.engine import EngineConfig, LLMEngine
     from moeco.serve.metrics import ServerMetrics
     from moeco.serve.sampling_params import SamplingParams

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from moeco.serve.async_engine import AsyncEngine
-from moeco.serve.chat_template import ChatTemplate, ChatTemplateError
+from moeco.chat_template import ChatTemplate, ChatTemplateError
 from moeco.serve.generation import Generation
 from moeco.serve.metrics import CONTENT_TYPE, ServerMetrics
 from moeco.serve.openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse

@@ -4,7 +4,7 @@ A trained tokenizer reserves id 0 for `<|bos|>` and id 1 for `<|eos|>` (the ids 
 use); documents are joined with `<|eos|>` when packed. It is saved as `tokenizer.json` plus a small
 `tokenizer_config.json`, so both `tokenizers.Tokenizer.from_file` and transformers'
 `AutoTokenizer.from_pretrained` read the model directory. The config carries moeco's default chat
-template (moeco.serve.chat_template), which `moeco serve` uses for /v1/chat/completions.
+template (moeco.chat_template), which `moeco serve` uses for /v1/chat/completions.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def save_tokenizer(tok: Tokenizer, directory: Path, source: str = "") -> None:
                 shutil.copyfile(src / name, directory / name)
         return
     tok.save(str(directory / "tokenizer.json"))
-    from moeco.serve.chat_template import DEFAULT_CHAT_TEMPLATE
+    from moeco.chat_template import DEFAULT_CHAT_TEMPLATE
 
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
               "clean_up_tokenization_spaces": False, "chat_template": DEFAULT_CHAT_TEMPLATE}

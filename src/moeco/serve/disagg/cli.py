@@ -93,7 +93,7 @@ def _router(args) -> int:
     if not args.prefill_url or not args.decode_url:
         raise ConfigError("--role router needs at least one --prefill-url and one --decode-url")
     from moeco.config import ModelConfig
-    from moeco.serve.chat_template import ChatTemplate, ChatTemplateError
+    from moeco.chat_template import ChatTemplate, ChatTemplateError
     from moeco.serve.disagg.router import Router
     from moeco.loading import load_tokenizer
     from moeco.serve.metrics import ServerMetrics
