@@ -195,7 +195,9 @@ def main() -> None:
               f"{args.long_in}-token prompt (measured {per_token * args.long_in / 1e6:.2f}); prefill "
               f"{plan['prefill_tokens_per_s_per_gpu']:.0f} tokens/s per GPU, TTFT {plan['ttft_ms_no_queue']:.1f} ms "
               f"(measured long-prompt TTFT p50: colocated {runs[0]['long']['median_ttft_ms']:.0f}, disaggregated "
-              f"{runs[1]['long']['median_ttft_ms']:.0f} ms)")
+              f"{runs[1]['long']['median_ttft_ms']:.0f} ms); hand-over of one long prompt "
+              f"{plan['handover_ms_per_request']:.2f} ms at 50 GB/s, measured "
+              f"{per_token * args.long_in / max(t['bytes'] / max(t['seconds'], 1e-9), 1) * 1e3:.1f} ms")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": str(args.model or f"preset:{args.preset}"), "args": vars(args), "runs": runs, "planner": plan,

@@ -33,6 +33,7 @@ def test_plan_serve_ratio_and_slos():
     assert p == math.ceil(40 * 4096 / (r["prefill_tokens_per_s_per_gpu"] * 8))
     assert d == math.ceil(40 * 512 / (r["decode_tokens_per_s_per_gpu"] * 8))
     assert r["handover_bytes_per_request"] == 70_272 * 4096
+    assert r["handover_ms_per_request"] == pytest.approx(70_272 * 4096 / 50e9 * 1e3)
     longer = plan_serve("deepseek-v3", h200, rate=40, input_len=4096, output_len=2048)
     assert longer["decode_per_prefill_gpu"] > r["decode_per_prefill_gpu"]
     with pytest.raises(ConfigError):

@@ -115,6 +115,8 @@ def register(subparsers) -> None:
     p.add_argument("--kv-dtype", choices=sorted(costs.KV_BYTES), default="bf16")
     p.add_argument("--mfu", type=float, default=0.4, help="fraction of peak FLOP/s prefill reaches")
     p.add_argument("--bw-efficiency", type=float, default=0.8, help="fraction of peak bandwidth decode reaches")
+    p.add_argument("--handover-gbs", type=float, default=50.0,
+                   help="GB/s of the prefill-to-decode hand-over (default 50: one 400 Gb/s NIC)")
 
     add("hardware", _cmd_hardware, "the hardware catalog (devices and links)", model=None, hw=True)
 
@@ -336,7 +338,8 @@ def _cmd_local(args) -> int:
 def _cmd_serve(args) -> int:
     device = hardware.get_device(args.gpu, hardware.load_catalog(args.hardware))
     r = serving.plan_serve(args.model, device, args.rate, args.input_len, args.output_len, args.ttft_ms, args.tpot_ms,
-                           args.precision, args.kv_dtype, args.mfu, args.bw_efficiency)
+                           args.precision, args.kv_dtype, args.mfu, args.bw_efficiency,
+                           handover_gbs=args.handover_gbs)
     slo = lambda ok: "" if ok is None else ("  (meets the SLO)" if ok else "  (MISSES the SLO)")
     rows = [["GPUs per worker (weights fit)", str(r["gpus_per_worker"])],
             ["prefill tokens/s per GPU", f"{r['prefill_tokens_per_s_per_gpu']:,.0f}"],
@@ -347,7 +350,8 @@ def _cmd_serve(args) -> int:
             [f"workers for {args.rate:g} req/s", f"{r['prefill_workers']} prefill + {r['decode_workers']} decode"],
             ["prefill:decode workers", r["ratio"]],
             ["decode GPUs per prefill GPU (any load)", f"{r['decode_per_prefill_gpu']:.2f}"],
-            ["hand-over per request", _b(r["handover_bytes_per_request"]) + "B"]]
+            ["hand-over per request", _b(r["handover_bytes_per_request"]) + "B, "
+                                      f"{r['handover_ms_per_request']:.2f} ms at {args.handover_gbs:g} GB/s"]]
     t = _table(f"{r['model']} disaggregated on {device.name} ({args.precision}, {args.input_len} in / "
                f"{args.output_len} out)", ["quantity", "value"], rows,
                caption="estimates: see moeco/plan/serving.py for every term")

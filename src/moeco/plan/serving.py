@@ -16,6 +16,7 @@ weight precision, BW the memory bandwidth; mfu and eff the fractions of each tha
                      TPOT SLO; tokens/s per worker = B / step(B)
     workers          prefill = ceil(lambda I / prefill tokens/s), decode = ceil(lambda O / decode tokens/s)
     balance          decode GPUs per prefill GPU at any load = (O / decode tokens/s) / (I / prefill tokens/s)
+    hand-over        c x I bytes per request, over a link of handover_gbs GB/s
 
 Single-worker figures with ideal scaling inside a worker (no TP/EP communication term): a first
 sizing to check against measurements, not a substitute for them.
@@ -53,11 +54,13 @@ def _flops(device: Device, precision: str) -> float:
 
 def plan_serve(model, device: Device, rate: float, input_len: int, output_len: int, ttft_ms: float | None = None,
                tpot_ms: float | None = None, precision: str = "fp8", kv_dtype: str = "bf16", mfu: float = 0.4,
-               bw_efficiency: float = 0.8, max_batch: int = 4096) -> dict:
+               bw_efficiency: float = 0.8, max_batch: int = 4096, handover_gbs: float = 50.0) -> dict:
     if precision not in WEIGHT_BYTES:
         raise ConfigError(f"precision {precision!r}; use one of {', '.join(WEIGHT_BYTES)}")
     if rate <= 0 or input_len < 1 or output_len < 1:
         raise ConfigError("rate, input and output lengths must be positive")
+    if not handover_gbs > 0:
+        raise ConfigError(f"handover_gbs = {handover_gbs}; give the hand-over link's GB/s (> 0), e.g. 50 for 400 Gb/s")
     if not (0 < mfu <= 1 and 0 < bw_efficiency <= 1):
         raise ConfigError(f"mfu = {mfu}, bw_efficiency = {bw_efficiency}; both must be in (0, 1]")
     a, p = load_arch(model), param_counts(model)
@@ -96,4 +99,5 @@ def plan_serve(model, device: Device, rate: float, input_len: int, output_len: i
         # load-independent balance: decode GPU-seconds per prefill GPU-second for one request
         "decode_per_prefill_gpu": (output_len / decode_tps) / (input_len / prefill_tps),
         "handover_bytes_per_request": kv_bytes_per_token(model, kv_dtype) * input_len,
+        "handover_ms_per_request": kv_bytes_per_token(model, kv_dtype) * input_len / (handover_gbs * 1e9) * 1e3,
     }
