@@ -68,7 +68,7 @@ def real_pools(run_dir, n_tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor
         h.remove()
     weights = torch.cat([moe.experts.w13_E2FD.detach().reshape(-1, moe.experts.w13_E2FD.shape[-1])
                          for _, moe in model.moe_layers()])
-    return torch.cat(acts).float(), weights.float()
+    return torch.cat(acts).float().cpu(), weights.float().cpu()
 
 
 def _from_pool(pool: torch.Tensor, rows: int, K: int, gen: torch.Generator) -> torch.Tensor:

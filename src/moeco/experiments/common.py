@@ -128,7 +128,8 @@ class TrainedRun:
 
 
 def load_run(run: Path, max_val: int = 64) -> TrainedRun:
-    """The run's final model (float32, eval mode) and its held-out sequences."""
+    """The run's final model (float32, eval mode) and its held-out sequences, both on the GPU when there
+    is one (a `small` model's held-out forward is minutes on a CPU)."""
     from moeco import load_pretrained
     from moeco.train.config import TrainConfig
     from moeco.train.data import PackedData, load_stream
@@ -136,8 +137,9 @@ def load_run(run: Path, max_val: int = 64) -> TrainedRun:
     cfg = TrainConfig.from_toml(run / "train_config.toml")
     stream, _ = load_stream(run / "data")
     data = PackedData.build(stream, cfg.seq_len, cfg.val_fraction)
-    model = load_pretrained(run / "model", dtype=torch.float32).eval()
-    return TrainedRun(model, data.sequences(data.val_index[:max_val]), run)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_pretrained(run / "model", dtype=torch.float32, device=device).eval()
+    return TrainedRun(model, data.sequences(data.val_index[:max_val]).to(device), run)
 
 
 @torch.no_grad()

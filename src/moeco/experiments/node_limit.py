@@ -48,7 +48,7 @@ def route_with_limit(model, val_BS, nodes: int, m: int) -> tuple[list[torch.Tens
         gate.n_group, gate.topk_group = nodes, m
         if gate.topk_method == "greedy":
             gate.topk_method = "group_limited_greedy"
-        hooks.append(gate.register_forward_hook(lambda mod, inp, out: captured.append(out.indices_TK)))
+        hooks.append(gate.register_forward_hook(lambda mod, inp, out: captured.append(out.indices_TK.cpu())))
     try:
         loss = common.val_loss(model, val_BS)
     finally:
