@@ -113,9 +113,8 @@ def plot(spans_by_phase, path):
                 ax.plot([(s - t0) * 1e3, (a - t0) * 1e3], [1 - mb - 0.42] * 2, color="#dd8452", lw=2)
         ax.set_yticks([1, 0], ["micro-batch A", "micro-batch B"])
         ax.set_xlabel(f"ms (rank 0, one {phase}, host wall clock)")
-    axes[0].legend(handles=[Patch(color=c, label=n) for n, c in list(colors.items())[:5]] +
-                   [Patch(color="#bbbbbb", label="comm's local work"),
-                    Patch(color="#dd8452", label="comm issue (line: in flight)"), Patch(color="#c44e52", label="comm wait")],
+    extra = {"comm's local work": "#bbbbbb", "comm issue (line: in flight)": "#dd8452", "comm wait": "#c44e52"}
+    axes[0].legend(handles=[Patch(color=c, label=n) for n, c in [*list(colors.items())[:5], *extra.items()]],
                    ncol=8, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 1.3), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

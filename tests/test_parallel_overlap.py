@@ -125,7 +125,7 @@ def test_trainer_overlap_equals_single_process(tmp_path):
 
     rec = json.loads((tmp_path / "ep" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec.get("overlap_wall_s", 0) > 0 and rec["overlap_compute_s"] > 0, rec
-    assert rec["overlap_bwd_wall_s"] > 0 and rec["overlap_bwd_compute_s"] > 0 and rec["overlap_bwd_in_flight_s"] > 0, rec
+    assert rec["overlap_bwd_wall_s"] > 0 and rec["overlap_bwd_in_flight_s"] > 0, rec
 
 
 def test_overlap_setting_is_validated():

@@ -1,4 +1,4 @@
-"""Dual micro-batch overlap: one micro-batch's all-to-all in flight while the other computes.
+"""Dual micro-batch overlap: one micro-batch's all-to-all in flight while the other computes, forward and backward.
 
 The batch (B sequences) is split in two micro-batches A and B (B_A = ceil(B/2)). Each runs the decoder
 layers as a generator that *yields* right after issuing a communication (`dispatch_start`,
@@ -12,21 +12,43 @@ turn, so per MoE layer (time runs to the right; `|` a yield):
 A's dispatch dA is issued before B's attention and waited on after it (and after B's shared experts);
 B's dispatch hides under A's experts, A's combine under B's experts, B's combine under A's next
 attention. This is DeepSeek-V3's two-micro-batch overlap (section 13 of the facts file: attention and
-MoE of one micro-batch against dispatch/combine of the other); DualPipe's forward/backward chunk
-pairing is not built: the backward runs through autograd (each all-to-all's backward is the reverse
-all-to-all, synchronous), so training gains from the forward overlap only.
+MoE of one micro-batch against dispatch/combine of the other).
+
+Backward. Autograd's engine runs, of the nodes ready, the one made last (one ready queue per device,
+ordered by sequence number); a node's consumers were all made after it, so it is ready at its turn and
+the backward runs the forward's nodes in exactly the reverse order of their making. An asynchronous
+all-to-all is two nodes (route.PendingRows): `_Posted`, made at issue, and `_Landed`, made at wait,
+joined by an empty tensor. In the backward `_Landed` runs first and posts the reverse all-to-all of the
+gradient (split sizes known from the forward: no count exchange), the nodes made in between (the other
+micro-batch's stages) run, and `_Posted` waits. So per MoE layer, every stage a backward and every
+post/wait the gradient's all-to-all (B leads: it was made last):
+
+    B: attn' add post(cB) |                    | wait(cB) experts post(dB) |                           |
+    A:                    | attn' add post(cA) |                           | wait(cA) experts post(dA) |
+
+then B: shared wait(dB) route attn, A: shared wait(dA) route attn, each with the layer below's add and
+post(c). B's combine gradient hides under A's backward of the next attention, A's under B's experts,
+B's dispatch gradient under A's experts, A's under B's shared experts, router and attention: the
+forward's pairing, mirrored. Every rank makes the same nodes in the same order, so the ranks post their
+collectives in the same order. The order is the engine's, not a documented contract; the event-order
+test (tests/test_parallel_overlap.py) holds it. `overlap_backward=False` sends and receives each
+gradient at `_Landed` (forward overlap only): the reference. DualPipe's pairing of one micro-batch's
+forward with another's backward across pipeline stages is not built (no pipeline parallelism).
 
 Numerics: every token meets the same weights, routing and experts as in the plain forward; only the
 batch is cut in two (matmul shapes change, so fp32 results agree to rounding, not bit for bit, with the
-whole-batch forward; bit for bit with the same two micro-batches run one after the other). The
-sequence balance term is averaged over sequences, so the halves' terms are weighted by their sizes.
+whole-batch forward; bit for bit, forward and gradients, with the same two micro-batches run one after
+the other). The sequence balance term is averaged over sequences, so the halves' terms are weighted by
+their sizes.
 
-Measurement (`OverlapStats`): host wall clock on CPU, CUDA events on GPU, per span:
-compute (attention, router, shared experts, experts, residual add), comm_issue (count exchange, which
-blocks because the splits must be host integers, plus posting the payload), comm_wait (blocked in
-`wait`), and in_flight: the time between the issue returning and the wait starting, during which the
-other micro-batch computed; that is an upper bound on the communication hidden (the transfer may have
-ended sooner).
+Measurement (`Timeline`, `OverlapStats` per pass): host wall clock on CPU, CUDA events on GPU, per span:
+compute (attention, router, shared experts, experts, residual add; in the backward also the comm's local
+gathers and sums), comm_issue (forward: count exchange, which blocks because the splits must be host
+integers, plus posting the payload; backward: posting), comm_wait (blocked in `wait`), and in_flight:
+the time between the issue returning and the wait starting, during which the other micro-batch computed;
+that is an upper bound on the communication hidden (the transfer may have ended sooner). Backward spans
+are recorded as the engine runs: a hook on each stage's output (its gradient ready: the stage's backward
+starts) and the gradient all-to-all's post and wait.
 """
 
 from __future__ import annotations
