@@ -10,9 +10,10 @@ keeps one half's dispatch/combine in flight while the other computes, in the for
 the backward (moeco.parallel.overlap); `forward_only` is the same forward with each gradient all-to-all
 sent and received at once (the backward not overlapped). Step times are medians over `--steps` after
 one warm-up, max over ranks.
-The spans of rank 0's last step, forward and backward, are split into compute, comm blocked (count
-exchange + posting + waiting) and in flight behind the other micro-batch's compute (an upper bound on
-the hidden time), and drawn as a timeline.
+Rank 0's spans, forward and backward, are split into compute, comm blocked (count exchange + posting
++ waiting) and in flight behind the other micro-batch's compute (an upper bound on the hidden time),
+averaged over every measured step; the last step of the round of median step time is drawn as a
+timeline.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _worker(rank, world, port, args, out):
     from moeco import Transformer
     from moeco.parallel.expert_parallel import apply_expert_parallel
     from moeco.parallel.mesh import Mesh, MeshSpec
-    from moeco.parallel.overlap import PHASES, set_overlap
+    from moeco.parallel.overlap import PHASES, OverlapStats, set_overlap
 
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     config = _config(args)
@@ -66,7 +67,7 @@ def _worker(rank, world, port, args, out):
         sched = set_overlap(model, "none" if mode == "none" else "two_microbatch")
         if sched is not None:
             sched.overlap_backward = mode == "two_microbatch"
-        times = []
+        times, sums = [], {ph: OverlapStats() for ph in PHASES}
         for i in range(args.steps + 1):
             dist.barrier()
             t0 = time.perf_counter()
@@ -76,12 +77,14 @@ def _worker(rank, world, port, args, out):
             model.zero_grad(set_to_none=True)
             if i:
                 times.append(time.perf_counter() - t0)
+                if sched is not None:
+                    sums = {ph: sums[ph] + sched.last.stats(ph) for ph in PHASES}
         t = torch.tensor([statistics.median(times)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         entry = {"step_s": t.item()}
         if sched is not None:
             for phase in PHASES:
-                entry[phase] = asdict(sched.last.stats(phase))
+                entry[phase] = {k: v / args.steps for k, v in asdict(sums[phase]).items()}  # a step's mean
                 entry[f"spans_{phase}"] = sched.last.spans(phase)
         result.setdefault(mode, []).append(entry)
     if rank == 0:
@@ -120,6 +123,11 @@ def plot(spans_by_phase, path):
     fig.savefig(path, dpi=120)
 
 
+def _median_round(entries) -> int:
+    order = sorted(range(len(entries)), key=lambda i: entries[i]["step_s"])
+    return order[len(order) // 2]
+
+
 def _line(phase, st):
     return (f"{phase:8s} wall {st['wall_s'] * 1e3:6.1f} ms = compute {st['compute_s'] * 1e3:6.1f} + comm blocked "
             f"{(st['comm_issue_s'] + st['comm_wait_s']) * 1e3:5.1f} (issue {st['comm_issue_s'] * 1e3:5.1f}, wait "
@@ -156,13 +164,12 @@ def main():
         steps = [e["step_s"] * 1e3 for e in res[mode]]
         print(f"  {mode:15s} step (fwd+bwd) " + ", ".join(f"{x:.1f}" for x in steps) +
               f" ms (median {statistics.median(steps):.1f})")
-    for mode in MODES[1:]:  # medians over the rounds of each field, rank 0
-        med = {ph: {k: statistics.median(e[ph][k] for e in res[mode]) for k in res[mode][0][ph]} for ph in PHASES}
-        print(f"  {mode}, rank 0, medians over rounds:")
+    for mode in MODES[1:]:  # rank 0's spans, the mean of a step over every step of every round
+        print(f"  {mode}, rank 0, mean of {a.steps * a.rounds} steps:")
         for ph in PHASES:
-            print("    " + _line(ph, med[ph]))
+            print("    " + _line(ph, {k: statistics.mean(e[ph][k] for e in res[mode]) for k in res[mode][0][ph]}))
     if a.png:
-        e = res["two_microbatch"][-1]
+        e = res["two_microbatch"][_median_round(res["two_microbatch"])]
         plot({ph: e[f"spans_{ph}"] for ph in PHASES}, a.png)
         print(f"  timeline: {a.png}")
     if a.json:
