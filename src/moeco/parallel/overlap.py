@@ -194,7 +194,7 @@ def _mark(x: torch.Tensor, tl: Timeline, mb: int, layer: int, name: str | None) 
 def _microbatch(layers, x, inp, return_aux: bool, tl: Timeline, mb: int, overlap_backward: bool = True):
     """Generator: one micro-batch through the decoder layers, yielding after each issued communication."""
     balance = []
-    _mark(x, tl, mb, -1, None)  # its gradient is ready when this micro-batch's backward is done
+    _mark(x, tl, mb, -1, None)  # its gradient is ready when the backward of both micro-batches is done
     for i, layer in enumerate(layers):
         with tl.span(mb, i, "compute", "attention"):
             x = _mark(layer.attention(x, inp), tl, mb, i, "attention")
