@@ -4,13 +4,16 @@
     PYTHONPATH=src python bench/overlap.py --steps 5 --seqs 4 --seq-len 64 --json out.json
 
 Each rank holds `--seqs` sequences and E/4 routed experts (`--dispatcher`, default direct; fp32); a step
-is forward + backward of the LM loss. `none` runs the whole batch through each layer; `two_microbatch`
-splits it in two and keeps one half's dispatch/combine in flight while the other computes
-(moeco.parallel.overlap). Step times are medians over `--steps` after one warm-up, max over ranks,
-for each of `--rounds` alternations of the two modes.
-The forward's spans (rank 0, last step) are split into compute, comm blocked (count exchange + posting
+is forward + backward of the LM loss. Three schedules, alternated `--rounds` times (drift of a loaded
+machine shows): `none` runs the whole batch through each layer; `two_microbatch` splits it in two and
+keeps one half's dispatch/combine in flight while the other computes, in the forward and, mirrored, in
+the backward (moeco.parallel.overlap); `forward_only` is the same forward with each gradient all-to-all
+sent and received at once (the backward not overlapped). Step times are medians over `--steps` after
+one warm-up, max over ranks.
+Rank 0's spans, forward and backward, are split into compute, comm blocked (count exchange + posting
 + waiting) and in flight behind the other micro-batch's compute (an upper bound on the hidden time),
-and drawn as a timeline.
+averaged over every measured step; the last step of the round of median step time is drawn as a
+timeline.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import json
 import os
 import statistics
 import time
+from dataclasses import asdict
 from datetime import timedelta
 
 import torch
 import torch.multiprocessing as mp
+
+MODES = ("none", "forward_only", "two_microbatch")
 
 
 def _config(args):
@@ -47,7 +53,7 @@ def _worker(rank, world, port, args, out):
     from moeco import Transformer
     from moeco.parallel.expert_parallel import apply_expert_parallel
     from moeco.parallel.mesh import Mesh, MeshSpec
-    from moeco.parallel.overlap import set_overlap
+    from moeco.parallel.overlap import PHASES, OverlapStats, set_overlap
 
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     config = _config(args)
@@ -57,9 +63,11 @@ def _worker(rank, world, port, args, out):
     g = torch.Generator().manual_seed(rank)
     seqs = torch.randint(0, config.vocab_size, (args.seqs, args.seq_len + 1), generator=g)
     result = {}
-    for mode in ("none", "two_microbatch") * args.rounds:  # alternated: drift of a loaded machine shows
-        sched = set_overlap(model, mode)
-        times = []
+    for mode in MODES * args.rounds:
+        sched = set_overlap(model, "none" if mode == "none" else "two_microbatch")
+        if sched is not None:
+            sched.overlap_backward = mode == "two_microbatch"
+        times, sums = [], {ph: OverlapStats() for ph in PHASES}
         for i in range(args.steps + 1):
             dist.barrier()
             t0 = time.perf_counter()
@@ -69,53 +77,61 @@ def _worker(rank, world, port, args, out):
             model.zero_grad(set_to_none=True)
             if i:
                 times.append(time.perf_counter() - t0)
+                if sched is not None:
+                    sums = {ph: sums[ph] + sched.last.stats(ph) for ph in PHASES}
         t = torch.tensor([statistics.median(times)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         entry = {"step_s": t.item()}
         if sched is not None:
-            st = sched.last.stats()
-            entry.update(compute_s=st.compute_s, comm_issue_s=st.comm_issue_s, comm_wait_s=st.comm_wait_s,
-                         in_flight_s=st.in_flight_s, forward_wall_s=st.wall_s)
-            entry["spans"] = sched.last.spans()
+            for phase in PHASES:
+                entry[phase] = {k: v / args.steps for k, v in asdict(sums[phase]).items()}  # a step's mean
+                entry[f"spans_{phase}"] = sched.last.spans(phase)
         result.setdefault(mode, []).append(entry)
     if rank == 0:
         torch.save(result, out)
     dist.destroy_process_group()
 
 
-def plot(spans, path):
+def plot(spans_by_phase, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    colors = {"attention": "#4c72b0", "route": "#8172b2", "shared": "#64b5cd", "experts": "#55a868",
-              "add": "#937860", "mlp": "#4c72b0"}
-    fig, ax = plt.subplots(figsize=(11, 2.8))
-    t0 = min(s[4] for s in spans)
-    for mb, layer, kind, name, a, b in spans:
-        y = 1 - mb
-        if kind == "compute":
-            ax.barh(y, (b - a) * 1e3, left=(a - t0) * 1e3, color=colors.get(name, "grey"), height=0.6)
-        else:
-            ax.barh(y, (b - a) * 1e3, left=(a - t0) * 1e3, color="#c44e52" if kind == "wait" else "#dd8452",
-                    height=0.6)
-    issued = {}
-    for mb, layer, kind, name, a, b in spans:  # in flight: issue returned -> wait started
-        if kind == "issue":
-            issued[(mb, layer, name)] = b
-        elif kind == "wait" and (mb, layer, name) in issued:
-            s = issued.pop((mb, layer, name))
-            ax.plot([(s - t0) * 1e3, (a - t0) * 1e3], [1 - mb - 0.42] * 2, color="#dd8452", lw=2)
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color=c, label=n) for n, c in list(colors.items())[:5]] +
-              [Patch(color="#dd8452", label="comm issue (line: in flight)"), Patch(color="#c44e52", label="comm wait")],
-              ncol=7, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 1.25), frameon=False)
-    ax.set_yticks([1, 0], ["micro-batch A", "micro-batch B"])
-    ax.set_xlabel("ms (rank 0, one forward, host wall clock)")
+    colors = {"attention": "#4c72b0", "route": "#8172b2", "shared": "#64b5cd", "experts": "#55a868",
+              "add": "#937860", "mlp": "#4c72b0", "dispatch": "#bbbbbb", "combine": "#bbbbbb"}
+    fig, axes = plt.subplots(2, 1, figsize=(11, 4.6))
+    for ax, (phase, spans) in zip(axes, spans_by_phase.items()):
+        t0 = min(s[4] for s in spans)
+        for mb, layer, kind, name, a, b in spans:
+            color = colors.get(name, "grey") if kind == "compute" else ("#c44e52" if kind == "wait" else "#dd8452")
+            ax.barh(1 - mb, (b - a) * 1e3, left=(a - t0) * 1e3, color=color, height=0.6)
+        issued = {}
+        for mb, layer, kind, name, a, b in spans:  # in flight: issue returned -> wait started
+            if kind == "issue":
+                issued[(mb, layer, name)] = b
+            elif kind == "wait" and (mb, layer, name) in issued:
+                s = issued.pop((mb, layer, name))
+                ax.plot([(s - t0) * 1e3, (a - t0) * 1e3], [1 - mb - 0.42] * 2, color="#dd8452", lw=2)
+        ax.set_yticks([1, 0], ["micro-batch A", "micro-batch B"])
+        ax.set_xlabel(f"ms (rank 0, one {phase}, host wall clock)")
+    extra = {"comm's local work": "#bbbbbb", "comm issue (line: in flight)": "#dd8452", "comm wait": "#c44e52"}
+    axes[0].legend(handles=[Patch(color=c, label=n) for n, c in [*list(colors.items())[:5], *extra.items()]],
+                   ncol=8, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 1.3), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _median_round(entries) -> int:
+    order = sorted(range(len(entries)), key=lambda i: entries[i]["step_s"])
+    return order[len(order) // 2]
+
+
+def _line(phase, st):
+    return (f"{phase:8s} wall {st['wall_s'] * 1e3:6.1f} ms = compute {st['compute_s'] * 1e3:6.1f} + comm blocked "
+            f"{(st['comm_issue_s'] + st['comm_wait_s']) * 1e3:5.1f} (issue {st['comm_issue_s'] * 1e3:5.1f}, wait "
+            f"{st['comm_wait_s'] * 1e3:5.1f}); in flight behind compute {st['in_flight_s'] * 1e3:5.1f} ms")
 
 
 def main():
@@ -141,22 +157,25 @@ def main():
     out = os.path.join(tempfile.mkdtemp(), "rank0.pt")
     mp.spawn(_worker, args=(4, port, a, out), nprocs=4)
     res = torch.load(out, weights_only=False)
+    from moeco.parallel.overlap import PHASES
     print(f"4 gloo ranks (2 nodes x 2), {a.seqs} x {a.seq_len} tokens a rank, dim {a.dim}, {a.layers} layers, "
           f"{a.experts} experts, {a.dispatcher}, {a.threads} thread(s) a rank, {os.cpu_count()} CPU cores")
-    for mode in ("none", "two_microbatch"):
-        print(f"  {mode:15s} step (fwd+bwd) " + ", ".join(f"{e['step_s'] * 1e3:.1f}" for e in res[mode]) + " ms")
-    e = res["two_microbatch"][-1]
-    print(f"  two_microbatch forward, rank 0: wall {e['forward_wall_s'] * 1e3:.1f} ms = compute "
-          f"{e['compute_s'] * 1e3:.1f} + comm blocked {(e['comm_issue_s'] + e['comm_wait_s']) * 1e3:.1f} "
-          f"(issue {e['comm_issue_s'] * 1e3:.1f}, wait {e['comm_wait_s'] * 1e3:.1f}); in flight behind compute "
-          f"{e['in_flight_s'] * 1e3:.1f} ms")
+    for mode in MODES:
+        steps = [e["step_s"] * 1e3 for e in res[mode]]
+        print(f"  {mode:15s} step (fwd+bwd) " + ", ".join(f"{x:.1f}" for x in steps) +
+              f" ms (median {statistics.median(steps):.1f})")
+    for mode in MODES[1:]:  # rank 0's spans, the mean of a step over every step of every round
+        print(f"  {mode}, rank 0, mean of {a.steps * a.rounds} steps:")
+        for ph in PHASES:
+            print("    " + _line(ph, {k: statistics.mean(e[ph][k] for e in res[mode]) for k in res[mode][0][ph]}))
     if a.png:
-        plot(e["spans"], a.png)
+        e = res["two_microbatch"][_median_round(res["two_microbatch"])]
+        plot({ph: e[f"spans_{ph}"] for ph in PHASES}, a.png)
         print(f"  timeline: {a.png}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({m: [{k: v for k, v in x.items() if k != "spans"} for x in r] for m, r in res.items()}, f,
-                      indent=1)
+            json.dump({m: [{k: v for k, v in x.items() if not k.startswith("spans")} for x in r]
+                       for m, r in res.items()}, f, indent=1)
 
 
 if __name__ == "__main__":

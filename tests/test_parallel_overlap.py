@@ -15,6 +15,10 @@ def _same(a, b, exact, what):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
+def _between(order, first, middle, last) -> bool:
+    return order.index(first) < order.index(middle) < order.index(last)
+
+
 def test_single_process_schedule_equals_plain_forward():
     """LocalDispatcher (nothing in flight): two micro-batches give the plain forward's loss and grads."""
     from helpers import micro_config
@@ -30,11 +34,12 @@ def test_single_process_schedule_equals_plain_forward():
 
 
 def test_overlap_equals_plain_and_single_process(tmp_path):
-    """EP 4, direct and two-hop: interleaved == the same micro-batches one after the other (bit for bit),
-    both == the plain forward and the single-process run (fp32, 1e-5); forward and backward. The event
-    order shows A's dispatch issued before B's attention and waited on after it."""
+    """EP 4, direct and two-hop: interleaved (forward and backward, or forward only) == the same
+    micro-batches one after the other (bit for bit), all == the plain forward and the single-process run
+    (fp32, 1e-5); forward and backward. The event order shows A's dispatch issued before B's attention
+    and waited on after it, in the forward, and mirrored in the backward."""
     from helpers import micro_config
-    from overlap_workers import ROWS, overlap_step, reference
+    from overlap_workers import MODES, ROWS, overlap_step, reference
 
     config = micro_config()
     W = 4
@@ -44,7 +49,7 @@ def test_overlap_equals_plain_and_single_process(tmp_path):
     for d in ("direct", "two_hop"):
         for r, out in enumerate(res):
             sl = slice(r * ROWS, (r + 1) * ROWS)
-            for mode in ("none", "sequential", "two_microbatch"):
+            for mode in MODES:
                 o = out[d, mode]
                 _same(o["logits"], ref["logits"][sl], False, f"{d} rank {r} {mode} logits")
                 _same(o["loss"], ref["loss"], False, f"{d} rank {r} {mode} loss")
@@ -54,23 +59,48 @@ def test_overlap_equals_plain_and_single_process(tmp_path):
                         first = o["first"][n.split(".experts.")[0]]
                         want = want[first:first + L]
                     _same(g, want, False, f"{d} rank {r} {mode} grad {n}")
-            seq, ovl = out[d, "sequential"], out[d, "two_microbatch"]
-            _same(ovl["logits"], seq["logits"], True, f"{d} rank {r} interleaved vs sequential logits")
-            for n in seq["grads"]:
-                _same(ovl["grads"][n], seq["grads"][n], True, f"{d} rank {r} interleaved vs sequential grad {n}")
-            order = ovl["order"]
-            layer = config.first_k_dense_replace  # the first MoE layer
-            issue, attn_b, wait = (order.index(f"A:issue:dispatch:{layer}"),
-                                   order.index(f"B:compute:attention:{layer}"), order.index(f"A:wait:dispatch:{layer}"))
-            assert issue < attn_b < wait, order
-            assert order.index(f"A:issue:combine:{layer}") < order.index(f"B:compute:experts:{layer}") \
-                < order.index(f"A:wait:combine:{layer}"), order
+            seq = out[d, "sequential"]
+            for mode in ("two_microbatch", "forward_only"):
+                ovl = out[d, mode]
+                _same(ovl["logits"], seq["logits"], True, f"{d} rank {r} {mode} vs sequential logits")
+                assert set(ovl["grads"]) == set(seq["grads"])
+                for n in seq["grads"]:
+                    _same(ovl["grads"][n], seq["grads"][n], True, f"{d} rank {r} {mode} vs sequential grad {n}")
+            order = out[d, "two_microbatch"]["order"]
+            i = config.first_k_dense_replace  # the first MoE layer
+            assert _between(order, f"A:issue:dispatch:{i}", f"B:compute:attention:{i}", f"A:wait:dispatch:{i}"), order
+            assert _between(order, f"A:issue:combine:{i}", f"B:compute:experts:{i}", f"A:wait:combine:{i}"), order
+
+
+def test_backward_overlaps_like_the_forward(tmp_path):
+    """EP 4 (2 nodes x 2), direct and two-hop: in the backward each gradient all-to-all is posted where the
+    forward waited and waited on where the forward issued, so A's combine gradient is issued before B's
+    experts' backward and waited on after it, A's dispatch gradient around B's attention backward, B's
+    around A's; with `overlap_backward=False` (each gradient sent and received at once) none of it holds."""
+    from helpers import micro_config
+    from overlap_workers import overlap_step
+
+    config = micro_config()
+    res = run_ranks(overlap_step, 4, config, 2, ("direct", "two_hop"), ("two_microbatch", "forward_only"),
+                    out_dir=tmp_path)
+    i = config.first_k_dense_replace  # the first MoE layer; the next one ends the model (i + 1 < layers)
+    pairs = [(f"A:issue:combine:{i}", f"B:compute:experts:{i}", f"A:wait:combine:{i}"),
+             (f"B:issue:dispatch:{i}", f"A:compute:experts:{i}", f"B:wait:dispatch:{i}"),
+             (f"A:issue:dispatch:{i}", f"B:compute:attention:{i}", f"A:wait:dispatch:{i}"),
+             (f"B:issue:combine:{i}", f"A:compute:attention:{i + 1}", f"B:wait:combine:{i}")]
+    for d in ("direct", "two_hop"):
+        for r, out in enumerate(res):
+            overlapped, at_once = out[d, "two_microbatch"]["order_backward"], out[d, "forward_only"]["order_backward"]
+            for first, middle, last in pairs:
+                assert _between(overlapped, first, middle, last), (d, r, first, middle, last, overlapped)
+                assert not _between(at_once, first, middle, last), (d, r, first, middle, last, at_once)
 
 
 @pytest.mark.slow
 def test_trainer_overlap_equals_single_process(tmp_path):
     """`moeco train --set parallel.ep=4 --set parallel.overlap=two_microbatch` (2 nodes x 2, two sequences a
-    rank): the losses of 2 steps equal the single-process run's; the step records the overlap spans."""
+    rank): the losses of 2 steps equal the single-process run's; the step records the overlap spans, forward and
+    backward."""
     import random
 
     from ep_workers import train_run
@@ -95,6 +125,7 @@ def test_trainer_overlap_equals_single_process(tmp_path):
 
     rec = json.loads((tmp_path / "ep" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec.get("overlap_wall_s", 0) > 0 and rec["overlap_compute_s"] > 0, rec
+    assert rec["overlap_bwd_wall_s"] > 0 and rec["overlap_bwd_in_flight_s"] > 0, rec
 
 
 def test_overlap_setting_is_validated():

@@ -22,6 +22,7 @@ intra-node, inter-node and self (a rank's rows to itself cross no link).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -212,40 +213,104 @@ def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def post_rows(x: torch.Tensor, send: list[int], recv: list[int], group):
+    """`all_to_all_rows` with `async_op=True`: (the receive buffer, the work handle)."""
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    work = _collective(lambda: dist.all_to_all_single(out, x, recv, send, group=group, async_op=True),
+                       "all-to-all", group)
+    return out, work
+
+
+def _no_span(kind: str):
+    return nullcontext()
+
+
 class PendingRows:
     """An all-to-all of rows issued with `async_op=True`; `wait()` returns the received rows.
 
-    The rows are sent detached; `wait()` reattaches them to autograd through `_Landed`, whose backward
-    is the reverse all-to-all (synchronous), so the gradient is the one `AllToAllFn` gives. On NCCL the
-    collective runs on the process group's own stream and `wait()` makes the current stream wait on it
-    (the "communication stream with events"); on gloo a background thread carries it.
+    On NCCL the collective runs on the process group's own stream and `wait()` makes the current stream
+    wait on it (the "communication stream with events"); on gloo a background thread carries it.
+
+    Autograd sees two nodes, one made at issue (`_Posted`, fed the rows sent) and one at `wait()`
+    (`_Landed`, giving the rows received), joined by an empty tensor. The engine runs nodes in the reverse
+    order of their making, so in the backward `_Landed` runs first and *posts* the reverse all-to-all
+    of the gradient, whatever was made between issue and wait (the other micro-batch's stages) runs next,
+    and `_Posted` *waits* for it: the backward keeps the forward's pairing, mirrored. The gradient is the
+    one `AllToAllFn` gives. `link` holds the in-flight state; a scheduler may set `link.span` (to record
+    the backward's issue and wait) or `link.asynchronous = False` (the reverse all-to-all whole at
+    `_Landed`, the way `AllToAllFn` does it: the reference).
     """
 
     def __init__(self, x: torch.Tensor, step: AllToAll, counter: TrafficCounter | None, kind: str):
         if counter is not None:
             counter.add(kind, step.peers, step.send, _row_bytes(x))
-        self.src, self.step = x, step
-        send = x.detach().contiguous()
-        self.out = send.new_empty((sum(step.recv), *send.shape[1:]))
-        self._send = send  # kept alive until the work completes
-        self.work = _collective(lambda: dist.all_to_all_single(self.out, send, step.recv, step.send,
-                                                               group=step.group, async_op=True),
-                                "all-to-all", step.group)
+        self.step = step
+        self.link = GradLink(step)
+        self.token = _Posted.apply(x, self.link) if x.requires_grad and torch.is_grad_enabled() else None
+        self._send = x.detach().contiguous()  # kept alive until the work completes
+        self.out, self.work = post_rows(self._send, step.send, step.recv, step.group)
 
     def wait(self) -> torch.Tensor:
         _collective(self.work.wait, "all-to-all", self.step.group)
         self._send = None
-        if self.src.requires_grad and torch.is_grad_enabled():
-            return _Landed.apply(self.src, self)
+        token, self.token = self.token, None
+        if token is not None and torch.is_grad_enabled():
+            return _Landed.apply(token, self)
         return self.out
 
 
-class _Landed(torch.autograd.Function):
+class GradLink:
+    """The backward of one PendingRows: `post(g)` at `_Landed`, `take()` at `_Posted`."""
+
+    def __init__(self, step: AllToAll):
+        self.step = step
+        self.asynchronous = True
+        self.span = _no_span  # span("issue" | "wait") -> a context manager around that part
+        self.out = self.work = self._send = None
+
+    def post(self, g: torch.Tensor) -> None:
+        g, s = g.contiguous(), self.step
+        with self.span("issue"):
+            if self.asynchronous:
+                self._send = g
+                self.out, self.work = post_rows(g, s.recv, s.send, s.group)
+            else:
+                self.out = s.backward(g)
+        if not self.asynchronous:
+            with self.span("wait"):  # nothing left to wait for: the event order shows it
+                pass
+
+    def take(self) -> torch.Tensor:
+        if self.work is not None:
+            with self.span("wait"):
+                _collective(self.work.wait, "all-to-all", self.step.group)
+        out = self.out
+        self.out = self.work = self._send = None
+        return out
+
+
+class _Posted(torch.autograd.Function):
+    """Made at issue: forward gives an empty token; backward waits for the gradient's reverse all-to-all."""
+
     @staticmethod
-    def forward(ctx, src, pending):
-        ctx.step = pending.step
+    def forward(ctx, src, link):
+        ctx.link = link
+        return src.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _g):
+        return ctx.link.take(), None
+
+
+class _Landed(torch.autograd.Function):
+    """Made at wait: forward gives the received rows; backward posts their gradient's reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, token, pending):
+        ctx.link = pending.link
         return pending.out
 
     @staticmethod
     def backward(ctx, g):
-        return ctx.step.backward(g.contiguous()), None
+        ctx.link.post(g)
+        return g.new_empty(0), None

@@ -157,9 +157,9 @@ class Trainer:
             self.traffic = apply_expert_parallel(model, self.mesh, cfg.dispatcher, cfg.fp8_dispatch)
         from moeco.parallel.overlap import set_overlap
 
-        self.overlap = set_overlap(model, cfg.overlap)  # the forward schedule (none: the plain forward)
+        self.overlap = set_overlap(model, cfg.overlap)  # two micro-batches, forward and backward (none: plain)
         if self.overlap is not None:
-            self.overlap.keep = 1024  # every forward of a step (accumulation micro-steps); reset per step
+            self.overlap.keep = 1024  # every forward of a step (accumulation micro-steps) and its backward
         self.optimizer = self._optimizer(model)
         self.balance = BalanceHook(model, cfg.balance_gamma())
         self.imbalance = ImbalanceWatch(cfg.balance_gamma())
@@ -369,10 +369,12 @@ class Trainer:
             from moeco.parallel.route import TrafficCounter
 
             traffic = TrafficCounter.summary(d.sum(self.traffic.as_vector().to(d.device)).cpu())
-        if self.overlap is not None and self.overlap.history:  # this rank's forward spans (moeco.parallel.overlap)
-            h = self.overlap.history
-            traffic.update({f"overlap_{k}": sum(getattr(x, k) for x in h) for k in
-                            ("compute_s", "comm_issue_s", "comm_wait_s", "in_flight_s", "wall_s")})
+        if self.overlap is not None and self.overlap.history:  # this rank's spans (moeco.parallel.overlap)
+            from moeco.parallel.overlap import STAT_FIELDS
+
+            for phase, prefix in (("forward", "overlap_"), ("backward", "overlap_bwd_")):
+                st = self.overlap.stats(phase)
+                traffic.update({prefix + k: getattr(st, k) for k in STAT_FIELDS})
         return {**traffic,
             "step": self.step, "loss": means[0], "lm_loss": means[1], "mtp_loss": means[2],
             "balance_loss": means[3], "lr": lr, "grad_norm": float(grad_norm),
