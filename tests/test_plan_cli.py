@@ -97,6 +97,19 @@ def test_ep_limit_json_reproduces_the_paper(capsys):
     assert out["transfer_us"] == pytest.approx(6.8813, abs=1e-3)
 
 
+def test_ep_step_and_ep_limit_overlap(capsys):
+    out = run_json(capsys, "ep-step", "--compute-ms", "10", "--intra-bytes", "30e6", "--inter-bytes", "12e6",
+                   "--intra-gbs", "15", "--inter-gbs", "4", "--overlap", "0.6")
+    assert out["comm_ms"] == pytest.approx(5) and out["step_ms"] == pytest.approx(12)
+    assert out["step_ms_no_overlap"] == pytest.approx(15) and out["step_ms_full_overlap"] == pytest.approx(10)
+    assert run_json(capsys, "ep-step", "--compute-ms", "3")["step_ms"] == 3  # no bytes: compute alone
+    out = run_json(capsys, "ep-limit", "--compute-us", "100", "--overlap", "0")
+    assert out["tpot_ms"] == pytest.approx(12.2 + 14.75712)
+    assert round(run_json(capsys, "ep-limit", "--compute-us", "100")["tpot_ms"], 2) == 14.76
+    assert main(["plan", "ep-step", "--compute-ms", "10", "--inter-bytes", "1e6", "--inter-gbs", "2"]) == 0
+    assert "step" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", ["ft2", "ft3", "mpft", "mrft", "slimfly", "dragonfly"])
 def test_topology_json_keys(capsys, name):
     out = run_json(capsys, "topology", name)
@@ -174,6 +187,11 @@ def test_plots(tmp_path, capsys):
     (["fit", "deepseek-v3", "--cluster", "4x8", "--pp", "5"], "--pp = 5"),
     (["routing", "deepseek-v3", "--nodes", "8", "--gpus-per-node", "8", "--max-nodes", "9"], "--max-nodes"),
     (["ep-limit", "llama-3.1-70b"], "no routed experts"),
+    (["ep-limit", "--overlap", "0.5"], "needs --compute-us"),
+    (["ep-step", "--compute-ms", "-2"], "--compute-ms = -2"),
+    (["ep-step", "--compute-ms", "1", "--overlap", "2"], "--overlap = 2"),
+    (["ep-step", "--compute-ms", "1", "--inter-bytes", "5e6"], "--inter-gbs is missing"),
+    (["ep-step", "--compute-ms", "1", "--inter-bytes", "5e6", "--inter-gbs", "0"], "--inter-gbs = 0"),
     (["routing", "deepseek-v3", "--nodes", "3", "--gpus-per-node", "8"], "divide"),
     (["routing", "qwen2.5-72b", "--nodes", "2", "--gpus-per-node", "8"], "no routed experts"),
     (["topology", "slimfly", "--q", "30"], "q = 30"),

@@ -9,7 +9,7 @@ from moeco.plan import topology
 from moeco.plan.hardware import get_device, get_link, load_catalog, parse_cluster
 from moeco.plan.paper import TABLE3, reproduction_rows
 from moeco.plan.routing import expected_distinct_nodes_uniform, routing_plan, sample_node_limited
-from moeco.plan.speed import ep_comm_limit, hybrid_split, local_decode
+from moeco.plan.speed import ep_comm_limit, ep_step, hybrid_split, local_decode
 
 
 # ---- ISCA §2.3.2: EP communication limit ---------------------------------------------------
@@ -33,6 +33,61 @@ def test_isca_2_3_2_ep_limit_gb200_nvl72():
 def test_ep_limit_rejects_bad_values():
     with pytest.raises(ConfigError, match="bandwidth"):
         ep_comm_limit(7000, 61, 0)
+
+
+def test_ep_limit_overlap_fraction():
+    """Full overlap keeps the paper's 14.76 ms when the compute fits under the transfer; f = 0 adds the
+    whole transfer to the compute; a partial f hides at most the compute."""
+    assert ep_comm_limit(7000, 61, 50, compute_us=100)["tpot_ms"] == pytest.approx(14.75712, abs=1e-9)
+    assert ep_comm_limit(7000, 61, 50, compute_us=100, overlap=1.0)["micro_batch_us"] == pytest.approx(120.96)
+    none = ep_comm_limit(7000, 61, 50, compute_us=100, overlap=0.0)
+    assert none["micro_batch_us"] == pytest.approx(220.96)
+    assert none["tpot_ms"] == pytest.approx(61 * 2 * 100 / 1e3 + 14.75712)  # compute + the full transfer
+    half = ep_comm_limit(7000, 61, 50, compute_us=100, overlap=0.5)  # hides 60.48 us of 120.96
+    assert half["micro_batch_us"] == pytest.approx(100 + 120.96 - 60.48)
+    assert ep_comm_limit(7000, 61, 50, compute_us=200)["micro_batch_us"] == pytest.approx(200)  # compute-bound
+    with pytest.raises(ConfigError, match="--overlap = 0.5 needs --compute-us"):
+        ep_comm_limit(7000, 61, 50, overlap=0.5)
+    with pytest.raises(ConfigError, match="--overlap"):
+        ep_comm_limit(7000, 61, 50, compute_us=1, overlap=1.5)
+
+
+def test_ep_step_hand_computed():
+    """The docstring's table: 30 MB at 15 GB/s + 12 MB at 4 GB/s = 2 + 3 ms of communication."""
+    r = ep_step(10, intra_bytes=30e6, inter_bytes=12e6, intra_gbs=15, inter_gbs=4, overlap=0.6)
+    assert (r["intra_ms"], r["inter_ms"], r["comm_ms"]) == pytest.approx((2, 3, 5))
+    assert r["hidden_ms"] == pytest.approx(3) and r["step_ms"] == pytest.approx(12)
+    assert r["step_ms_no_overlap"] == pytest.approx(15) and r["step_ms_full_overlap"] == pytest.approx(10)
+    assert r["bound"] == "compute"
+    assert ep_step(10, 30e6, 12e6, 15, 4, links="concurrent")["comm_ms"] == pytest.approx(3)
+    # comm-bound: 5 ms of comm over 2 ms of compute; no more than the 2 ms of compute can be hidden
+    assert [ep_step(2, 30e6, 12e6, 15, 4, f)["step_ms"] for f in (0, 0.2, 0.6, 1)] == pytest.approx([7, 6, 5, 5])
+    assert ep_step(2, 30e6, 12e6, 15, 4)["bound"] == "communication"
+
+
+def test_ep_step_reproduces_the_ep_limit():
+    """V3 at 50 GB/s as one step (a layer's two micro-batches): f = 1 gives the paper's 241.92 us per
+    layer whatever compute fits under it; f = 0 adds the full transfer."""
+    per_layer = ep_comm_limit(7000, 61, 50)
+    nbytes = 2 * per_layer["bytes_per_step"]
+    full = ep_step(2 * 100e-3, inter_bytes=nbytes, inter_gbs=50, overlap=1.0)
+    assert full["step_ms"] * 61 == pytest.approx(per_layer["tpot_ms"]) == pytest.approx(14.75712)
+    none = ep_step(2 * 100e-3, inter_bytes=nbytes, inter_gbs=50, overlap=0.0)
+    assert none["step_ms"] - none["compute_ms"] == pytest.approx(per_layer["layer_us"] / 1e3)
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"compute_ms": -1}, "--compute-ms = -1"),
+    ({"compute_ms": 1, "inter_bytes": -5, "inter_gbs": 1}, "--inter-bytes"),
+    ({"compute_ms": 1, "intra_bytes": 10}, "--intra-gbs is missing"),
+    ({"compute_ms": 1, "inter_bytes": 10, "inter_gbs": 0}, "--inter-gbs = 0"),
+    ({"compute_ms": 1, "overlap": -0.1}, "--overlap = -0.1"),
+    ({"compute_ms": 1, "overlap": float("nan")}, "--overlap = nan"),
+    ({"compute_ms": 1, "links": "both"}, "--links"),
+])
+def test_ep_step_rejects_bad_values(kwargs, flag):
+    with pytest.raises(ConfigError, match=flag):
+        ep_step(**kwargs)
 
 
 # ---- ISCA §2.2.2: local deployment ----------------------------------------------------------

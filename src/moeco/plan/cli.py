@@ -4,6 +4,7 @@
     moeco plan model MODEL        params, KV bytes, FLOPs per token, breakdown by part
     moeco plan paper              the paper's tables beside moeco's numbers
     moeco plan ep-limit [MODEL]   communication-bound time per output token of EP decode
+    moeco plan ep-step            one EP step from measured compute, bytes, bandwidths and overlap
     moeco plan topology NAME      endpoints, switches, links, cost of a network
     moeco plan network            a collective on a network: bandwidth, time, routing, failures
     moeco plan routing MODEL      node-limited routing: nodes per token, inter-node bytes, time
@@ -63,6 +64,20 @@ def register(subparsers) -> None:
     p.add_argument("--dispatch-bytes", type=float, default=1)
     p.add_argument("--combine-bytes", type=float, default=2)
     p.add_argument("--micro-batches", type=int, default=2)
+    p.add_argument("--compute-us", type=float, default=None,
+                   help="compute per layer and micro-batch (default: assumed hidden under the transfer)")
+    p.add_argument("--overlap", type=float, default=1.0, help="share of the transfer hidden, 0..1 (default 1)")
+
+    p = add("ep-step", _cmd_ep_step, "one expert-parallel step from measured compute, bytes, link bandwidths "
+                                     "and overlap fraction", model=None)
+    p.add_argument("--compute-ms", type=float, required=True, help="compute per step (all that is not comm)")
+    p.add_argument("--intra-bytes", type=float, default=0, help="bytes this rank sends inside its node per step")
+    p.add_argument("--inter-bytes", type=float, default=0, help="bytes this rank sends to other nodes per step")
+    p.add_argument("--intra-gbs", type=float, default=None, metavar="GBPS", help="measured intra-node GB/s")
+    p.add_argument("--inter-gbs", type=float, default=None, metavar="GBPS", help="measured inter-node GB/s")
+    p.add_argument("--overlap", type=float, default=0.0, help="share of the communication hidden, 0..1")
+    p.add_argument("--links", choices=speed.LINKS, default="serial",
+                   help="serial: comm = sum over the links; concurrent: their max")
 
     p = add("topology", _cmd_topology, "endpoints, switches, links and cost of a network", model=None, plot=True)
     p.add_argument("name", choices=[*topology.TOPOLOGIES, "all"])
@@ -208,17 +223,43 @@ def _cmd_ep_limit(args) -> int:
     link = None if args.bandwidth is not None else hardware.get_link(args.link, catalog)
     bw = link.bandwidth_gbs if link else args.bandwidth
     r = speed.ep_comm_limit(hidden, layers, bw, args.tokens_per_device, experts, args.dispatch_bytes,
-                            args.combine_bytes, args.micro_batches)
+                            args.combine_bytes, args.micro_batches, args.compute_us, args.overlap)
     r["link"] = link.name if link else None
-    t = _table(f"EP decode communication limit ({r['link'] or f'{bw:g} GB/s'})", ["quantity", "value"], [
-        ["bytes per dispatch+combine", f"{r['bytes_per_step']:,.0f} B"],
-        ["transfer per step", f"{r['transfer_us']:.2f} us"],
-        [f"per layer (x{r['micro_batches']} micro-batches)", f"{r['layer_us']:.2f} us"],
-        [f"TPOT ({layers} layers)", f"{r['tpot_ms']:.2f} ms"],
-        ["tokens/s per request", f"{r['tokens_per_s']:,.2f}"],
-    ], caption=f"hidden {hidden}, {args.tokens_per_device} tokens/device, {experts} experts/token, "
-               f"{args.dispatch_bytes:g} B dispatch + {args.combine_bytes:g} B combine, {bw:g} GB/s; "
-               "compute hidden, latency ignored")
+    rows = [["bytes per dispatch+combine", f"{r['bytes_per_step']:,.0f} B"],
+            ["transfer per step", f"{r['transfer_us']:.2f} us"]]
+    if args.compute_us is not None:
+        rows.append([f"per micro-batch ({args.compute_us:g} us compute, overlap {args.overlap:g})",
+                     f"{r['micro_batch_us']:.2f} us"])
+    rows += [[f"per layer (x{r['micro_batches']} micro-batches)", f"{r['layer_us']:.2f} us"],
+             [f"TPOT ({layers} layers)", f"{r['tpot_ms']:.2f} ms"],
+             ["tokens/s per request", f"{r['tokens_per_s']:,.2f}"]]
+    hidden_note = ("compute hidden" if args.compute_us is None else
+                   f"{args.overlap:g} of the transfer hidden, at most the compute")
+    t = _table(f"EP decode communication limit ({r['link'] or f'{bw:g} GB/s'})", ["quantity", "value"], rows,
+               caption=f"hidden {hidden}, {args.tokens_per_device} tokens/device, {experts} experts/token, "
+                       f"{args.dispatch_bytes:g} B dispatch + {args.combine_bytes:g} B combine, {bw:g} GB/s; "
+                       f"{hidden_note}, latency ignored")
+    return _emit(args, r, t)
+
+
+def _cmd_ep_step(args) -> int:
+    r = speed.ep_step(args.compute_ms, args.intra_bytes, args.inter_bytes, args.intra_gbs, args.inter_gbs,
+                      args.overlap, args.links)
+
+    def link(name):
+        nbytes, bw, ms = r[f"{name}_bytes"], r[f"{name}_gbs"], r[f"{name}_ms"]
+        return f"{nbytes / 1e6:,.3f} MB" + (f" at {bw:g} GB/s = {ms:.3f} ms" if nbytes else "")
+
+    t = _table(f"EP step, overlap {r['overlap']:g}", ["quantity", "value"], [
+        ["compute", f"{r['compute_ms']:.3f} ms"],
+        ["intra-node", link("intra")],
+        ["inter-node", link("inter")],
+        [f"communication ({r['links']})", f"{r['comm_ms']:.3f} ms"],
+        ["hidden under compute", f"{r['hidden_ms']:.3f} ms"],
+        ["step", f"{r['step_ms']:.3f} ms"],
+        ["step, no overlap / full overlap", f"{r['step_ms_no_overlap']:.3f} / {r['step_ms_full_overlap']:.3f} ms"],
+    ], caption=f"step = compute + comm - min(overlap x comm, compute); {r['bound']}-bound at full overlap; "
+               "latency inside the measured bandwidths")
     return _emit(args, r, t)
 
 
