@@ -33,6 +33,27 @@ def test_single_process_schedule_equals_plain_forward():
         _same(b["grads"][n], a["grads"][n], False, n)
 
 
+def test_one_microbatch_is_the_plain_forward_timed():
+    """micro_batches=1 (bench/overlap.py's `none`): the plain forward's logits and gradients, with spans."""
+    from helpers import micro_config
+    from overlap_workers import batch, build_model, reference, step_loss
+
+    from moeco.parallel.overlap import set_overlap
+
+    config = micro_config()
+    a = reference(config, 4, "none")
+    model = build_model(config)
+    sched = set_overlap(model, "two_microbatch")
+    sched.micro_batches = 1
+    out, loss = step_loss(model, batch(config, B=4))
+    loss.backward()
+    _same(out.logits.detach(), a["logits"], True, "logits")
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            _same(p.grad, a["grads"][n], False, n)
+    assert {mb for mb, *_ in sched.last.spans()} == {0} and sched.last.stats().compute_s > 0
+
+
 def test_overlap_equals_plain_and_single_process(tmp_path):
     """EP 4, direct and two-hop: interleaved (forward and backward, or forward only) == the same
     micro-batches one after the other (bit for bit), all == the plain forward and the single-process run

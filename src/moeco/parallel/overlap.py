@@ -235,19 +235,21 @@ def _microbatch(layers, x, inp, return_aux: bool, tl: Timeline, mb: int, overlap
 
 
 def run_two_microbatch(layers, x, inp, return_aux: bool = False, timeline: Timeline | None = None,
-                       interleave: bool = True, overlap_backward: bool = True):
+                       interleave: bool = True, overlap_backward: bool = True, micro_batches: int = 2):
     """x (B, S, D) through `layers`, two micro-batches; returns (x, per-layer balance terms or []).
 
     interleave=False runs A to the end, then B: the same arithmetic without the overlap (the reference
     for bit-for-bit comparisons). overlap_backward=False sends and receives each gradient's all-to-all
-    at once (the backward of the forward's wait), so only the forward overlaps."""
+    at once (the backward of the forward's wait), so only the forward overlaps. micro_batches=1 runs the
+    whole batch through the same timed stages, each all-to-all waited on as soon as it is issued
+    (only a dispatch has its own shared experts under it): the plain schedule, measured."""
     tl = timeline if timeline is not None else Timeline(x.device)
     Bt = x.shape[0]
-    parts = torch.tensor_split(x, 2, dim=0)
+    parts = torch.tensor_split(x, micro_batches, dim=0)
     gens = [_microbatch(layers, p, inp, return_aux, tl, mb, overlap_backward) for mb, p in enumerate(parts)]
-    results = [None, None]
+    results = [None] * len(parts)
     if interleave:
-        live = [0, 1]
+        live = list(range(len(parts)))
         while live:
             for mb in list(live):
                 try:
@@ -256,15 +258,15 @@ def run_two_microbatch(layers, x, inp, return_aux: bool = False, timeline: Timel
                     results[mb] = stop.value
                     live.remove(mb)
     else:
-        for mb in (0, 1):
+        for mb in range(len(parts)):
             while True:
                 try:
                     next(gens[mb])
                 except StopIteration as stop:
                     results[mb] = stop.value
                     break
-    h = torch.cat([results[0][0], results[1][0]], dim=0)
-    balance = [(a + b) / Bt for a, b in zip(results[0][1], results[1][1])]
+    h = torch.cat([r[0] for r in results], dim=0)
+    balance = [sum(terms) / Bt for terms in zip(*(r[1] for r in results))]
     return h, balance
 
 
@@ -282,14 +284,15 @@ class TwoMicrobatch:
     last: Timeline | None = None
     history: list = field(default_factory=list)
     keep: int = 0  # how many timelines to keep in history (0: none)
+    micro_batches: int = 2  # 1: the whole batch, timed, nothing overlapped (a benchmark's baseline)
 
     def applies(self, input_ids: torch.Tensor, inp) -> bool:
-        return input_ids.shape[0] >= 2 and inp.cache is None
+        return input_ids.shape[0] >= self.micro_batches and inp.cache is None
 
     def __call__(self, model, emb: torch.Tensor, inp, return_aux: bool):
         self.last = Timeline(emb.device)
         h, balance = run_two_microbatch(model.model.layers, emb, inp, return_aux, self.last, self.interleave,
-                                        self.overlap_backward)
+                                        self.overlap_backward, self.micro_batches)
         if self.keep:
             self.history = (self.history + [self.last])[-self.keep:]
         return h, balance
