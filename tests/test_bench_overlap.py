@@ -1,4 +1,5 @@
-"""bench/overlap.py's planner comparison: its arithmetic on hand-made measurements, and a smoke run."""
+"""bench/overlap.py's planner comparison: its arithmetic on hand-made measurements, the measured
+all-to-all bandwidth it feeds the planner, and a smoke run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from parallel_helpers import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = runpy.run_path(str(ROOT / "bench" / "overlap.py"))
@@ -35,6 +38,21 @@ def test_prediction_from_measured_inputs():
     assert r["ratio"] == pytest.approx(0.832) and r["measured_blocked_ms"] == pytest.approx(20)
     assert (r["step_ms_no_overlap"], r["step_ms_full_overlap"]) == pytest.approx((88, 80))
     assert r["skew_ms"] == pytest.approx(2)
+
+
+def _bandwidth(rank):
+    import torch.distributed as dist
+
+    from moeco.parallel.bandwidth import all_to_all_gbs
+
+    return all_to_all_gbs(dist.group.WORLD, 40_000 + 1000 * rank, iters=2)  # the ranks' payloads differ
+
+
+def test_all_to_all_bandwidth(tmp_path):
+    """Two gloo ranks: both measure the largest payload, half of it sent to the other rank, at one figure."""
+    a, b = run_ranks(_bandwidth, 2, out_dir=tmp_path)
+    assert a == b and a["members"] == 2 and a["bytes"] == 41_000 and a["sent_bytes"] == 20_500
+    assert a["gbs"] == pytest.approx(a["sent_bytes"] / a["seconds"] / 1e9) and a["gbs"] > 0
 
 
 def test_bench_runs_and_compares(tmp_path):

@@ -26,9 +26,13 @@ import torch.distributed as dist
 
 def all_to_all_gbs(group, nbytes: int, iters: int = 5, warmup: int = 1,
                    device: torch.device | str = "cpu") -> dict:
-    """Every member of `group` calls this together; returns the group's bandwidth (the same on every member)."""
+    """Every member of `group` calls this together; returns the group's bandwidth (the same on every member).
+
+    The members may pass different `nbytes` (a step's payload differs by rank): the largest is used."""
     n = dist.get_world_size(group)
-    numel = max(n, nbytes // 4 // n * n)  # float32, an equal share per member
+    agreed = torch.tensor([nbytes], dtype=torch.int64, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+    numel = max(n, int(agreed.item()) // 4 // n * n)  # float32, an equal share per member
     x = torch.ones(numel, dtype=torch.float32, device=device)
     out = torch.empty_like(x)
     cuda = torch.device(device).type == "cuda"
