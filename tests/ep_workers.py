@@ -12,7 +12,7 @@ def _mesh(ep, gpus_per_node):
     return Mesh(spec)
 
 
-def dispatch_layer(rank, T, D, E, K, gpus_per_node, idx_all, fp8=False):
+def dispatch_layer(rank, T, D, E, K, gpus_per_node, idx_all, fp8=False, dtype=torch.float32):
     """Both dispatchers on one rank's slice of a given routing: x_CD, counts, output, grads, bytes."""
     from moeco.model.moe import Routing
     from moeco.parallel.dispatch import AllToAllDispatcher, TwoHopDispatcher
@@ -20,7 +20,7 @@ def dispatch_layer(rank, T, D, E, K, gpus_per_node, idx_all, fp8=False):
     W = torch.distributed.get_world_size()
     mesh = _mesh(W, gpus_per_node)
     g = torch.Generator().manual_seed(1)
-    x_all = torch.randn(W * T, D, generator=g)
+    x_all = torch.randn(W * T, D, generator=g).to(dtype)
     w_all = torch.rand(W * T, K, generator=g)
     out = {}
     for name, cls in (("direct", AllToAllDispatcher), ("two_hop", TwoHopDispatcher)):
@@ -30,7 +30,7 @@ def dispatch_layer(rank, T, D, E, K, gpus_per_node, idx_all, fp8=False):
         d = cls(mesh, fp8=fp8)
         x_CD, tpe, h = d.dispatch(x, Routing(w, idx, None), E)
         L = E // W
-        scale = torch.arange(1, L + 1, dtype=torch.float32).repeat_interleave(tpe)[:, None]
+        scale = torch.arange(1, L + 1, dtype=dtype).repeat_interleave(tpe)[:, None]
         y = d.combine(x_CD * scale, h)  # expert e of this rank multiplies by (e + 1)
         y.pow(2).sum().backward()
         out[name] = {"x_CD": x_CD.detach(), "tpe": tpe, "y": y.detach(), "gx": x.grad, "gw": w.grad,
