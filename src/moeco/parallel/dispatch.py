@@ -28,9 +28,9 @@ a token's K terms w_k y_k (combine), and its K copies' gradients (the dispatch's
 
 each level in float32 and rounded to the payload dtype (what two-hop sends over a link) in between.
 Two-hop sums so by construction (each rank, then the forwarder, then the source); direct has all K
-terms at the source and runs the same three levels there (route.sum_rows; on CUDA bit-equality needs
-torch.use_deterministic_algorithms, since index_add's atomics add in any order). Against
-LocalDispatcher (one sum over the K slots) both agree to rounding.
+terms at the source and runs the same three levels there (route.sum_rows: bit-equal where index_add
+adds in index order, as on CPU; CUDA's atomics add in any order). Against LocalDispatcher (one sum
+over the K slots) both agree to rounding.
 
 With `fp8=True` the dispatch payload crosses as 1x128 E4M3 + scales (route.Fp8Rows) and the handle
 carries (q, s) for experts that take them; combine stays in the experts' output dtype. Bytes sent go

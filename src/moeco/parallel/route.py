@@ -17,8 +17,8 @@ all-to-all that the combine path is built from (its backward is the reverse all-
 
 `sum_rows(x, index, n)` is the one way rows are summed: out[i] = the rows r with index[r] = i, added
 in row order (a row order the dispatchers choose so that both sum a token's terms alike), in float32
-and rounded once to x's dtype. Row order holds where index_add runs in index order: on CPU; CUDA's
-atomics add in any order unless torch.use_deterministic_algorithms is on.
+and rounded once to x's dtype. The row order holds where index_add adds in index order, as on CPU;
+CUDA's atomics add in any order.
 
 Split sizes must be host integers (all_to_all_single takes lists): exchanging counts costs one
 device-to-host read per hop. Every all-to-all adds its bytes to a `TrafficCounter`, split into
