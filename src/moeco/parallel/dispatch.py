@@ -53,42 +53,44 @@ from moeco.parallel.route import (AllToAll, AllToAllFn, Fp8Rows, Gather, MoveRow
 class SumOrder:
     """A token's K terms summed per rank, per node, over nodes (see the module docstring), at the source.
 
-    Rows: row t K + i is token t's i-th expert in ascending order (flat (token, slot) `slot_R`). Level 1
-    sums rows into bucket t K + j, j the row's rank among t's distinct ranks; level 2 sums those into
-    t K + m, m their node among t's distinct nodes; level 3 sums into t. Buckets a token leaves unused
-    stay zero and add nothing (a + 0 = a). A level with one term per bucket (one expert per rank, one
-    GPU per node, one node) is skipped: its sums would be the terms themselves.
+    Rows: row t K + i is token t's i-th expert in ascending order (flat (token, slot) `slot_R`). A token
+    reaches at most R1 = min(K, P) ranks and R2 = min(K, N) nodes. Level 1 sums rows into bucket
+    t R1 + j, j the row's rank among t's distinct ranks; level 2 sums those into t R2 + m, m their node
+    among t's distinct nodes; level 3 sums into t. Buckets a token leaves unused stay zero and add
+    nothing (a + 0 = a). A level with one term per bucket (one expert per rank, one GPU per node, one
+    node) is skipped: its sums would be the terms themselves.
     """
 
     slot_R: torch.Tensor  # (T K,) flat (token, slot) of each row
     rank_R: torch.Tensor  # (T K,) level-1 bucket of each row
-    node_B: torch.Tensor  # (T K,) level-2 bucket of each level-1 bucket
+    node_B: torch.Tensor  # (T R1,) level-2 bucket of each level-1 bucket
     T: int
-    K: int
+    R1: int
+    R2: int
     levels: tuple[bool, bool, bool]
 
     @classmethod
     def of(cls, indices_TK: torch.Tensor, experts_per_rank: int, gpus_per_node: int, nodes: int) -> SumOrder:
         T, K = indices_TK.shape
+        R1, R2 = min(K, nodes * gpus_per_node), min(K, nodes)
         expert_TK, slot_TK = indices_TK.long().sort(dim=1)  # a token's experts are distinct
         rank_TK = expert_TK // experts_per_rank
         j_TK, m_TK = _run_ids(rank_TK), _run_ids(rank_TK // gpus_per_node)
-        base_T1 = torch.arange(T, device=indices_TK.device)[:, None] * K
-        m_TJ = torch.zeros_like(j_TK).scatter_(1, j_TK, m_TK)  # node bucket of each rank bucket
-        return cls((base_T1 + slot_TK).flatten(), (base_T1 + j_TK).flatten(), (base_T1 + m_TJ).flatten(), T, K,
-                   (experts_per_rank > 1, gpus_per_node > 1, nodes > 1))
+        t_T1 = torch.arange(T, device=indices_TK.device)[:, None]
+        m_TJ = indices_TK.new_zeros(T, R1, dtype=torch.long).scatter_(1, j_TK, m_TK)  # node of each rank bucket
+        return cls((t_T1 * K + slot_TK).flatten(), (t_T1 * R1 + j_TK).flatten(), (t_T1 * R2 + m_TJ).flatten(),
+                   T, R1, R2, (experts_per_rank > 1, gpus_per_node > 1, nodes > 1))
 
     def sum(self, z_RD: torch.Tensor) -> torch.Tensor:
         """(T, D): each token's rows summed level by level."""
-        T, K = self.T, self.K
+        T = self.T
         if self.levels[0]:
-            z_RD = sum_rows(z_RD, self.rank_R, T * K)
+            z_RD = sum_rows(z_RD, self.rank_R, T * self.R1)
         if self.levels[1]:
-            z_RD = sum_rows(z_RD, self.node_B, T * K)
-        first_T = torch.arange(T, device=z_RD.device) * K
+            z_RD = sum_rows(z_RD, self.node_B, T * self.R2)
         if self.levels[2]:
-            return sum_rows(z_RD, torch.arange(T * K, device=z_RD.device) // K, T)
-        return z_RD.index_select(0, first_T)  # one node: its bucket 0 holds the token's sum
+            return sum_rows(z_RD, torch.arange(T * self.R2, device=z_RD.device) // self.R2, T)
+        return z_RD  # one node: (T, D) already
 
 
 def _run_ids(v_TK: torch.Tensor) -> torch.Tensor:
