@@ -32,7 +32,8 @@ Split of the overhead, from a second, instrumented pass that synchronizes around
     rest             overhead - count exchange - all_to_all: permutations, sorts, gathers, the sums,
                      FP8 quantization, host reads (negative within noise when the overhead is small)
 
-`layer TFLOPS` is LocalDispatcher's layer at 2 FLOPs per multiply-add of the router, routed and shared
+`max err vs local`: max |y - y_local| / max |y_local| of one forward (rounding: the sums run in
+another order; FP8: the payload's quantization). `layer TFLOPS` is LocalDispatcher's layer at 2 FLOPs per multiply-add of the router, routed and shared
 experts (x 3 with --backward), for the distance to the hardware.
 """
 
@@ -176,7 +177,7 @@ def _measure(a, device, dtype, shape, tokens) -> dict:
             xg = x.detach().requires_grad_()
             moe(xg).backward(dy)
 
-        runs = {}
+        runs, outputs = {}, {}
         for name, d in dispatchers(not a.no_fp8).items():
             if name in skipped:
                 continue
@@ -184,6 +185,8 @@ def _measure(a, device, dtype, shape, tokens) -> dict:
             try:
                 for _ in range(a.warmup):
                     call()
+                with torch.no_grad():
+                    outputs[name] = moe(x).float()
             except Exception as exc:  # noqa: BLE001 - e.g. no FP8 on this device: reported, not fatal
                 skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
                 continue
@@ -200,7 +203,8 @@ def _measure(a, device, dtype, shape, tokens) -> dict:
                     call()
             parts = {k: v / a.reps for k, v in pieces.ms.items()}
             ms = statistics.median(times[name])
-            row = {"tokens": T, "dispatcher": name, "ms": ms}
+            err = (outputs[name] - outputs["local"]).abs().max() / outputs["local"].abs().max()
+            row = {"tokens": T, "dispatcher": name, "ms": ms, "rel_err": float(err)}
             if name == "local":
                 row["tflops"] = layer_flops(shape, T) * (3 if a.backward else 1) / ms / 1e9
             else:
@@ -225,7 +229,7 @@ def markdown(res: dict) -> str:
              f"top-{s['topk']}, expert width {s['inter']}, {s['shared']} shared; median of {res['reps']}; "
              f"{res['date']}, torch {res['torch']}", "",
              "| tokens | dispatcher | layer ms | x local | overhead ms | count exchange ms | all_to_all ms | "
-             "rest ms | layer TFLOPS |", "|---|---|---|---|---|---|---|---|---|"]
+             "rest ms | layer TFLOPS | max err vs local |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, fmt=".3f"):
         return "" if v is None else format(v, fmt)
@@ -233,7 +237,8 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         lines.append(f"| {r['tokens']} | {r['dispatcher']} | {f(r['ms'])} | {f(r.get('x_local'), '.2f')} | "
                      f"{f(r.get('overhead_ms'))} | {f(r.get('count_exchange_ms'))} | {f(r.get('all_to_all_ms'))} | "
-                     f"{f(r.get('rest_ms'))} | {f(r.get('tflops'), '.2f')} |")
+                     f"{f(r.get('rest_ms'))} | {f(r.get('tflops'), '.2f')} | "
+                     f"{f(r['rel_err'], '.1e') if r['dispatcher'] != 'local' else ''} |")
     for name, why in res["skipped"].items():
         lines.append(f"\n{name}: skipped ({why})")
     return "\n".join(lines)

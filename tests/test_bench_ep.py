@@ -54,3 +54,20 @@ def test_ep_bytes_routes_with_a_trained_run(micro_run, capsys):
 def test_ep_bytes_bad_layout_is_one_line(micro_run, capsys):
     assert load_bench("ep_bytes").main(["--run", str(micro_run), "--nodes", "3", "--gpus-per-node", "1"]) == 2
     assert "do not split the 8 routed experts" in capsys.readouterr().err
+
+
+def test_ep_local_small_runs(tmp_path, capsys):
+    """bench/ep_local.py --small on a one-rank gloo group: every dispatcher timed, the overhead split."""
+    out = tmp_path / "ep_local.json"
+    assert load_bench("ep_local").main(["--small", "--cpu", "--tokens", "32", "--reps", "2", "--warmup", "1",
+                                        "--backward", "--json", str(out)]) == 0
+    assert "| 32 | two-hop |" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert [r["dispatcher"] for r in res["rows"]] == ["local", "direct", "two-hop", "direct fp8"]
+    for r in res["rows"][1:]:
+        assert r["count_exchange_ms"] > 0 and r["all_to_all_ms"] > 0
+        assert abs(r["overhead_ms"] - r["count_exchange_ms"] - r["all_to_all_ms"] - r["rest_ms"]) < 1e-9
+        assert r["rel_err"] < (0.1 if "fp8" in r["dispatcher"] else 1e-5)
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
