@@ -33,8 +33,10 @@ Split of the overhead, from a second, instrumented pass that synchronizes around
                      FP8 quantization, host reads (negative within noise when the overhead is small)
 
 `max err vs local`: max |y - y_local| / max |y_local| of one forward (rounding: the sums run in
-another order; FP8: the payload's quantization). `layer TFLOPS` is LocalDispatcher's layer at 2 FLOPs per multiply-add of the router, routed and shared
-experts (x 3 with --backward), for the distance to the hardware.
+another order; FP8: the payload's quantization). `layer TFLOPS` is LocalDispatcher's layer at 2 FLOPs
+per multiply-add of the router, routed and shared experts (x 3 with --backward), for the distance to
+the hardware. `x local` is a ratio of medians, `overhead` a median of differences: they can disagree
+in sign when the overhead is within the noise.
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ def layer_flops(shape: dict, tokens: int) -> float:
 
 
 def run(a) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() and not a.cpu else "cpu")
+    cuda = torch.cuda.is_available() and not a.cpu
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(a.threads)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
