@@ -6,6 +6,7 @@
     scheduler                waiting / running queues, continuous batching, chunked prefill, preemption
     model_runner             packed batches, sampling on the device, CUDA graphs for decode
     spec                     MTP speculative decoding
+    ep                       expert-parallel serving: experts over ranks, attention data-parallel, lock-step
     disagg                   prefill/decode disaggregation: workers, latent hand-over, router
 """
 
