@@ -6,6 +6,9 @@ all 16. The model has sharp attention and experts whose output dominates the res
 wrong expert, slot or row changes the tokens (checked: zeroing one expert does).
 """
 
+import os
+import signal
+
 import pytest
 import torch
 
@@ -102,3 +105,43 @@ def test_ep_serving_refuses_speculation_and_bad_sizes(served):
         LLM(path, ep=2, **OPTS)  # one process, no torchrun
     with pytest.raises(ConfigError, match="ep = 0"):
         LLM(path, ep=0, **OPTS)
+
+
+def test_http_front_door_on_2_ranks_equals_the_offline_engine(tmp_path):
+    """`torchrun --nproc-per-node 2 -m moeco serve --ep 2`: 16 concurrent completions (token-id prompts,
+    greedy) spread over both ranks give the offline engine's texts; SIGTERM to rank 0 stops every rank with 0."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from serve_http_helpers import MODEL_NAME, ServerProcess, build_checkpoint
+
+    model_dir = build_checkpoint(tmp_path / "model", max_position_embeddings=128)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 320, (n,), generator=g).tolist() for n in torch.randint(3, 41, (16,), generator=g)]
+    want = LLM(str(model_dir), device="cpu", cache_bytes=8 << 20).generate(
+        prompts, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    srv = ServerProcess(model_dir, "--ep", "2", "--gpus-per-node", "1", "--device", "cpu",
+                        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"))
+    try:
+        def complete(p):
+            body = {"model": MODEL_NAME, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+            return httpx.post(srv.base_url + "/v1/completions", json=body, timeout=120).json()
+
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(complete, prompts))
+        assert [r["choices"][0]["text"] for r in got] == [w.text for w in want]
+        metrics = httpx.get(srv.base_url + "/metrics", timeout=10).text
+        assert "moeco:num_requests_running" in metrics
+        os.kill(_rank0_pid(srv.proc.pid), signal.SIGTERM)  # rank 0 drains, then releases rank 1
+        code, output = srv.proc.wait(60), srv.output()
+    finally:
+        srv.stop()
+    assert code == 0 and "Traceback" not in output, output
+
+
+def _rank0_pid(launcher_pid: int) -> int:
+    """The torchrun worker with RANK=0 (Linux /proc)."""
+    for child in open(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read().split():
+        if b"RANK=0" in open(f"/proc/{child}/environ", "rb").read().split(b"\0"):
+            return int(child)
+    raise AssertionError("no rank-0 worker under torchrun")
