@@ -107,6 +107,19 @@ def test_ep_serving_refuses_speculation_and_bad_sizes(served):
         LLM(path, ep=0, **OPTS)
 
 
+def test_serve_ep_cli_errors(served, capsys):
+    from moeco.cli import main
+
+    path = served[0]
+    assert main(["serve", path, "--ep", "2"]) == 2  # not under torchrun
+    assert "--ep 2 needs torchrun with 2 ranks (there are 1): torchrun --nproc-per-node 2" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORLD_SIZE", "2")
+        assert main(["serve", path, "--ep", "2", "--speculative", "mtp"]) == 2
+    assert "does not combine with --disaggregate, --role or --speculative" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # 9-12 s on 2 shared cores: torchrun, 2 ranks and the server start
 def test_http_front_door_on_2_ranks_equals_the_offline_engine(tmp_path):
     """`torchrun --nproc-per-node 2 -m moeco serve --ep 2`: 16 concurrent completions (token-id prompts,
     greedy) spread over both ranks give the offline engine's texts; SIGTERM to rank 0 stops every rank with 0."""

@@ -4,7 +4,8 @@ The model is loaded (and one short request run through it) before the port opens
 that sees the port open can send requests. SIGTERM: the server stops accepting connections (and
 answers 503 on open ones), lets the requests in flight finish for up to --grace-period seconds,
 then ends the rest (finish_reason "abort", their cache blocks freed), stops the engine thread and
-exits 0.
+exits 0. With `--ep P` under torchrun (P ranks) the experts are sharded over the ranks: rank 0
+serves and hands requests to the ranks, whose engines step together (moeco.serve.ep).
 """
 
 from __future__ import annotations
