@@ -129,8 +129,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens)
         # graphs need a decode step without host syncs: on CUDA the grouped expert GEMM is one kernel
         # in bf16 only (other dtypes loop over experts on the host), so fp32/fp16 models run eager;
-        # under EP the dispatchers read split counts back to the host at every layer: eager too
-        graphs = c.cuda_graphs and self.device.type == "cuda" and cache_dtype == torch.bfloat16 and c.ep == 1
+        # under EP the dispatchers read split counts back to the host at every layer: eager too, and
+        # so is the two-micro-batch schedule (its timeline records timing events: not capturable)
+        graphs = (c.cuda_graphs and self.device.type == "cuda" and cache_dtype == torch.bfloat16 and c.ep == 1
+                  and c.overlap == "none")
         self.runner = ModelRunner(model, self.cache, c.max_num_seqs, self.max_model_len, cuda_graphs=graphs,
                                   compile=c.compile)
         if c.speculative == "mtp":
