@@ -5,7 +5,7 @@ that sees the port open can send requests. SIGTERM: the server stops accepting c
 answers 503 on open ones), lets the requests in flight finish for up to --grace-period seconds,
 then ends the rest (finish_reason "abort", their cache blocks freed), stops the engine thread and
 exits 0. With `--ep P` under torchrun (P ranks) the experts are sharded over the ranks: rank 0
-serves and hands requests to the ranks, whose engines step together (moeco.serve.ep).
+serves and hands requests to the ranks, whose engines step together (moeco.serve.ep_front).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def run_serve(args) -> int:
     if args.ep > 1:  # rank 0 serves over every rank's engine; the others step with it (moeco.serve.ep)
         import torch.distributed as dist
 
-        from moeco.serve.ep import FrontEngine, control_group, follow
+        from moeco.serve.ep_front import FrontEngine, control_group, follow
 
         group = control_group()
         if dist.get_rank() != 0:
