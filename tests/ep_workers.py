@@ -234,3 +234,20 @@ def empty_rank(rank):
         y.sum().backward()
         out.append((torch.allclose(y, 2 * w.sum(1, keepdim=True) * x), tpe.tolist(), x.grad.shape))
     return out
+
+
+def ep_serve(rank, path, prompts_of_rank, engine_options, max_tokens):
+    """The offline LLM with this rank's experts over its own prompts (possibly none): tokens, steps taken."""
+    from moeco.serve import LLM, SamplingParams
+
+    llm = LLM(path, **engine_options)
+    steps, step = [0], llm.engine.step
+
+    def counted():
+        steps[0] += 1
+        return step()
+    llm.engine.step = counted
+    outs = llm.generate(prompts_of_rank[rank], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    experts = next(llm.engine.model.moe_layers())[1].experts
+    return {"tokens": [o.token_ids for o in outs], "steps": steps[0], "first_expert": experts.first_expert,
+            "num_experts": experts.w13_E2FD.shape[0]}
