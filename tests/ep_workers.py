@@ -12,7 +12,7 @@ def _mesh(ep, gpus_per_node):
     return Mesh(spec)
 
 
-def dispatch_layer(rank, T, D, E, K, gpus_per_node, idx_all, fp8=False):
+def dispatch_layer(rank, T, D, E, K, gpus_per_node, idx_all, fp8=False, dtype=torch.float32):
     """Both dispatchers on one rank's slice of a given routing: x_CD, counts, output, grads, bytes."""
     from moeco.model.moe import Routing
     from moeco.parallel.dispatch import AllToAllDispatcher, TwoHopDispatcher
@@ -20,7 +20,7 @@ def dispatch_layer(rank, T, D, E, K, gpus_per_node, idx_all, fp8=False):
     W = torch.distributed.get_world_size()
     mesh = _mesh(W, gpus_per_node)
     g = torch.Generator().manual_seed(1)
-    x_all = torch.randn(W * T, D, generator=g)
+    x_all = torch.randn(W * T, D, generator=g).to(dtype)
     w_all = torch.rand(W * T, K, generator=g)
     out = {}
     for name, cls in (("direct", AllToAllDispatcher), ("two_hop", TwoHopDispatcher)):
@@ -30,7 +30,7 @@ def dispatch_layer(rank, T, D, E, K, gpus_per_node, idx_all, fp8=False):
         d = cls(mesh, fp8=fp8)
         x_CD, tpe, h = d.dispatch(x, Routing(w, idx, None), E)
         L = E // W
-        scale = torch.arange(1, L + 1, dtype=torch.float32).repeat_interleave(tpe)[:, None]
+        scale = torch.arange(1, L + 1, dtype=dtype).repeat_interleave(tpe)[:, None]
         y = d.combine(x_CD * scale, h)  # expert e of this rank multiplies by (e + 1)
         y.pow(2).sum().backward()
         out[name] = {"x_CD": x_CD.detach(), "tpe": tpe, "y": y.detach(), "gx": x.grad, "gw": w.grad,
@@ -234,3 +234,20 @@ def empty_rank(rank):
         y.sum().backward()
         out.append((torch.allclose(y, 2 * w.sum(1, keepdim=True) * x), tpe.tolist(), x.grad.shape))
     return out
+
+
+def ep_serve(rank, path, prompts_of_rank, engine_options, max_tokens):
+    """The offline LLM with this rank's experts over its own prompts (possibly none): tokens, steps taken."""
+    from moeco.serve import LLM, SamplingParams
+
+    llm = LLM(path, **engine_options)
+    steps, step = [0], llm.engine.step
+
+    def counted():
+        steps[0] += 1
+        return step()
+    llm.engine.step = counted
+    outs = llm.generate(prompts_of_rank[rank], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    experts = next(llm.engine.model.moe_layers())[1].experts
+    return {"tokens": [o.token_ids for o in outs], "steps": steps[0], "first_expert": experts.first_expert,
+            "num_experts": experts.w13_E2FD.shape[0]}

@@ -50,12 +50,13 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m moeco serve MODEL --port P ...` in a subprocess; waits for /health."""
 
-    def __init__(self, model_dir: Path, *extra: str, timeout: float = 180.0):
+    def __init__(self, model_dir: Path, *extra: str, timeout: float = 180.0, launcher: tuple[str, ...] = ()):
+        """launcher: what runs `-m moeco` (e.g. ("-m", "torch.distributed.run", "--nproc-per-node", "2"))."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
         env.pop("MOECO_API_KEY", None)
-        cmd = [sys.executable, "-m", "moeco", "serve", str(model_dir), "--port", str(self.port),
+        cmd = [sys.executable, *launcher, "-m", "moeco", "serve", str(model_dir), "--port", str(self.port),
                "--served-model-name", MODEL_NAME, "--cache-bytes", str(8 << 20), "--log-level", "warning", *extra]
         self.log = open(Path(model_dir) / f"server-{self.port}.log", "w+")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)

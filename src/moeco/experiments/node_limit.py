@@ -39,24 +39,36 @@ def add_args(p) -> None:
 
 
 @torch.no_grad()
+def routed_experts(model, val_BS) -> tuple[list[tuple[int, torch.Tensor]], float]:
+    """(layer, indices (T, K)) of every router call on the held-out sequences, in call order (batches
+    of `common.val_loss`, tokens sequence-major), and the held-out loss; the model routes as it is."""
+    captured = []
+    hooks = [moe.gate.register_forward_hook(lambda mod, inp, out, i=i: captured.append((i, out.indices_TK.cpu())))
+             for i, moe in model.moe_layers()]
+    try:
+        loss = common.val_loss(model, val_BS)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured, loss
+
+
+@torch.no_grad()
 def route_with_limit(model, val_BS, nodes: int, m: int) -> tuple[list[torch.Tensor], float]:
     """Indices (T, K) chosen in every MoE layer with the node limit M, and the held-out loss."""
-    saved, captured, hooks = [], [], []
+    saved = []
     for _, moe in model.moe_layers():
         gate = moe.gate
         saved.append((gate.n_group, gate.topk_group, gate.topk_method))
         gate.n_group, gate.topk_group = nodes, m
         if gate.topk_method == "greedy":
             gate.topk_method = "group_limited_greedy"
-        hooks.append(gate.register_forward_hook(lambda mod, inp, out: captured.append(out.indices_TK.cpu())))
     try:
-        loss = common.val_loss(model, val_BS)
+        captured, loss = routed_experts(model, val_BS)
     finally:
-        for h in hooks:
-            h.remove()
         for (_, moe), (g, k, method) in zip(model.moe_layers(), saved):
             moe.gate.n_group, moe.gate.topk_group, moe.gate.topk_method = g, k, method
-    return captured, loss
+    return [idx for _, idx in captured], loss
 
 
 def traffic(indices: list[torch.Tensor], experts_per_node: int, nodes: int, seed: int = 0) -> dict:

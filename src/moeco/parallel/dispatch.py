@@ -8,7 +8,7 @@ Direct (`AllToAllDispatcher`), one copy per (token, expert), as a plain all-to-a
     copies sorted by global expert (= by destination rank, then local expert), c_p rows to rank p
     counts (P, L) exchanged first (all_to_all_single), then the rows with splits c_p
     received: by source rank, then local expert -> stable sort by local expert -> x_CD
-    combine: unsort, all-to-all back, y_t = sum_k w_tk y_tk  (moe.weighted_combine, as LocalDispatcher)
+    combine: unsort, all-to-all back, y_t = sum_k w_tk y_tk  in the summation order below
 
 Two-hop (`TwoHopDispatcher`), DeepEP's normal mode in spirit; a token crosses to each node once:
 
@@ -20,10 +20,21 @@ Two-hop (`TwoHopDispatcher`), DeepEP's normal mode in spirit; a token crosses to
 
 Both leave the expert rank with the same x_CD, row for row: copies ordered by (local expert, source
 rank, source token), the order LocalDispatcher gives on one rank; so the experts see identical input.
-The two combines sum the K terms in a different order (node partials first), so their outputs agree
-to rounding, not bit for bit. With `fp8=True` the dispatch payload crosses as 1x128 E4M3 + scales
-(route.Fp8Rows) and the handle carries (q, s) for experts that take them; combine stays in the
-experts' output dtype. Bytes sent go to `counter` (route.TrafficCounter).
+
+Summation order, one for both (`SumOrder`), so that their outputs and gradients agree bit for bit:
+a token's K terms w_k y_k (combine), and its K copies' gradients (the dispatch's backward), are summed
+
+    per destination rank, experts ascending -> per node, ranks ascending -> over nodes, ascending
+
+each level in float32 and rounded to the payload dtype (what two-hop sends over a link) in between.
+Two-hop sums so by construction (each rank, then the forwarder, then the source); direct has all K
+terms at the source and runs the same three levels there (route.sum_rows: bit-equal where index_add
+adds in index order, as on CPU; CUDA's atomics add in any order). Against LocalDispatcher (one sum
+over the K slots) both agree to rounding.
+
+With `fp8=True` the dispatch payload crosses as 1x128 E4M3 + scales (route.Fp8Rows) and the handle
+carries (q, s) for experts that take them; combine stays in the experts' output dtype. Bytes sent go
+to `counter` (route.TrafficCounter).
 """
 
 from __future__ import annotations
@@ -32,29 +43,104 @@ from dataclasses import dataclass
 
 import torch
 
-from moeco.model.moe import Routing, _GatherRows, weighted_combine
+from moeco.model.moe import Routing, _GatherRows
 from moeco.parallel.mesh import Mesh
 from moeco.parallel.route import (AllToAll, AllToAllFn, Fp8Rows, Gather, MoveRows, PendingRows, TrafficCounter,
-                                  exchange_counts, run_route)
+                                  exchange_counts, run_route, sum_rows)
+
+
+@dataclass
+class SumOrder:
+    """A token's K terms summed per rank, per node, over nodes (see the module docstring), at the source.
+
+    Rows: row t K + i is token t's i-th expert in ascending order (flat (token, slot) `slot_R`). A token
+    reaches at most R1 = min(K, P) ranks and R2 = min(K, N) nodes. Level 1 sums rows into bucket
+    t R1 + j, j the row's rank among t's distinct ranks; level 2 sums those into t R2 + m, m their node
+    among t's distinct nodes; level 3 sums into t. Buckets a token leaves unused stay zero and add
+    nothing (a + 0 = a). A level with one term per bucket (one expert per rank, one GPU per node, one
+    node) is skipped: its sums would be the terms themselves.
+    """
+
+    slot_R: torch.Tensor  # (T K,) flat (token, slot) of each row
+    rank_R: torch.Tensor  # (T K,) level-1 bucket of each row
+    node_B: torch.Tensor  # (T R1,) level-2 bucket of each level-1 bucket
+    T: int
+    R1: int
+    R2: int
+    levels: tuple[bool, bool, bool]
+
+    @classmethod
+    def of(cls, indices_TK: torch.Tensor, experts_per_rank: int, gpus_per_node: int, nodes: int) -> SumOrder:
+        T, K = indices_TK.shape
+        R1, R2 = min(K, nodes * gpus_per_node), min(K, nodes)
+        expert_TK, slot_TK = indices_TK.long().sort(dim=1)  # a token's experts are distinct
+        rank_TK = expert_TK // experts_per_rank
+        j_TK, m_TK = _run_ids(rank_TK), _run_ids(rank_TK // gpus_per_node)
+        t_T1 = torch.arange(T, device=indices_TK.device)[:, None]
+        m_TJ = indices_TK.new_zeros(T, R1, dtype=torch.long).scatter_(1, j_TK, m_TK)  # node of each rank bucket
+        return cls((t_T1 * K + slot_TK).flatten(), (t_T1 * R1 + j_TK).flatten(), (t_T1 * R2 + m_TJ).flatten(),
+                   T, R1, R2, (experts_per_rank > 1, gpus_per_node > 1, nodes > 1))
+
+    def sum(self, z_RD: torch.Tensor) -> torch.Tensor:
+        """(T, D): each token's rows summed level by level."""
+        T = self.T
+        if self.levels[0]:
+            z_RD = sum_rows(z_RD, self.rank_R, T * self.R1)
+        if self.levels[1]:
+            z_RD = sum_rows(z_RD, self.node_B, T * self.R2)
+        if self.levels[2]:
+            return sum_rows(z_RD, torch.arange(T * self.R2, device=z_RD.device) // self.R2, T)
+        return z_RD  # one node: (T, D) already
+
+
+def _run_ids(v_TK: torch.Tensor) -> torch.Tensor:
+    """Index of each entry's run of equal values along its row: [3, 3, 5, 7, 7] -> [0, 0, 1, 2, 2]."""
+    new_TK = torch.ones_like(v_TK, dtype=torch.bool)
+    new_TK[:, 1:] = v_TK[:, 1:] != v_TK[:, :-1]
+    return new_TK.long().cumsum(1) - 1
+
+
+@dataclass
+class _CopiesOfTokens:
+    """Route step: the copies to send, x[token_C] (copies by global expert); its reverse sums a token's
+    copies in the SumOrder."""
+
+    token_C: torch.Tensor
+    sent_of_row: torch.Tensor  # sent copy holding SumOrder row r
+    order: SumOrder
+
+    def forward(self, x):
+        return x.index_select(0, self.token_C)
+
+    def backward(self, g):
+        return self.order.sum(g.index_select(0, self.sent_of_row))
 
 
 @dataclass
 class DirectHandle:
-    order: torch.Tensor
-    inverse: torch.Tensor
     weights_TK: torch.Tensor
-    num_tokens: int
+    sum_order: SumOrder
+    sent_of_row: torch.Tensor  # sent copy holding SumOrder row r
+    row_of_sent: torch.Tensor  # its inverse
     back: AllToAll  # the combine all-to-all (recv -> send)
     unsort: torch.Tensor  # received row i sits at x_CD[unsort[i]]
     sort: torch.Tensor
     x_fp8: tuple | None = None
 
 
+def _direct_sum(y_sent: torch.Tensor, h: DirectHandle) -> torch.Tensor:
+    """y_t = sum_k w_tk y_tk in the SumOrder, from the expert outputs as sent back (copies by global expert)."""
+    y_RD = _GatherRows.apply(y_sent, h.sent_of_row, h.row_of_sent, 1)
+    w_R = h.weights_TK.flatten().index_select(0, h.sum_order.slot_R)
+    return h.sum_order.sum(y_RD * w_R.to(y_RD.dtype).unsqueeze(-1))
+
+
 @dataclass
 class TwoHopHandle:
     num_tokens: int
-    weights_JK: torch.Tensor  # gate weights of each hop-2 item, zero where the expert is not here
-    copy_of_JK: torch.Tensor  # row of x_CD holding (item, slot), or C (a zero row) where not here
+    weights_C: torch.Tensor  # gate weight of each copy of x_CD
+    copy_item: torch.Tensor  # hop-2 item of each copy of x_CD
+    n_item2: int
     hop2: AllToAll
     hop1: AllToAll
     item1_of_item2: torch.Tensor  # on the forwarder
@@ -116,8 +202,7 @@ class _PendingCombine:
     handle: DirectHandle
 
     def wait(self):
-        h = self.handle
-        return weighted_combine(self.rows.wait(), h.weights_TK, h.order, h.inverse)
+        return _direct_sum(self.rows.wait(), self.handle)
 
 
 class AllToAllDispatcher(_EPBase):
@@ -154,22 +239,26 @@ class AllToAllDispatcher(_EPBase):
         unsort = torch.empty_like(sort)
         unsort[sort] = torch.arange(sort.numel(), device=sort.device)
         a2a = AllToAll(send, recv, self.mesh.ep_group, self.mesh.ep_ranks())
-        route = [Gather(order // K, T), a2a, Gather(sort, sum(recv))]
+        spec = self.mesh.spec
+        sum_order = SumOrder.of(routing.indices_TK, L, spec.ep_gpus_per_node, spec.ep_nodes)
+        sent_of_row = inverse.index_select(0, sum_order.slot_R)
+        row_of_sent = torch.empty_like(sent_of_row)
+        row_of_sent[sent_of_row] = torch.arange(sent_of_row.numel(), device=flat.device)
+        copies = _CopiesOfTokens(order // K, sent_of_row, sum_order)
+        route = [copies, a2a, Gather(sort, sum(recv))]
         self.counter.tokens += T
         back = AllToAll(recv, send, self.mesh.ep_group, self.mesh.ep_ranks())
+        handle = DirectHandle(routing.weights_TK, sum_order, sent_of_row, row_of_sent, back, unsort, sort)
         if asynchronous:
-            handle = DirectHandle(order, inverse, routing.weights_TK, T, back, unsort, sort)
-            rows = PendingRows(x_TD.index_select(0, order // K), a2a, self.counter, "dispatch")
+            rows = PendingRows(MoveRows.apply(x_TD, [copies], None, None)[0], a2a, self.counter, "dispatch")
             return _PendingDispatch(rows, sort, recv_PL.sum(0), handle)
-        x_CD, q, s = MoveRows.apply(x_TD, route, self.codec, self.counter)
-        handle = DirectHandle(order, inverse, routing.weights_TK, T, back, unsort, sort,
-                              None if q is None else (q, s))
+        x_CD, q, sc = MoveRows.apply(x_TD, route, self.codec, self.counter)
+        handle.x_fp8 = None if q is None else (q, sc)
         return x_CD, recv_PL.sum(0), handle
 
     def combine(self, y_CD: torch.Tensor, h: DirectHandle) -> torch.Tensor:
         y_recv = _GatherRows.apply(y_CD, h.unsort, h.sort, 1)
-        y_sent = AllToAllFn.apply(y_recv, h.back, self.counter, "combine")
-        return weighted_combine(y_sent, h.weights_TK, h.order, h.inverse)
+        return _direct_sum(AllToAllFn.apply(y_recv, h.back, self.counter, "combine"), h)
 
 
 class TwoHopDispatcher(_EPBase):
@@ -229,53 +318,44 @@ class TwoHopDispatcher(_EPBase):
         key = (e_C * self.P + meta2[item2, 0]) * (1 << 40) + meta2[item2, 1]
         sort = key.argsort()
         copy_item = item2[sort]
-        C = copy_item.numel()
-        copy_of_JK = torch.full((M2, K), C, dtype=torch.int64, device=dev)
-        copy_of_JK[item2[sort], slot[sort]] = torch.arange(C, device=dev)
         route = [Gather(token1, T), hop1, Gather(item1, M1), hop2, Gather(copy_item, M2)]
         self.counter.tokens += T
         if asynchronous:
-            rows = PendingRows(x_TD.index_select(0, token1), hop1, self.counter, "dispatch")
+            rows = PendingRows(MoveRows.apply(x_TD, route[:1], None, None)[0], hop1, self.counter, "dispatch")
             x_CD, q = None, None
         else:
             x_CD, q, sc = MoveRows.apply(x_TD, route, self.codec, self.counter)
         w_JK = MoveRows.apply(routing.weights_TK, route[:4], None, self.counter, "meta")[0]
-        w_JK = torch.where(here_JK, w_JK, torch.zeros((), dtype=w_JK.dtype, device=dev))
+        w_C = w_JK[copy_item, slot[sort]]
         tokens_per_expert = torch.zeros(L, dtype=torch.int64, device=dev).scatter_add_(0, e_C, torch.ones_like(e_C))
-        handle = TwoHopHandle(T, w_JK, copy_of_JK, hop2, hop1, item1, M1, token1,
+        handle = TwoHopHandle(T, w_C, copy_item, M2, hop2, hop1, item1, M1, token1,
                               None if q is None else (q, sc))
         if asynchronous:
-            return _PendingTwoHop(rows, item1, hop2, copy_item, tokens_per_expert, handle, self.counter)
+            return _PendingTwoHop(rows, route[2:], handle, tokens_per_expert, self.counter)
         return x_CD, tokens_per_expert, handle
 
     def combine(self, y_CD: torch.Tensor, h: TwoHopHandle) -> torch.Tensor:
         back1 = AllToAllFn.apply(self._combine_intra(y_CD, h), _reverse(h.hop1), self.counter, "combine")
-        return back1.new_zeros(h.num_tokens, back1.shape[-1]).index_add(0, h.token_of_item1, back1)
+        return sum_rows(back1, h.token_of_item1, h.num_tokens)  # over nodes
 
     def _combine_intra(self, y_CD: torch.Tensor, h: TwoHopHandle) -> torch.Tensor:
-        D = y_CD.shape[-1]
-        y_pad = torch.cat([y_CD, y_CD.new_zeros(1, D)])  # row C: the zero row for slots not here
-        M2, K = h.copy_of_JK.shape
-        y_JKD = y_pad.index_select(0, h.copy_of_JK.flatten()).view(M2, K, D)
-        r_JD = (y_JKD * h.weights_JK.to(y_CD.dtype).unsqueeze(-1)).sum(dim=1)
+        """The rank's partial sum per hop-2 item (experts ascending), then the node's (GPUs ascending)."""
+        r_JD = sum_rows(y_CD * h.weights_C.to(y_CD.dtype).unsqueeze(-1), h.copy_item, h.n_item2)
         back2 = AllToAllFn.apply(r_JD, _reverse(h.hop2), self.counter, "combine")
-        return back2.new_zeros(h.n_item1, D).index_add(0, h.item1_of_item2, back2)  # the node's partial sum
+        return sum_rows(back2, h.item1_of_item2, h.n_item1)
 
 
 @dataclass
 class _PendingTwoHop:
     rows: PendingRows  # hop 1 (between nodes), in flight
-    item1: torch.Tensor
-    hop2: AllToAll
-    copy_item: torch.Tensor
-    tokens_per_expert: torch.Tensor
+    rest: list  # the route after hop 1: Gather(item1), hop 2, Gather(copy_item)
     handle: TwoHopHandle
+    tokens_per_expert: torch.Tensor
     counter: TrafficCounter
 
     def wait(self):
-        x1 = self.rows.wait()
-        x2 = AllToAllFn.apply(x1.index_select(0, self.item1), self.hop2, self.counter, "dispatch")
-        return x2.index_select(0, self.copy_item), self.tokens_per_expert, self.handle
+        x_CD = MoveRows.apply(self.rows.wait(), self.rest, None, self.counter)[0]
+        return x_CD, self.tokens_per_expert, self.handle
 
 
 @dataclass
@@ -284,8 +364,7 @@ class _PendingTwoHopCombine:
     handle: TwoHopHandle
 
     def wait(self):
-        back1 = self.rows.wait()
-        return back1.new_zeros(self.handle.num_tokens, back1.shape[-1]).index_add(0, self.handle.token_of_item1, back1)
+        return sum_rows(self.rows.wait(), self.handle.token_of_item1, self.handle.num_tokens)
 
 
 def _reverse(step: AllToAll) -> AllToAll:

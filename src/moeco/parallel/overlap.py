@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -234,19 +234,36 @@ def _microbatch(layers, x, inp, return_aux: bool, tl: Timeline, mb: int, overlap
     return x, balance
 
 
+def split_inputs(inp, lo: int, hi: int):
+    """The attention inputs of batch rows lo..hi-1: per-row rotary tables, positions and cache rows
+    sliced (a paged cache gives a view with those rows' slots and block tables, `rows(lo, hi)`)."""
+    def rows(t):
+        return t[lo:hi] if t is not None and t.dim() == 3 else t  # (S, R/2) tables are shared by every row
+
+    return replace(inp, cos=rows(inp.cos), sin=rows(inp.sin),
+                   positions=None if inp.positions is None else inp.positions[lo:hi],
+                   cache=None if inp.cache is None else inp.cache.rows(lo, hi))
+
+
 def run_two_microbatch(layers, x, inp, return_aux: bool = False, timeline: Timeline | None = None,
                        interleave: bool = True, overlap_backward: bool = True, micro_batches: int = 2):
     """x (B, S, D) through `layers`, two micro-batches; returns (x, per-layer balance terms or []).
 
-    interleave=False runs A to the end, then B: the same arithmetic without the overlap (the reference
-    for bit-for-bit comparisons). overlap_backward=False sends and receives each gradient's all-to-all
-    at once (the backward of the forward's wait), so only the forward overlaps. micro_batches=1 runs the
-    whole batch through the same timed stages, each all-to-all waited on as soon as it is issued
-    (only a dispatch has its own shared experts under it): the plain schedule, measured."""
+    A has ceil(B/2) rows, B the rest (possibly none: its MoE layers still dispatch and combine, with 0
+    rows). interleave=False runs A to the end, then B: the same arithmetic without the overlap (the
+    reference for bit-for-bit comparisons). overlap_backward=False sends and receives each gradient's
+    all-to-all at once (the backward of the forward's wait), so only the forward overlaps.
+    micro_batches=1 runs the whole batch through the same timed stages, each all-to-all waited on as
+    soon as it is issued (only a dispatch has its own shared experts under it): the plain schedule,
+    measured."""
+    if micro_batches not in (1, 2):
+        raise ValueError(f"micro_batches = {micro_batches}: the schedule runs 1 or 2")
     tl = timeline if timeline is not None else Timeline(x.device)
     Bt = x.shape[0]
-    parts = torch.tensor_split(x, micro_batches, dim=0)
-    gens = [_microbatch(layers, p, inp, return_aux, tl, mb, overlap_backward) for mb, p in enumerate(parts)]
+    bounds = [0, Bt] if micro_batches == 1 else [0, (Bt + 1) // 2, Bt]
+    parts = [(x[lo:hi], split_inputs(inp, lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
+    gens = [_microbatch(layers, p, p_inp, return_aux, tl, mb, overlap_backward)
+            for mb, (p, p_inp) in enumerate(parts)]
     results = [None] * len(parts)
     if interleave:
         live = list(range(len(parts)))
@@ -275,19 +292,23 @@ class TwoMicrobatch:
     """A forward schedule for `Transformer.schedule`: the decoder layers over two micro-batches; their
     backward, run by autograd, follows the same pairing mirrored.
 
-    Falls back to the plain forward with a cache (generation) or fewer than two sequences. `last` is
-    the timeline of the latest scheduled forward, `history` the latest `keep` ones; their backward
-    spans fill in as the backward runs, so read `stats()` after it."""
+    Falls back to the plain forward with fewer than `min_sequences` sequences, or with a cache that
+    cannot be cut by rows (the dense cache of moeco.generate; the serving engine's paged cache can).
+    Expert-parallel serving sets min_sequences = 0: every rank then splits every forward, even of
+    one sequence or none, so all ranks issue the same collectives. `last` is the timeline of the
+    latest scheduled forward, `history` the latest `keep` ones; their backward spans fill in as the
+    backward runs, so read `stats()` after it."""
 
     interleave: bool = True
     overlap_backward: bool = True
     last: Timeline | None = None
     history: list = field(default_factory=list)
     keep: int = 0  # how many timelines to keep in history (0: none)
+    min_sequences: int = 2
     micro_batches: int = 2  # 1: the whole batch, timed, nothing overlapped (a benchmark's baseline)
 
     def applies(self, input_ids: torch.Tensor, inp) -> bool:
-        return input_ids.shape[0] >= self.micro_batches and inp.cache is None
+        return input_ids.shape[0] >= self.min_sequences and (inp.cache is None or hasattr(inp.cache, "rows"))
 
     def __call__(self, model, emb: torch.Tensor, inp, return_aux: bool):
         self.last = Timeline(emb.device)

@@ -3,7 +3,7 @@
 A dispatcher moves token rows along a *route*, a list of steps, each of which maps a (M_in, ...) row
 tensor to (M_out, ...):
 
-    Gather(index, n_in)                 out = x[index]                  reverse: zeros(n_in).index_add(index, g)
+    Gather(index, n_in)                 out = x[index]                  reverse: sum_rows(g, index, n_in)
     AllToAll(send, recv, group, peers)  rows [sum send[:p], ...) go to  reverse: the same with send and recv
                                         group rank p; recv[p] arrive    swapped
                                         from p, in peer order
@@ -14,6 +14,11 @@ forwarding rank never re-quantizes. Backward (the combine direction): the gradie
 in reverse in the activations' precision; a Gather's reverse sums the copies of a row, so the
 gradient of a token is the sum over everywhere it went. `AllToAllFn` is the differentiable
 all-to-all that the combine path is built from (its backward is the reverse all-to-all).
+
+`sum_rows(x, index, n)` is the one way rows are summed: out[i] = the rows r with index[r] = i, added
+in row order (a row order the dispatchers choose so that both sum a token's terms alike), in float32
+and rounded once to x's dtype. The row order holds where index_add adds in index order, as on CPU;
+CUDA's atomics add in any order.
 
 Split sizes must be host integers (all_to_all_single takes lists): exchanging counts costs one
 device-to-host read per hop. Every all-to-all adds its bytes to a `TrafficCounter`, split into
@@ -107,6 +112,12 @@ def all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int], group) ->
     return out
 
 
+def sum_rows(x_RD: torch.Tensor, index_R: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, D): out[i] = sum of the rows r with index_R[r] = i, in row order, accumulated in float32."""
+    out = torch.zeros((n, *x_RD.shape[1:]), dtype=torch.float32, device=x_RD.device)
+    return out.index_add(0, index_R, x_RD.float()).to(x_RD.dtype)
+
+
 @dataclass
 class Gather:
     index: torch.Tensor
@@ -116,7 +127,7 @@ class Gather:
         return x.index_select(0, self.index)
 
     def backward(self, g):
-        return g.new_zeros((self.n_in, *g.shape[1:])).index_add_(0, self.index, g)
+        return sum_rows(g, self.index, self.n_in)
 
 
 @dataclass

@@ -6,6 +6,8 @@
     scheduler                waiting / running queues, continuous batching, chunked prefill, preemption
     model_runner             packed batches, sampling on the device, CUDA graphs for decode
     spec                     MTP speculative decoding
+    ep                       expert-parallel serving: experts over ranks, attention data-parallel, lock-step
+    ep_front                 its HTTP front door: rank 0 hands requests to the ranks and gathers their outputs
     disagg                   prefill/decode disaggregation: workers, latent hand-over, router
 """
 

@@ -13,6 +13,8 @@ On CUDA, decode uses `attend_absorbed`, a Triton kernel that reads the blocks in
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from moeco.config import ModelConfig
@@ -54,7 +56,7 @@ class _PagedLayer:
         c = self.cache
         B, nb = c.block_tables.shape
         blocks = self.pool.view(-1, c.block_size, self.pool.shape[-1])
-        rows = blocks[c.block_tables].view(B, nb * c.block_size, -1)
+        rows = blocks[c.block_tables].view(B, nb * c.block_size, self.pool.shape[-1])
         return rows, c.key_positions[: nb * c.block_size]
 
     @property
@@ -84,6 +86,13 @@ class PagedLatentCache:
 
     def layer(self, layer_id: int) -> _PagedLayer:
         return self._layers[layer_id]
+
+    def rows(self, lo: int, hi: int) -> "PagedLatentCache":
+        """This step's batch rows lo..hi-1 (a micro-batch): the same pool, those rows' slots and block tables."""
+        view = copy.copy(self)
+        view.slot_mapping, view.block_tables = self.slot_mapping[lo:hi], self.block_tables[lo:hi]
+        view._layers = [_PagedLayer(view, i) for i in range(len(self._layers))]
+        return view
 
     def bytes_per_token(self) -> int:
         """Bytes one token occupies across all layers: exactly the latent, (d_c + dr) x layers x dtype."""

@@ -4,7 +4,8 @@ The model is loaded (and one short request run through it) before the port opens
 that sees the port open can send requests. SIGTERM: the server stops accepting connections (and
 answers 503 on open ones), lets the requests in flight finish for up to --grace-period seconds,
 then ends the rest (finish_reason "abort", their cache blocks freed), stops the engine thread and
-exits 0.
+exits 0. With `--ep P` under torchrun (P ranks) the experts are sharded over the ranks: rank 0
+serves and hands requests to the ranks, whose engines step together (moeco.serve.ep_front).
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds in-flight responses get to finish after SIGTERM before they are aborted")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every request")
+    g = p.add_argument_group("expert parallelism (under torchrun: torchrun --nproc-per-node P -m moeco serve ... --ep P)")
+    g.add_argument("--ep", type=int, default=1, help="ranks sharing the routed experts; rank 0 serves HTTP")
+    g.add_argument("--gpus-per-node", type=int, default=0, help="mesh node size for --ep (0 = --nproc-per-node)")
+    g.add_argument("--dispatcher", choices=["two_hop", "direct"], default="two_hop")
+    g.add_argument("--overlap", choices=["none", "two_microbatch"], default="none",
+                   help="run each forward as two micro-batches, one's all-to-all under the other's compute")
     from moeco.serve.disagg.cli import add_arguments
 
     add_arguments(p)  # --disaggregate, --role ...
@@ -63,6 +70,12 @@ def _check(args) -> None:
         raise ConfigError(f"--port = {args.port}; use 0..65535")
     if args.api_key is not None and not args.api_key:
         raise ConfigError("--api-key is empty; give a key or leave the option out")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.ep != 1 and args.ep != world:
+        raise ConfigError(f"--ep {args.ep} needs torchrun with {args.ep} ranks (there are {world}): "
+                          f"torchrun --nproc-per-node {args.ep} -m moeco serve ... --ep {args.ep}")
+    if args.ep > 1 and (args.disaggregate or args.role or args.speculative):
+        raise ConfigError("--ep > 1 does not combine with --disaggregate, --role or --speculative; leave them out")
 
 
 def run_serve(args) -> int:
@@ -72,16 +85,12 @@ def run_serve(args) -> int:
 
         return run(args)
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ModuleNotFoundError as exc:
         raise ConfigError(f"moeco serve needs the serve extra ({exc.name} is missing): "
                           "pip install 'moeco[serve]'") from None
-    from moeco.serve.async_engine import AsyncEngine
     from moeco.chat_template import ChatTemplate, ChatTemplateError
     from moeco.serve.engine import EngineConfig, LLMEngine
-    from moeco.serve.metrics import ServerMetrics
-    from moeco.serve.sampling_params import SamplingParams
-    from moeco.serve.server import ServerState, build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("moeco.serve")
@@ -93,7 +102,35 @@ def run_serve(args) -> int:
         model_dir=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         cache_bytes=args.cache_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
-        keep_fp8=args.keep_fp8, speculative=args.speculative))
+        keep_fp8=args.keep_fp8, speculative=args.speculative, ep=args.ep, gpus_per_node=args.gpus_per_node,
+        dispatcher=args.dispatcher, overlap=args.overlap))
+    if args.ep > 1:  # rank 0 serves over every rank's engine; the others step with it (moeco.serve.ep)
+        import torch.distributed as dist
+
+        from moeco.serve.ep_front import FrontEngine, control_group, follow
+
+        group = control_group()
+        if dist.get_rank() != 0:
+            signal.signal(signal.SIGTERM, lambda *_: None)  # torchrun forwards it: rank 0 drains, then releases us
+            follow(engine, group)
+            return 0
+        engine = FrontEngine(engine, group)
+    try:
+        return _serve(args, engine, template, log)
+    finally:
+        if args.ep > 1:
+            engine.close()
+
+
+def _serve(args, engine, template, log) -> int:
+    """Warm up, then serve HTTP until SIGTERM (engine: an LLMEngine, or the EP group's FrontEngine)."""
+    import uvicorn
+
+    from moeco.serve.async_engine import AsyncEngine
+    from moeco.serve.metrics import ServerMetrics
+    from moeco.serve.sampling_params import SamplingParams
+    from moeco.serve.server import ServerState, build_app
+
     engine.add_request([0, 0, 0, 0], SamplingParams(max_tokens=2, ignore_eos=True))  # warm up before opening
     while engine.has_unfinished():
         engine.step()

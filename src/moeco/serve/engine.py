@@ -8,6 +8,8 @@
 A request that can never run (prompt past the context, a cache too small for it, bad parameters)
 is refused by add_request with a RequestError and takes nothing; one that fails later ends with
 `error` set and its blocks returned. The HTTP server and `LLM` are thin layers over this class.
+With `ep > 1` (under torchrun) each rank runs one engine over its own requests, the experts sharded
+over the ranks; `step` and `has_unfinished` are then collectives (moeco.serve.ep).
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class EngineConfig:
     cuda_graphs: bool = True
     compile: bool = False  # torch.compile the decode step (a one-off compile of ~1 min; CUDA: see BENCHMARKS)
     seed: int = 0
+    # expert-parallel serving (moeco.serve.ep): experts over `ep` ranks of torchrun, attention data-parallel
+    ep: int = 1
+    gpus_per_node: int = 0  # ranks per node of the mesh; 0: torchrun's --nproc-per-node
+    dispatcher: str = "two_hop"  # "two_hop" or "direct" (moeco.parallel.dispatch)
+    overlap: str = "none"  # "two_microbatch": each forward as two micro-batches (moeco.parallel.overlap)
 
 
 @dataclass
@@ -69,13 +76,29 @@ class LLMEngine:
         dtype = _DTYPES.get(c.dtype) if c.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if dtype is None:
             raise ConfigError(f"dtype = {c.dtype!r}; use auto, bfloat16, float16 or float32")
-        if model is None:
-            if c.model_dir is None:
-                raise ConfigError("EngineConfig.model_dir is not set; pass a checkpoint directory")
-            from moeco.loading import load_pretrained, load_tokenizer
+        if not isinstance(c.ep, int) or c.ep < 1:
+            raise ConfigError(f"ep = {c.ep!r}; use 1 (one process) or the number of ranks sharing the experts")
+        loading = model is None
+        if loading and c.model_dir is None:
+            raise ConfigError("EngineConfig.model_dir is not set; pass a checkpoint directory")
+        self.sync = None  # the EP group's step agreement (ep > 1)
+        if c.ep > 1:
+            from moeco.serve.ep import expert_parallel_model
+
+            model, self.sync = expert_parallel_model(c, model, dtype)
+        elif model is None:
+            from moeco.loading import load_pretrained
 
             model = load_pretrained(c.model_dir, dtype=dtype, device=device, keep_fp8=c.keep_fp8)
-            tokenizer = tokenizer or load_tokenizer(c.model_dir)
+        if loading and tokenizer is None:
+            from moeco.loading import load_tokenizer
+
+            tokenizer = load_tokenizer(c.model_dir)
+        if c.overlap != "none":
+            from moeco.parallel.overlap import set_overlap
+
+            # under EP every rank splits every forward, so that all issue the same collectives
+            set_overlap(model, c.overlap).min_sequences = 0 if c.ep > 1 else 2
         self.model, self.tokenizer = model.eval(), tokenizer
         mcfg = model.config
         self.device = model.model.embed_tokens.weight.device
@@ -105,8 +128,11 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, c.block_size)
         self.scheduler = Scheduler(self.blocks, c.max_num_seqs, c.max_num_batched_tokens)
         # graphs need a decode step without host syncs: on CUDA the grouped expert GEMM is one kernel
-        # in bf16 only (other dtypes loop over experts on the host), so fp32/fp16 models run eager
-        graphs = c.cuda_graphs and self.device.type == "cuda" and cache_dtype == torch.bfloat16
+        # in bf16 only (other dtypes loop over experts on the host), so fp32/fp16 models run eager;
+        # under EP the dispatchers read split counts back to the host at every layer: eager too, and
+        # so is the two-micro-batch schedule (its timeline records timing events: not capturable)
+        graphs = (c.cuda_graphs and self.device.type == "cuda" and cache_dtype == torch.bfloat16 and c.ep == 1
+                  and c.overlap == "none")
         self.runner = ModelRunner(model, self.cache, c.max_num_seqs, self.max_model_len, cuda_graphs=graphs,
                                   compile=c.compile)
         if c.speculative == "mtp":
@@ -184,16 +210,25 @@ class LLMEngine:
                 self.blocks.release(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        """Requests waiting or running; with ep > 1 on any rank of the EP group (a collective)."""
+        local = bool(self.scheduler.waiting or self.scheduler.running)
+        return local if self.sync is None else self.sync.any(local)[0]
 
     # ---- stepping -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        prefill, decode = bool(batch.prefills), bool(batch.decodes)
+        if self.sync is not None:  # EP: run every forward any rank runs (its MoE layers are collectives)
+            prefill, decode = self.sync.any(prefill, decode)
         sampled: list[tuple[Sequence, list[int]]] = []
         if batch.prefills:
             sampled += self._run_prefill(batch.prefills)
+        elif prefill:
+            self.runner.idle("plain")
         if batch.decodes:
             sampled += self._run_decode(batch.decodes)
+        elif decode:
+            self.runner.idle("absorbed")
         outputs = []
         for seq, new in sampled:
             outputs.append(self._append(seq, new))

@@ -101,6 +101,8 @@ def paged_mla_decode(q_latent, q_rot, pool, block_tables, positions, scale, bloc
                      block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int = 2):
     """o_latent (B, S, H, d_c) in float32; the Triton kernel where it runs, else the reference."""
+    if q_latent.numel() == 0:  # a forward of no tokens (an idle expert-parallel rank): no grid to launch
+        return q_latent.new_zeros(q_latent.shape, dtype=torch.float32)
     if not available(pool.device):
         return paged_mla_decode_reference(q_latent, q_rot, pool, block_tables, positions, scale, block_size)
     B, S, H, C = q_latent.shape

@@ -52,6 +52,13 @@ class ModelRunner:
         inp = self.model.attn_inputs(ids, positions, self.cache, impl)
         return self.model.hidden_states(ids, inp)[0]
 
+    @torch.inference_mode()
+    def idle(self, impl: str) -> None:
+        """A forward of no tokens: under expert parallelism a rank without work still runs each MoE
+        layer's dispatch and combine (with 0 rows of its own) for the ranks that have some."""
+        empty = torch.zeros(0, 1, dtype=torch.long, device=self.device)
+        self._forward(empty, empty, empty, impl)
+
     # ---- prefill --------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor]:
