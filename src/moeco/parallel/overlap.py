@@ -305,7 +305,7 @@ class TwoMicrobatch:
     history: list = field(default_factory=list)
     keep: int = 0  # how many timelines to keep in history (0: none)
     min_sequences: int = 2
-    micro_batches: int = 2  # 1: the whole batch, timed, nothing overlapped (a benchmark's baseline)
+    micro_batches: int = 2  # 1: the whole batch, timed, each all-to-all waited on when issued (a baseline)
 
     def applies(self, input_ids: torch.Tensor, inp) -> bool:
         return input_ids.shape[0] >= self.min_sequences and (inp.cache is None or hasattr(inp.cache, "rows"))
