@@ -238,3 +238,32 @@ def test_ranks_and_experts_without_tokens(tmp_path):
     for r, out in enumerate(res):
         for ok, tpe, gshape in out:
             assert ok and tpe == ([0, 0] if r == 2 else [3, 3]) and gshape[0] == (0 if r == 1 else 2)
+
+
+def test_rank_init_on_meta_equals_the_single_process_slice():
+    """The trainer's EP init: built on meta, sharded, then drawn: every weight equals the single-process
+    model's (experts: the rank's slice) without the whole layer ever being allocated."""
+    from moeco import Transformer
+    from moeco.config import ModelConfig
+    from moeco.parallel.expert_parallel import shard_experts
+    from moeco.parallel.mesh import MeshSpec
+
+    cfg = ModelConfig.preset("tiny")
+    torch.manual_seed(3)
+    full = Transformer(cfg).state_dict()
+    for r in range(4):
+        torch.manual_seed(3)
+        with torch.device("meta"):
+            m = Transformer(cfg)
+        shard_experts(m, MeshSpec(4, r, 2, 4))
+        m.to_empty(device="cpu")
+        m.reset_parameters()
+        m.reset_buffers("cpu")
+        for k, v in m.state_dict().items():
+            ref = full[k]
+            if ".mlp.experts." in k:
+                ref = ref[r * v.shape[0]:(r + 1) * v.shape[0]]
+            assert torch.equal(v, ref), (r, k)
+    torch.manual_seed(4)
+    assert not torch.equal(Transformer(cfg).state_dict()["model.layers.1.mlp.experts.w2_EDF"],
+                           full["model.layers.1.mlp.experts.w2_EDF"])

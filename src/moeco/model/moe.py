@@ -197,6 +197,14 @@ class LocalDispatcher:
         return weighted_combine(y_CD, handle.weights_TK, handle.order, handle.inverse)
 
 
+def mix_seed(seed: int, index: int) -> int:
+    """A generator seed for item `index` under `seed` (SplitMix64's finalizer: neighbours decorrelated)."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as 3-D weights, two grouped GEMMs per forward.
 
@@ -215,6 +223,18 @@ class GroupedExperts(nn.Module):
         self.grouped_mm = recipe.grouped_mm
         # recipe.grouped_mm_fp8(x, xq, xs, w, offs): the first GEMM on input already quantized 1x128
         self.grouped_mm_fp8 = getattr(recipe, "grouped_mm_fp8", None)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, seed: int) -> None:
+        """N(0, std), each expert from its own generator seeded by (seed, the expert's index in the
+        layer): a rank holding experts [first, first + n) draws exactly the values the whole layer
+        would, so an expert-parallel run starts from the single-process weights without ever building
+        the whole layer."""
+        dev = self.w13_E2FD.device
+        for j in range(self.w13_E2FD.shape[0]):
+            gen = torch.Generator(device=dev).manual_seed(mix_seed(seed, self.first_expert + j))
+            self.w13_E2FD[j].normal_(0.0, std, generator=gen)
+            self.w2_EDF[j].normal_(0.0, std, generator=gen)
 
     def forward(self, x_CD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         offs = tokens_per_expert.cumsum(0).to(torch.int32)

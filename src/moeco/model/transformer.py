@@ -18,7 +18,7 @@ from moeco.errors import ConfigError
 from moeco.model.cache import DenseLatentCache, LatentCache
 from moeco.model.layers import MLP, RMSNorm, RotaryEmbedding
 from moeco.model.mla import MLA, AttnInputs
-from moeco.model.moe import GroupedExperts, MoE, Router
+from moeco.model.moe import GroupedExperts, MoE, Router, mix_seed
 from moeco.model.mtp import build_mtp_module, mtp_forward
 from moeco.precision import DEFAULT_RECIPE
 
@@ -82,6 +82,9 @@ class ModelOutput:
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, recipe=None):
         super().__init__()
+        # reset_parameters' seed, drawn before any submodule's own init consumes the RNG: the weights
+        # depend only on the RNG state at construction, also when built on meta and sharded first
+        self.init_seed = int(torch.randint(0, 2 ** 62, (1,), device="cpu").item())
         self.config = config
         self.recipe = recipe or DEFAULT_RECIPE
         self.model = Backbone(config, self.recipe)
@@ -98,22 +101,29 @@ class Transformer(nn.Module):
     # ---- parameters ---------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """DeepSeek-style init: N(0, initializer_range) for every matrix, ones for norms, zero bias."""
+        """DeepSeek-style init: N(0, initializer_range) for every matrix, ones for norms, zero bias.
+
+        Each matrix draws from its own generator seeded by (init_seed, its module's index), routed
+        experts one generator per expert: the values do not depend on the order or the device the
+        modules were built on, and an expert-parallel rank's experts equal the whole layer's slice."""
         std = self.config.initializer_range
-        for module in self.modules():
+
+        def gen(i, t):
+            return torch.Generator(device=t.device).manual_seed(mix_seed(self.init_seed, i))
+
+        for i, module in enumerate(self.modules()):
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
+                module.weight.normal_(0.0, std, generator=gen(i, module.weight))
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             elif isinstance(module, Router):
-                nn.init.normal_(module.weight, std=std)
+                module.weight.normal_(0.0, std, generator=gen(i, module.weight))
                 if module.e_score_correction_bias is not None:
                     module.e_score_correction_bias.zero_()
             elif isinstance(module, GroupedExperts):
-                nn.init.normal_(module.w13_E2FD, std=std)
-                nn.init.normal_(module.w2_EDF, std=std)
+                module.reset_parameters(std, mix_seed(self.init_seed, i))
 
     def reset_buffers(self, device=None) -> None:
         """Rebuild non-persistent buffers (after constructing on the meta device and loading weights)."""

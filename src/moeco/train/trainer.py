@@ -139,6 +139,17 @@ class Trainer:
 
             model = agree(lambda: load_pretrained(latest / "model", dtype=torch.float32, device=d.device,
                                                   recipe=recipe, ep_rank=self.mesh_spec.ep_rank, ep_size=ep), d.world)
+        elif ep > 1:  # build on meta, keep this rank's experts, then draw only its weights
+            from moeco.parallel.expert_parallel import shard_experts
+
+            self.mesh_spec.check_model(self.mcfg)
+            torch.manual_seed(cfg.seed)
+            with torch.device("meta"):
+                model = Transformer(self.mcfg, recipe=recipe)
+            shard_experts(model, self.mesh_spec)
+            model.to_empty(device=d.device)
+            model.reset_parameters()  # the single-process values: every matrix, each expert, its own seed
+            model.reset_buffers(d.device)
         else:
             torch.manual_seed(cfg.seed)
             with torch.device(d.device):  # initialise on the device: seconds, not minutes, for a 3B model
