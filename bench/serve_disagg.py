@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,26 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from serve_http import _env, build_preset  # noqa: E402
-
-
-def start(model: Path, port: int, extra: list[str], disaggregate: bool) -> subprocess.Popen:
-    import httpx
-
-    cmd = [sys.executable, "-m", "moeco", "serve", str(model), "--port", str(port), "--served-model-name", "bench",
-           "--log-level", "warning", *extra, *(["--disaggregate"] if disaggregate else [])]
-    proc = subprocess.Popen(cmd, env=_env())
-    for _ in range(2400):
-        if proc.poll() is not None:
-            raise SystemExit(f"moeco serve exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("moeco serve did not start")
+from serve_http import build_preset, start_server  # noqa: E402
 
 
 def _ns(port: int, input_len: int, output_len: int, n: int, concurrency: int, vocab: int, seed: int):
@@ -104,10 +84,10 @@ def _transfer_counters(port: int) -> dict:
 
 
 def run_one(model: Path, args, vocab: int, disaggregate: bool) -> dict:
-    extra = ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+    extra = ["--max-num-batched-tokens", str(args.max_num_batched_tokens),
              *(["--cache-bytes", str(int(float(args.cache_bytes)))] if args.cache_bytes else []),
-             *args.serve_args.split()]
-    proc = start(model, args.port, extra, disaggregate)
+             *args.serve_args.split(), *(["--disaggregate"] if disaggregate else [])]
+    proc = start_server(model, args.port, args.max_num_seqs, extra)
     try:
         _warm(args.port, args, vocab)
         before = _transfer_counters(args.port) if disaggregate else None
