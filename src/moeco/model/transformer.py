@@ -79,12 +79,17 @@ class ModelOutput:
     balance_loss: torch.Tensor | None = None  # sum over MoE layers of sum_i f_i P_i (not times alpha)
 
 
+def _draw_seed() -> int:
+    return int(torch.randint(0, 2 ** 62, (1,), device="cpu").item())
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, recipe=None):
         super().__init__()
-        # reset_parameters' seed, drawn before any submodule's own init consumes the RNG: the weights
-        # depend only on the RNG state at construction, also when built on meta and sharded first
-        self.init_seed = int(torch.randint(0, 2 ** 62, (1,), device="cpu").item())
+        # reset_parameters' seed, drawn before any submodule's own init consumes the RNG, so the weights
+        # depend only on the RNG state at construction. Built on meta (loading, or sharding before the
+        # draw) nothing consumes the RNG: reset_parameters draws it then, from the same state.
+        self.init_seed = None if torch.empty(0).device.type == "meta" else _draw_seed()
         self.config = config
         self.recipe = recipe or DEFAULT_RECIPE
         self.model = Backbone(config, self.recipe)
@@ -107,6 +112,8 @@ class Transformer(nn.Module):
         experts one generator per expert: the values do not depend on the order or the device the
         modules were built on, and an expert-parallel rank's experts equal the whole layer's slice."""
         std = self.config.initializer_range
+        if self.init_seed is None:
+            self.init_seed = _draw_seed()
 
         def gen(i, t):
             return torch.Generator(device=t.device).manual_seed(mix_seed(self.init_seed, i))
