@@ -61,10 +61,19 @@ def test_logfmt(home):
 
 
 def test_balance(home):
-    assert main(_args(home, "balance", "--alphas", "0.01")) == 0
+    """Two seeds: each variant trains once per seed and its gap is paired with the aux-loss-free run of that seed."""
+    assert main(_args(home, "balance", "--alphas", "0.01", "--seeds", "2")) == 0
     data = _outputs(home, "balance")
-    assert list(data["results"]) == ["aux-loss-free", "aux loss alpha=0.01", "neither"]
-    assert all(r["late_load"] >= 1.0 for r in data["results"].values())
+    r = data["results"]
+    assert list(r) == ["aux-loss-free", "aux loss alpha=0.01", "neither"]
+    assert all(v["late_load"] >= 1.0 for v in r.values())
+    ref, other = r["aux-loss-free"]["val_loss_by_seed"], r["neither"]["val_loss_by_seed"]
+    assert list(ref) == ["0", "1"] and ref["0"] != ref["1"]  # the seed reaches the run
+    gaps = [100 * (other[s] - ref[s]) / ref[s] for s in ("0", "1")]
+    assert r["neither"]["gap_pct_by_seed"] == pytest.approx(dict(zip(("0", "1"), gaps)))
+    assert r["neither"]["gap_pct_mean"] == pytest.approx(sum(gaps) / 2)
+    assert r["aux-loss-free"]["gap_pct_mean"] == 0
+    assert (home / "balance" / "runs" / "neither-seed1").is_dir()
 
 
 def test_node_limit(home):

@@ -13,7 +13,8 @@ Runs, identical but for the balancing (same data, seed, steps):
 
 Measured: the final held-out loss, and the expert load as max/mean tokens per expert (1.0 = perfect
 balance) per MoE layer and step, averaged over the layers; "late load" is its mean over the last
-fifth of the steps.
+fifth of the steps. With --seeds N each variant trains N times (seeds SEED..SEED+N-1) and its loss
+gap to the aux-loss-free run of the same seed is reported as a mean and spread over the seeds.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ NAME = "balance"
 
 def add_args(p) -> None:
     common.add_common_args(p, steps=40)
+    common.add_seeds_arg(p)
     p.add_argument("--gamma", type=float, default=0.01,
                    help="bias update speed of the aux-loss-free run (default 0.01)")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.001, 0.01],
@@ -43,7 +45,7 @@ def _load_curve(records) -> list[tuple[int, float]]:
 
 
 def run(args) -> dict:
-    common.check_positive(args, "steps", "batch_size", "seq_len")
+    common.check_positive(args, "steps", "batch_size", "seq_len", "seeds")
     if args.gamma <= 0 or any(a <= 0 for a in args.alphas):
         from moeco.errors import ConfigError
 
@@ -54,18 +56,35 @@ def run(args) -> dict:
     variants += [(f"aux loss alpha={a:g}", ["train.bias_update_speed=0.0", f"model.aux_loss_alpha={a}"])
                  for a in args.alphas]
     variants.append(("neither", ["train.bias_update_speed=0.0", "model.aux_loss_alpha=0.0"]))
-    results, tok = {}, None
-    for label, sets in variants:
-        r = common.train_run(args, out, label.replace(" ", "-").replace("=", ""), *sets, tokenizer=tok)
-        tok = tok or Path(r["dir"]) / "tokenizer"
-        curve = _load_curve(r["records"])
-        tail = curve[-max(1, len(curve) // 5):]
-        results[label] = {
-            "val_loss": r["val_loss"],
-            "val_curve": [(x["step"], x["val_loss"]) for x in r["records"] if "val_loss" in x],
-            "load_curve": curve, "late_load": sum(v for _, v in tail) / len(tail),
-            "final_balance_loss": r["records"][-1]["balance_loss"], "sets": sets}
-    rows = [[label, r["val_loss"], r["late_load"], r["final_balance_loss"]] for label, r in results.items()]
+    results, losses, loads, tok = {}, {label: {} for label, _ in variants}, {label: {} for label, _ in variants}, None
+    for sargs in common.seed_args(args):
+        for label, sets in variants:
+            name = common.run_name(label.replace(" ", "-").replace("=", ""), sargs, args.seed)
+            r = common.train_run(sargs, out, name, *sets, tokenizer=tok)
+            tok = tok or Path(r["dir"]) / "tokenizer"
+            curve = _load_curve(r["records"])
+            tail = curve[-max(1, len(curve) // 5):]
+            late = sum(v for _, v in tail) / len(tail)
+            losses[label][sargs.seed], loads[label][sargs.seed] = r["val_loss"], late
+            if sargs.seed == args.seed:
+                results[label] = {
+                    "val_loss": r["val_loss"],
+                    "val_curve": [(x["step"], x["val_loss"]) for x in r["records"] if "val_loss" in x],
+                    "load_curve": curve, "late_load": late,
+                    "final_balance_loss": r["records"][-1]["balance_loss"], "sets": sets}
+    paired = common.paired_gaps(losses, "aux-loss-free")
+    for label, r in results.items():
+        r.update(paired[label], val_loss_by_seed=losses[label], late_load_by_seed=loads[label],
+                 late_load_mean=sum(loads[label].values()) / len(loads[label]))
+    if args.seeds == 1:
+        columns = ["run", "final held-out loss", "late max/mean load", "final sum f_i P_i"]
+        rows = [[label, r["val_loss"], r["late_load"], r["final_balance_loss"]] for label, r in results.items()]
+    else:
+        columns = ["run", "mean held-out loss", "gap to aux-loss-free % (mean)", "std of gap %", "gap per seed %",
+                   "late max/mean load (mean)"]
+        rows = [[label, r["mean_val_loss"], r["gap_pct_mean"], r["gap_pct_std"],
+                 " ".join(f"{g:+.3f}" for g in r["gap_pct_by_seed"].values()), r["late_load_mean"]]
+                for label, r in results.items()]
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, r in results.items():
@@ -81,5 +100,6 @@ def run(args) -> dict:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     title = f"Load balancing, {args.preset}, {args.steps} steps of {args.batch_size}x{args.seq_len} tokens"
-    return common.finish(out, NAME, [(title, ["run", "final held-out loss", "late max/mean load",
-                                              "final sum f_i P_i"], rows)], {"results": results}, fig)
+    if args.seeds > 1:
+        title += f", seeds {args.seed}..{args.seed + args.seeds - 1} (plots: seed {args.seed})"
+    return common.finish(out, NAME, [(title, columns, rows)], {"results": results}, fig)

@@ -41,6 +41,37 @@ def add_common_args(p: argparse.ArgumentParser, *, steps: int, batch_size: int =
     p.add_argument("--quiet", action="store_true", help="no progress lines from the training runs")
 
 
+def add_seeds_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training runs per variant, with seeds SEED, SEED+1, ...; above 1 the table gives each "
+                        "variant's gap to the reference run of the same seed as a mean and spread (default 1)")
+
+
+def seed_args(args) -> list[argparse.Namespace]:
+    """One copy of args per seed of `--seeds` (SEED, SEED+1, ...), each with its own `seed`."""
+    check_positive(args, "seeds")
+    return [argparse.Namespace(**{**vars(args), "seed": args.seed + i}) for i in range(args.seeds)]
+
+
+def run_name(name: str, args, first_seed: int) -> str:
+    """A training run's directory name: NAME for the first seed, NAME-seedS for the others."""
+    return name if args.seed == first_seed else f"{name}-seed{args.seed}"
+
+
+def paired_gaps(losses: dict[str, dict[int, float]], ref: str) -> dict[str, dict]:
+    """losses[variant][seed] = final held-out loss -> per variant: the mean loss, and the gap in % to the
+    `ref` run of the same seed, per seed, with its mean and sample standard deviation."""
+    import statistics
+
+    out = {}
+    for name, by_seed in losses.items():
+        gaps = {s: 100 * (v - losses[ref][s]) / losses[ref][s] for s, v in by_seed.items()}
+        g = list(gaps.values())
+        out[name] = {"mean_val_loss": statistics.fmean(by_seed.values()), "gap_pct_by_seed": gaps,
+                     "gap_pct_mean": statistics.fmean(g), "gap_pct_std": statistics.stdev(g) if len(g) > 1 else None}
+    return out
+
+
 def add_run_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", metavar="DIR", help="a `moeco train` run directory to measure (default: train one "
                                                 "into OUT/runs/base)")

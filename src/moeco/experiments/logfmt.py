@@ -11,7 +11,9 @@ BF16 combine; fusing encode/decode with the all-to-all cost 50-100% overhead on 
     plus the held-out loss of that model with c applied at both points (inference only).
 (b) training: the same short run once per codec, c applied at dispatch and combine (or one of them,
     --where), straight-through gradients (moeco.comm.CodecDispatcher); the final held-out loss and
-    its gap to the uncoded run ("none": the model's own precision, float32 on CPU).
+    its gap to the uncoded run ("none": the model's own precision, float32 on CPU). With --seeds N
+    every codec trains N times (seeds SEED..SEED+N-1) and each gap is paired with the uncoded run of
+    its seed: the table gives the mean gap and its spread over the seeds.
 (c) speed: encode + decode of a (tokens, hidden) BF16 tensor, as GB/s of BF16 input and as the
     overhead it would add to an all-to-all moving the coded payload at 50 GB/s (one 400 Gb/s NIC):
         overhead = t_codec / (payload bytes / 50 GB/s)
@@ -37,6 +39,7 @@ TRAIN_CODECS = ("none", "e4m3", "e5m2", "logfmt8", "logfmt10")  # bf16 rounding 
 def add_args(p) -> None:
     common.add_common_args(p, steps=40)
     common.add_run_arg(p)
+    common.add_seeds_arg(p)
     p.add_argument("--codecs", nargs="+", default=list(CODECS),
                    help=f"codecs of the error and speed parts (default {' '.join(CODECS)})")
     p.add_argument("--train-codecs", nargs="+", default=list(TRAIN_CODECS),
@@ -112,27 +115,35 @@ def error_table(run_dir, codecs) -> dict:
 
 
 def training(args, out, codecs, base: Path | None) -> dict:
-    results, tok = {}, None
-    for name in codecs:
-        if name == "none" and base is not None and not getattr(args, "run", None):
-            r = {"val_loss": None, "dir": str(base), "wall_s": None,
-                 "records": read_metrics(base / "metrics.jsonl")}  # the base run is this run
-            r["val_loss"] = [x["val_loss"] for x in r["records"] if "val_loss" in x][-1]
-        else:
-            sets = []
-            if args.where in ("both", "dispatch"):
-                sets.append(f'parallel.dispatch_codec="{name}"')
-            if args.where in ("both", "combine"):
-                sets.append(f'parallel.combine_codec="{name}"')
-            r = common.train_run(args, out, f"train-{name}", *sets, tokenizer=tok)
-        tok = tok or Path(r["dir"]) / "tokenizer"
-        curve = [(rec["step"], rec["val_loss"]) for rec in r["records"] if "val_loss" in rec]
-        results[name] = {"val_loss": r["val_loss"], "curve": curve, "wall_s": r["wall_s"], "dir": r["dir"],
-                         "train_loss": [(rec["step"], rec["lm_loss"]) for rec in r["records"]]}
-    ref = results.get("none", results.get("bf16"))
-    for r in results.values():
-        r["gap"] = r["val_loss"] - ref["val_loss"] if ref else None
-        r["gap_pct"] = 100 * r["gap"] / ref["val_loss"] if ref else None
+    """Per codec: the first seed's run (curve, loss, gap) and, over every seed of --seeds, the paired gaps."""
+    results, losses, tok = {}, {name: {} for name in codecs}, None
+    for sargs in common.seed_args(args):
+        for name in codecs:
+            if name == "none" and base is not None and not getattr(args, "run", None) and sargs.seed == args.seed:
+                r = {"val_loss": None, "dir": str(base), "wall_s": None,
+                     "records": read_metrics(base / "metrics.jsonl")}  # the base run is this run
+                r["val_loss"] = [x["val_loss"] for x in r["records"] if "val_loss" in x][-1]
+            else:
+                sets = []
+                if args.where in ("both", "dispatch"):
+                    sets.append(f'parallel.dispatch_codec="{name}"')
+                if args.where in ("both", "combine"):
+                    sets.append(f'parallel.combine_codec="{name}"')
+                r = common.train_run(sargs, out, common.run_name(f"train-{name}", sargs, args.seed), *sets,
+                                     tokenizer=tok)
+            tok = tok or Path(r["dir"]) / "tokenizer"
+            losses[name][sargs.seed] = r["val_loss"]
+            if sargs.seed == args.seed:
+                curve = [(rec["step"], rec["val_loss"]) for rec in r["records"] if "val_loss" in rec]
+                results[name] = {"val_loss": r["val_loss"], "curve": curve, "wall_s": r["wall_s"], "dir": r["dir"],
+                                 "train_loss": [(rec["step"], rec["lm_loss"]) for rec in r["records"]]}
+    ref = "none" if "none" in results else "bf16" if "bf16" in results else None
+    paired = common.paired_gaps(losses, ref) if ref else {}
+    for name, r in results.items():
+        r["gap"] = r["val_loss"] - results[ref]["val_loss"] if ref else None
+        r["gap_pct"] = 100 * r["gap"] / results[ref]["val_loss"] if ref else None
+        r["val_loss_by_seed"] = losses[name]
+        r.update(paired.get(name, {}))
     return results
 
 
@@ -167,7 +178,7 @@ def speed(shape, codecs) -> dict:
 
 
 def run(args) -> dict:
-    common.check_positive(args, "steps", "batch_size", "seq_len")
+    common.check_positive(args, "steps", "batch_size", "seq_len", "seeds")
     for name in args.codecs:
         get_codec(name, "--codecs")
     for name in args.train_codecs:
@@ -186,10 +197,18 @@ def run(args) -> dict:
                         "held-out loss, coded"], rows))
     if "training" not in args.skip:
         tr = payload["training"] = training(args, out, args.train_codecs, base)
-        rows = [[name, get_codec(name).bytes_per_element if get_codec(name) else None, r["val_loss"], r["gap_pct"]]
-                for name, r in tr.items()]
-        tables.append((f"(b) training {args.preset}, {args.steps} steps, codec at {args.where}",
-                       ["codec", "bytes/elem", "final held-out loss", "gap to none %"], rows))
+        title = f"(b) training {args.preset}, {args.steps} steps, codec at {args.where}"
+        if args.seeds == 1:
+            rows = [[name, get_codec(name).bytes_per_element if get_codec(name) else None, r["val_loss"],
+                     r["gap_pct"]] for name, r in tr.items()]
+            tables.append((title, ["codec", "bytes/elem", "final held-out loss", "gap to none %"], rows))
+        else:
+            rows = [[name, get_codec(name).bytes_per_element if get_codec(name) else None, r.get("mean_val_loss"),
+                     r.get("gap_pct_mean"), r.get("gap_pct_std"),
+                     " ".join(f"{g:+.3f}" for g in r.get("gap_pct_by_seed", {}).values())] for name, r in tr.items()]
+            tables.append((f"{title}, seeds {args.seed}..{args.seed + args.seeds - 1} (gaps paired by seed)",
+                           ["codec", "bytes/elem", "mean held-out loss", "mean gap %", "std of gap %",
+                            "gap per seed %"], rows))
     if "speed" not in args.skip:
         sp = payload["speed"] = speed(tuple(args.speed_shape), args.codecs)
         rows = [[name, r["encode_decode_s"] * 1e3, r["GB_per_s_of_bf16_input"], r["overhead_vs_50GBps_all_to_all"]]
