@@ -158,3 +158,24 @@ def _rank0_pid(launcher_pid: int) -> int:
         if b"RANK=0" in open(f"/proc/{child}/environ", "rb").read().split(b"\0"):
             return int(child)
     raise AssertionError("no rank-0 worker under torchrun")
+
+
+@pytest.mark.slow  # ~10 s on 2 shared cores: torchrun and 2 ranks
+def test_generate_cli_on_2_ranks_equals_one_process(tmp_path, capsys):
+    """`torchrun --nproc-per-node 2 -m moeco generate MODEL --ep 2`: rank 0 prints the single process's
+    greedy continuation, the other rank prints nothing, and both exit 0 (leaving the group together)."""
+    import subprocess
+    import sys
+
+    from moeco.cli import main
+    from serve_http_helpers import build_checkpoint
+
+    model_dir = str(build_checkpoint(tmp_path / "model", max_position_embeddings=128))
+    opts = ["--prompt-ids", "5,17,99,230,41,8,77", "--max-new-tokens", "12", "--dtype", "float32"]
+    assert main(["generate", model_dir, *opts]) == 0
+    want = capsys.readouterr().out.split("\n[")[0]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "moeco", "generate", model_dir, *opts, "--ep", "2", "--gpus-per-node", "1"],
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.split("\n[")[0] == want and proc.stdout.count("tokens/s") == 1

@@ -87,7 +87,7 @@ def run_generate(args) -> int:
         raise ConfigError(f"--top-k {args.top_k} is invalid: must be >= 0 (0 = off)")
     args.device = str(_device(args.device))
     model_dir = Path(args.model)
-    main = True
+    main, ranks = True, None
     if getattr(args, "ep", 1) > 1:
         from moeco.parallel.checkpoint import load_expert_parallel
 
@@ -108,6 +108,8 @@ def run_generate(args) -> int:
                          top_k=args.top_k, eos_token_id=model.config.eos_token_id if tokenizer else None,
                          generator=gen, vocab_limit=tokenizer.get_vocab_size() if tokenizer else None)
     seconds = time.perf_counter() - start
+    if ranks is not None:  # every rank is done with the collectives: leave together (see Dist.leave)
+        ranks.leave()
     if not main:
         return 0
     new = out[0, len(prompt):].tolist()

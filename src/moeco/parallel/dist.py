@@ -66,6 +66,13 @@ class Dist:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
+    def leave(self) -> None:
+        """The normal end of a multi-rank run: wait for every rank, then `close`. A process that exits
+        with its gloo groups alive can abort in their destructors ("terminate called without an active
+        exception") while a peer is still tearing down."""
+        self.barrier()
+        self.close()
+
 
 def agree(fn, world: int):
     """fn() on every rank; if it raised a MoecoError on any, every rank raises it (one line, naming the rank).
