@@ -51,12 +51,15 @@ def test_accumulation(home, capsys):
 
 def test_logfmt(home):
     assert main(_args(home, "logfmt", "--codecs", "e4m3", "logfmt8", "logfmt10", "--train-codecs", "none",
-                      "logfmt10", "--speed-shape", "8", "256")) == 0
+                      "logfmt10", "--speed-shape", "8", "256", "--seeds", "2")) == 0
     data = _outputs(home, "logfmt")
     for point in ("dispatch", "combine"):
         c = data["error"]["points"][point]["codecs"]
         assert c["logfmt10"]["rel_rms"] < c["logfmt8"]["rel_rms"] < c["e4m3"]["rel_rms"]
     assert set(data["training"]) == {"none", "logfmt10"}
+    t = data["training"]["logfmt10"]  # seed 1's runs are paired with each other, not with seed 0's
+    ref = data["training"]["none"]["val_loss_by_seed"]
+    assert t["gap_pct_by_seed"]["1"] == pytest.approx(100 * (t["val_loss_by_seed"]["1"] - ref["1"]) / ref["1"])
     assert data["speed"]["codecs"]["logfmt8"]["GB_per_s_of_bf16_input"] > 0
 
 
