@@ -85,21 +85,43 @@ def run(args) -> dict:
         rows = [[label, r["mean_val_loss"], r["gap_pct_mean"], r["gap_pct_std"],
                  " ".join(f"{g:+.3f}" for g in r["gap_pct_by_seed"].values()), r["late_load_mean"]]
                 for label, r in results.items()]
-    plt = common.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, r in results.items():
-        axes[0].plot(*zip(*r["val_curve"]), "o-", label=f"{label}: {r['val_loss']:.4f}", linewidth=1)
-        axes[1].plot(*zip(*r["load_curve"]), label=label, linewidth=1)
-    axes[0].set_ylabel("held-out loss (nats)")
-    axes[0].set_title("validation loss")
-    axes[1].axhline(1.0, color="gray", linestyle=":")
-    axes[1].set_ylabel("max / mean tokens per expert (mean over layers)")
-    axes[1].set_title("expert load (1.0 = balanced)")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+    fig = _plot(results)
     title = f"Load balancing, {args.preset}, {args.steps} steps of {args.batch_size}x{args.seq_len} tokens"
     if args.seeds > 1:
-        title += f", seeds {args.seed}..{args.seed + args.seeds - 1} (plots: seed {args.seed})"
+        title += f", seeds {args.seed}..{args.seed + args.seeds - 1} (load curves: seed {args.seed})"
     return common.finish(out, NAME, [(title, columns, rows)], {"results": results}, fig)
+
+
+def _plot(results: dict):
+    """Held-out loss (curves of the first seed, or each run's paired gap over the seeds) and expert load."""
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax = axes[0]
+    if len(next(iter(results.values()))["val_loss_by_seed"]) > 1:
+        for i, (label, r) in enumerate(results.items()):
+            gaps = list(r["gap_pct_by_seed"].values())
+            ax.bar(i, r["gap_pct_mean"], 0.6, yerr=r["gap_pct_std"], capsize=4, color="lightsteelblue",
+                   edgecolor="steelblue")
+            ax.plot([i] * len(gaps), gaps, "o", color="black", markersize=3)
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set_xticks(range(len(results)), list(results), fontsize="small")
+        ax.set_ylabel("final held-out loss gap to aux-loss-free, same seed (%)")
+        ax.set_title(f"validation loss: mean ± std of {len(gaps)} seeds (dots)")
+    else:
+        for label, r in results.items():
+            ax.plot(*zip(*r["val_curve"]), "o-", label=f"{label}: {r['val_loss']:.4f}", linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out loss (nats)")
+        ax.set_title("validation loss")
+        ax.legend(fontsize="small")
+    ax = axes[1]
+    for label, r in results.items():
+        ax.plot(*zip(*r["load_curve"]), label=label, linewidth=1)
+    ax.axhline(1.0, color="gray", linestyle=":")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max / mean tokens per expert (mean over layers)")
+    ax.set_title("expert load, first seed (1.0 = balanced)")
+    ax.legend(fontsize="small")
+    for a in axes:
+        a.grid(alpha=0.3)
+    return fig
