@@ -97,23 +97,7 @@ def _plot(results: dict):
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
-    if len(next(iter(results.values()))["val_loss_by_seed"]) > 1:
-        for i, (label, r) in enumerate(results.items()):
-            gaps = list(r["gap_pct_by_seed"].values())
-            ax.bar(i, r["gap_pct_mean"], 0.6, yerr=r["gap_pct_std"], capsize=4, color="lightsteelblue",
-                   edgecolor="steelblue")
-            ax.plot([i] * len(gaps), gaps, "o", color="black", markersize=3)
-        ax.axhline(0, color="gray", linewidth=0.8)
-        ax.set_xticks(range(len(results)), list(results), fontsize="small")
-        ax.set_ylabel("final held-out loss gap to aux-loss-free, same seed (%)")
-        ax.set_title(f"validation loss: mean ± std of {len(gaps)} seeds (dots)")
-    else:
-        for label, r in results.items():
-            ax.plot(*zip(*r["val_curve"]), "o-", label=f"{label}: {r['val_loss']:.4f}", linewidth=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("held-out loss (nats)")
-        ax.set_title("validation loss")
-        ax.legend(fontsize="small")
+    common.plot_val_loss(ax, results, "aux-loss-free", "validation loss", "val_curve")
     ax = axes[1]
     for label, r in results.items():
         ax.plot(*zip(*r["load_curve"]), label=label, linewidth=1)

@@ -235,6 +235,29 @@ def pyplot():
     return plt
 
 
+def plot_val_loss(ax, results: dict, ref: str, title: str, curve: str) -> None:
+    """The held-out loss of a training comparison: with one seed each run's curve (results[name][curve]:
+    (step, loss) pairs); with several, bars of each run's mean gap to `ref` (`paired_gaps`) with its
+    standard deviation, a dot per seed."""
+    if len(next(iter(results.values()))["val_loss_by_seed"]) == 1:
+        for name, r in results.items():
+            ax.plot(*zip(*r[curve]), "o-", label=f"{name}: {r['val_loss']:.4f}", linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out loss (nats)")
+        ax.set_title(title)
+        ax.legend(fontsize="small")
+        return
+    for i, r in enumerate(results.values()):
+        gaps = list(r["gap_pct_by_seed"].values())
+        ax.bar(i, r["gap_pct_mean"], 0.6, yerr=r["gap_pct_std"], capsize=4, color="lightsteelblue",
+               edgecolor="steelblue")
+        ax.plot([i] * len(gaps), gaps, "o", color="black", markersize=3)
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set_xticks(range(len(results)), list(results), fontsize="small")
+    ax.set_ylabel(f"final held-out loss gap to {ref}, same seed (%)")
+    ax.set_title(f"{title}: mean ± std of {len(gaps)} seeds (dots)")
+
+
 def finish(out: Path, name: str, tables: list[tuple[str, list[str], list[list]]], payload: dict, fig) -> dict:
     """Print the tables (title, columns, rows), write NAME.json and NAME.png; returns paths and payload."""
     for title, columns, rows in tables:

@@ -236,25 +236,8 @@ def _plot(payload):
         ax.set_title("(a) error on a trained model's wire tensors")
         ax.legend(fontsize="small")
     ax = axes[1]
-    training = payload.get("training", {})
-    if training and len(next(iter(training.values()))["val_loss_by_seed"]) > 1:  # --seeds: the paired gaps
-        names = list(training)
-        for i, name in enumerate(names):
-            gaps = list(training[name]["gap_pct_by_seed"].values())
-            ax.bar(i, training[name]["gap_pct_mean"], 0.6, yerr=training[name]["gap_pct_std"], capsize=4,
-                   color="lightsteelblue", edgecolor="steelblue")
-            ax.plot([i] * len(gaps), gaps, "o", color="black", markersize=3)
-        ax.axhline(0, color="gray", linewidth=0.8)
-        ax.set_xticks(range(len(names)), names)
-        ax.set_ylabel("final held-out loss gap to none, same seed (%)")
-        ax.set_title(f"(b) training with the codec: mean ± std of {len(gaps)} seeds (dots)")
-    elif training:
-        for name, r in training.items():
-            ax.plot(*zip(*r["curve"]), "o-", label=f"{name}: {r['val_loss']:.4f}", linewidth=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("held-out loss (nats)")
-        ax.set_title("(b) training with the codec at dispatch and combine")
-        ax.legend(fontsize="small")
+    if payload.get("training"):
+        common.plot_val_loss(ax, payload["training"], "none", "(b) training with the codec", "curve")
     for a in axes:
         a.grid(alpha=0.3)
     return fig
