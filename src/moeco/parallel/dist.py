@@ -67,11 +67,17 @@ class Dist:
             dist.destroy_process_group()
 
     def leave(self) -> None:
-        """The normal end of a multi-rank run: wait for every rank, then `close`. A process that exits
-        with its gloo groups alive can abort in their destructors ("terminate called without an active
-        exception") while a peer is still tearing down."""
-        self.barrier()
-        self.close()
+        """The normal end of a multi-rank run (`leave`, when this object started the group)."""
+        if self.owns_group and dist.is_initialized():
+            leave()
+
+
+def leave(group=None) -> None:
+    """The normal end of a multi-rank run, on every rank: wait for all of `group` (default: the world),
+    then destroy every process group. A process that exits with its gloo groups alive can abort in
+    their destructors ("terminate called without an active exception") while a peer tears down."""
+    dist.barrier(group=group)
+    dist.destroy_process_group()
 
 
 def agree(fn, world: int):

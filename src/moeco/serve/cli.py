@@ -107,13 +107,14 @@ def run_serve(args) -> int:
     if args.ep > 1:  # rank 0 serves over every rank's engine; the others step with it (moeco.serve.ep)
         import torch.distributed as dist
 
+        from moeco.parallel.dist import leave
         from moeco.serve.ep_front import FrontEngine, control_group, follow
 
         group = control_group()
         if dist.get_rank() != 0:
             signal.signal(signal.SIGTERM, lambda *_: None)  # torchrun forwards it: rank 0 drains, then releases us
             follow(engine, group)
-            _leave(group)
+            leave(group)
             return 0
         engine = FrontEngine(engine, group)
     try:
@@ -121,16 +122,7 @@ def run_serve(args) -> int:
     finally:
         if args.ep > 1:
             engine.close()
-            _leave(group)
-
-
-def _leave(group) -> None:
-    """Every rank of `moeco serve --ep`, at the end: wait for the others, then tear the process groups
-    down (a process that exits with gloo's groups alive can abort in their destructors)."""
-    import torch.distributed as dist
-
-    dist.barrier(group=group)
-    dist.destroy_process_group()
+            leave(group)
 
 
 def _serve(args, engine, template, log) -> int:
